@@ -1,0 +1,93 @@
+"""Validation split, shuffled micro-batches, and the data position that makes resume exact.
+
+Everything here is a pure function of (records, seed, epoch): the split depends only on the seed,
+epoch e's order only on seed + e. So a run that restarts from a checkpoint holding the data position
+(epoch, micro-batch index) sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from core.encode import IGNORE, Example
+
+T = TypeVar("T")
+
+
+def heldout_count(n: int, fraction: float, cap: int) -> int:
+    """How many of n records to hold out: at least one when there are two or more, never all."""
+    if n < 2 or fraction <= 0:
+        return 0
+    return max(1, min(round(n * fraction), cap, n - 1))
+
+
+def split_heldout(items: Sequence[T], fraction: float, cap: int, seed: int) -> tuple[list[T], list[T]]:
+    """(train, validation), the validation items chosen by a seeded shuffle, both in file order."""
+    k = heldout_count(len(items), fraction, cap)
+    chosen = set(random.Random(seed).sample(range(len(items)), k))
+    train = [x for i, x in enumerate(items) if i not in chosen]
+    val = [x for i, x in enumerate(items) if i in chosen]
+    return train, val
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """The next micro-batch to read: micro-batch ``index`` of epoch ``epoch``'s permutation."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class Batches:
+    """Micro-batches of example indices, reshuffled each epoch, addressed by DataPosition."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int) -> None:
+        if n_examples < 1:
+            raise ValueError("no training examples")
+        self.n = n_examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.per_epoch = math.ceil(n_examples / batch_size)
+        self._cached: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._cached is None or self._cached[0] != epoch:
+            perm = list(range(self.n))
+            random.Random(self.seed + epoch).shuffle(perm)
+            self._cached = (epoch, perm)
+        return self._cached[1]
+
+    def take(self, pos: DataPosition) -> tuple[list[int], DataPosition]:
+        """The indices of the micro-batch at ``pos`` and the position after it."""
+        start = pos.index * self.batch_size
+        indices = self.order(pos.epoch)[start : start + self.batch_size]
+        nxt = DataPosition(pos.epoch, pos.index + 1)
+        if nxt.index >= self.per_epoch:
+            nxt = DataPosition(pos.epoch + 1, 0)
+        return indices, nxt
+
+
+def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, grad_accum: int) -> int:
+    if max_steps > 0:
+        return max_steps
+    return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example in the batch; padding is masked from attention and loss."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

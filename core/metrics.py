@@ -1,0 +1,58 @@
+"""``run_dir/metrics.jsonl``: one JSON object per line, appended as training goes.
+
+Train lines: {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "time"}.
+Eval lines:  {"kind": "eval", "step", "val_loss", "time"}.
+A resumed run first cuts the file back to its checkpoint's step, so the steps it repeats are not
+duplicated and the file reads as one continuous run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+from trainbox.atomic import atomic_write_text
+
+METRICS = "metrics.jsonl"
+
+
+def truncate_to_step(path: Path, step: int) -> int:
+    """Keep only well-formed lines with ``step <= step`` (all lines go when step < 0); returns kept."""
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash mid-write
+        if isinstance(obj, dict) and isinstance(obj.get("step"), int) and obj["step"] <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return len(kept)
+
+
+class MetricsLog:
+    """Appends lines, flushed at once, so a reader (or a crash) sees every finished line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

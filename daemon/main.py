@@ -1,0 +1,226 @@
+"""The daemon's main loop: wait, handle signals and control requests, admit, reap, dispatch.
+
+Signal handlers only count signals (STYLE 3). First SIGTERM/SIGINT: warm stop (no new dispatch,
+the worker checkpoints and exits, then the daemon exits). Second: cold stop (the worker's process
+group is killed at once; its job resumes from its last checkpoint next time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+from daemon.admission import Admission
+from daemon.intake import InboxWatcher
+from daemon.jobs import JobRunner
+from daemon.lock import InstanceLock
+from daemon.spool import Spool, job_id_of, move
+from daemon.worker_process import WorkerProcess
+from management.db import Job, ModelDB
+from trainbox import control
+from trainbox.config import Settings
+from trainbox.home import Home
+from trainbox.states import DaemonState, JobState
+from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
+
+log = logging.getLogger("trainbox.daemon")
+
+
+class Daemon:
+    def __init__(self, home: Home, settings: Settings) -> None:
+        self.home = home.ensure()
+        self.settings = settings
+        self.lock = InstanceLock(home.root / "trainbox.lock")
+        self.spool = Spool(home)
+        self.db: ModelDB | None = None
+        self.worker: WorkerProcess | None = None
+        self.paused = False
+        self.stopping = False
+        self.finished = False
+        self.signals = 0
+        self.wake = threading.Event()
+        self.started_at = time.time()
+        self.last_rescan = 0.0
+        self.message = ""
+
+    # signals: flag only
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signals += 1
+        self.wake.set()
+
+    def run(self) -> None:
+        self.lock.acquire()  # before anything touches the spool
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self.start()
+            while not self.finished:
+                self.tick(time.time())
+                self.wake.wait(self.settings.daemon.poll_interval)
+                self.wake.clear()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        self.spool.ensure()
+        self.db = ModelDB(self.home.db_url)
+        previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
+        self.paused = bool(previous and previous.paused)
+        self.admission = Admission(self.home, self.spool, self.db, self.settings.daemon)
+        self.runner = JobRunner(self.home, self.spool, self.db, self.settings)
+        for admitted in self.admission.recover():
+            log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
+        self._reconcile()
+        self.watcher = InboxWatcher(
+            self.home.inbox, self.settings.daemon.settle_seconds, self.settings.daemon.polling_observer, time.time
+        )
+        self.watcher.start()
+        self.db.event("daemon_started", f"pid {os.getpid()}, home {self.home.root}")
+        log.info("trainbox daemon started: home %s, pid %d", self.home.root, os.getpid())
+        self.write_status(time.time())
+
+    def _reconcile(self) -> None:
+        """At start-up no worker is ours: a job the DB calls running is paused, to be resumed."""
+        assert self.db is not None
+        in_processing = {job_id_of(p.name) for p in self.spool.processing()}
+        for job in self.db.jobs([JobState.RUNNING, JobState.PAUSED]):
+            if job.id in in_processing and job.state == JobState.RUNNING:
+                with self.db.session() as s:
+                    row = s.get(Job, job.id)
+                    if row is not None:
+                        row.state = JobState.PAUSED.value
+                self.db.event("job_interrupted", "daemon restarted: job will resume from its checkpoint", job.id)
+
+    def tick(self, now: float) -> None:
+        self.handle_signals(now)
+        self.handle_controls(now)
+        self.admit_ready(now)
+        self.reap_worker(now)
+        self.maybe_dispatch()
+        self.write_status(now)
+
+    def handle_signals(self, now: float) -> None:
+        if self.signals >= 2 and self.worker is not None:
+            log.warning("second stop signal: killing the worker")
+            self.worker.kill()
+        if self.signals >= 1:
+            self.begin_stop(now)
+
+    def begin_stop(self, now: float) -> None:
+        if not self.stopping:
+            log.info("stopping: the current job checkpoints first")
+        self.stopping = True
+        if self.worker is not None:
+            self.worker.request_stop(now)
+        else:
+            self.finished = True
+
+    def handle_controls(self, now: float) -> None:
+        for request in control.pending(self.home.control):
+            assert self.db is not None
+            if request.action == control.Action.PAUSE:
+                self.paused = True
+                if self.worker is not None:
+                    self.worker.request_stop(now)
+            elif request.action == control.Action.RESUME:
+                self.paused = False
+            elif request.action == control.Action.STOP:
+                self.begin_stop(now)
+            self.db.event("control", f"{request.action.value} applied")
+            log.info("control request applied: %s", request.action.value)
+            control.consume(request)
+
+    def admit_ready(self, now: float) -> None:
+        if now - self.last_rescan >= self.settings.daemon.rescan_interval:
+            self.watcher.rescan()
+            self.last_rescan = now
+        for path in self.watcher.ready():
+            self.watcher.readiness.forget(path)
+            if not path.exists():
+                continue
+            result = self.admission.admit(path)
+            log.info("job %d %s: %s %s", result.job_id, result.state.value, result.path.name, result.reason)
+
+    def reap_worker(self, now: float) -> None:
+        worker = self.worker
+        if worker is None:
+            return
+        rc = worker.poll()
+        if rc is None:
+            timeout = self.settings.daemon.worker_stop_timeout
+            if worker.stop_requested_at is not None and now - worker.stop_requested_at > timeout:
+                log.warning("worker did not stop within %.0fs: killing it", timeout)
+                worker.kill()
+            return
+        state = self.runner.finish(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
+        log.info("job %d: %s", worker.job_id, state.value)
+        self.worker = None
+        if self.stopping:
+            self.finished = True
+
+    def maybe_dispatch(self) -> None:
+        if self.worker is not None or self.paused or self.stopping:
+            return
+        processing = self.spool.processing()
+        if processing:
+            target = processing[0]  # a paused or interrupted job goes first
+        else:
+            waiting = self.spool.waiting()
+            if not waiting:
+                return
+            target = move(waiting[0].path, self.home.processing)
+        self.worker = self.runner.start(target)
+        log.info("job %s: training (worker pid %d)", job_id_of(target.name), self.worker.pid)
+
+    def state(self) -> DaemonState:
+        if self.finished:
+            return DaemonState.STOPPED
+        if self.stopping:
+            return DaemonState.STOPPING
+        if self.worker is not None:
+            return DaemonState.TRAINING
+        return DaemonState.PAUSED if self.paused else DaemonState.IDLE
+
+    def write_status(self, now: float) -> None:
+        current = self.worker.job_id if self.worker else None
+        job = self.db.job(current) if (current is not None and self.db is not None) else None
+        write_status(
+            self.home.status / DAEMON_STATUS,
+            DaemonStatus(
+                state=self.state(),
+                pid=os.getpid(),
+                started_at=self.started_at,
+                heartbeat=now,
+                paused=self.paused,
+                current_job=current,
+                current_job_name=job.name if job else None,
+                worker_pid=self.worker.pid if self.worker else None,
+                queue=self.spool.counts(),
+                pending_controls=[r.action.value for r in control.pending(self.home.control)],
+                message=self.message,
+            ),
+        )
+
+    def shutdown(self) -> None:
+        if self.worker is not None:  # only on an unexpected exception: do not leave an orphan
+            worker, self.worker = self.worker, None
+            worker.request_stop(time.time())
+            rc = worker.wait(self.settings.daemon.worker_stop_timeout)
+            if rc is None:
+                worker.kill()
+                rc = worker.wait(10) or -signal.SIGKILL
+            self.runner.finish(worker, rc, stop_was_requested=True)
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None:
+            watcher.stop()
+        self.finished = True
+        if self.db is not None:
+            self.write_status(time.time())
+            self.db.event("daemon_stopped", f"pid {os.getpid()}")
+            self.db.close()
+        self.lock.release()
+        log.info("trainbox daemon stopped")

@@ -1,0 +1,94 @@
+"""One trainer worker as seen from the daemon: spawn, poll, ask to stop, kill, decode the exit.
+
+The worker is a fresh interpreter (``python -m core.worker``) in its own session (STYLE 4): a crash,
+an OOM or a CUDA fault cannot take the daemon down, GPU memory is really freed between jobs, and
+killing the process group takes any helper processes along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
+
+LOG_NAME = "worker.log"
+# Models load from local folders only, and progress bars would fill the log: defaults a user's
+# own environment can still override.
+QUIET_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+def describe_exit(returncode: int) -> str:
+    """A person-readable exit status: 'killed by signal 9 (SIGKILL)' is not 'exit code 1'."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-returncode} ({name})"
+    meaning = {EXIT_COMPLETED: "completed", EXIT_FAILED: "failed", EXIT_INTERRUPTED: "interrupted"}
+    return f"exit code {returncode}" + (f" ({meaning[returncode]})" if returncode in meaning else "")
+
+
+def log_tail(path: Path, lines: int) -> list[str]:
+    if lines <= 0 or not path.exists():
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
+
+
+@dataclass
+class WorkerProcess:
+    job_id: int
+    run_dir: Path
+    popen: subprocess.Popen[bytes]
+    started_at: float
+    stop_requested_at: float | None = None
+
+    @classmethod
+    def spawn(cls, job_id: int, run_dir: Path) -> WorkerProcess:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / LOG_NAME, "ab") as log:
+            log.write(f"\n--- worker start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+            log.flush()
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "core.worker", "--run-dir", str(run_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**QUIET_OFFLINE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        return cls(job_id, run_dir, popen, time.time())
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def request_stop(self, now: float) -> None:
+        """Warm stop: the worker checkpoints at its next step boundary and exits."""
+        if self.stop_requested_at is None:
+            self.stop_requested_at = now
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Cold stop: the whole process group, at once."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None

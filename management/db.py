@@ -1,0 +1,185 @@
+"""The model DB: SQLite (WAL) through the SQLAlchemy 2 ORM.
+
+Writers: the daemon (jobs, runs, model versions, events) and the worker (checkpoints, events).
+The spool folders are the truth about where a job's file is; the DB is the record of what
+happened to it. Moving to PostgreSQL is a change of URL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from trainbox.states import JobState
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    """One dropped file, from admission (or rejection) to its end."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, doc="file name as dropped")
+    spool_name: Mapped[str] = mapped_column(String, default="", doc="name inside queue/*")
+    sha256: Mapped[str] = mapped_column(String, index=True, default="")
+    priority: Mapped[str] = mapped_column(String, default="normal")
+    state: Mapped[str] = mapped_column(String, index=True, default=JobState.QUEUED.value)
+    admitted_at: Mapped[float] = mapped_column(Float, default=time.time)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    data_format: Mapped[str] = mapped_column(String, default="")
+    n_records: Mapped[int] = mapped_column(Integer, default=0)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, doc="sidecar overrides")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    init_version: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="version it started from")
+    init_model: Mapped[str] = mapped_column(String, default="", doc="model folder it started from")
+
+
+class Run(Base):
+    """One worker process for a job (a paused and resumed job has several)."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[float] = mapped_column(Float, default=time.time)
+    ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String, nullable=True)
+    exit_status: Mapped[str | None] = mapped_column(String, nullable=True)
+    start_step: Mapped[int] = mapped_column(Integer, default=0)
+    end_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    init_model: Mapped[str] = mapped_column(String, default="")
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ModelVersion(Base):
+    """A trained model; the newest is what the next job starts from (continual training)."""
+
+    __tablename__ = "model_versions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)  # the version number
+    path: Mapped[str] = mapped_column(String)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
+    base_model: Mapped[str] = mapped_column(String, default="")
+    data_sha256: Mapped[str] = mapped_column(String, default="")
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    steps: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float, default=time.time, index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String)
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with the schema created; SQLite gets WAL and a busy timeout (several processes write)."""
+    engine = create_engine(url)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+class ModelDB:
+    """The handful of queries the processes need, so SQL lives in one module."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def event(self, kind: str, message: str, job_id: int | None = None, **data: Any) -> None:
+        with self.session() as s:
+            s.add(Event(kind=kind, message=message, job_id=job_id, data=data))
+
+    def job(self, job_id: int) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs(self, states: list[JobState] | None = None) -> list[Job]:
+        with self.session() as s:
+            q = select(Job).order_by(Job.id)
+            if states:
+                q = q.where(Job.state.in_([st.value for st in states]))
+            return list(s.scalars(q))
+
+    def job_with_sha(self, sha256: str, states: list[JobState]) -> Job | None:
+        with self.session() as s:
+            q = select(Job).where(Job.sha256 == sha256, Job.state.in_([st.value for st in states])).order_by(Job.id)
+            return s.scalars(q).first()
+
+    def latest_version(self) -> ModelVersion | None:
+        with self.session() as s:
+            return s.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).first()
+
+    def versions(self) -> list[ModelVersion]:
+        with self.session() as s:
+            return list(s.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+
+    def version_of_job(self, job_id: int) -> ModelVersion | None:
+        with self.session() as s:
+            return s.scalars(select(ModelVersion).where(ModelVersion.job_id == job_id)).first()
+
+    def runs(self, job_id: int) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).where(Run.job_id == job_id).order_by(Run.id)))
+
+    def checkpoints(self, job_id: int) -> list[Checkpoint]:
+        with self.session() as s:
+            q = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+            return list(s.scalars(q))
+
+    def events(self, job_id: int | None = None, kind: str | None = None) -> list[Event]:
+        with self.session() as s:
+            q = select(Event).order_by(Event.id)
+            if job_id is not None:
+                q = q.where(Event.job_id == job_id)
+            if kind is not None:
+                q = q.where(Event.kind == kind)
+            return list(s.scalars(q))

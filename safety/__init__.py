@@ -1,0 +1,1 @@
+"""The watchdog process (heartbeat and progress checks, crash classification): not built yet."""

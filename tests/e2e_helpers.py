@@ -1,0 +1,107 @@
+"""Helpers for end-to-end tests: a real daemon subprocess on a temporary home."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainbox.home import Home
+
+FAST_CONFIG = """
+[daemon]
+poll_interval = 0.2
+settle_seconds = 1.0
+rescan_interval = 1.0
+worker_stop_timeout = 60
+
+[training]
+max_steps = {max_steps}
+eval_every = 10
+checkpoint_every = 10
+batch_size = 8
+max_length = 64
+learning_rate = {lr}
+warmup_ratio = 0.1
+threads = 1
+"""
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def make_home(root: Path, embedded: Path, max_steps: int = 30, lr: float = 3e-3, extra: str = "") -> Home:
+    home = Home(root).ensure()
+    home.config_file.write_text(FAST_CONFIG.format(max_steps=max_steps, lr=lr) + extra)
+    shutil.copytree(embedded, home.embedded_model)  # built once per test session
+    return home
+
+
+def cli(home: Home, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trainbox.cli", *args, "--home", str(home.root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=check,
+    )
+
+
+class DaemonProc:
+    def __init__(self, home: Home, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.log = open(home.root / "daemon-test.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(home.root)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(cli(self.home, "status", "--json").stdout)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return (self.home.root / "daemon-test.log").read_text(errors="replace")
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path

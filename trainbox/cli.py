@@ -1,0 +1,290 @@
+"""The ``trainbox`` command: every process and every control, one typed settings object (STYLE 6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainbox import control
+from trainbox.config import ConfigError, Settings, defaults_toml, load_settings
+from trainbox.home import Home
+from trainbox.states import Priority
+from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, read_status
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drop JSONL files in, get trained models out.")
+models_app = typer.Typer(help="Model versions.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="Instance folder (default: $TRAINBOX_HOME, else the current folder).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _home(home: Path | None) -> Home:
+    return Home.resolve(home)
+
+
+def _settings(home: Home) -> Settings:
+    try:
+        return load_settings(home.config_file)
+    except ConfigError as e:
+        console.print(f"[red]configuration error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def daemon(home: HomeOpt = None) -> None:
+    """Run the daemon in the foreground: watch inbox/, admit, train one job at a time."""
+    from daemon.lock import LockHeld
+    from daemon.main import Daemon
+
+    h = _home(home)
+    settings = _settings(h)
+    h.root.mkdir(parents=True, exist_ok=True)
+    if not h.config_file.exists():
+        h.config_file.write_text(defaults_toml(), encoding="utf-8")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        Daemon(h, settings).run()
+    except LockHeld as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def add(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL file to train.")],
+    priority: Annotated[Priority | None, typer.Option(help="high, normal or low.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Copy a file (and its sidecar, if any) into the inbox; the daemon admits it."""
+    h = _home(home).ensure()
+    target_dir = h.inbox / priority.value if priority else h.inbox
+    for sidecar in (file.with_suffix(".toml"), file.with_suffix(".json")):
+        if sidecar.is_file() and sidecar != file:
+            _copy_in(sidecar, target_dir)  # first, so it is there when the data file is admitted
+    dest = _copy_in(file, target_dir)
+    console.print(f"added {file.name} -> {dest.relative_to(h.root)}")
+
+
+def _copy_in(src: Path, folder: Path) -> Path:
+    """Copy under a temporary name the inbox ignores, then rename: the daemon never sees half a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dest = folder / src.name
+    n = 1
+    while dest.exists():
+        dest = folder / f"{src.stem}.{n}{src.suffix}"
+        n += 1
+    tmp = folder / f".{dest.name}.{os.getpid()}.part"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _daemon_alive(status: DaemonStatus | None, settings: Settings) -> bool:
+    if status is None or status.pid <= 0 or status.state == "stopped":
+        return False
+    try:
+        os.kill(status.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return time.time() - status.heartbeat < max(15.0, 20 * settings.daemon.poll_interval)
+
+
+def _status_data(h: Home) -> dict[str, Any]:
+    from daemon.spool import Spool
+
+    settings = _settings(h)
+    d = read_status(h.status / DAEMON_STATUS, DaemonStatus)
+    t = read_status(h.status / TRAINING_STATUS, TrainingStatus)
+    alive = _daemon_alive(d, settings)
+    current = d.current_job if (d and alive) else None
+    return {
+        "home": str(h.root),
+        "daemon": {
+            "running": alive,
+            "state": (d.state.value if d and alive else "not running"),
+            "pid": d.pid if d else None,
+            "paused": d.paused if d else False,
+            "heartbeat_age_s": round(time.time() - d.heartbeat, 1) if d else None,
+        },
+        "current_job": t.model_dump(mode="json") if (t and current is not None and t.job_id == current) else None,
+        "queue": Spool(h).counts(),
+        "pending_controls": [r.action.value for r in control.pending(h.control)],
+    }
+
+
+def _fmt(v: float | None, spec: str = ".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+@app.command()
+def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Daemon state, the current job's progress, queue counts and pending control requests."""
+    data = _status_data(_home(home))
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    dm = data["daemon"]
+    line = f"daemon: {dm['state']}"
+    if dm["running"]:
+        line += f" (pid {dm['pid']})"
+    elif dm["heartbeat_age_s"] is not None:
+        line += f" (last heartbeat {dm['heartbeat_age_s']:.0f}s ago)"
+    console.print(line)
+    job = data["current_job"]
+    if job:
+        pct = 100.0 * job["step"] / job["total_steps"] if job["total_steps"] else 0.0
+        console.print(
+            f"job {job['job_id']} {job['job_name']}: {job['phase']} step {job['step']}/{job['total_steps']}"
+            f" ({pct:.0f}%)  loss {_fmt(job['loss'])}  val loss {_fmt(job['val_loss'])}"
+            f"  tokens/s {_fmt(job['tokens_per_s'], '.0f')}  ETA {_eta(job['eta_s'])}  [{job['device']}]"
+        )
+    else:
+        console.print("job: none")
+    q = data["queue"]
+    console.print(
+        f"queue: high {q['high']}, normal {q['normal']}, low {q['low']}; processing {q['processing']},"
+        f" done {q['done']}, failed {q['failed']}"
+    )
+    if data["pending_controls"]:
+        console.print(f"pending: {', '.join(data['pending_controls'])} (applied when the daemon runs)")
+
+
+@app.command("queue")
+def queue_cmd(home: HomeOpt = None, recent: int = 10, as_json: JsonOpt = False) -> None:
+    """Waiting jobs in dispatch order, the one in processing, then failed and recent done ones."""
+    from daemon.spool import Spool, job_id_of
+
+    h = _home(home)
+    spool = Spool(h)
+    rows: list[dict[str, Any]] = []
+    for w in spool.waiting():
+        rows.append({"job": w.job_id, "where": w.priority.value, "file": w.path.name, "note": ""})
+    for p in spool.processing():
+        rows.append({"job": job_id_of(p.name), "where": "processing", "file": p.name, "note": ""})
+    for f in sorted(h.failed.glob("*.error.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:recent]:
+        err = json.loads(f.read_text())
+        rows.append({"job": err.get("job_id"), "where": "failed", "file": err.get("file"), "note": err.get("reason")})
+    for p in sorted(h.done.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)[:recent]:
+        rows.append({"job": job_id_of(p.name), "where": "done", "file": p.name, "note": ""})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("job", "where", "file", "note")
+    for r in rows:
+        table.add_row(str(r["job"]), r["where"], r["file"], (r["note"] or "")[:100])
+    console.print(table)
+
+
+def _control(action: control.Action, home: Path | None) -> None:
+    h = _home(home).ensure()
+    control.submit(h.control, action)
+    alive = _daemon_alive(read_status(h.status / DAEMON_STATUS, DaemonStatus), _settings(h))
+    when = "now" if alive else "when the daemon next starts"
+    console.print(f"{action.value} requested; the daemon applies it {when}")
+
+
+@app.command()
+def pause(home: HomeOpt = None) -> None:
+    """Checkpoint the running job and dispatch nothing until resume."""
+    _control(control.Action.PAUSE, home)
+
+
+@app.command()
+def resume(home: HomeOpt = None) -> None:
+    """Continue: the paused job first, from its checkpoint."""
+    _control(control.Action.RESUME, home)
+
+
+@app.command()
+def stop(home: HomeOpt = None) -> None:
+    """Checkpoint the running job, then the daemon exits."""
+    _control(control.Action.STOP, home)
+
+
+@models_app.callback()
+def models(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """List model versions, newest last (the newest is what the next job starts from)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from management.db import ModelDB
+
+    h = _home(home)
+    if not h.db_file.exists():
+        console.print("no model versions yet")
+        return
+    db = ModelDB(h.db_url)
+    rows = [
+        {
+            "version": v.id,
+            "parent": v.parent_id,
+            "job": v.job_id,
+            "train_loss": v.train_loss,
+            "val_loss": v.val_loss,
+            "steps": v.steps,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
+            "path": v.path,
+        }
+        for v in db.versions()
+    ]
+    db.close()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("version", "parent", "job", "train loss", "val loss", "steps", "created", "path")
+    for r in rows:
+        table.add_row(
+            str(r["version"]),
+            str(r["parent"] or "-"),
+            str(r["job"]),
+            _fmt(r["train_loss"]),
+            _fmt(r["val_loss"]),
+            str(r["steps"]),
+            r["created"],
+            r["path"],
+        )
+    console.print(table)
+
+
+@app.command("config")
+def config_cmd(
+    home: HomeOpt = None, check: bool = typer.Option(False, help="Validate the home's trainbox.toml.")
+) -> None:
+    """Print every configuration key with its default and meaning (or check the home's file)."""
+    if check:
+        h = _home(home)
+        _settings(h)
+        console.print(f"{h.config_file}: ok")
+        return
+    print(defaults_toml())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

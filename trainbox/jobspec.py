@@ -1,0 +1,66 @@
+"""The two files between daemon and worker: what to train (job.json) and how it ended (result.json).
+
+The daemon writes ``runs/<job>/job.json`` before each worker start; the worker writes
+``runs/<job>/result.json`` as its last act. Both are self-describing, so a run folder alone tells
+what was trained, from which model, with which settings, and how it ended.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from trainbox.atomic import atomic_write_json, read_json
+from trainbox.config import TrainingConfig
+from trainbox.states import WorkerOutcome
+
+JOB_SPEC = "job.json"
+RESULT = "result.json"
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: int
+    job_name: str
+    data_file: str  # absolute path, inside queue/processing/
+    eval_file: str | None = None  # absolute path to the job's own copy, or None: hold out a fraction
+    init_model: str = ""  # folder to start from; "" = the embedded tiny model (built if missing)
+    embedded_model_dir: str  # where the embedded model is cached
+    run_dir: str
+    status_file: str
+    db_url: str
+    training: TrainingConfig
+
+    def save(self) -> None:
+        atomic_write_json(Path(self.run_dir) / JOB_SPEC, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> JobSpec:
+        data = read_json(Path(run_dir) / JOB_SPEC)
+        if data is None:
+            raise FileNotFoundError(Path(run_dir) / JOB_SPEC)
+        return cls.model_validate(data)
+
+
+class WorkerResult(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    outcome: WorkerOutcome
+    step: int = 0
+    total_steps: int = 0
+    final_model: str | None = None  # folder with the trained model, set when outcome is completed
+    train_loss: float | None = None
+    val_loss: float | None = None
+    first_val_loss: float | None = None
+    message: str = ""
+    error_type: str = ""  # exception class name when outcome is failed
+
+    def save(self, run_dir: Path) -> None:
+        atomic_write_json(Path(run_dir) / RESULT, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> WorkerResult | None:
+        data = read_json(Path(run_dir) / RESULT)
+        return None if data is None else cls.model_validate(data)

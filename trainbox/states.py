@@ -1,0 +1,48 @@
+"""The states a job and the daemon can be in: one enum each, shared by DB rows, status JSON and CLI."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """Dispatch order: lower runs first."""
+        return {"high": 0, "normal": 1, "low": 2}[self.value]
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"  # in queue/<priority>/
+    RUNNING = "running"  # in queue/processing/, a worker is training it
+    PAUSED = "paused"  # in queue/processing/, checkpointed, waiting for resume
+    DONE = "done"  # in queue/done/, a model version exists
+    FAILED = "failed"  # in queue/failed/ with an error file (training failed)
+    REJECTED = "rejected"  # in queue/failed/ with an error file (never admitted: bad input, duplicate)
+
+
+class DaemonState(StrEnum):
+    STARTING = "starting"
+    IDLE = "idle"
+    TRAINING = "training"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class WorkerOutcome(StrEnum):
+    """What a worker reports in runs/<job>/result.json when it exits."""
+
+    COMPLETED = "completed"  # every step ran, final model saved
+    INTERRUPTED = "interrupted"  # asked to stop (pause/stop); a checkpoint holds its progress
+    FAILED = "failed"  # an error; the message says what
+
+
+# Exit codes of the worker process, so the daemon can tell outcomes apart even without result.json.
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later

@@ -1,0 +1,76 @@
+"""The status files: one per writer, each rewritten atomically, read by the CLI, watchdog and server.
+
+``status/daemon.json`` is written only by the daemon, ``status/training.json`` only by the worker.
+Both carry ``pid`` and ``heartbeat`` (unix time of the last write) so readers judge liveness from the
+file rather than from process tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from trainbox.atomic import atomic_write_json, read_json
+from trainbox.states import DaemonState
+
+DAEMON_STATUS = "daemon.json"
+TRAINING_STATUS = "training.json"
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DaemonStatus(_Status):
+    state: DaemonState = DaemonState.STARTING
+    pid: int = 0
+    started_at: float = 0.0
+    heartbeat: float = 0.0
+    paused: bool = False
+    current_job: int | None = None
+    current_job_name: str | None = None
+    worker_pid: int | None = None
+    queue: dict[str, int] = {}
+    pending_controls: list[str] = []
+    message: str = ""
+
+
+class TrainingStatus(_Status):
+    job_id: int
+    job_name: str = ""
+    phase: str = "loading"  # loading, training, evaluating, checkpointing, finished, interrupted, failed
+    pid: int = 0
+    started_at: float = 0.0
+    heartbeat: float = 0.0
+    step: int = 0
+    total_steps: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    device: str = ""
+    engine: str = "plain"
+    message: str = ""
+
+
+S = TypeVar("S", bound=_Status)
+
+
+def write_status(path: Path, status: _Status) -> None:
+    atomic_write_json(path, status.model_dump(mode="json"))
+
+
+def read_status(path: Path, model: type[S]) -> S | None:
+    """The last status written, or None if there is none (or it is from an incompatible version)."""
+    data = read_json(path)
+    if data is None:
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
