@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -35,7 +36,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-MODEL_CONFIG = {
+MODEL_CONFIG: dict[str, Any] = {
     "hidden_size": 128,
     "intermediate_size": 512,
     "num_hidden_layers": 2,
@@ -73,18 +74,20 @@ def build_tokenizer(corpus: Path = CORPUS, vocab_size: int = VOCAB_SIZE) -> PreT
 
 
 def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = SEED) -> LlamaForCausalLM:
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    assert isinstance(im_end, int)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         # generation stops at the end of an assistant turn as well as at end of text
-        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
+        eos_token_id=[tokenizer.eos_token_id, im_end],
         pad_token_id=tokenizer.pad_token_id,
         **MODEL_CONFIG,
     )
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    return model.to(torch.float32)
+    return model
 
 
 def ensure_embedded_model(path: Path) -> Path:

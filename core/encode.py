@@ -82,9 +82,7 @@ def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> Ex
 
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
-    )
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
     return str(text)
 
 

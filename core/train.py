@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from core import rng
 from core.data import Batches, DataPosition, collate, total_steps
 from core.encode import IGNORE, Example
-from core.errors import TrainingDiverged
+from core.errors import CheckpointError, TrainingDiverged
 from core.schedule import lr_at
 from trainbox.config import TrainingConfig
 
@@ -161,12 +161,21 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng.capture(),
             "schedule": {"kind": "warmup_cosine", "total_steps": self.total_steps},
+            "data": self._data_shape(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``; refuses a state whose data or schedule differ from this run's."""
+        saved = {**state["data"], "total_steps": state["schedule"]["total_steps"]}
+        mine = {**self._data_shape(), "total_steps": self.total_steps}
+        if saved != mine:
+            raise CheckpointError(f"checkpoint was made for {saved}, this run has {mine}: data or settings changed")
         self.state = TrainState(**state["trainer"])
         self.optimizer.load_state_dict(state["optimizer"])
         rng.restore(state["rng"])
+
+    def _data_shape(self) -> dict[str, int]:
+        return {"n_train": len(self.train_set), "n_val": len(self.val_set), "batch_size": self.cfg.batch_size}
 
     # the loop
     def run(
@@ -202,8 +211,9 @@ class Trainer:
             # 4. log
             epoch = s.epoch + s.micro_batch / self.batches.per_epoch
             emit(
-                StepEvent(s.step, self.total_steps, loss, lr, grad_norm, tokens, tokens / dt, epoch,
-                          time.time() - started)
+                StepEvent(
+                    s.step, self.total_steps, loss, lr, grad_norm, tokens, tokens / dt, epoch, time.time() - started
+                )
             )
 
     def _optimizer_step(self, lr: float) -> tuple[float, float, int]:
@@ -228,10 +238,11 @@ class Trainer:
             loss_sum += loss.detach()
             tokens += int(batch["attention_mask"].sum())
         params = [p for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = torch.nn.utils.get_total_norm(grads)
         loss_value, norm_value = float(loss_sum), float(norm)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             raise TrainingDiverged(

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from core import checkpoint, rng
 from core.data import split_heldout
@@ -41,7 +42,7 @@ from core.folders import publish_folder
 from core.metrics import METRICS, MetricsLog, truncate_to_step
 from core.reporting import JobDB, StatusReporter
 from core.train import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, Trainer
-from trainbox.config import TrainingConfig
+from trainbox.config import TrainingConfig, auto_learning_rate
 from trainbox.jobspec import JobSpec, WorkerResult
 from trainbox.records import Record, load_records
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, WorkerOutcome
@@ -52,8 +53,7 @@ FINAL = "final"
 STEP_SLEEP_ENV = "TRAINBOX_TEST_STEP_SLEEP"  # test-only, see module docstring
 # Settings that may differ between the run that wrote a checkpoint and the one resuming it: how the
 # machine runs and reports, not what is trained. Every other key comes from the checkpoint.
-RUNTIME_KEYS = ("threads", "device", "precision", "log_every", "eval_every", "checkpoint_every",
-                "keep_checkpoints")
+RUNTIME_KEYS = ("threads", "device", "precision", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
 LOG_PROGRESS_EVERY_S = 10.0
 
 
@@ -105,7 +105,11 @@ def resolve_config(spec_cfg: TrainingConfig, saved: dict[str, Any] | None) -> Tr
         return spec_cfg
     saved_cfg = TrainingConfig.model_validate(saved)
     cfg = saved_cfg.model_copy(update={k: getattr(spec_cfg, k) for k in RUNTIME_KEYS})
-    changed = [k for k in TrainingConfig.model_fields if getattr(cfg, k) != getattr(spec_cfg, k)]
+    changed = [
+        k
+        for k in TrainingConfig.model_fields
+        if getattr(cfg, k) != getattr(spec_cfg, k) and not (k == "learning_rate" and spec_cfg.learning_rate == 0)
+    ]
     if changed:
         log.warning("resuming with the checkpoint's settings; job.json differs in: %s", ", ".join(changed))
     return cfg
@@ -120,7 +124,8 @@ def load_model(source: Path, device: torch.device) -> tuple[Any, Any]:
     changes = prepare_tokenizer(tokenizer)
     if changes:
         log.info("tokenizer: %s", "; ".join(changes))
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = model.to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -144,7 +149,9 @@ def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any) -> DataSets:
     if train.dropped or val.dropped:
         log.warning(
             "dropped %d training and %d validation examples with nothing to train within max_length=%d",
-            train.dropped, val.dropped, cfg.max_length,
+            train.dropped,
+            val.dropped,
+            cfg.max_length,
         )
     if not train.examples:
         raise DataError(
@@ -177,6 +184,14 @@ class Reporter:
         self._last_log = 0.0
 
     def __call__(self, ev: Event) -> None:
+        try:
+            self._dispatch(ev)
+        except Exception as e:  # boundary: reporting never fails a job; checkpoints hold the progress
+            log.warning("could not report %s: %s", type(ev).__name__, e)
+        if isinstance(ev, StepEvent) and self.step_sleep > 0:
+            time.sleep(self.step_sleep)
+
+    def _dispatch(self, ev: Event) -> None:
         now = time.time()
         if isinstance(ev, StepEvent):
             self._on_step(ev, now)
@@ -195,21 +210,40 @@ class Reporter:
         self.smoothed = ev.loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * ev.loss
         if ev.step % self.cfg.log_every == 0:
             self.metrics.write(
-                {"kind": "train", "step": ev.step, "loss": ev.loss, "lr": ev.lr, "grad_norm": ev.grad_norm,
-                 "tokens_per_s": ev.tokens_per_s, "epoch": ev.epoch, "time": now}
+                {
+                    "kind": "train",
+                    "step": ev.step,
+                    "loss": ev.loss,
+                    "lr": ev.lr,
+                    "grad_norm": ev.grad_norm,
+                    "tokens_per_s": ev.tokens_per_s,
+                    "epoch": ev.epoch,
+                    "time": now,
+                }
             )
         done_here = ev.step - self.start_step
         eta = (ev.total_steps - ev.step) * ev.elapsed / done_here if done_here > 0 else None
         self.status.update(
-            step=ev.step, total_steps=ev.total_steps, epoch=int(ev.epoch), loss=self.smoothed,
-            learning_rate=ev.lr, grad_norm=ev.grad_norm, tokens_per_s=ev.tokens_per_s, eta_s=eta,
+            step=ev.step,
+            total_steps=ev.total_steps,
+            epoch=int(ev.epoch),
+            loss=self.smoothed,
+            learning_rate=ev.lr,
+            grad_norm=ev.grad_norm,
+            tokens_per_s=ev.tokens_per_s,
+            eta_s=eta,
         )
         if now - self._last_log >= LOG_PROGRESS_EVERY_S or ev.step == ev.total_steps:
             self._last_log = now
-            log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s", ev.step, ev.total_steps,
-                     ev.loss, ev.lr, ev.grad_norm, ev.tokens_per_s)
-        if self.step_sleep > 0:
-            time.sleep(self.step_sleep)
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
+                ev.step,
+                ev.total_steps,
+                ev.loss,
+                ev.lr,
+                ev.grad_norm,
+                ev.tokens_per_s,
+            )
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -238,6 +272,10 @@ def train_job(spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB) 
         source = ensure_embedded_model(Path(spec.embedded_model_dir))
     log.info("job %d (%s): model %s on %s", spec.job_id, spec.job_name, source, status.status.device)
     model, tokenizer = load_model(source, device)
+    if cfg.learning_rate == 0:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        cfg = cfg.model_copy(update={"learning_rate": auto_learning_rate(trainable)})
+        log.info("learning rate: %.1e (automatic for %d trainable parameters)", cfg.learning_rate, trainable)
     data = load_data(spec, cfg, tokenizer)
 
     trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device)
@@ -248,15 +286,25 @@ def train_job(spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB) 
     status.update(force=True, step=s.step, total_steps=trainer.total_steps, val_loss=s.last_val_loss)
     if stop.is_set():
         log.info("stop requested before training started")
-        return WorkerResult(outcome=WorkerOutcome.INTERRUPTED, step=s.step, total_steps=trainer.total_steps,
-                            message="stopped before training started")
+        return WorkerResult(
+            outcome=WorkerOutcome.INTERRUPTED,
+            step=s.step,
+            total_steps=trainer.total_steps,
+            message="stopped before training started",
+        )
 
     def save_checkpoint() -> Path:
-        meta = {"job_id": spec.job_id, "total_steps": trainer.total_steps, "train_loss": s.train_loss,
-                "val_loss": s.last_val_loss, "best_val_loss": s.best_val_loss,
-                "first_val_loss": s.first_val_loss}
-        info = checkpoint.save(run_dir, s.step, model, tokenizer, trainer.state_dict(),
-                               cfg.model_dump(mode="json"), meta)
+        meta = {
+            "job_id": spec.job_id,
+            "total_steps": trainer.total_steps,
+            "train_loss": s.train_loss,
+            "val_loss": s.last_val_loss,
+            "best_val_loss": s.best_val_loss,
+            "first_val_loss": s.first_val_loss,
+        }
+        info = checkpoint.save(
+            run_dir, s.step, model, tokenizer, trainer.state_dict(), cfg.model_dump(mode="json"), meta
+        )
         deleted = checkpoint.prune(run_dir, cfg.keep_checkpoints)
         db.checkpoint_saved(info.step, info.path, checkpoint.read_meta(info.path))
         db.checkpoints_deleted([c.path for c in deleted])
@@ -265,8 +313,7 @@ def train_job(spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB) 
 
     what = f"resuming at step {s.step}" if latest else "starting"
     log.info("%s: %d steps in all", what, trainer.total_steps)
-    db.event("training_started", f"worker {what}", step=s.step, total_steps=trainer.total_steps,
-             pid=os.getpid())
+    db.event("training_started", f"worker {what}", step=s.step, total_steps=trainer.total_steps, pid=os.getpid())
     metrics = MetricsLog(run_dir / METRICS)
     try:
         outcome = trainer.run(Reporter(cfg, status, metrics, s.step), stop.is_set, save_checkpoint)
@@ -274,40 +321,64 @@ def train_job(spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB) 
         metrics.close()
 
     if outcome == "interrupted":
-        return WorkerResult(outcome=WorkerOutcome.INTERRUPTED, step=s.step, total_steps=trainer.total_steps,
-                            train_loss=s.train_loss, val_loss=s.last_val_loss, first_val_loss=s.first_val_loss,
-                            message=f"interrupted at step {s.step}; checkpoint saved")
+        return WorkerResult(
+            outcome=WorkerOutcome.INTERRUPTED,
+            step=s.step,
+            total_steps=trainer.total_steps,
+            train_loss=s.train_loss,
+            val_loss=s.last_val_loss,
+            first_val_loss=s.first_val_loss,
+            message=f"interrupted at step {s.step}"
+            + ("; checkpoint saved" if s.last_checkpoint_step == s.step else "; no step done, no checkpoint"),
+        )
     status.update(force=True, message="saving the final model")
     final = save_final(run_dir, model, tokenizer)
     log.info("final model: %s", final)
-    return WorkerResult(outcome=WorkerOutcome.COMPLETED, step=s.step, total_steps=trainer.total_steps,
-                        final_model=str(final), train_loss=s.train_loss, val_loss=s.last_val_loss,
-                        first_val_loss=s.first_val_loss)
+    return WorkerResult(
+        outcome=WorkerOutcome.COMPLETED,
+        step=s.step,
+        total_steps=trainer.total_steps,
+        final_model=str(final),
+        train_loss=s.train_loss,
+        val_loss=s.last_val_loss,
+        first_val_loss=s.first_val_loss,
+    )
 
 
 def finish(result: WorkerResult, run_dir: Path, status: StatusReporter | None, db: JobDB | None) -> int:
-    phase = {WorkerOutcome.COMPLETED: "finished", WorkerOutcome.INTERRUPTED: "interrupted",
-             WorkerOutcome.FAILED: "failed"}[result.outcome]
+    phase = {
+        WorkerOutcome.COMPLETED: "finished",
+        WorkerOutcome.INTERRUPTED: "interrupted",
+        WorkerOutcome.FAILED: "failed",
+    }[result.outcome]
     if status is not None:
         status.update(force=True, phase=phase, message=result.message, step=result.step or status.status.step)
     if db is not None:
-        db.event(f"training_{result.outcome.value}", result.message or phase, step=result.step,
-                 train_loss=result.train_loss, val_loss=result.val_loss)
+        db.event(
+            f"training_{result.outcome.value}",
+            result.message or phase,
+            step=result.step,
+            train_loss=result.train_loss,
+            val_loss=result.val_loss,
+        )
         db.close()
     result.save(run_dir)  # the last act: the daemon reads it after the exit
     log.info("%s at step %d/%d", result.outcome.value, result.step, result.total_steps)
-    return {WorkerOutcome.COMPLETED: EXIT_COMPLETED, WorkerOutcome.INTERRUPTED: EXIT_INTERRUPTED,
-            WorkerOutcome.FAILED: EXIT_FAILED}[result.outcome]
+    return {
+        WorkerOutcome.COMPLETED: EXIT_COMPLETED,
+        WorkerOutcome.INTERRUPTED: EXIT_INTERRUPTED,
+        WorkerOutcome.FAILED: EXIT_FAILED,
+    }[result.outcome]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.worker", description="Train one trainbox job.")
     parser.add_argument("--run-dir", required=True, type=Path, help="run folder holding job.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = StopFlag()
     stop.install()
+    hf_logging.disable_progress_bar()  # progress bars are noise in a log file
     run_dir: Path = args.run_dir.resolve()
     status: StatusReporter | None = None
     db: JobDB | None = None
@@ -319,10 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # boundary: any failure becomes a result the daemon can read
         traceback.print_exc()
         sys.stderr.flush()
-        result = WorkerResult(outcome=WorkerOutcome.FAILED, message=str(e) or type(e).__name__,
-                              error_type=type(e).__name__,
-                              step=status.status.step if status else 0,
-                              total_steps=status.status.total_steps if status else 0)
+        result = WorkerResult(
+            outcome=WorkerOutcome.FAILED,
+            message=str(e) or type(e).__name__,
+            error_type=type(e).__name__,
+            step=status.status.step if status else 0,
+            total_steps=status.status.total_steps if status else 0,
+        )
     return finish(result, run_dir, status, db)
 
 

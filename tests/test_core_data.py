@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -12,8 +14,15 @@ from core.schedule import lr_at, warmup_steps
 
 @pytest.mark.parametrize(
     ("n", "fraction", "cap", "expected"),
-    [(1, 0.1, 256, 0), (2, 0.1, 256, 1), (10, 0.1, 256, 1), (200, 0.1, 256, 20), (200, 0.1, 5, 5),
-     (5, 0.9, 256, 4), (100, 0.0, 256, 0)],
+    [
+        (1, 0.1, 256, 0),
+        (2, 0.1, 256, 1),
+        (10, 0.1, 256, 1),
+        (200, 0.1, 256, 20),
+        (200, 0.1, 5, 5),
+        (5, 0.9, 256, 4),
+        (100, 0.0, 256, 0),
+    ],
 )
 def test_heldout_count(n: int, fraction: float, cap: int, expected: int) -> None:
     assert heldout_count(n, fraction, cap) == expected
@@ -78,9 +87,9 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
     lrs = [lr_at(s, total, peak, warmup_ratio=0.1, min_lr_ratio=0.1) for s in range(total)]
     w = warmup_steps(total, 0.1)
     assert w == 10
-    assert all(a < b for a, b in zip(lrs[:w], lrs[1 : w + 1], strict=True))  # rising through warmup
+    assert all(a < b for a, b in itertools.pairwise(lrs[: w + 1]))  # rising through warmup
     assert lrs[w] == pytest.approx(peak)
-    assert all(a >= b for a, b in zip(lrs[w:], lrs[w + 1 :], strict=False))  # then never rising
+    assert all(a >= b for a, b in itertools.pairwise(lrs[w:]))  # then never rising
     assert lrs[-1] == pytest.approx(0.1 * peak, rel=0.01)
     assert min(lrs[w:]) >= 0.1 * peak
     assert lrs[0] > 0

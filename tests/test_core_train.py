@@ -31,25 +31,46 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def examples(model_dir: Path) -> tuple[list[Example], list[Example]]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     words = ["river", "bridge", "garden", "station", "market", "library", "winter", "morning"]
-    recs = [Record(kind="text", text=f"The {words[i % 8]} was {i} steps from the {words[(i * 3) % 8]}.")
-            for i in range(22)]
-    recs += [Record(kind="prompt_completion", prompt=f"Count to {i}:", completion=" " + " ".join(map(str, range(i))))
-             for i in range(2, 8)]
+    recs = [
+        Record(kind="text", text=f"The {words[i % 8]} was {i} steps from the {words[(i * 3) % 8]}.") for i in range(22)
+    ]
+    recs += [
+        Record(kind="prompt_completion", prompt=f"Count to {i}:", completion=" " + " ".join(map(str, range(i))))
+        for i in range(2, 8)
+    ]
     enc = encode_all(tok, recs, max_length=48)
     return enc.examples[:24], enc.examples[24:]
 
 
 def make_trainer(model_dir: Path, data: tuple[list[Example], list[Example]], **over: Any) -> Trainer:
-    cfg = TrainingConfig(**{"max_steps": 12, "batch_size": 4, "grad_accum": 2, "learning_rate": 3e-3,
-                            "eval_every": 4, "checkpoint_every": 0, "warmup_ratio": 0.2, **over})
+    cfg = TrainingConfig(
+        **{
+            "max_steps": 12,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "learning_rate": 3e-3,
+            "eval_every": 4,
+            "checkpoint_every": 0,
+            "warmup_ratio": 0.2,
+            **over,
+        }
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return Trainer(model, cfg, data[0], data[1], pad_id=0, device=CPU)
 
 
 def saver(trainer: Trainer, run_dir: Path, tok: Any) -> Any:
     def save() -> Path:
-        return checkpoint.save(run_dir, trainer.state.step, trainer.model, tok, trainer.state_dict(),
-                               trainer.cfg.model_dump(mode="json"), {}).path
+        return checkpoint.save(
+            run_dir,
+            trainer.state.step,
+            trainer.model,
+            tok,
+            trainer.state_dict(),
+            trainer.cfg.model_dump(mode="json"),
+            {},
+        ).path
+
     return save
 
 
@@ -88,7 +109,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
 
 def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -> None:
     """Loss is normalised by the trained tokens of the whole step, so 2 x 4 examples == 1 x 8."""
-    data = (examples[0][:8], [])
+    data: tuple[list[Example], list[Example]] = (examples[0][:8], [])
     results = []
     for bs, accum in ((8, 1), (4, 2)):
         t = make_trainer(model_dir, data, batch_size=bs, grad_accum=accum, max_steps=1, grad_clip=0.0)
@@ -118,7 +139,12 @@ def test_training_lowers_validation_loss(model_dir: Path, examples: Any) -> None
 def test_stop_at_step_zero_saves_nothing(model_dir: Path, examples: Any) -> None:
     t = make_trainer(model_dir, examples)
     saved: list[int] = []
-    assert t.run(lambda e: None, lambda: True, lambda: saved.append(1) or Path()) == "interrupted"
+
+    def save() -> Path:
+        saved.append(t.state.step)
+        return Path()
+
+    assert t.run(lambda e: None, lambda: True, save) == "interrupted"
     assert saved == [] and t.state.step == 0
 
 
@@ -145,7 +171,7 @@ def test_checkpoint_listing_ignores_partial_and_prune_keeps_newest(
     state = checkpoint.load_state(ckpt)
     assert state["trainer"]["step"] == 30 and state["config"]["batch_size"] == 4
     reloaded = AutoModelForCausalLM.from_pretrained(ckpt / "model")
-    assert reloaded.num_parameters() == t.model.num_parameters()
+    assert reloaded.num_parameters() == sum(p.numel() for p in t.model.parameters())
 
 
 def test_metrics_truncate_to_checkpoint_step(tmp_path: Path) -> None:

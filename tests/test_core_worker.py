@@ -1,0 +1,231 @@
+"""The worker as the daemon runs it: a separate process, result.json, exit codes, SIGTERM, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from core import checkpoint, worker
+from core.embedded import ensure_embedded_model
+from core.errors import DataError
+from core.metrics import read_metrics
+from management.db import Job, ModelDB
+from trainbox.config import TrainingConfig
+from trainbox.jobspec import JobSpec, WorkerResult
+from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, WorkerOutcome
+from trainbox.status import TrainingStatus, read_status
+
+SETTINGS = {
+    "max_steps": 24,
+    "batch_size": 4,
+    "learning_rate": 3e-3,
+    "eval_every": 8,
+    "checkpoint_every": 8,
+    "keep_checkpoints": 2,
+    "max_length": 64,
+    "threads": 1,
+}
+NAMES = ["Anna", "Ben", "Carla", "David", "Ella", "Farid"]
+PLACES = ["the market", "the library", "the river", "the station", "the garden"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_embedded_model(tmp_path_factory.getbasetemp() / "embedded-model")
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "job.jsonl"
+    lines = [{"text": f"{NAMES[i % 6]} went to {PLACES[i % 5]} on day {i % 7}."} for i in range(40)]
+    lines += [{"prompt": f"Where did {NAMES[i % 6]} go?", "completion": f" To {PLACES[i % 5]}."} for i in range(20)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def make_job(run_dir: Path, data: Path, model_dir: Path, **over: Any) -> JobSpec:
+    run_dir.mkdir(parents=True)
+    url = f"sqlite:///{run_dir / 'trainbox.db'}"
+    db = ModelDB(url)
+    with db.session() as s:
+        s.add(Job(id=7, name="job.jsonl"))
+    db.close()
+    spec = JobSpec(
+        job_id=7,
+        job_name="job.jsonl",
+        data_file=str(data),
+        embedded_model_dir=str(model_dir),
+        run_dir=str(run_dir),
+        status_file=str(run_dir / "training.json"),
+        db_url=url,
+        training=TrainingConfig(**{**SETTINGS, **over}),
+    )
+    spec.save()
+    return spec
+
+
+def start_worker(run_dir: Path, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "core.worker", "--run-dir", str(run_dir)],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, out.decode(errors="replace")
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m["kind"] == "train"]
+
+
+def eval_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m["kind"] == "eval"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory, data_file: Path, model_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    make_job(run_dir, data_file, model_dir)
+    rc, out = finish(start_worker(run_dir))
+    assert rc == EXIT_COMPLETED, out
+    return run_dir
+
+
+def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
+    result = WorkerResult.load(straight_run)
+    assert result is not None and result.outcome == WorkerOutcome.COMPLETED
+    assert result.step == result.total_steps == 24
+    assert result.final_model == str(straight_run / "final")
+    assert result.first_val_loss is not None and result.val_loss is not None and result.train_loss is not None
+    assert result.val_loss < result.first_val_loss
+
+    model = AutoModelForCausalLM.from_pretrained(result.final_model)
+    assert model.num_parameters() > 100_000
+    assert (straight_run / "final" / "tokenizer.json").exists()
+
+    assert train_steps(straight_run) == list(range(1, 25))
+    assert eval_steps(straight_run) == [0, 8, 16, 24]
+    line = read_metrics(straight_run / "metrics.jsonl")[1]
+    assert set(line) == {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "time"}
+
+    status = read_status(straight_run / "training.json", TrainingStatus)
+    assert status is not None and status.phase == "finished" and status.step == 24
+    assert status.device.startswith("cpu") and status.val_loss == result.val_loss
+
+    assert [c.step for c in checkpoint.complete_checkpoints(straight_run)] == [16, 24]
+    db = ModelDB(f"sqlite:///{straight_run / 'trainbox.db'}")
+    rows = db.checkpoints(7)
+    assert [(r.step, r.deleted_at is not None) for r in rows] == [(8, True), (16, False), (24, False)]
+    kinds = [e.kind for e in db.events(job_id=7)]
+    assert kinds[0] == "training_started" and kinds[-1] == "training_completed"
+    db.close()
+
+
+def test_sigterm_checkpoints_and_rerun_resumes_exactly(
+    tmp_path: Path, data_file: Path, model_dir: Path, straight_run: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    make_job(run_dir, data_file, model_dir)
+    proc = start_worker(run_dir, TRAINBOX_TEST_STEP_SLEEP="0.1")
+    deadline = time.time() + 90
+    while True:
+        status = read_status(run_dir / "training.json", TrainingStatus)
+        if status is not None and status.step >= 10:
+            break
+        assert proc.poll() is None and time.time() < deadline, "worker ended or stalled before step 10"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == EXIT_INTERRUPTED, out
+
+    result = WorkerResult.load(run_dir)
+    assert result is not None and result.outcome == WorkerOutcome.INTERRUPTED
+    stopped = result.step
+    assert 10 <= stopped < 24
+    latest = checkpoint.latest_complete(run_dir)
+    assert latest is not None and latest.step == stopped
+    status = read_status(run_dir / "training.json", TrainingStatus)
+    assert status is not None and status.phase == "interrupted"
+
+    rc, out = finish(start_worker(run_dir))
+    assert rc == EXIT_COMPLETED, out
+    assert f"resuming at step {stopped}" in out
+    result = WorkerResult.load(run_dir)
+    assert result is not None and result.outcome == WorkerOutcome.COMPLETED and result.step == 24
+    assert train_steps(run_dir) == list(range(1, 25))  # continuous, nothing repeated
+    assert eval_steps(run_dir) == [0, 8, 16, 24]
+    # the interrupted-and-resumed run ends with exactly the weights of the uninterrupted one
+    a = load_file(straight_run / "final" / "model.safetensors")
+    b = load_file(run_dir / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert result.first_val_loss == WorkerResult.load(straight_run).first_val_loss  # type: ignore[union-attr]
+
+
+def test_bad_data_fails_with_a_result(tmp_path: Path, model_dir: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"prompt": "no completion"}\n')
+    run_dir = tmp_path / "run"
+    make_job(run_dir, data, model_dir)
+    rc, out = finish(start_worker(run_dir))
+    assert rc == EXIT_FAILED
+    assert "Traceback" in out
+    result = WorkerResult.load(run_dir)
+    assert result is not None and result.outcome == WorkerOutcome.FAILED
+    assert result.error_type == "ValueError" and "line 2" in result.message
+    status = read_status(run_dir / "training.json", TrainingStatus)
+    assert status is not None and status.phase == "failed"
+
+
+def test_stop_before_training_starts_leaves_no_checkpoint(tmp_path: Path, data_file: Path, model_dir: Path) -> None:
+    spec = make_job(tmp_path / "run", data_file, model_dir)
+    stop = worker.StopFlag()
+    stop._handle(signal.SIGTERM, None)
+    status = worker.StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
+    db = worker.JobDB(spec.db_url, spec.job_id)
+    result = worker.train_job(spec, stop, status, db)
+    assert worker.finish(result, Path(spec.run_dir), status, db) == EXIT_INTERRUPTED
+    assert result.outcome == WorkerOutcome.INTERRUPTED and result.step == 0
+    assert checkpoint.latest_complete(Path(spec.run_dir)) is None
+
+
+def test_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert worker.thread_count(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert worker.thread_count(0) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert worker.thread_count(0) == max(1, (os.cpu_count() or 2) // 2)
+
+
+def test_eval_file_is_the_validation_set(tmp_path: Path, data_file: Path, model_dir: Path) -> None:
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": f"Eval line {i}."}) + "\n" for i in range(3)))
+    spec = make_job(tmp_path / "run", data_file, model_dir)
+    spec = spec.model_copy(update={"eval_file": str(eval_file)})
+    _, tok = worker.load_model(model_dir, torch.device("cpu"))
+    data = worker.load_data(spec, spec.training, tok)
+    assert len(data.train) == 60 and len(data.val) == 3
+
+
+def test_nothing_left_to_train_is_a_clear_error(tmp_path: Path, model_dir: Path) -> None:
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "word " * 100, "completion": " x"}) + "\n" for _ in range(3)))
+    spec = make_job(tmp_path / "run", data, model_dir)
+    _, tok = worker.load_model(model_dir, torch.device("cpu"))
+    with pytest.raises(DataError, match="max_length=64"):
+        worker.load_data(spec, spec.training, tok)
