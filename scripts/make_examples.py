@@ -17,9 +17,24 @@ COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "grey"]
 PLACES = ["the garden", "the forest", "the river", "the field", "the barn", "the hill", "the lake"]
 ACTIONS = ["sleeps", "runs", "eats", "plays", "waits", "sings", "rests", "hides"]
 FRENCH = {
-    "cat": "chat", "dog": "chien", "horse": "cheval", "bird": "oiseau", "fish": "poisson", "cow": "vache",
-    "sheep": "mouton", "fox": "renard", "bear": "ours", "wolf": "loup", "duck": "canard", "goat": "chèvre",
-    "red": "rouge", "blue": "bleu", "green": "vert", "yellow": "jaune", "black": "noir", "white": "blanc",
+    "cat": "chat",
+    "dog": "chien",
+    "horse": "cheval",
+    "bird": "oiseau",
+    "fish": "poisson",
+    "cow": "vache",
+    "sheep": "mouton",
+    "fox": "renard",
+    "bear": "ours",
+    "wolf": "loup",
+    "duck": "canard",
+    "goat": "chèvre",
+    "red": "rouge",
+    "blue": "bleu",
+    "green": "vert",
+    "yellow": "jaune",
+    "black": "noir",
+    "white": "blanc",
 }
 
 

@@ -1,5 +1,5 @@
 """The status server's API, against a real ``python -m monitoring.server`` process on a random port,
-over a home populated the way a daemon leaves it (``monitoring.testing.populate``)."""
+over a home populated the way a daemon leaves it (``tests.monitoring_helpers.populate``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from monitoring.testing import FAKE_JOB, ServerProc, append_metrics, populate, write_daemon_status
+from tests.monitoring_helpers import FAKE_JOB, ServerProc, append_metrics, populate, write_daemon_status
 from trainbox import control
 from trainbox.home import Home
 

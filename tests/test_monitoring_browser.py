@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from monitoring.testing import (
+from tests.monitoring_helpers import (
     FAKE_JOB,
     ServerProc,
     append_metrics,

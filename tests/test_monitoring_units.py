@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,8 +16,9 @@ from monitoring.app import create_app
 from monitoring.downsample import downsample
 from monitoring.metrics_log import MetricsCache
 from monitoring.token import bearer_matches, load_or_create_token, read_token, token_path
-from monitoring.upload import DEFAULT_MAX_UPLOAD_BYTES, UploadError, checked_name
+from monitoring.upload import UploadError, checked_name
 from monitoring.views import daemon_view
+from trainbox.config import ServerConfig, Settings
 from trainbox.home import Home
 from trainbox.states import DaemonState
 from trainbox.status import DAEMON_STATUS, DaemonStatus, write_status
@@ -134,7 +134,7 @@ def test_upload_names_must_be_jsonl(name: str) -> None:
 def test_upload_names_are_sanitised() -> None:
     assert checked_name("my data (v2).jsonl") == "my_data_v2_.jsonl"
     assert checked_name(".hidden.jsonl") == "hidden.jsonl"  # a dotfile would be ignored by intake
-    assert DEFAULT_MAX_UPLOAD_BYTES == 64 * 1024**2
+    assert ServerConfig().max_upload_bytes == 64 * 1024**2
 
 
 def test_metrics_cache_reads_only_new_lines_and_rereads_a_cut_file(tmp_path: Path) -> None:
@@ -160,26 +160,24 @@ def test_metrics_cache_reads_only_new_lines_and_rereads_a_cut_file(tmp_path: Pat
 
 def test_daemon_liveness(tmp_path: Path) -> None:
     home = Home(tmp_path).ensure()
-    assert daemon_view(home, 5, 1000.0).liveness == "absent"
+    assert daemon_view(home, 0.5, 1000.0).liveness == "absent"
     path = home.status / DAEMON_STATUS
     write_status(path, DaemonStatus(state=DaemonState.IDLE, pid=os.getpid(), heartbeat=1000.0))
-    assert daemon_view(home, 5, 1001.0).liveness == "up"
-    assert daemon_view(home, 5, 1010.0).liveness == "stale"
+    assert daemon_view(home, 0.5, 1001.0).liveness == "up"
+    assert daemon_view(home, 0.5, 1014.0).liveness == "up"
+    assert daemon_view(home, 0.5, 1016.0).liveness == "stale"  # 15 s: heartbeat_limit(0.5)
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
     write_status(path, DaemonStatus(state=DaemonState.TRAINING, pid=dead, heartbeat=1000.0))
-    assert daemon_view(home, 5, 1001.0).liveness == "down"
+    assert daemon_view(home, 0.5, 1001.0).liveness == "down"
     write_status(path, DaemonStatus(state=DaemonState.STOPPED, pid=dead, heartbeat=1000.0))
-    view = daemon_view(home, 5, 1001.0)
+    view = daemon_view(home, 0.5, 1001.0)
     assert view.liveness == "stopped" and not view.alive
 
 
 def test_reads_can_require_the_token(tmp_path: Path) -> None:
-    """``server.read_requires_token`` (read defensively until the config has it) closes the reads."""
+    """``server.read_requires_token`` closes the reads."""
     home = Home(tmp_path).ensure()
-    settings: Any = SimpleNamespace(
-        server=SimpleNamespace(host="127.0.0.1", port=0, read_requires_token=True),
-        daemon=SimpleNamespace(poll_interval=0.5),
-    )
+    settings = Settings(server=ServerConfig(port=0, read_requires_token=True))
     with TestClient(create_app(home, settings)) as client:
         token = read_token(home)
         assert client.get("/api/status").status_code == 401

@@ -19,7 +19,14 @@ from trainbox import control
 from trainbox.config import ConfigError, Settings, defaults_toml, load_settings
 from trainbox.home import Home
 from trainbox.states import Priority
-from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, read_status
+from trainbox.status import (
+    DAEMON_STATUS,
+    TRAINING_STATUS,
+    DaemonStatus,
+    TrainingStatus,
+    daemon_liveness,
+    read_status,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drop JSONL files in, get trained models out.")
 models_app = typer.Typer(help="Model versions.", invoke_without_command=True)
@@ -94,15 +101,7 @@ def _copy_in(src: Path, folder: Path) -> Path:
 
 
 def _daemon_alive(status: DaemonStatus | None, settings: Settings) -> bool:
-    if status is None or status.pid <= 0 or status.state == "stopped":
-        return False
-    try:
-        os.kill(status.pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return time.time() - status.heartbeat < max(15.0, 20 * settings.daemon.poll_interval)
+    return daemon_liveness(status, time.time(), settings.daemon.poll_interval) == "up"
 
 
 def _status_data(h: Home) -> dict[str, Any]:
@@ -223,6 +222,32 @@ def resume(home: HomeOpt = None) -> None:
 def stop(home: HomeOpt = None) -> None:
     """Checkpoint the running job, then the daemon exits."""
     _control(control.Action.STOP, home)
+
+
+@app.command()
+def serve(
+    home: HomeOpt = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: server.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: server.port; 0 = any free port).")] = None,
+) -> None:
+    """Run the status server and dashboard (FastAPI on uvicorn) in the foreground."""
+    from monitoring.server import serve as run_server
+
+    h = _home(home)
+    settings = _settings(h)
+    if host is not None:
+        settings.server.host = host
+    if port is not None:
+        settings.server.port = port
+    run_server(h, settings)
+
+
+@app.command()
+def token(home: HomeOpt = None) -> None:
+    """Print the API token that control and upload endpoints require (created on first use, mode 0600)."""
+    from monitoring.token import load_or_create_token
+
+    print(load_or_create_token(_home(home).ensure()))
 
 
 @models_app.callback()

@@ -98,7 +98,11 @@ class TrainingConfig(_Strict):
 
 class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the status server binds.")
-    port: int = Field(8377, ge=0, le=65535, description="Port of the status server.")
+    port: int = Field(8377, ge=0, le=65535, description="Port of the status server (0: any free port).")
+    read_requires_token: bool = Field(
+        False, description="Require the API token for read endpoints too (the page itself stays open)."
+    )
+    max_upload_bytes: int = Field(64 * 1024**2, gt=0, description="Largest upload to POST /api/upload, in bytes.")
 
 
 class Settings(_Strict):

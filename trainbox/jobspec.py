@@ -8,6 +8,7 @@ what was trained, from which model, with which settings, and how it ended.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -56,6 +57,16 @@ class WorkerResult(BaseModel):
     first_val_loss: float | None = None
     message: str = ""
     error_type: str = ""  # exception class name when outcome is failed
+    # Why it failed, for the error file and retries (see FailureClass): bad_input, preflight, oom,
+    # nan, disk, killed, crash; with the evidence (numbers) and the fix a person can apply.
+    failure_class: str = ""
+    evidence: dict[str, Any] = {}
+    fix: str = ""
+    # An interruption the worker chose itself (e.g. "disk full"), as opposed to a pause/stop request.
+    pause_reason: str = ""
+    # The micro-batch and accumulation it ended with (after any OOM back-off).
+    micro_batch: int | None = None
+    grad_accum: int | None = None
 
     def save(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / RESULT, self.model_dump(mode="json"))

@@ -46,3 +46,20 @@ class WorkerOutcome(StrEnum):
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later
+
+
+class FailureClass(StrEnum):
+    """Why a job failed; decides whether it is retried (see ``retryable``)."""
+
+    BAD_INPUT = "bad_input"  # the data or its settings cannot work: never retried
+    DUPLICATE = "duplicate"  # the same content was already trained
+    PREFLIGHT = "preflight"  # a check before the first step says it cannot work: never retried
+    OOM = "oom"  # out of memory even at micro-batch 1 (GPU), or the host's OOM killer
+    NAN = "nan"  # non-finite loss or gradients after the allowed rollbacks
+    DISK = "disk"  # not enough free space for a checkpoint
+    KILLED = "killed"  # killed by a signal nobody asked for
+    CRASH = "crash"  # any other exception
+
+    @property
+    def retryable(self) -> bool:
+        return self in (FailureClass.KILLED, FailureClass.CRASH, FailureClass.DISK)

@@ -7,6 +7,7 @@ file rather than from process tables.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TypeVar
 
@@ -74,3 +75,33 @@ def read_status(path: Path, model: type[S]) -> S | None:
         return model.model_validate(data)
     except ValidationError:
         return None
+
+
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists on this machine (readers run beside the writers)."""
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def heartbeat_limit(poll_interval: float) -> float:
+    """A daemon heartbeat older than this means hung: twenty missed ticks, at least 15 s (admitting
+    a large file holds up one tick)."""
+    return max(15.0, 20 * poll_interval)
+
+
+def daemon_liveness(status: DaemonStatus | None, now: float, poll_interval: float) -> str:
+    """absent (never ran here), stopped (exited cleanly), down (died), stale (hung), or up."""
+    if status is None:
+        return "absent"
+    if status.state == DaemonState.STOPPED:
+        return "stopped"
+    if not pid_alive(status.pid):
+        return "down"
+    return "stale" if now - status.heartbeat > heartbeat_limit(poll_interval) else "up"

@@ -1,0 +1,56 @@
+"""The few DB reads the server needs beyond ``management.db.ModelDB``'s: paged events, counts by state.
+
+Kept here, read-only, until they move into ``ModelDB`` (the one module meant to hold SQL).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from management.db import Event, Job, ModelDB, ModelVersion
+
+
+def events(db: ModelDB, since_id: int | None, limit: int, job_id: int | None = None) -> list[Event]:
+    """Events after ``since_id``, oldest first; without it, the newest ``limit`` events (still oldest first)."""
+    with db.session() as s:
+        q = select(Event)
+        if job_id is not None:
+            q = q.where(Event.job_id == job_id)
+        if since_id is not None:
+            return list(s.scalars(q.where(Event.id > since_id).order_by(Event.id).limit(limit)))
+        newest = list(s.scalars(q.order_by(Event.id.desc()).limit(limit)))
+        return newest[::-1]
+
+
+def last_event_id(db: ModelDB) -> int:
+    with db.session() as s:
+        return int(s.scalar(select(func.max(Event.id))) or 0)
+
+
+def job_counts(db: ModelDB) -> dict[str, int]:
+    with db.session() as s:
+        return {str(state): int(n) for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state))}
+
+
+def jobs(db: ModelDB, state: str | None, limit: int) -> list[Job]:
+    """Newest first."""
+    with db.session() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state)
+        return list(s.scalars(q))
+
+
+def jobs_by_id(db: ModelDB, ids: list[int]) -> dict[int, Job]:
+    if not ids:
+        return {}
+    with db.session() as s:
+        return {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
+
+
+def versions_by_job(db: ModelDB, job_ids: list[int]) -> dict[int, ModelVersion]:
+    if not job_ids:
+        return {}
+    with db.session() as s:
+        q = select(ModelVersion).where(ModelVersion.job_id.in_(job_ids))
+        return {v.job_id: v for v in s.scalars(q) if v.job_id is not None}

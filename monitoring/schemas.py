@@ -1,0 +1,192 @@
+"""The API's response models: what each endpoint promises, and what its OpenAPI schema documents.
+
+The status file models themselves (``DaemonStatus``, ``TrainingStatus``) are reused as they are, so
+the API says exactly what the files say; everything else here is derived by ``monitoring/views.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from trainbox.status import DaemonStatus, TrainingStatus
+
+
+class DaemonView(BaseModel):
+    liveness: str = Field(
+        description="up: heartbeat fresh and process alive; stale: alive but no heartbeat lately (hung?); "
+        "down: its process is gone without saying stopped; stopped: it stopped cleanly; absent: never ran here."
+    )
+    alive: bool = Field(description="liveness is up")
+    heartbeat_age_s: float | None = None
+    pid_alive: bool | None = None
+    status: DaemonStatus | None = None
+
+
+class TrainingView(BaseModel):
+    status: TrainingStatus
+    current: bool = Field(description="the daemon is running this job now (or has it paused)")
+    active: bool = Field(description="a worker is alive and its phase is not final")
+    heartbeat_age_s: float
+    pid_alive: bool
+    progress: float | None = Field(None, description="step / total_steps, 0-1")
+
+
+class StatusResponse(BaseModel):
+    time: float
+    daemon: DaemonView
+    training: TrainingView | None = Field(None, description="the last training.json, current or not")
+    queue: dict[str, int] = Field(description="files per spool folder, counted now: high, normal, low, ...")
+    pending_controls: list[str] = Field(description="control requests not yet applied, oldest first")
+
+
+class QueueItem(BaseModel):
+    job_id: int
+    name: str = Field(description="the file name as dropped")
+    file: str = Field(description="the name inside the spool")
+    priority: str
+    position: int | None = Field(None, description="1 = dispatched next (waiting jobs only)")
+    state: str
+    size_bytes: int
+    admitted_at: float | None = None
+    n_records: int | None = None
+    data_format: str | None = None
+
+
+class FailedItem(BaseModel):
+    job_id: int | None
+    name: str
+    file: str
+    error_class: str = Field(description="bad_input, duplicate or training")
+    reason: str
+    time: float | None = None
+    error: dict[str, Any] = Field(description="the whole <name>.error.json")
+
+
+class DoneItem(BaseModel):
+    job_id: int
+    name: str
+    finished_at: float | None = None
+    version: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+
+
+class QueueResponse(BaseModel):
+    waiting: list[QueueItem] = Field(description="in dispatch order: priority, then admission")
+    processing: list[QueueItem]
+    failed: list[FailedItem] = Field(description="newest first")
+    done: list[DoneItem] = Field(description="newest first")
+    counts: dict[str, int]
+
+
+class JobSummary(BaseModel):
+    id: int
+    name: str
+    state: str
+    priority: str
+    admitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    n_records: int = 0
+    data_format: str = ""
+    error: str | None = None
+    duplicate_of: int | None = None
+    init_version: int | None = None
+    version: int | None = Field(None, description="the model version this job produced")
+
+
+class RunView(BaseModel):
+    id: int
+    attempt: int
+    pid: int | None
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+    exit_status: str | None
+    start_step: int
+    end_step: int | None
+    init_model: str
+
+
+class CheckpointView(BaseModel):
+    id: int
+    step: int
+    path: str
+    created_at: float
+    train_loss: float | None
+    val_loss: float | None
+    size_bytes: int
+    deleted_at: float | None
+
+
+class EventView(BaseModel):
+    id: int
+    time: float
+    job_id: int | None
+    kind: str
+    message: str
+    data: dict[str, Any]
+
+
+class VersionView(BaseModel):
+    id: int
+    path: str
+    parent_id: int | None
+    job_id: int | None
+    job_name: str | None = None
+    base_model: str
+    data_sha256: str
+    train_loss: float | None
+    val_loss: float | None
+    steps: int
+    created_at: float
+    current: bool = Field(description="the newest version: what the next job starts from")
+    lineage: list[int] = Field(description="ancestors, parent first")
+
+
+class MetricsSummary(BaseModel):
+    train_points: int
+    eval_points: int
+    last_step: int
+
+
+class JobDetail(BaseModel):
+    job: JobSummary
+    settings: dict[str, Any] = Field(description="the sidecar's overrides")
+    sha256: str
+    spec: dict[str, Any] | None = Field(None, description="runs/<job>/job.json: what the worker was told to train")
+    result: dict[str, Any] | None = Field(None, description="runs/<job>/result.json: how the last run ended")
+    runs: list[RunView]
+    checkpoints: list[CheckpointView]
+    events: list[EventView]
+    warnings: list[EventView] = Field(description="the job's events whose kind names a warning")
+    phase_history: list[EventView] = Field(description="phase changes (the hybrid engine's phases)")
+    model_version: VersionView | None
+    error: dict[str, Any] | None = Field(None, description="queue/failed/<name>.error.json, when it failed")
+    metrics: MetricsSummary
+
+
+class MetricsResponse(BaseModel):
+    job_id: int
+    since: int
+    last_step: int = Field(description="the highest step in the file; pass it as since= to page on")
+    total_train_points: int = Field(description="train points after since, before downsampling")
+    total_eval_points: int
+    downsampled: bool
+    train: list[dict[str, Any]] = Field(description='lines {"kind":"train","step","loss","lr","grad_norm",...}')
+    eval: list[dict[str, Any]] = Field(description='lines {"kind":"eval","step","val_loss","time"}')
+
+
+class ControlResponse(BaseModel):
+    action: str
+    file: str = Field(description="the control request written under control/")
+    created: float
+
+
+class UploadResponse(BaseModel):
+    file: str = Field(description="the sanitised name it was given in the inbox")
+    path: str = Field(description="where it was written, relative to the home")
+    priority: str
+    bytes: int

@@ -1,0 +1,325 @@
+"""What the API shows, built from the files (the truth about where jobs are) and the model DB
+(the record of what happened). Every function here only reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.spool import Spool, job_id_of
+from management.db import Event, Job, ModelDB, ModelVersion
+from monitoring import queries
+from monitoring.metrics_log import MetricsCache
+from monitoring.schemas import (
+    CheckpointView,
+    DaemonView,
+    DoneItem,
+    EventView,
+    FailedItem,
+    JobDetail,
+    JobSummary,
+    MetricsSummary,
+    QueueItem,
+    QueueResponse,
+    RunView,
+    StatusResponse,
+    TrainingView,
+    VersionView,
+)
+from trainbox import control
+from trainbox.atomic import read_json
+from trainbox.home import Home
+from trainbox.jobspec import JOB_SPEC, RESULT
+from trainbox.states import JobState
+from trainbox.status import (
+    DAEMON_STATUS,
+    TRAINING_STATUS,
+    DaemonStatus,
+    TrainingStatus,
+    daemon_liveness,
+    pid_alive,
+    read_status,
+)
+
+FINAL_PHASES = {"finished", "interrupted", "failed"}
+METRICS_FILE = "metrics.jsonl"
+ERROR_SUFFIX = ".error.json"
+
+
+def _safe_status(path: Path, model: Any) -> Any:
+    try:
+        return read_status(path, model)
+    except (ValueError, OSError):  # a file from a foreign writer, or unreadable: no status rather than a 500
+        return None
+
+
+def daemon_view(home: Home, poll_interval: float, now: float) -> DaemonView:
+    st: DaemonStatus | None = _safe_status(home.status / DAEMON_STATUS, DaemonStatus)
+    if st is None:
+        return DaemonView(liveness="absent", alive=False)
+    age = max(0.0, now - st.heartbeat)
+    alive_pid = pid_alive(st.pid)
+    liveness = daemon_liveness(st, now, poll_interval)
+    return DaemonView(
+        liveness=liveness, alive=liveness == "up", heartbeat_age_s=round(age, 3), pid_alive=alive_pid, status=st
+    )
+
+
+def training_view(home: Home, daemon: DaemonView, now: float) -> TrainingView | None:
+    st: TrainingStatus | None = _safe_status(home.status / TRAINING_STATUS, TrainingStatus)
+    if st is None:
+        return None
+    alive = pid_alive(st.pid)
+    current = daemon.status is not None and daemon.status.current_job == st.job_id
+    progress = min(1.0, st.step / st.total_steps) if st.total_steps > 0 else None
+    return TrainingView(
+        status=st,
+        current=current,
+        active=alive and st.phase not in FINAL_PHASES,
+        heartbeat_age_s=round(max(0.0, now - st.heartbeat), 3),
+        pid_alive=alive,
+        progress=progress,
+    )
+
+
+def status(home: Home, spool: Spool, poll_interval: float) -> StatusResponse:
+    now = time.time()
+    daemon = daemon_view(home, poll_interval, now)
+    return StatusResponse(
+        time=now,
+        daemon=daemon,
+        training=training_view(home, daemon, now),
+        queue=spool.counts(),
+        pending_controls=[r.action.value for r in control.pending(home.control)],
+    )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _original_name(spool_file: str) -> str:
+    _, sep, rest = spool_file.partition("__")
+    return rest if sep else spool_file
+
+
+def queue(home: Home, spool: Spool, db: ModelDB, recent: int) -> QueueResponse:
+    waiting = spool.waiting()
+    processing = spool.processing()
+    ids = [w.job_id for w in waiting if w.job_id is not None] + [
+        i for i in (job_id_of(p.name) for p in processing) if i is not None
+    ]
+    rows = queries.jobs_by_id(db, ids)
+
+    def item(job_id: int, path: Path, priority: str, state: str, position: int | None) -> QueueItem:
+        row = rows.get(job_id)
+        return QueueItem(
+            job_id=job_id,
+            name=row.name if row else _original_name(path.name),
+            file=path.name,
+            priority=row.priority if row else priority,
+            position=position,
+            state=row.state if row and state != JobState.QUEUED else state,
+            size_bytes=_size(path),
+            admitted_at=row.admitted_at if row else None,
+            n_records=row.n_records if row else None,
+            data_format=row.data_format if row else None,
+        )
+
+    waiting_items = [
+        item(w.job_id, w.path, w.priority.value, JobState.QUEUED.value, n)
+        for n, w in enumerate((w for w in waiting if w.job_id is not None), start=1)
+        if w.job_id is not None
+    ]
+    processing_items = [
+        item(jid, p, "", JobState.RUNNING.value, None) for p in processing if (jid := job_id_of(p.name)) is not None
+    ]
+    done_jobs = queries.jobs(db, JobState.DONE.value, recent)
+    done_jobs.sort(key=lambda j: (j.finished_at or 0, j.id), reverse=True)
+    versions = queries.versions_by_job(db, [j.id for j in done_jobs])
+    done = [
+        DoneItem(
+            job_id=j.id,
+            name=j.name,
+            finished_at=j.finished_at,
+            version=versions[j.id].id if j.id in versions else None,
+            train_loss=versions[j.id].train_loss if j.id in versions else None,
+            val_loss=versions[j.id].val_loss if j.id in versions else None,
+        )
+        for j in done_jobs
+    ]
+    return QueueResponse(
+        waiting=waiting_items,
+        processing=processing_items,
+        failed=failed_items(home, recent),
+        done=done,
+        counts=spool.counts(),
+    )
+
+
+def _read_error(path: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(path)
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def failed_items(home: Home, limit: int) -> list[FailedItem]:
+    """Each ``failed/<name>.error.json``, newest first."""
+    if not home.failed.is_dir():
+        return []
+    out = []
+    for path in home.failed.glob(f"*{ERROR_SUFFIX}"):
+        data = _read_error(path)
+        if data is None:
+            data = {"reason": "unreadable error file"}
+        file = str(data.get("file") or path.name[: -len(ERROR_SUFFIX)])
+        job_id = data.get("job_id")
+        out.append(
+            FailedItem(
+                job_id=job_id if isinstance(job_id, int) else job_id_of(file),
+                name=_original_name(file),
+                file=file,
+                error_class=str(data.get("class", "")),
+                reason=str(data.get("reason", "")),
+                time=data.get("time") if isinstance(data.get("time"), int | float) else path.stat().st_mtime,
+                error=data,
+            )
+        )
+    out.sort(key=lambda f: (f.time or 0, f.job_id or 0), reverse=True)
+    return out[:limit]
+
+
+def error_of_job(home: Home, job_id: int) -> dict[str, Any] | None:
+    for path in sorted(home.failed.glob(f"{job_id:06d}__*{ERROR_SUFFIX}")) if home.failed.is_dir() else []:
+        return _read_error(path)
+    return None
+
+
+def job_summary(job: Job, version: ModelVersion | None) -> JobSummary:
+    return JobSummary(
+        id=job.id,
+        name=job.name,
+        state=job.state,
+        priority=job.priority,
+        admitted_at=job.admitted_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        n_records=job.n_records,
+        data_format=job.data_format,
+        error=job.error,
+        duplicate_of=job.duplicate_of,
+        init_version=job.init_version,
+        version=version.id if version else None,
+    )
+
+
+def jobs(db: ModelDB, state: str | None, limit: int) -> list[JobSummary]:
+    rows = queries.jobs(db, state, limit)
+    versions = queries.versions_by_job(db, [j.id for j in rows])
+    return [job_summary(j, versions.get(j.id)) for j in rows]
+
+
+def event_view(e: Event) -> EventView:
+    return EventView(id=e.id, time=e.time, job_id=e.job_id, kind=e.kind, message=e.message, data=e.data or {})
+
+
+def _lineage(version_id: int, parents: dict[int, int | None]) -> list[int]:
+    out: list[int] = []
+    seen = {version_id}
+    parent = parents.get(version_id)
+    while parent is not None and parent not in seen:  # a cycle would be a DB bug: stop rather than loop
+        out.append(parent)
+        seen.add(parent)
+        parent = parents.get(parent)
+    return out
+
+
+def models(db: ModelDB) -> list[VersionView]:
+    """Newest first."""
+    versions = db.versions()
+    parents = {v.id: v.parent_id for v in versions}
+    names = {
+        j.id: j.name for j in queries.jobs_by_id(db, [v.job_id for v in versions if v.job_id is not None]).values()
+    }
+    newest = max(parents, default=None)
+    return [version_view(v, parents, names, newest) for v in reversed(versions)]
+
+
+def version_view(
+    v: ModelVersion, parents: dict[int, int | None], names: dict[int, str], newest: int | None
+) -> VersionView:
+    return VersionView(
+        id=v.id,
+        path=v.path,
+        parent_id=v.parent_id,
+        job_id=v.job_id,
+        job_name=names.get(v.job_id) if v.job_id is not None else None,
+        base_model=v.base_model,
+        data_sha256=v.data_sha256,
+        train_loss=v.train_loss,
+        val_loss=v.val_loss,
+        steps=v.steps,
+        created_at=v.created_at,
+        current=v.id == newest,
+        lineage=_lineage(v.id, parents),
+    )
+
+
+def _json_file(path: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(path)
+    except (ValueError, OSError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> JobDetail | None:
+    job = db.job(job_id)
+    if job is None:
+        return None
+    run_dir = home.run_dir(job_id)
+    version = db.version_of_job(job_id)
+    all_versions = db.versions()
+    parents = {v.id: v.parent_id for v in all_versions}
+    events = [event_view(e) for e in db.events(job_id=job_id)]
+    series = cache.get(run_dir / METRICS_FILE)
+    return JobDetail(
+        job=job_summary(job, version),
+        settings=job.settings or {},
+        sha256=job.sha256,
+        spec=_json_file(run_dir / JOB_SPEC),
+        result=_json_file(run_dir / RESULT),
+        runs=[RunView.model_validate(r, from_attributes=True) for r in db.runs(job_id)],
+        checkpoints=[CheckpointView.model_validate(c, from_attributes=True) for c in db.checkpoints(job_id)],
+        events=events,
+        warnings=[e for e in events if "warn" in e.kind.lower()],
+        phase_history=[e for e in events if e.kind.lower().startswith("phase")],
+        model_version=version_view(version, parents, {job.id: job.name}, max(parents, default=None))
+        if version
+        else None,
+        error=error_of_job(home, job_id),
+        metrics=MetricsSummary(
+            train_points=len(series.train), eval_points=len(series.eval), last_step=series.last_step
+        ),
+    )
+
+
+def current_job_id(home: Home) -> int | None:
+    """The job whose metrics are live: the daemon's current job, else the last training.json's."""
+    d: DaemonStatus | None = _safe_status(home.status / DAEMON_STATUS, DaemonStatus)
+    if d is not None and d.current_job is not None:
+        return d.current_job
+    t: TrainingStatus | None = _safe_status(home.status / TRAINING_STATUS, TrainingStatus)
+    return t.job_id if t is not None else None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)
