@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from core.errors import CheckpointError
 from core.folders import folder_size, fsync_tree, publish_folder
@@ -130,6 +131,23 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{checkpoint}: checkpoint format {version}, this engine reads {FORMAT_VERSION}")
     return state
+
+
+def load_weights(model: Any, folder: Path) -> None:
+    """Load a save_pretrained folder's safetensors into ``model`` in place (for a rollback: the model,
+    its optimizer and device placement stay). Tied weights absent from the files are fine."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors weights to roll back to")
+    loaded: dict[str, torch.Tensor] = {}
+    for f in files:
+        loaded.update(load_file(f))
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    mine = model.state_dict()
+    loaded_ptrs = {mine[k].data_ptr() for k in loaded if k in mine}
+    untied = [k for k in missing if mine[k].data_ptr() not in loaded_ptrs]
+    if unexpected or untied:
+        raise CheckpointError(f"{folder}: weights do not match the model (missing {untied}, unexpected {unexpected})")
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

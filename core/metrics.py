@@ -2,6 +2,9 @@
 
 Train lines: {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "time"}.
 Eval lines:  {"kind": "eval", "step", "val_loss", "time"}.
+Warning lines: {"kind": "warning", "step", "warning" (loss_spike, grad_spike, non_finite, overfitting,
+lr_near_zero, oom_backoff, eval_oom_backoff, rollback, preflight, ...), "message", "time", + numbers}.
+A skipped (non-finite) step's train line has "skipped": true and null loss / grad_norm.
 A resumed run first cuts the file back to its checkpoint's step, so the steps it repeats are not
 duplicated and the file reads as one continuous run.
 """
@@ -18,8 +21,9 @@ from trainbox.atomic import atomic_write_text
 METRICS = "metrics.jsonl"
 
 
-def truncate_to_step(path: Path, step: int) -> int:
-    """Keep only well-formed lines with ``step <= step`` (all lines go when step < 0); returns kept."""
+def truncate_to_step(path: Path, step: int, keep_kinds: tuple[str, ...] = ()) -> int:
+    """Keep only well-formed lines with ``step <= step`` (all lines go when step < 0), and any line of
+    ``keep_kinds``; returns how many were kept."""
     if not path.exists():
         return 0
     kept = []
@@ -28,7 +32,9 @@ def truncate_to_step(path: Path, step: int) -> int:
             obj = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a crash mid-write
-        if isinstance(obj, dict) and isinstance(obj.get("step"), int) and obj["step"] <= step:
+        if not isinstance(obj, dict) or not isinstance(obj.get("step"), int):
+            continue
+        if obj["step"] <= step or obj.get("kind") in keep_kinds:
             kept.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
     return len(kept)
@@ -40,6 +46,13 @@ class MetricsLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: TextIO = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def truncate(self, step: int) -> None:
+        """Cut the file back to ``step`` (a rollback) and go on appending. Warning lines stay: they
+        say why the steps after ``step`` are trained again."""
+        self.close()
+        truncate_to_step(self.path, step, keep_kinds=("warning",))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True) + "\n")

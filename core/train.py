@@ -3,7 +3,18 @@
 The engine knows nothing of files, the DB or HTTP. It reports through ``emit`` (events below),
 asks ``should_stop()`` at every step boundary, and saves through a ``save_checkpoint()`` callable
 the worker supplies. Everything a resumed run needs to continue bit for bit (step, data position,
-optimizer, RNG, losses) is in ``Trainer.state_dict()``; the lr is a pure function of the step.
+optimizer, RNG, losses, micro-batch) is in ``Trainer.state_dict()``; the lr is a pure function of the step.
+
+When things go wrong the loop repairs what it can and says so (``WarningEvent``):
+- out of memory in a step: gradients dropped, RNG rewound, the micro-batch halved and the step
+  retried; accumulation grows to match, so the effective batch and the data order are unchanged
+  (the data position counts configured micro-batches of ``batch_size`` examples; a smaller
+  micro-batch splits each of them). At micro-batch 1: ``OutOfMemory``. In evaluation only the
+  evaluation batch shrinks.
+- a NaN/Inf loss or gradient norm: the update is skipped (the data moves on); ``nan_max_skips``
+  skips within ``NAN_WINDOW`` steps roll back to the last good checkpoint (``restore()``, supplied by
+  the worker) with the learning rate scaled by ``nan_lr_factor``; past ``nan_max_rollbacks``:
+  ``TrainingDiverged``. Weights are checked before every checkpoint: non-finite ones are never saved.
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,11 +33,17 @@ import torch.nn.functional as F
 from core import rng
 from core.data import Batches, DataPosition, collate, total_steps
 from core.encode import IGNORE, Example
-from core.errors import CheckpointError, TrainingDiverged
-from core.schedule import lr_at
+from core.errors import CheckpointError, OutOfMemory, TrainingDiverged
+from core.faults import Faults
+from core.health import Alert, HealthMonitor
+from core.preflight import free_memory, memory_snapshot
+from core.schedule import lr_at, warmup_steps
 from trainbox.config import TrainingConfig
 
 RECENT_LOSSES = 10  # the final train loss is the mean of this many last step losses
+NAN_WINDOW = 25  # skipped steps count towards a rollback for this many steps
+NAN_LOG = 20  # non-finite steps remembered for the diagnosis
+INJECTED_OOM = "CUDA out of memory (injected by TRAINBOX_TEST_FAULT)"
 
 # --- events ---------------------------------------------------------------------------------------
 
@@ -42,6 +59,9 @@ class StepEvent:
     tokens_per_s: float
     epoch: float  # fractional epochs done
     elapsed: float  # seconds since this process started training
+    skipped: bool = False  # non-finite loss or gradient: the update was not applied
+    micro_batch: int = 0  # examples per forward pass this step ran with
+    grad_accum: int = 0  # forward passes per optimizer step
 
 
 @dataclass(frozen=True)
@@ -62,7 +82,18 @@ class PhaseEvent:
     step: int
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent
+@dataclass(frozen=True)
+class WarningEvent:
+    """Something a person should know: an early warning (core.health) or a repair the loop made
+    (oom_backoff, eval_oom_backoff, rollback)."""
+
+    step: int
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent
 Outcome = Literal["completed", "interrupted"]
 
 
@@ -83,6 +114,15 @@ class TrainState:
     last_eval_step: int = -1
     last_checkpoint_step: int = -1
     recent_losses: list[float] = field(default_factory=list)
+    micro_size: int = 0  # examples per forward pass; 0: batch_size. Halved on OOM (kept over rollbacks)
+    eval_size: int = 0  # examples per evaluation forward pass; 0: batch_size. Halved on evaluation OOM
+    lr_scale: float = 1.0  # multiplied by nan_lr_factor at each NaN rollback
+    rollbacks: int = 0  # NaN rollbacks so far
+    ooms: int = 0  # OOM back-offs so far
+    skipped: list[int] = field(default_factory=list)  # recent steps whose update was skipped (non-finite)
+    skips_since: int = 0  # only skips after this step count towards a rollback (the last rollback's step)
+    nan_log: list[dict[str, Any]] = field(default_factory=list)  # non-finite steps, for the diagnosis
+    stop_reason: str = ""  # set when training ends early on purpose (overfitting)
 
     @property
     def position(self) -> DataPosition:
@@ -91,6 +131,10 @@ class TrainState:
     @property
     def train_loss(self) -> float | None:
         return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
+
+
+# Survive a rollback: what the run learnt about the machine and the instability, not the weights' timeline.
+STICKY = ("micro_size", "eval_size", "lr_scale", "rollbacks", "ooms", "nan_log")
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -132,6 +176,26 @@ def trained_positions(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def torch_rng() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The generators a forward/backward pass can draw from (dropout): rewound for a retried step."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def set_torch_rng(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # --- the trainer ----------------------------------------------------------------------------------
 
 
@@ -144,6 +208,7 @@ class Trainer:
         val: list[Example],
         pad_id: int,
         device: torch.device,
+        faults: Faults | None = None,
     ) -> None:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.pad_id, self.device = pad_id, device
@@ -152,7 +217,33 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg, device)
         self.bf16 = use_bf16(cfg, device)
         self.state = TrainState()
+        self.health = HealthMonitor(patience=cfg.overfit_patience)
+        self.faults = faults or Faults()
+        self.restore: Callable[[], None] | None = None  # set by run(): back to the last good checkpoint
+        self._emit: Callable[[Event], None] = lambda e: None
         self._phase = ""
+
+    # sizes
+    @property
+    def micro_batch_size(self) -> int:
+        return self.state.micro_size or self.cfg.batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        """Forward passes per optimizer step at the current micro-batch."""
+        return self.cfg.grad_accum * math.ceil(self.cfg.batch_size / self.micro_batch_size)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum
+
+    def set_micro_batch(self, size: int) -> None:
+        """Start with a smaller micro-batch (preflight, the cache of what worked); never above batch_size."""
+        self.state.micro_size = max(1, min(size, self.cfg.batch_size))
+
+    def lr(self) -> float:
+        s, cfg = self.state, self.cfg
+        return lr_at(s.step, self.total_steps, cfg.learning_rate, cfg.warmup_ratio, cfg.min_lr_ratio) * s.lr_scale
 
     # resume
     def state_dict(self) -> dict[str, Any]:
@@ -162,6 +253,7 @@ class Trainer:
             "rng": rng.capture(),
             "schedule": {"kind": "warmup_cosine", "total_steps": self.total_steps},
             "data": self._data_shape(),
+            "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -173,6 +265,15 @@ class Trainer:
         self.state = TrainState(**state["trainer"])
         self.optimizer.load_state_dict(state["optimizer"])
         rng.restore(state["rng"])
+        if "health" in state:
+            self.health.load_state_dict(state["health"])
+
+    def reset(self) -> None:
+        """Back to step 0 (the caller reloads the initial weights): fresh optimizer, counters, RNG."""
+        self.optimizer = make_optimizer(self.model, self.cfg, self.device)
+        self.state = TrainState()
+        self.health = HealthMonitor(patience=self.cfg.overfit_patience)
+        rng.seed_all(self.cfg.seed)
 
     def _data_shape(self) -> dict[str, int]:
         return {"n_train": len(self.train_set), "n_val": len(self.val_set), "batch_size": self.cfg.batch_size}
@@ -183,18 +284,23 @@ class Trainer:
         emit: Callable[[Event], None],
         should_stop: Callable[[], bool],
         save_checkpoint: Callable[[], Path],
+        restore: Callable[[], None] | None = None,
     ) -> Outcome:
-        s, cfg = self.state, self.cfg
+        """Train to the end (or an early stop); ``restore()`` loads the newest complete checkpoint (or
+        the initial weights) into this trainer, for rollbacks; without it a rollback fails the job."""
+        s = self.state
+        self._emit, self.restore = emit, restore
         started = time.time()
         while True:
+            s = self.state  # a rollback replaces it
             # 1. learning rate of the step about to run
-            lr = lr_at(s.step, self.total_steps, cfg.learning_rate, cfg.warmup_ratio, cfg.min_lr_ratio)
+            lr = self.lr()
             # 2. evaluate and checkpoint at this step boundary
             if self._eval_due():
                 self._evaluate(emit)
-            if self._checkpoint_due():
-                self._checkpoint(emit, save_checkpoint)
-            if s.step >= self.total_steps:
+            if self._checkpoint_due() and not self._checkpoint(emit, save_checkpoint):
+                continue  # refused (non-finite weights) and rolled back
+            if s.step >= self.total_steps or s.stop_reason:
                 return "completed"
             if should_stop():
                 if s.step > 0 and s.last_checkpoint_step != s.step:
@@ -202,65 +308,129 @@ class Trainer:
                 return "interrupted"
             # 3. one optimizer step
             self._set_phase(emit, "training")
+            self.faults.hang("training", s.step + 1)
             t0 = time.time()
-            loss, grad_norm, tokens = self._optimizer_step(lr)
+            result = self._optimizer_step(lr)
+            if result is None:
+                continue  # out of memory: backed off (and maybe rolled back); the step runs again
+            loss, grad_norm, tokens, skipped = result
             dt = max(time.time() - t0, 1e-9)
             s.step += 1
             s.tokens_seen += tokens
-            s.recent_losses = [*s.recent_losses, loss][-RECENT_LOSSES:]
+            if skipped:
+                self._on_skipped(s.step, loss, grad_norm, lr)
+            else:
+                s.recent_losses = [*s.recent_losses, loss][-RECENT_LOSSES:]
             # 4. log
             epoch = s.epoch + s.micro_batch / self.batches.per_epoch
             emit(
                 StepEvent(
-                    s.step, self.total_steps, loss, lr, grad_norm, tokens, tokens / dt, epoch, time.time() - started
+                    s.step,
+                    self.total_steps,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens,
+                    tokens / dt,
+                    epoch,
+                    time.time() - started,
+                    skipped,
+                    self.micro_batch_size,
+                    self.accum_steps,
                 )
             )
+            warmup_done = s.step > warmup_steps(self.total_steps, self.cfg.warmup_ratio)
+            self._warn(
+                self.health.on_step(s.step, self.total_steps, loss, grad_norm, lr, self.cfg.learning_rate, warmup_done)
+            )
+            if skipped and self._too_many_skips():
+                self._nan_rollback(f"{self.cfg.nan_max_skips} non-finite steps within {NAN_WINDOW}")
 
-    def _optimizer_step(self, lr: float) -> tuple[float, float, int]:
-        """One optimizer step over grad_accum micro-batches; loss normalised by all trained tokens."""
+    def _optimizer_step(self, lr: float) -> tuple[float, float, int, bool] | None:
+        """One optimizer step over grad_accum configured micro-batches, each split into forward passes
+        of ``micro_batch_size``; loss normalised by all trained tokens of the step. Returns (loss,
+        grad norm, tokens, skipped), or None after an out-of-memory back-off (nothing applied)."""
         s, model = self.state, self.model
+        step = s.step + 1
         model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro, pos = [], s.position
         for _ in range(self.cfg.grad_accum):
             indices, pos = self.batches.take(pos)
-            micro.append(collate([self.train_set[i] for i in indices], self.pad_id))
+            for part in chunks(indices, self.micro_batch_size):
+                micro.append(collate([self.train_set[i] for i in part], self.pad_id))
         n_trained = sum(trained_positions(b["labels"]) for b in micro)
+        inject_oom, inject_nan = self.faults.fire("oom", step), self.faults.fire("nan", step)
+        rng_before = torch_rng()
+        oom = ""
+        try:
+            loss_value, norm_value, tokens = self._accumulate(micro, n_trained, inject_oom, inject_nan)
+        except torch.OutOfMemoryError as e:
+            oom = first_line(e)  # keep no reference: the traceback holds the activations
+        if oom:
+            self.optimizer.zero_grad(set_to_none=True)
+            free_memory(self.device)
+            set_torch_rng(rng_before)
+            self._back_off(oom, step)
+            return None
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)  # never reaches the weights
+            s.epoch, s.micro_batch = pos.epoch, pos.index
+            return loss_value, norm_value, tokens, True
+        try:
+            self.optimizer.step()
+        except torch.OutOfMemoryError as e:
+            oom = first_line(e)
+        if oom:  # the update may be half-applied: back off, then start again from the last checkpoint
+            self.optimizer.zero_grad(set_to_none=True)
+            free_memory(self.device)
+            self._back_off(oom, step)
+            self._rollback(f"out of memory in the optimizer update of step {step}")
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.faults.fire("nanweight", step):
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = math.nan
+        s.epoch, s.micro_batch = pos.epoch, pos.index
+        return loss_value, norm_value, tokens, False
+
+    def _accumulate(
+        self, micro: list[dict[str, torch.Tensor]], n_trained: int, inject_oom: bool, inject_nan: bool
+    ) -> tuple[float, float, int]:
+        """Forward and backward over the step's forward passes; returns (loss, grad norm, tokens)."""
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for batch in micro:
+        for i, batch in enumerate(micro):
+            if inject_oom and i == min(1, len(micro) - 1):  # after a backward when there is one
+                raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
             b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._autocast():
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             loss = token_loss_sum(logits, b["labels"]) / n_trained
+            if inject_nan and i == 0:
+                loss = loss * math.nan
             loss.backward()
             loss_sum += loss.detach()
             tokens += int(batch["attention_mask"].sum())
-        params = [p for p in model.parameters() if p.grad is not None]
+        params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm(grads)
-        loss_value, norm_value = float(loss_sum), float(norm)
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            raise TrainingDiverged(
-                f"step {s.step + 1}: loss {loss_value}, gradient norm {norm_value}; "
-                "lower learning_rate or check the data"
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        s.epoch, s.micro_batch = pos.epoch, pos.index
-        return loss_value, norm_value, tokens
+        return float(loss_sum), float(norm), tokens
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per trained token over the whole validation set."""
         self.model.eval()
         total, count = 0.0, 0
-        size = self.cfg.batch_size
+        size = self.state.eval_size or self.cfg.batch_size
+        inject_oom = self.faults.fire("evaloom", self.state.step)
         for i in range(0, len(self.val_set), size):
+            if inject_oom:
+                raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
             batch = collate(self.val_set[i : i + size], self.pad_id)
             b = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
@@ -269,6 +439,106 @@ class Trainer:
             count += trained_positions(batch["labels"])
         self.model.train()
         return total / max(count, 1)
+
+    # repairs
+    def _back_off(self, error: str, step: int) -> None:
+        """Halve the micro-batch after an OOM (accumulation grows to keep the effective batch)."""
+        s, old = self.state, self.micro_batch_size
+        if old <= 1:
+            raise self._oom_failure(error, step, "training", 1)
+        s.micro_size, s.ooms = max(1, old // 2), s.ooms + 1
+        self._warn_one(
+            "oom_backoff",
+            f"out of memory at micro-batch {old} in step {step}: retrying with micro-batch {self.micro_batch_size} "
+            f"x {self.accum_steps} accumulation (effective batch {self.effective_batch} unchanged)",
+            error=error,
+            from_micro_batch=old,
+            micro_batch=self.micro_batch_size,
+            grad_accum=self.accum_steps,
+            effective_batch=self.effective_batch,
+        )
+
+    def _oom_failure(self, error: str, step: int, phase: str, size: int) -> OutOfMemory:
+        where = "evaluation batch" if phase == "evaluating" else "micro-batch"
+        return OutOfMemory(
+            f"out of memory in {phase} at step {step} even at {where} {size} with max_length {self.cfg.max_length}",
+            evidence={
+                "error": error,
+                "phase": phase,
+                "step": step,
+                "micro_batch": self.micro_batch_size,
+                "eval_batch": self.state.eval_size or self.cfg.batch_size,
+                "max_length": self.cfg.max_length,
+                "device": str(self.device),
+                "bf16": self.bf16,
+                **memory_snapshot(self.device),
+            },
+            fix=f"lower max_length (now {self.cfg.max_length}), use LoRA or a smaller model, "
+            "or free the GPU of other processes",
+        )
+
+    def _on_skipped(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
+        s = self.state
+        s.skipped = [*[x for x in s.skipped if x > step - NAN_WINDOW], step]
+        entry = {"step": step, "loss": str(loss), "grad_norm": str(grad_norm), "lr": lr}
+        s.nan_log = [*s.nan_log, entry][-NAN_LOG:]
+
+    def _too_many_skips(self) -> bool:
+        s = self.state
+        recent = [x for x in s.skipped if x > max(s.step - NAN_WINDOW, s.skips_since)]
+        return len(recent) >= self.cfg.nan_max_skips
+
+    def _nan_rollback(self, reason: str) -> None:
+        s, cfg = self.state, self.cfg
+        if s.rollbacks >= cfg.nan_max_rollbacks:
+            raise TrainingDiverged(
+                f"training diverged: {reason}, after {s.rollbacks} rollback(s) with the learning rate "
+                f"scaled to {s.lr_scale:g}x",
+                evidence={
+                    "step": s.step,
+                    "rollbacks": s.rollbacks,
+                    "lr_scale": s.lr_scale,
+                    "lr": self.lr(),
+                    "peak_lr": cfg.learning_rate,
+                    "non_finite_steps": s.nan_log,
+                    "recent_losses": s.recent_losses,
+                },
+                fix=f"lower learning_rate (peak {cfg.learning_rate:g}), check the data for degenerate or extremely "
+                "long examples, or use precision = 'fp32'",
+            )
+        s.rollbacks += 1
+        s.lr_scale *= cfg.nan_lr_factor
+        self._rollback(reason)
+
+    def _rollback(self, reason: str) -> None:
+        """Back to the last good checkpoint (or the start), keeping what was learnt about the machine
+        and the instability (``STICKY``)."""
+        s = self.state
+        if self.restore is None:
+            raise TrainingDiverged(
+                f"{reason}; no way to roll back",
+                evidence={"step": s.step, "non_finite_steps": s.nan_log},
+                fix="lower learning_rate",
+            )
+        sticky = {k: getattr(s, k) for k in STICKY}
+        from_step = s.step
+        self.restore()
+        for k, v in sticky.items():
+            setattr(self.state, k, v)
+        self.state.skips_since = self.state.step
+        self._warn_one(
+            "rollback",
+            f"{reason}: rolled back from step {from_step} to step {self.state.step}, "
+            f"learning rate now {self.state.lr_scale:g}x",
+            from_step=from_step,
+            to_step=self.state.step,
+            lr_scale=self.state.lr_scale,
+            rollbacks=self.state.rollbacks,
+        )
+
+    def _weights_finite(self) -> bool:
+        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
+        return bool(torch.stack(flags).all()) if flags else True
 
     # boundaries
     def _eval_due(self) -> bool:
@@ -281,24 +551,65 @@ class Trainer:
         s, every = self.state, self.cfg.checkpoint_every
         if s.step == 0 or s.last_checkpoint_step == s.step:
             return False
-        return s.step >= self.total_steps or (every > 0 and s.step % every == 0)
+        return s.step >= self.total_steps or bool(s.stop_reason) or (every > 0 and s.step % every == 0)
 
     def _evaluate(self, emit: Callable[[Event], None]) -> None:
         s = self.state
         self._set_phase(emit, "evaluating")
-        val = self.evaluate()
+        self.faults.hang("evaluating", s.step)
+        while True:
+            oom = ""
+            try:
+                val = self.evaluate()
+                break
+            except torch.OutOfMemoryError as e:
+                oom = first_line(e)
+            self.model.train()
+            free_memory(self.device)
+            size = s.eval_size or self.cfg.batch_size
+            if size <= 1:
+                raise self._oom_failure(oom, s.step, "evaluating", 1)
+            s.eval_size = size // 2
+            self._warn_one(
+                "eval_oom_backoff",
+                f"out of memory evaluating at batch {size}: retrying with batch {s.eval_size} (training unchanged)",
+                error=oom,
+                from_eval_batch=size,
+                eval_batch=s.eval_size,
+            )
         s.last_eval_step, s.last_val_loss = s.step, val
         if s.step == 0:
             s.first_val_loss = val
         if s.best_val_loss is None or val < s.best_val_loss:
             s.best_val_loss = val
         emit(EvalEvent(s.step, val))
+        if s.step > 0:
+            alerts = self.health.on_eval(s.step, val, s.train_loss)
+            self._warn(alerts)
+            if self.cfg.early_stop_on_overfit and any(a.kind == "overfitting" for a in alerts):
+                s.stop_reason = f"stopped early at step {s.step}: " + next(
+                    a.message for a in alerts if a.kind == "overfitting"
+                )
 
-    def _checkpoint(self, emit: Callable[[Event], None], save_checkpoint: Callable[[], Path]) -> None:
+    def _checkpoint(self, emit: Callable[[Event], None], save_checkpoint: Callable[[], Path]) -> bool:
+        """Save at this boundary; False when the weights are not finite (then rolled back instead)."""
         self._set_phase(emit, "checkpointing")
+        if not self._weights_finite():
+            self._warn_one("non_finite", f"step {self.state.step}: non-finite weights; not saved")
+            self._nan_rollback(f"non-finite weights at step {self.state.step}")
+            return False
+        self.faults.hang("checkpointing", self.state.step)
         self.state.last_checkpoint_step = self.state.step  # recorded inside the checkpoint itself
         path = save_checkpoint()
         emit(CheckpointEvent(self.state.step, path))
+        return True
+
+    def _warn(self, alerts: list[Alert]) -> None:
+        for a in alerts:
+            self._emit(WarningEvent(a.step, a.kind, a.message, a.data))
+
+    def _warn_one(self, kind: str, message: str, **data: Any) -> None:
+        self._emit(WarningEvent(self.state.step, kind, message, data))
 
     def _set_phase(self, emit: Callable[[Event], None], phase: str) -> None:
         if phase != self._phase:

@@ -1,23 +1,37 @@
 """One job's training in its own process: ``python -m core.worker --run-dir DIR``.
 
 The daemon writes ``DIR/job.json`` (a JobSpec) and spawns this module; the worker reads the spec,
-resumes from the newest complete checkpoint in ``DIR/checkpoints/`` if there is one, trains, and
-reports through ``DIR/metrics.jsonl``, the status file, the model DB and its log (stdout/stderr).
-Its last act is ``DIR/result.json`` (a WorkerResult), and the exit code says the same:
-  0   completed: ``DIR/final/`` holds the trained model and tokenizer
-  75  interrupted (SIGTERM/SIGINT): the newest checkpoint holds the progress; rerun to resume
-  1   failed: the traceback is on stderr, the message and exception type in result.json
+resumes from the newest complete checkpoint in ``DIR/checkpoints/`` if there is one, runs the
+preflight checks (core.preflight), trains, and reports through ``DIR/metrics.jsonl``, the status
+file, the model DB and its log (stdout/stderr). Its last act is ``DIR/result.json`` (a
+WorkerResult), and the exit code says the same:
+  0   completed: ``DIR/final/`` holds the trained model and tokenizer (an early stop on
+      overfitting is completed too; the message says why)
+  75  interrupted: SIGTERM/SIGINT (the newest checkpoint holds the progress; rerun to resume), or
+      the disk is too full for the next save (``pause_reason = "disk full"``, ``failure_class =
+      "disk"``, evidence needed vs free; nothing partial was written; rerun once there is space)
+  1   failed: the traceback is on stderr; result.json has the message, the exception type and
+      ``failure_class`` (bad_input, preflight, oom, nan, disk, crash), ``evidence`` and ``fix``
+Every result carries ``micro_batch`` and ``grad_accum``: what the run ended with after any OOM
+back-off (the effective batch, batch_size x grad_accum of the settings, never changes).
 
 Signal handlers only set a flag; the training loop looks at it at every step boundary.
 
-Test-only hook: ``TRAINBOX_TEST_STEP_SLEEP`` (seconds, float) sleeps after every optimizer step so
-tests can catch a run in the middle. Never set it in production.
+Test-only hooks, never set in production (inactive unless the variable is set):
+- ``TRAINBOX_TEST_STEP_SLEEP`` (seconds, float) sleeps after every optimizer step so tests can
+  catch a run in the middle.
+- ``TRAINBOX_TEST_FAULT`` injects real failures at chosen steps: ``oom@5``, ``oom@5x3``, ``nan@7``,
+  ``nanweight@8``, ``evaloom@10``, ``diskfull@20``, ``diskfree=BYTES``, ``hang@loading``,
+  ``hang@training:5``, ``hang@evaluating:10``, ``hang@checkpointing:10``, comma-separated. See
+  ``core/faults.py`` for the exact meaning of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import os
 import signal
 import sys
@@ -35,13 +49,17 @@ from transformers.utils import logging as hf_logging
 
 from core import checkpoint, rng
 from core.data import split_heldout
+from core.disk import DiskGuard, estimate_checkpoint_bytes, weights_bytes
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all, prepare_tokenizer
-from core.errors import DataError
+from core.errors import CheckpointError, DataError, DiskFull, JobFailure, TrainingDiverged
+from core.faults import Faults
 from core.folders import publish_folder
 from core.metrics import METRICS, MetricsLog, truncate_to_step
+from core.microbatch import CACHE_FILE, MicroBatchCache, cache_key
+from core.preflight import run_preflight
 from core.reporting import JobDB, StatusReporter
-from core.train import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, Trainer
+from core.train import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, Trainer, WarningEvent
 from trainbox.config import TrainingConfig, auto_learning_rate
 from trainbox.jobspec import JobSpec, WorkerResult
 from trainbox.records import Record, load_records
@@ -53,8 +71,19 @@ FINAL = "final"
 STEP_SLEEP_ENV = "TRAINBOX_TEST_STEP_SLEEP"  # test-only, see module docstring
 # Settings that may differ between the run that wrote a checkpoint and the one resuming it: how the
 # machine runs and reports, not what is trained. Every other key comes from the checkpoint.
-RUNTIME_KEYS = ("threads", "device", "precision", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints")
+RUNTIME_KEYS = (
+    "threads",
+    "device",
+    "precision",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "disk_margin_mb",
+)
 LOG_PROGRESS_EVERY_S = 10.0
+FINAL_EXTRA_BYTES = 16 * 1024**2  # tokenizer and config beside the weights
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 # --- process set-up -------------------------------------------------------------------------------
@@ -137,11 +166,18 @@ class DataSets:
     val: list[Example]
 
 
+def read_records(path: Path) -> list[Record]:
+    try:
+        return load_records(path)
+    except ValueError as e:  # a line that no longer validates (admission checked it once)
+        raise DataError(str(e), fix="fix or remove the line named, then submit the file again") from e
+
+
 def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any) -> DataSets:
-    records: list[Record] = load_records(Path(spec.data_file))
+    records = read_records(Path(spec.data_file))
     if spec.eval_file:
         train_records = records
-        val_records = load_records(Path(spec.eval_file))[: cfg.eval_max_examples]
+        val_records = read_records(Path(spec.eval_file))[: cfg.eval_max_examples]
     else:
         train_records, val_records = split_heldout(records, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
     train = encode_all(tokenizer, train_records, cfg.max_length)
@@ -156,13 +192,37 @@ def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any) -> DataSets:
     if not train.examples:
         raise DataError(
             f"no training example has a trained token within max_length={cfg.max_length} "
-            f"({train.dropped} dropped): raise max_length or shorten the prompts"
+            f"({train.dropped} dropped): raise max_length or shorten the prompts",
+            evidence={"max_length": cfg.max_length, "dropped": train.dropped, "n_records": len(train_records)},
+            fix=f"raise max_length (now {cfg.max_length}) or shorten the prompts so completions fit",
+            failure_class="preflight",
         )
     log.info("data: %d training, %d validation examples", len(train.examples), len(val.examples))
     return DataSets(train.examples, val.examples)
 
 
+def weights_finite(model: Any) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def load_weights(model: Any, folder: Path) -> None:
+    """Put a saved model's weights back into ``model`` (a rollback); any Hugging Face folder."""
+    try:
+        checkpoint.load_weights(model, folder)
+    except CheckpointError:
+        if any(Path(folder).glob("*.safetensors")):
+            raise
+        fresh = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model.load_state_dict(fresh.state_dict())
+
+
 def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
+    if not weights_finite(model):
+        raise TrainingDiverged(
+            "the final weights are not finite; refusing to save them as a model",
+            fix="lower learning_rate or check the data",
+        )
+
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -176,12 +236,21 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
 class Reporter:
     """Turns engine events into metrics lines, status updates and log lines."""
 
-    def __init__(self, cfg: TrainingConfig, status: StatusReporter, metrics: MetricsLog, start_step: int) -> None:
-        self.cfg, self.status, self.metrics = cfg, status, metrics
+    def __init__(
+        self,
+        cfg: TrainingConfig,
+        status: StatusReporter,
+        metrics: MetricsLog,
+        start_step: int,
+        db: JobDB | None = None,
+        on_micro_batch: Any = None,
+    ) -> None:
+        self.cfg, self.status, self.metrics, self.db = cfg, status, metrics, db
         self.start_step = start_step
         self.smoothed: float | None = None
         self.step_sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
         self._last_log = 0.0
+        self.on_micro_batch = on_micro_batch  # called with the micro-batch of each step that trained
 
     def __call__(self, ev: Event) -> None:
         try:
@@ -205,8 +274,40 @@ class Reporter:
         elif isinstance(ev, PhaseEvent):
             self.status.phase(ev.phase)
             log.info("phase %s at step %d", ev.phase, ev.step)
+        elif isinstance(ev, WarningEvent):
+            self.warning(ev)
+
+    def warning(self, ev: WarningEvent) -> None:
+        """An early warning or a repair: a metrics line, a DB event, the status message, the log."""
+        data = json_safe(ev.data)
+        self.metrics.write(
+            {**data, "kind": "warning", "step": ev.step, "warning": ev.kind, "message": ev.message, "time": time.time()}
+        )
+        if self.db is not None:
+            self.db.event("warning", ev.message, step=ev.step, warning=ev.kind, **data)
+        self.status.update(force=True, message=ev.message)
+        log.warning("%s: %s", ev.kind, ev.message)
 
     def _on_step(self, ev: StepEvent, now: float) -> None:
+        if ev.skipped:
+            if ev.step % self.cfg.log_every == 0:
+                self.metrics.write(
+                    {
+                        "kind": "train",
+                        "step": ev.step,
+                        "loss": None,
+                        "lr": ev.lr,
+                        "grad_norm": None,
+                        "tokens_per_s": ev.tokens_per_s,
+                        "epoch": ev.epoch,
+                        "time": now,
+                        "skipped": True,
+                    }
+                )
+            self.status.update(step=ev.step, total_steps=ev.total_steps, learning_rate=ev.lr)
+            return
+        if self.on_micro_batch is not None and ev.micro_batch:
+            self.on_micro_batch(ev.micro_batch)
         self.smoothed = ev.loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * ev.loss
         if ev.step % self.cfg.log_every == 0:
             self.metrics.write(
@@ -246,12 +347,45 @@ class Reporter:
             )
 
 
+def json_safe(data: dict[str, Any]) -> dict[str, Any]:
+    """NaN/Inf are not JSON: they become strings (the API and the dashboard parse these lines)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {str(k): fix(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [fix(x) for x in v]
+        return v
+
+    return {k: fix(v) for k, v in data.items()}
+
+
 # --- the job --------------------------------------------------------------------------------------
 
 
-def train_job(spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB) -> WorkerResult:
+@dataclass
+class RunInfo:
+    """What the failure path needs from a job that got far enough to have a trainer."""
+
+    trainer: Trainer | None = None
+
+
+def sizes(trainer: Trainer | None) -> dict[str, Any]:
+    if trainer is None:
+        return {}
+    return {"micro_batch": trainer.micro_batch_size, "grad_accum": trainer.accum_steps}
+
+
+def train_job(
+    spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB, info: RunInfo | None = None
+) -> WorkerResult:
+    info = info if info is not None else RunInfo()
+    faults = Faults.from_env()
     run_dir = Path(spec.run_dir)
     status.phase("loading")
+    faults.hang("loading")
     checkpoint.remove_partial(run_dir)
     latest = checkpoint.latest_complete(run_dir)
     saved = checkpoint.load_state(latest.path) if latest else None
@@ -278,70 +412,170 @@ def train_job(spec: JobSpec, stop: StopFlag, status: StatusReporter, db: JobDB) 
         log.info("learning rate: %.1e (automatic for %d trainable parameters)", cfg.learning_rate, trainable)
     data = load_data(spec, cfg, tokenizer)
 
-    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device)
+    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device, faults)
+    info.trainer = trainer
+    preflight = run_preflight(cfg, model, device, len(data.train), len(data.val), bool(spec.eval_file), trainer.bf16)
+    log.info("preflight: micro-batch %d fits (%s)", preflight.micro_batch, preflight.estimate)
     if saved is not None:
         trainer.load_state_dict(saved)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    cache = MicroBatchCache(Path(spec.embedded_model_dir).parent / CACHE_FILE)
+    key = cache_key(status.status.device, model.config, n_params, cfg.max_length, trainer.bf16)
+    starting_hint = ""
+    if saved is None:  # a resumed run keeps its checkpoint's micro-batch: the same run, exactly
+        cached = cache.get(key)
+        start = min(cfg.batch_size, preflight.micro_batch, cached or cfg.batch_size)
+        if start < cfg.batch_size:
+            trainer.set_micro_batch(start)
+            why = "it worked before for this model and max_length" if start == cached else "the memory estimate"
+            starting_hint = (
+                f"starting at micro-batch {start} x {trainer.accum_steps} accumulation ({why}); "
+                f"effective batch {trainer.effective_batch}"
+            )
     s = trainer.state
     truncate_to_step(run_dir / METRICS, s.step if latest else -1)
     status.update(force=True, step=s.step, total_steps=trainer.total_steps, val_loss=s.last_val_loss)
-    if stop.is_set():
-        log.info("stop requested before training started")
+
+    def result(outcome: WorkerOutcome, **fields: Any) -> WorkerResult:
+        st = trainer.state
         return WorkerResult(
-            outcome=WorkerOutcome.INTERRUPTED,
-            step=s.step,
+            outcome=outcome,
+            step=st.step,
             total_steps=trainer.total_steps,
-            message="stopped before training started",
+            train_loss=st.train_loss,
+            val_loss=st.last_val_loss,
+            first_val_loss=st.first_val_loss,
+            **sizes(trainer),
+            **fields,
         )
 
+    if stop.is_set():
+        log.info("stop requested before training started")
+        return result(WorkerOutcome.INTERRUPTED, message="stopped before training started")
+
+    def deleted(found: list[checkpoint.CheckpointInfo]) -> None:
+        db.checkpoints_deleted([c.path for c in found])
+
+    guard = DiskGuard(run_dir, cfg.disk_margin_mb * 1024**2, faults, on_deleted=deleted)
+
     def save_checkpoint() -> Path:
+        st = trainer.state
+        needed = estimate_checkpoint_bytes(run_dir, model, trainer.optimizer)
+        guard.ensure("checkpoint", needed, st.step)
         meta = {
             "job_id": spec.job_id,
             "total_steps": trainer.total_steps,
-            "train_loss": s.train_loss,
-            "val_loss": s.last_val_loss,
-            "best_val_loss": s.best_val_loss,
-            "first_val_loss": s.first_val_loss,
+            "train_loss": st.train_loss,
+            "val_loss": st.last_val_loss,
+            "best_val_loss": st.best_val_loss,
+            "first_val_loss": st.first_val_loss,
+            "micro_batch": trainer.micro_batch_size,
+            "grad_accum": trainer.accum_steps,
         }
-        info = checkpoint.save(
-            run_dir, s.step, model, tokenizer, trainer.state_dict(), cfg.model_dump(mode="json"), meta
-        )
-        deleted = checkpoint.prune(run_dir, cfg.keep_checkpoints)
-        db.checkpoint_saved(info.step, info.path, checkpoint.read_meta(info.path))
-        db.checkpoints_deleted([c.path for c in deleted])
-        db.event("checkpoint", f"checkpoint at step {info.step}", step=info.step, path=str(info.path))
-        return info.path
+        try:
+            saved_info = checkpoint.save(
+                run_dir, st.step, model, tokenizer, trainer.state_dict(), cfg.model_dump(mode="json"), meta
+            )
+        except OSError as e:  # the estimate was short: the partial folder is gone, the last one stands
+            if e.errno in DISK_ERRNOS:
+                raise DiskFull("checkpoint", needed, guard.free(), str(run_dir), guard.margin) from e
+            raise
+        guard.prune(cfg.keep_checkpoints)
+        db.checkpoint_saved(saved_info.step, saved_info.path, checkpoint.read_meta(saved_info.path))
+        db.event("checkpoint", f"checkpoint at step {saved_info.step}", step=saved_info.step, path=str(saved_info.path))
+        return saved_info.path
+
+    metrics = MetricsLog(run_dir / METRICS)
+    recorded = {"micro": trainer.micro_batch_size}
+
+    def micro_batch_worked(micro: int) -> None:
+        if micro != recorded["micro"]:  # back-off found one that trains: the next job starts there
+            recorded["micro"] = micro
+            cache.record(key, micro, max_length=cfg.max_length, model=str(spec.init_model or "embedded"))
+
+    reporter = Reporter(cfg, status, metrics, s.step, db, micro_batch_worked)
+
+    def restore() -> None:
+        """Rollback target: the newest complete checkpoint, or the initial weights at step 0."""
+        found = checkpoint.latest_complete(run_dir)
+        if found is not None:
+            load_weights(model, found.path / checkpoint.MODEL)
+            trainer.load_state_dict(checkpoint.load_state(found.path))
+        else:
+            load_weights(model, source)
+            trainer.reset()
+        metrics.truncate(trainer.state.step if found is not None else -1)
+        reporter.smoothed = None
+        status.update(force=True, step=trainer.state.step, val_loss=trainer.state.last_val_loss)
 
     what = f"resuming at step {s.step}" if latest else "starting"
     log.info("%s: %d steps in all", what, trainer.total_steps)
     db.event("training_started", f"worker {what}", step=s.step, total_steps=trainer.total_steps, pid=os.getpid())
-    metrics = MetricsLog(run_dir / METRICS)
     try:
-        outcome = trainer.run(Reporter(cfg, status, metrics, s.step), stop.is_set, save_checkpoint)
+        for p in preflight.warnings:
+            reporter.warning(WarningEvent(s.step, "preflight", p.message, {"check": p.code, **p.evidence}))
+        if starting_hint:
+            reporter.warning(WarningEvent(s.step, "micro_batch", starting_hint, sizes(trainer)))
+        try:
+            outcome = trainer.run(reporter, stop.is_set, save_checkpoint, restore)
+            final: Path | None = None
+            if outcome == "completed":
+                status.update(force=True, message="saving the final model")
+                guard.ensure("final model", weights_bytes(model) + FINAL_EXTRA_BYTES, trainer.state.step)
+                try:
+                    final = save_final(run_dir, model, tokenizer)
+                except OSError as e:
+                    if e.errno in DISK_ERRNOS:
+                        raise DiskFull("final model", weights_bytes(model), guard.free(), str(run_dir), 0) from e
+                    raise
+        except DiskFull as e:
+            last = checkpoint.latest_complete(run_dir)
+            resume_step = last.step if last else 0
+            log.warning("%s; pausing (resumes from step %d)", e, resume_step)
+            return result(
+                WorkerOutcome.INTERRUPTED,
+                message=f"disk full: {e}; the job resumes from step {resume_step} once there is space",
+                pause_reason="disk full",
+                failure_class="disk",
+                evidence={**e.evidence, "step": trainer.state.step, "resume_step": resume_step},
+                fix=f"free at least {(e.needed + e.margin - e.free) / 1e6:.0f} MB on the disk holding {run_dir} "
+                "(or lower keep_checkpoints)",
+            )
     finally:
         metrics.close()
-
+    s = trainer.state
     if outcome == "interrupted":
-        return WorkerResult(
-            outcome=WorkerOutcome.INTERRUPTED,
-            step=s.step,
-            total_steps=trainer.total_steps,
-            train_loss=s.train_loss,
-            val_loss=s.last_val_loss,
-            first_val_loss=s.first_val_loss,
+        return result(
+            WorkerOutcome.INTERRUPTED,
             message=f"interrupted at step {s.step}"
             + ("; checkpoint saved" if s.last_checkpoint_step == s.step else "; no step done, no checkpoint"),
         )
-    status.update(force=True, message="saving the final model")
-    final = save_final(run_dir, model, tokenizer)
     log.info("final model: %s", final)
-    return WorkerResult(
-        outcome=WorkerOutcome.COMPLETED,
-        step=s.step,
-        total_steps=trainer.total_steps,
-        final_model=str(final),
-        train_loss=s.train_loss,
-        val_loss=s.last_val_loss,
-        first_val_loss=s.first_val_loss,
+    extra: dict[str, Any] = {}
+    if s.stop_reason:
+        extra = {"message": s.stop_reason, "evidence": {"stopped_early": s.stop_reason, "step": s.step}}
+    return result(WorkerOutcome.COMPLETED, final_model=str(final), **extra)
+
+
+def classify(e: BaseException) -> tuple[str, dict[str, Any], str]:
+    """(failure class, evidence, fix) of an exception that ended a job; see trainbox.states.FailureClass."""
+    if isinstance(e, JobFailure):
+        return e.failure_class, e.evidence, e.fix
+    if isinstance(e, DataError):
+        return e.failure_class, e.evidence, e.fix or "fix the data as the message says, then submit it again"
+    if isinstance(e, torch.OutOfMemoryError):
+        return (
+            "oom",
+            {"error": str(e).splitlines()[0] if str(e) else ""},
+            ("lower max_length or batch_size, use LoRA or a smaller model, or free the GPU"),
+        )
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+        return "disk", {"error": str(e)}, "free space on the disk holding the home"
+    return (
+        "crash",
+        {"error_type": type(e).__name__},
+        "see the worker log (runs/job-N/worker.log); the job may be retried",
     )
 
 
@@ -382,20 +616,26 @@ def main(argv: list[str] | None = None) -> int:
     run_dir: Path = args.run_dir.resolve()
     status: StatusReporter | None = None
     db: JobDB | None = None
+    info = RunInfo()
     try:
         spec = JobSpec.load(run_dir)
         status = StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
         db = JobDB(spec.db_url, spec.job_id)
-        result = train_job(spec, stop, status, db)
+        result = train_job(spec, stop, status, db, info)
     except Exception as e:  # boundary: any failure becomes a result the daemon can read
         traceback.print_exc()
         sys.stderr.flush()
+        failure_class, evidence, fix = classify(e)
         result = WorkerResult(
             outcome=WorkerOutcome.FAILED,
             message=str(e) or type(e).__name__,
             error_type=type(e).__name__,
             step=status.status.step if status else 0,
             total_steps=status.status.total_steps if status else 0,
+            failure_class=failure_class,
+            evidence=json_safe(evidence),
+            fix=fix,
+            **sizes(info.trainer),
         )
     return finish(result, run_dir, status, db)
 

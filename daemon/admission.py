@@ -166,6 +166,29 @@ class Admission:
         self.db.event("rejected", f"{failed.name}: {reason}", job_id)
         return Admitted(job_id, JobState.REJECTED, failed, reason)
 
+    def _record_placed(self, job_id: int, path: Path) -> None:
+        """Bring the row of a job whose file reached its queue folder up to date with the folder."""
+        state = JobState.REJECTED if path.parent == self.home.failed else JobState.QUEUED
+        report = validate_file(path) if state == JobState.QUEUED else None
+        with self.db.session() as s:
+            row = s.get(Job, job_id)
+            assert row is not None
+            row.state = state.value
+            row.spool_name = path.name
+            if path.parent != self.home.failed:
+                row.priority = path.parent.name
+            row.sha256 = sha256_of(path)
+            if report is not None:
+                row.n_records = report.n_records
+                row.data_format = report.data_format
+            kept = sidecar_for(self.home.run_dir(job_id) / "sidecar.jsonl")
+            if kept is not None:  # the sidecar was filed with the run before the crash
+                overrides = load_sidecar(kept).model_dump(mode="json", exclude_unset=True)
+                overrides.pop("priority", None)
+                overrides.pop("eval_file", None)
+                row.settings = overrides
+        self.db.event("admission_recovered", f"{path.name}: found in {path.parent.name}/", job_id)
+
     def recover(self) -> list[Admitted]:
         """Finish admissions a crash interrupted (see the module docstring)."""
         done = []
@@ -176,6 +199,10 @@ class Admission:
                 staged_ids[jid] = f
         for job in self.db.jobs():
             if job.state != ADMITTING or job.id in staged_ids:
+                continue
+            placed = self.spool.find_job(job.id)
+            if placed is not None:  # moved on before the crash, but the row was not updated
+                self._record_placed(job.id, placed)
                 continue
             with self.db.session() as s:  # its file never left the inbox: admit it afresh
                 row = s.get(Job, job.id)

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 from daemon.admission import write_error
+from daemon.outcome import Decision, Verdict, decide
 from daemon.spool import Spool, job_id_of, move
 from daemon.worker_process import LOG_NAME, WorkerProcess, describe_exit, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
+from management.versions import gate_version, keepalive_for_daemon, starting_version
+from safety.markers import read_kill_marker
 from trainbox.config import Settings, job_training_config
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
-from trainbox.states import EXIT_INTERRUPTED, JobState, WorkerOutcome
+from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS
 
 
@@ -59,9 +62,9 @@ class JobRunner:
         training = job_training_config(self.settings.training, job.settings or {})
         init_model, init_version = training.model, None
         if not init_model:
-            latest = self.db.latest_version()
-            if latest is not None:
-                init_model, init_version = latest.path, latest.id
+            start = starting_version(self.home, self.db)  # models/current (the eval gate's choice)
+            if start is not None:
+                init_model, init_version = start.path, start.id
         with self.db.session() as s:
             row = s.get(Job, job.id)
             assert row is not None
@@ -81,62 +84,93 @@ class JobRunner:
             training=training,
         )
 
-    def finish(self, worker: WorkerProcess, returncode: int, stop_was_requested: bool) -> JobState:
+    def finish(self, worker: WorkerProcess, returncode: int, stop_was_requested: bool) -> Decision:
         """Decide the job's fate from the worker's result file and exit status, and move its file."""
         job_id = worker.job_id
+        job = self.db.job(job_id)
         result = WorkerResult.load(worker.run_dir)
         exit_status = describe_exit(returncode)
-        processing_file = next((p for p in self.spool.processing() if job_id_of(p.name) == job_id), None)
-        completed = (
-            returncode == 0
-            and result is not None
-            and result.outcome == WorkerOutcome.COMPLETED
-            and result.final_model is not None
-            and Path(result.final_model).is_dir()
+        if read_kill_marker(worker.run_dir, worker.pid) is not None:
+            stop_was_requested = True  # the watchdog killed it as hung: resume it, do not count a failure
+        final_exists = result is not None and result.final_model is not None and Path(result.final_model).is_dir()
+        decision = decide(
+            result,
+            returncode,
+            stop_was_requested,
+            final_exists,
+            attempts=job.attempts if job else 0,
+            max_retries=self.settings.daemon.max_retries,
         )
-        interrupted = (result is not None and result.outcome == WorkerOutcome.INTERRUPTED) or (
-            returncode == EXIT_INTERRUPTED
-        )
-        if completed and result is not None:
-            state = JobState.DONE
-            version = self._register_version(job_id, result)
-            if processing_file is not None:
-                move(processing_file, self.home.done)
+        processing_file = self.spool.find_job(job_id, [self.home.processing])
+        state = {
+            Verdict.DONE: JobState.DONE,
+            Verdict.PAUSED: JobState.PAUSED,
+            Verdict.DISK_FULL: JobState.PAUSED,
+            Verdict.RETRY: JobState.QUEUED,
+            Verdict.FAILED: JobState.FAILED,
+        }[decision.verdict]
+        message = decision.reason
+        retry_at = None
+        if decision.verdict == Verdict.DONE and result is not None:
+            version = self.complete(job_id, result, processing_file)
             message = f"done: model version {version}, val loss {result.val_loss}"
-        elif interrupted or (stop_was_requested and returncode < 0):
-            state = JobState.PAUSED  # stays in processing/, resumes from its last checkpoint
-            message = f"paused at step {result.step if result else '?'} ({exit_status})"
-        else:
-            state = JobState.FAILED
-            reason = result.message if result and result.message else f"worker {exit_status}"
+        elif decision.verdict == Verdict.RETRY:
+            attempts = (job.attempts if job else 0) + 1
+            retry_at = time.time() + self.settings.daemon.retry_backoff * 2 ** (attempts - 1)
             if processing_file is not None:
-                failed = move(processing_file, self.home.failed)
-                write_error(
-                    failed,
-                    job_id,
-                    "training",
-                    reason,
-                    exit_status=exit_status,
-                    error_type=result.error_type if result else "",
-                    log_tail=log_tail(worker.run_dir / LOG_NAME, self.settings.daemon.log_tail_lines),
-                )
-            message = f"failed: {reason} ({exit_status})"
+                move(processing_file, self.home.waiting(Priority(job.priority if job else "normal")))
+        elif decision.verdict == Verdict.FAILED and processing_file is not None:
+            failed = move(processing_file, self.home.failed)
+            write_error(
+                failed,
+                job_id,
+                decision.failure_class.value if decision.failure_class else "crash",
+                decision.reason,
+                evidence=decision.evidence,
+                fix=decision.fix,
+                exit_status=exit_status,
+                error_type=result.error_type if result else "",
+                log_tail=log_tail(worker.run_dir / LOG_NAME, self.settings.daemon.log_tail_lines),
+            )
         with self.db.session() as s:
             row = s.get(Job, job_id)
             if row is not None:
                 row.state = state.value
                 if state in (JobState.DONE, JobState.FAILED):
                     row.finished_at = time.time()
-                if state == JobState.FAILED:
+                if decision.verdict in (Verdict.RETRY, Verdict.FAILED):
+                    row.attempts += 1
                     row.error = message
+                    row.failure_class = decision.failure_class.value if decision.failure_class else None
+                row.retry_at = retry_at
             run = s.query(Run).filter(Run.job_id == job_id).order_by(Run.id.desc()).first()
             if run is not None:
                 run.ended_at = time.time()
                 run.exit_status = exit_status
                 run.outcome = result.outcome.value if result else "crashed"
                 run.end_step = result.step if result else None
-        self.db.event("job_" + state.value, message, job_id, exit_status=exit_status)
-        return state
+        self.db.event(
+            "job_" + decision.verdict.value,
+            f"{message} ({exit_status})",
+            job_id,
+            exit_status=exit_status,
+            failure_class=decision.failure_class.value if decision.failure_class else None,
+            evidence=decision.evidence,
+        )
+        return decision
+
+    def complete(self, job_id: int, result: WorkerResult, processing_file: Path | None) -> int:
+        """Register the model version (once, even if a crash makes this run twice), then file the job."""
+        existing = self.db.version_of_job(job_id)
+        version = existing.id if existing is not None else self._register_version(job_id, result)
+        if processing_file is not None:
+            move(processing_file, self.home.done)
+        with self.db.session() as s:
+            row = s.get(Job, job_id)
+            if row is not None:
+                row.state = JobState.DONE.value
+                row.finished_at = row.finished_at or time.time()
+        return version
 
     def _register_version(self, job_id: int, result: WorkerResult) -> int:
         """The final model becomes the next version: its folder is renamed under models/."""
@@ -157,4 +191,18 @@ class JobRunner:
             s.flush()
             target = move(Path(result.final_model), self.home.models, f"v{version.id:04d}")
             version.path = str(target)
-            return version.id
+            version_id = version.id
+        # the eval gate: promoted to models/current only if it does not regress (management/versions.py)
+        gate_version(
+            self.home,
+            self.db,
+            self.settings,
+            version_id,
+            job_id=job_id,
+            run_dir=self.home.run_dir(job_id),
+            init_version=job.init_version,
+            own_val_loss=result.val_loss,
+            own_first_val_loss=result.first_val_loss,
+            keepalive=keepalive_for_daemon(self.home),
+        )
+        return version_id

@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
 from types import FrameType
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from daemon.admission import Admission
 from daemon.intake import InboxWatcher
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
+from daemon.outcome import Verdict
 from daemon.spool import Spool, job_id_of, move
-from daemon.worker_process import WorkerProcess
+from daemon.worker_process import WorkerProcess, is_worker_process, stop_process
 from management.db import Job, ModelDB
-from trainbox import control
+from trainbox import control, sdnotify
 from trainbox.config import Settings
 from trainbox.home import Home
-from trainbox.states import DaemonState, JobState
+from trainbox.jobspec import WorkerResult
+from trainbox.states import DaemonState, JobState, WorkerOutcome
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
 
 log = logging.getLogger("trainbox.daemon")
+MAX_TICK_FAILURES = 100  # consecutive OSError ticks (about a minute) before the daemon gives up
 
 
 class Daemon:
@@ -46,6 +52,7 @@ class Daemon:
         self.started_at = time.time()
         self.last_rescan = 0.0
         self.message = ""
+        self.disk_full_needs: int | None = None  # set while paused for lack of disk space
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -58,8 +65,16 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_signal)
         try:
             self.start()
+            failures = 0
             while not self.finished:
-                self.tick(time.time())
+                try:
+                    self.tick(time.time())
+                    failures = 0
+                except (OSError, SQLAlchemyError) as e:  # boundary: a full disk must not kill the daemon
+                    failures += 1
+                    log.error("tick failed (%d in a row): %s", failures, e)
+                    if failures >= MAX_TICK_FAILURES:
+                        raise
                 self.wake.wait(self.settings.daemon.poll_interval)
                 self.wake.clear()
         finally:
@@ -74,6 +89,7 @@ class Daemon:
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
+        self._stop_orphans()
         self._reconcile()
         self.watcher = InboxWatcher(
             self.home.inbox, self.settings.daemon.settle_seconds, self.settings.daemon.polling_observer, time.time
@@ -82,26 +98,47 @@ class Daemon:
         self.db.event("daemon_started", f"pid {os.getpid()}, home {self.home.root}")
         log.info("trainbox daemon started: home %s, pid %d", self.home.root, os.getpid())
         self.write_status(time.time())
+        sdnotify.ready(f"daemon pid {os.getpid()}")  # systemd Type=notify: started
+
+    def _stop_orphans(self) -> None:
+        """A worker outlives a daemon killed with -9 (it has its own session): stop it (it checkpoints)
+        before a new one is started for the same job."""
+        assert self.db is not None
+        for job in self.db.jobs([JobState.RUNNING, JobState.PAUSED]):
+            for run in self.db.runs(job.id):
+                if run.ended_at is None and run.pid and is_worker_process(run.pid, self.home.run_dir(job.id)):
+                    log.warning("job %d: stopping worker pid %d left by a previous daemon", job.id, run.pid)
+                    code = stop_process(run.pid, self.settings.daemon.worker_stop_timeout)
+                    self.db.event("orphan_stopped", f"worker pid {run.pid} of a previous daemon: {code}", job.id)
 
     def _reconcile(self) -> None:
-        """At start-up no worker is ours: a job the DB calls running is paused, to be resumed."""
+        """At start-up no worker is ours: a job the DB calls running is paused, to be resumed; a job
+        whose model version was registered before a crash is filed as done."""
         assert self.db is not None
-        in_processing = {job_id_of(p.name) for p in self.spool.processing()}
-        for job in self.db.jobs([JobState.RUNNING, JobState.PAUSED]):
-            if job.id in in_processing and job.state == JobState.RUNNING:
+        for path in self.spool.processing():
+            job_id = job_id_of(path.name)
+            assert job_id is not None
+            if self.db.version_of_job(job_id) is not None:
+                log.info("job %d: its model version exists; filing it as done", job_id)
+                self.runner.complete(job_id, WorkerResult(outcome=WorkerOutcome.COMPLETED), path)
+                continue
+            job = self.db.job(job_id)
+            if job is not None and job.state != JobState.PAUSED:
                 with self.db.session() as s:
-                    row = s.get(Job, job.id)
+                    row = s.get(Job, job_id)
                     if row is not None:
                         row.state = JobState.PAUSED.value
-                self.db.event("job_interrupted", "daemon restarted: job will resume from its checkpoint", job.id)
+                self.db.event("job_interrupted", "daemon restarted: job will resume from its checkpoint", job_id)
 
     def tick(self, now: float) -> None:
         self.handle_signals(now)
         self.handle_controls(now)
+        self.check_disk(now)
         self.admit_ready(now)
         self.reap_worker(now)
-        self.maybe_dispatch()
+        self.maybe_dispatch(now)
         self.write_status(now)
+        sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
     def handle_signals(self, now: float) -> None:
         if self.signals >= 2 and self.worker is not None:
@@ -134,7 +171,21 @@ class Daemon:
             log.info("control request applied: %s", request.action.value)
             control.consume(request)
 
+    def check_disk(self, now: float) -> None:
+        """After a disk-full pause, resume intake and training once there is room again."""
+        if self.disk_full_needs is None:
+            return
+        free = shutil.disk_usage(self.home.root).free
+        if free >= self.disk_full_needs:
+            assert self.db is not None
+            self.db.event("disk_ok", f"{free} bytes free again (needed {self.disk_full_needs}): resuming")
+            log.info("disk space is back (%d bytes free): resuming", free)
+            self.disk_full_needs = None
+            self.message = ""
+
     def admit_ready(self, now: float) -> None:
+        if self.disk_full_needs is not None:
+            return  # intake waits too: admitting copies nothing, but the job could not be trained
         if now - self.last_rescan >= self.settings.daemon.rescan_interval:
             self.watcher.rescan()
             self.last_rescan = now
@@ -156,20 +207,27 @@ class Daemon:
                 log.warning("worker did not stop within %.0fs: killing it", timeout)
                 worker.kill()
             return
-        state = self.runner.finish(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
-        log.info("job %d: %s", worker.job_id, state.value)
+        decision = self.runner.finish(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
+        log.info("job %d: %s: %s", worker.job_id, decision.verdict.value, decision.reason)
+        if decision.verdict == Verdict.DISK_FULL:
+            needed = int(decision.evidence.get("needed_bytes", 0) * 1.1)
+            self.disk_full_needs = max(needed, self.settings.daemon.disk_resume_free_bytes)
+            self.message = f"disk full: {decision.reason}; waiting for {self.disk_full_needs} bytes free"
+            log.warning(self.message)
         self.worker = None
         if self.stopping:
             self.finished = True
 
-    def maybe_dispatch(self) -> None:
-        if self.worker is not None or self.paused or self.stopping:
+    def maybe_dispatch(self, now: float) -> None:
+        if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
             return
+        assert self.db is not None
         processing = self.spool.processing()
         if processing:
             target = processing[0]  # a paused or interrupted job goes first
         else:
-            waiting = self.spool.waiting()
+            backing_off = {j.id for j in self.db.jobs([JobState.QUEUED]) if j.retry_at and j.retry_at > now}
+            waiting = [w for w in self.spool.waiting() if w.job_id not in backing_off]
             if not waiting:
                 return
             target = move(waiting[0].path, self.home.processing)
@@ -181,6 +239,8 @@ class Daemon:
             return DaemonState.STOPPED
         if self.stopping:
             return DaemonState.STOPPING
+        if self.disk_full_needs is not None:
+            return DaemonState.DISK_FULL
         if self.worker is not None:
             return DaemonState.TRAINING
         return DaemonState.PAUSED if self.paused else DaemonState.IDLE
@@ -213,7 +273,7 @@ class Daemon:
             if rc is None:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
-            self.runner.finish(worker, rc, stop_was_requested=True)
+            self.runner.finish(worker, rc, stop_was_requested=True)  # the job is paused, not lost
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

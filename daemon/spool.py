@@ -104,18 +104,24 @@ class Spool:
     def processing(self) -> list[Path]:
         return sorted(f for f in self.home.processing.glob(f"*{JOB_SUFFIX}") if job_id_of(f.name) is not None)
 
-    def find(self, spool_file: str) -> Path | None:
-        """Where a job's file is now, looking in every queue folder."""
-        for folder in (
+    def folders(self) -> list[Path]:
+        """Every queue folder a job's file can be in (not the inbox)."""
+        return [
+            self.admitting,
             *(self.home.waiting(p) for p in Priority),
             self.home.processing,
             self.home.done,
             self.home.failed,
-            self.admitting,
-        ):
-            candidate = folder / spool_file
-            if candidate.exists():
-                return candidate
+        ]
+
+    def find_job(self, job_id: int, folders: list[Path] | None = None) -> Path | None:
+        """The data file of a job, by the id its spool name starts with (sidecars and error files
+        are not data files)."""
+        prefix = f"{job_id:06d}__"
+        for folder in folders if folders is not None else self.folders():
+            for candidate in sorted(folder.glob(prefix + "*")) if folder.is_dir() else ():
+                if candidate.suffix not in SIDECAR_SUFFIXES:  # also skips <name>.error.json
+                    return candidate
         return None
 
     def counts(self) -> dict[str, int]:

@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
 
 LOG_NAME = "worker.log"
@@ -92,3 +94,29 @@ class WorkerProcess:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+
+def is_worker_process(pid: int, run_dir: Path) -> bool:
+    """Whether ``pid`` is a trainbox worker for ``run_dir`` (pids are reused; never kill a stranger)."""
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "core.worker" in cmdline and str(run_dir) in cmdline
+
+
+def stop_process(pid: int, timeout: float) -> str:
+    """Warm stop of a process that is not our child: SIGTERM, wait, then SIGKILL its group."""
+    try:
+        proc = psutil.Process(pid)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout)
+        return "stopped after SIGTERM"
+    except psutil.NoSuchProcess:
+        return "already gone"
+    except psutil.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            psutil.Process(pid).wait(10)
+        return "killed after the stop timeout"

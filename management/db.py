@@ -7,13 +7,16 @@ happened to it. Moving to PostgreSQL is a change of URL.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from trainbox.states import JobState
@@ -43,6 +46,9 @@ class Job(Base):
     duplicate_of: Mapped[int | None] = mapped_column(Integer, nullable=True)
     init_version: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="version it started from")
     init_model: Mapped[str] = mapped_column(String, default="", doc="model folder it started from")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, doc="failed attempts so far (not pauses)")
+    retry_at: Mapped[float | None] = mapped_column(Float, nullable=True, doc="not dispatched before this time")
+    failure_class: Mapped[str | None] = mapped_column(String, nullable=True)
 
 
 class Run(Base):
@@ -101,6 +107,34 @@ class Event(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class Promotion(Base):
+    """Each change of ``models/current``: by the eval gate, ``models promote`` or ``models rollback``."""
+
+    __tablename__ = "promotions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float, default=time.time)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    previous_id: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="current before this change")
+    action: Mapped[str] = mapped_column(String, doc="gate, promote or rollback")
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
+class VersionGate(Base):
+    """The eval gate's verdict on a version: scores, the version it was compared with, and why."""
+
+    __tablename__ = "version_gates"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float, default=time.time)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    promoted: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    eval_set: Mapped[str] = mapped_column(String, default="", doc="frozen eval file, or the job's held-out set")
+    new_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    current_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    current_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tolerance: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -115,7 +149,13 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    for attempt in range(5):
+        try:
+            Base.metadata.create_all(engine)
+            break
+        except OperationalError as e:  # another process created a table between check and create
+            if "already exists" not in str(e) or attempt == 4:
+                raise
     return engine
 
 
@@ -183,3 +223,33 @@ class ModelDB:
             if kind is not None:
                 q = q.where(Event.kind == kind)
             return list(s.scalars(q))
+
+    def version(self, version_id: int) -> ModelVersion | None:
+        with self.session() as s:
+            return s.get(ModelVersion, version_id)
+
+    def promotions(self) -> list[Promotion]:
+        with self.session() as s:
+            return list(s.scalars(select(Promotion).order_by(Promotion.id)))
+
+    def gates(self, version_id: int | None = None) -> list[VersionGate]:
+        with self.session() as s:
+            q = select(VersionGate).order_by(VersionGate.id)
+            if version_id is not None:
+                q = q.where(VersionGate.version_id == version_id)
+            return list(s.scalars(q))
+
+
+def schema_ready(db_file: Path) -> bool:
+    """Whether the model DB exists with its schema (created in one transaction by the first opener)."""
+    if not db_file.exists():
+        return False
+    try:
+        con = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=10)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
+    return set(Base.metadata.tables) <= names

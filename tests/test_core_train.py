@@ -108,25 +108,30 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
 
 
 def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -> None:
-    """Loss is normalised by the trained tokens of the whole step, so 2 x 4 examples == 1 x 8."""
+    """Loss is normalised by the trained tokens of the whole step, so 2 x 4 examples == 1 x 8, and so
+    is one configured micro-batch of 8 split into forward passes of 4 (the OOM back-off)."""
     data: tuple[list[Example], list[Example]] = (examples[0][:8], [])
     results = []
-    for bs, accum in ((8, 1), (4, 2)):
+    for bs, accum, micro in ((8, 1, 8), (4, 2, 4), (8, 1, 4)):
         t = make_trainer(model_dir, data, batch_size=bs, grad_accum=accum, max_steps=1, grad_clip=0.0)
+        t.set_micro_batch(micro)
+        assert t.micro_batch_size * t.accum_steps == 8
         grads: dict[str, torch.Tensor] = {}
         params = dict(t.model.named_parameters())
         t.optimizer.step = lambda *a, p=params, g=grads: g.update(  # type: ignore[method-assign]
             {k: v.grad.clone() for k, v in p.items() if v.grad is not None}
         )
-        loss, norm, tokens = t._optimizer_step(1e-3)
-        results.append((loss, norm, tokens, grads))
-    (loss_a, norm_a, tok_a, grads_a), (loss_b, norm_b, tok_b, grads_b) = results
-    assert tok_a == tok_b
-    assert loss_b == pytest.approx(loss_a, rel=1e-5)
-    assert norm_b == pytest.approx(norm_a, rel=1e-5)
-    assert grads_a.keys() == grads_b.keys()
-    for k in grads_a:
-        assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-7), k
+        out = t._optimizer_step(1e-3)
+        assert out is not None and not out[3]
+        results.append((*out[:3], grads))
+    loss_a, norm_a, tok_a, grads_a = results[0]
+    for loss_b, norm_b, tok_b, grads_b in results[1:]:
+        assert tok_a == tok_b
+        assert loss_b == pytest.approx(loss_a, rel=1e-5)
+        assert norm_b == pytest.approx(norm_a, rel=1e-5)
+        assert grads_a.keys() == grads_b.keys()
+        for k in grads_a:
+            assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-7), k
 
 
 def test_training_lowers_validation_loss(model_dir: Path, examples: Any) -> None:

@@ -98,7 +98,7 @@ def eval_steps(run_dir: Path) -> list[int]:
     return [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m["kind"] == "eval"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_core_recovery (the reference for exact resumes)
 def straight_run(tmp_path_factory: pytest.TempPathFactory, data_file: Path, model_dir: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     make_job(run_dir, data_file, model_dir)
@@ -111,6 +111,7 @@ def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
     result = WorkerResult.load(straight_run)
     assert result is not None and result.outcome == WorkerOutcome.COMPLETED
     assert result.step == result.total_steps == 24
+    assert (result.micro_batch, result.grad_accum, result.failure_class) == (4, 1, "")
     assert result.final_model == str(straight_run / "final")
     assert result.first_val_loss is not None and result.val_loss is not None and result.train_loss is not None
     assert result.val_loss < result.first_val_loss
@@ -121,8 +122,11 @@ def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
 
     assert train_steps(straight_run) == list(range(1, 25))
     assert eval_steps(straight_run) == [0, 8, 16, 24]
-    line = read_metrics(straight_run / "metrics.jsonl")[1]
+    lines = read_metrics(straight_run / "metrics.jsonl")
+    line = next(m for m in lines if m["kind"] == "train")
     assert set(line) == {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_s", "epoch", "time"}
+    warnings = [m for m in lines if m["kind"] == "warning"]  # 6 held-out examples: too few to mean much
+    assert [(w["warning"], w["check"], w["step"]) for w in warnings] == [("preflight", "eval_small", 0)]
 
     status = read_status(straight_run / "training.json", TrainingStatus)
     assert status is not None and status.phase == "finished" and status.step == 24
@@ -133,7 +137,7 @@ def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
     rows = db.checkpoints(7)
     assert [(r.step, r.deleted_at is not None) for r in rows] == [(8, True), (16, False), (24, False)]
     kinds = [e.kind for e in db.events(job_id=7)]
-    assert kinds[0] == "training_started" and kinds[-1] == "training_completed"
+    assert kinds[0] == "training_started" and kinds[-1] == "training_completed" and "warning" in kinds
     db.close()
 
 
@@ -187,7 +191,8 @@ def test_bad_data_fails_with_a_result(tmp_path: Path, model_dir: Path) -> None:
     assert "Traceback" in out
     result = WorkerResult.load(run_dir)
     assert result is not None and result.outcome == WorkerOutcome.FAILED
-    assert result.error_type == "ValueError" and "line 2" in result.message
+    assert result.error_type == "DataError" and "line 2" in result.message
+    assert result.failure_class == "bad_input" and result.fix
     status = read_status(run_dir / "training.json", TrainingStatus)
     assert status is not None and status.phase == "failed"
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from trainbox import control
+from trainbox.cli_siblings import register as register_siblings
 from trainbox.config import ConfigError, Settings, defaults_toml, load_settings
 from trainbox.home import Home
 from trainbox.states import Priority
@@ -305,6 +306,9 @@ def config_cmd(
         console.print(f"{h.config_file}: ok")
         return
     print(defaults_toml())
+
+
+register_siblings(app, models_app)  # watchdog, retention, health, up, install-systemd, models ...
 
 
 def main() -> None:

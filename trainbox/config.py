@@ -46,6 +46,18 @@ class DaemonConfig(_Strict):
         120.0, gt=0, description="Seconds a worker gets to checkpoint and exit after SIGTERM before SIGKILL."
     )
     log_tail_lines: int = Field(40, ge=0, le=10000, description="Worker log lines copied into an error file.")
+    max_retries: int = Field(
+        2, ge=0, le=100, description="Retries of a job whose worker crashed or was killed (transient failures)."
+    )
+    retry_backoff: float = Field(
+        30.0, ge=0, description="Seconds before the first retry; doubled for each further one."
+    )
+    disk_resume_free_bytes: int = Field(
+        1024**3,
+        ge=0,
+        description="After a disk-full pause, resume once this much is free in the home (or what the "
+        "worker said it needs, if more).",
+    )
     max_file_bytes: int = Field(
         2 * 1024**3, gt=0, description="Largest JSONL admitted, in bytes (bigger files are rejected)."
     )
@@ -94,6 +106,30 @@ class TrainingConfig(_Strict):
         0, ge=0, le=1024, description="CPU threads for torch; 0: $OMP_NUM_THREADS if set, else half the cores."
     )
     engine: Literal["plain"] = Field("plain", description="Training engine.")
+    nan_max_skips: int = Field(
+        3,
+        ge=1,
+        description="Steps skipped for a NaN/Inf loss or gradient (within 25 steps) that trigger a rollback "
+        "to the last good checkpoint with a lower learning rate.",
+    )
+    nan_lr_factor: float = Field(
+        0.5, gt=0, le=1, description="Learning-rate multiplier applied at each NaN/Inf rollback."
+    )
+    nan_max_rollbacks: int = Field(
+        2, ge=0, description="NaN/Inf rollbacks allowed; one more fails the job with failure class 'nan'."
+    )
+    disk_margin_mb: int = Field(
+        256, ge=0, description="Free space (MB) to keep beyond a checkpoint's expected size before saving it."
+    )
+    overfit_patience: int = Field(
+        3,
+        ge=1,
+        description="Evaluations in a row with rising validation loss (and falling train loss) that "
+        "count as overfitting (a warning).",
+    )
+    early_stop_on_overfit: bool = Field(
+        False, description="Finish the job early (as completed, saying why) when overfitting is detected."
+    )
 
 
 class ServerConfig(_Strict):
@@ -105,10 +141,82 @@ class ServerConfig(_Strict):
     max_upload_bytes: int = Field(64 * 1024**2, gt=0, description="Largest upload to POST /api/upload, in bytes.")
 
 
+class WatchdogConfig(_Strict):
+    interval: float = Field(1.0, gt=0, le=60, description="Seconds between watchdog checks.")
+    restart_daemon: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="Restart a dead or hung daemon. auto: yes, unless systemd ($INVOCATION_ID) or trainbox up "
+        "($TRAINBOX_SUPERVISED) runs it, which restart it themselves.",
+    )
+    restart_backoff: float = Field(
+        5.0, gt=0, le=3600, description="Seconds before the first daemon restart; doubles per restart in a row."
+    )
+    startup_grace: float = Field(
+        60.0, gt=0, le=3600, description="Seconds a restarted daemon gets to write its first heartbeat."
+    )
+    hang_factor: float = Field(
+        5.0,
+        ge=1,
+        le=1000,
+        description="A worker phase is hung after this many times the longest heartbeat interval measured in "
+        "that phase (clamped to the phase's floor and ceiling; the ceiling until one is measured).",
+    )
+    loading_floor: float = Field(120.0, gt=0, description="Seconds: least time allowed for loading.")
+    loading_ceiling: float = Field(1800.0, gt=0, description="Seconds: most time allowed for loading a model and data.")
+    training_floor: float = Field(60.0, gt=0, description="Seconds: least time allowed between heartbeats in training.")
+    training_ceiling: float = Field(1800.0, gt=0, description="Seconds: most time allowed between training heartbeats.")
+    evaluating_floor: float = Field(120.0, gt=0, description="Seconds: least time allowed for one evaluation.")
+    evaluating_ceiling: float = Field(3600.0, gt=0, description="Seconds: most time allowed for one evaluation.")
+    checkpointing_floor: float = Field(120.0, gt=0, description="Seconds: least time allowed for one checkpoint save.")
+    checkpointing_ceiling: float = Field(1800.0, gt=0, description="Seconds: most time allowed for a checkpoint save.")
+    kill_grace: float = Field(
+        30.0, gt=0, le=3600, description="Seconds between SIGTERM and SIGKILL for a hung worker or daemon."
+    )
+
+
+class RetentionConfig(_Strict):
+    interval: float = Field(60.0, gt=0, le=86400, description="Seconds between retention passes.")
+    keep_last: int = Field(2, ge=0, description="Newest checkpoints kept per run.")
+    keep_best: int = Field(1, ge=0, description="Checkpoints with the lowest validation loss kept per run.")
+    milestone_every: int = Field(0, ge=0, description="Keep checkpoints whose step is a multiple of this; 0: none.")
+    min_age: float = Field(3600.0, ge=0, description="Seconds: checkpoints younger than this are never deleted.")
+    max_total_gb: float = Field(
+        0.0, ge=0, description="Cap on all checkpoints together, in GB (1e9 bytes); 0: no cap. Lowest value goes first."
+    )
+    min_free_share: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Keep at least this share of the home's disk free by deleting the lowest-value checkpoints.",
+    )
+
+
+class ModelsConfig(_Strict):
+    eval_file: str = Field(
+        "",
+        description="Frozen evaluation JSONL (absolute or relative to the home) every new version is scored on. "
+        "Empty: gate on the job's own held-out loss, new model against the one it started from.",
+    )
+    regression_tolerance: float = Field(
+        0.02,
+        ge=0,
+        le=10,
+        description="Promote a new version only if its eval loss is at most (1 + this) times the current one's.",
+    )
+    eval_max_examples: int = Field(256, ge=1, description="Cap on the frozen evaluation set.")
+    eval_max_length: int = Field(0, ge=0, description="Tokens per evaluated example; 0: the job's max_length.")
+    eval_timeout: float = Field(
+        1800.0, gt=0, description="Seconds the gate evaluation may take; on timeout the version is not promoted."
+    )
+
+
 class Settings(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
 
 
 class JobOverrides(TrainingConfig):
@@ -184,7 +292,9 @@ def auto_learning_rate(trainable_params: int) -> float:
 def defaults_toml() -> str:
     """Every key with its default and description, as a commented trainbox.toml."""
     out = ["# trainbox.toml: every key, its default and what it does. Uncomment to change.", ""]
-    for table, model in (("daemon", DaemonConfig), ("training", TrainingConfig), ("server", ServerConfig)):
+    for table, field_info in Settings.model_fields.items():
+        model = field_info.annotation
+        assert isinstance(model, type) and issubclass(model, _Strict)
         out.append(f"[{table}]")
         for name, field in model.model_fields.items():
             default = field.get_default(call_default_factory=True)

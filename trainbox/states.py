@@ -30,6 +30,7 @@ class DaemonState(StrEnum):
     IDLE = "idle"
     TRAINING = "training"
     PAUSED = "paused"
+    DISK_FULL = "disk_full"  # intake and training wait for free space
     STOPPING = "stopping"
     STOPPED = "stopped"
 

@@ -1,0 +1,299 @@
+"""Checks before the first step: a job that cannot work fails at once with the reason and the fix.
+
+Pure functions take numbers (model shape, settings, data counts, free memory) and return
+``Problem``s; ``run_preflight`` is the small I/O wrapper the worker calls: it reads the model's
+shape and the device's free memory, raises ``PreflightError`` for the first fatal problem, and
+returns the warnings and the micro-batch to start with (never above the configured one).
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from core.errors import PreflightError
+from trainbox.config import TrainingConfig
+
+MIN_VAL_EXAMPLES = 10  # fewer and the validation loss is mostly noise
+USABLE_FRACTION = 0.9  # of free memory: allocator fragmentation and other processes
+GPU_OVERHEAD = 512 * 1024**2  # CUDA context, cuBLAS workspaces, allocator slack
+CPU_OVERHEAD = 256 * 1024**2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    trainable: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    max_positions: int | None
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str  # max_length, bf16, eval_empty, eval_small, no_eval, memory
+    message: str
+    fix: str
+    fatal: bool
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    grads: int
+    optimizer: int
+    activations: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.activations + self.overhead
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "weights": self.weights,
+            "grads": self.grads,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            "overhead": self.overhead,
+            "total": self.total,
+        }
+
+
+# --- pure ---------------------------------------------------------------------------------------
+
+
+def estimate_memory(shape: ModelShape, micro_batch: int, max_length: int, bf16: bool, cuda: bool) -> MemoryEstimate:
+    """Bytes for a full fine-tune step: fp32 master weights, fp32 grads, AdamW's two moments, and
+    the activations kept for backward (about 34 x hidden values per token and layer, Korthikanti et
+    al. 2022; attention scores too where no fused kernel avoids them, i.e. on the CPU), plus logits
+    and their gradient in fp32."""
+    act_bytes = 2 if bf16 else 4
+    tokens = micro_batch * max_length
+    per_layer = tokens * (34 // 2 * shape.hidden + 2 * shape.intermediate) * act_bytes
+    if not cuda:
+        per_layer += micro_batch * shape.heads * max_length * max_length * 2 * act_bytes
+    logits = tokens * shape.vocab * 4 * 3
+    return MemoryEstimate(
+        weights=shape.params * 4,
+        grads=shape.trainable * 4,
+        optimizer=shape.trainable * 8,
+        activations=shape.layers * per_layer + logits,
+        overhead=GPU_OVERHEAD if cuda else CPU_OVERHEAD,
+    )
+
+
+def halvings(configured: int) -> list[int]:
+    """The micro-batches OOM back-off would try: configured, half, ..., 1."""
+    out = [configured]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def pick_micro_batch(
+    shape: ModelShape, configured: int, max_length: int, bf16: bool, cuda: bool, available: int
+) -> tuple[int | None, MemoryEstimate]:
+    """The largest micro-batch among ``halvings(configured)`` whose estimate fits ``available``
+    (usable share); None when not even 1 fits. Also returns the estimate for the one chosen (or 1)."""
+    budget = int(available * USABLE_FRACTION)
+    est = estimate_memory(shape, 1, max_length, bf16, cuda)
+    for m in halvings(configured):
+        est = estimate_memory(shape, m, max_length, bf16, cuda)
+        if est.total <= budget:
+            return m, est
+    return None, est
+
+
+def check_settings(cfg: TrainingConfig, shape: ModelShape, cuda: bool, bf16_supported: bool) -> list[Problem]:
+    out = []
+    if shape.max_positions is not None and cfg.max_length > shape.max_positions:
+        out.append(
+            Problem(
+                "max_length",
+                f"max_length {cfg.max_length} is above the model's {shape.max_positions} positions "
+                "(max_position_embeddings): positions beyond it have no trained embedding",
+                f"set max_length = {shape.max_positions} or less",
+                True,
+                {"max_length": cfg.max_length, "max_position_embeddings": shape.max_positions},
+            )
+        )
+    if cfg.precision == "bf16" and not (cuda and bf16_supported):
+        where = "this GPU does not support bf16" if cuda else "the job runs on the CPU"
+        out.append(
+            Problem(
+                "bf16",
+                f"precision = 'bf16' was requested but {where}",
+                "set precision = 'auto' (bf16 where supported, fp32 otherwise) or 'fp32'",
+                True,
+                {"precision": cfg.precision, "device": "cuda" if cuda else "cpu", "bf16_supported": bf16_supported},
+            )
+        )
+    # LoRA: when the LoRA engine lands, check here that every target module name exists in the model.
+    return out
+
+
+def check_data(n_train: int, n_val: int, eval_file: bool, eval_fraction: float) -> list[Problem]:
+    """Data counts after encoding (truncation and masking already dropped what has nothing to train)."""
+    out = []
+    if eval_file and n_val == 0:
+        out.append(
+            Problem(
+                "eval_empty",
+                "the eval_file has no example with a trained token within max_length",
+                "raise max_length, shorten the eval prompts, or drop eval_file to hold out part of the data",
+                True,
+                {"n_val": 0},
+            )
+        )
+    elif n_val == 0 and eval_fraction > 0:
+        out.append(
+            Problem(
+                "no_eval",
+                f"no validation set: {n_train} training example(s) are too few to hold any out",
+                "add examples or give an eval_file",
+                False,
+                {"n_train": n_train},
+            )
+        )
+    elif 0 < n_val < MIN_VAL_EXAMPLES:
+        out.append(
+            Problem(
+                "eval_small",
+                f"the validation set has only {n_val} example(s): its loss is mostly noise",
+                f"give an eval_file with at least {MIN_VAL_EXAMPLES} examples, or more data",
+                False,
+                {"n_val": n_val},
+            )
+        )
+    return out
+
+
+def check_memory(
+    shape: ModelShape, cfg: TrainingConfig, bf16: bool, cuda: bool, available: int, source: str
+) -> tuple[int, list[Problem]]:
+    """(starting micro-batch, problems): fatal when the estimate exceeds the memory even at micro-batch 1."""
+    micro, est = pick_micro_batch(shape, cfg.batch_size, cfg.max_length, bf16, cuda, available)
+    evidence = {"estimate_bytes": est.as_dict(), "available_bytes": available, "memory": source}
+    if micro is None:
+        return 1, [
+            Problem(
+                "memory",
+                f"training needs about {est.total / 2**30:.1f} GiB at micro-batch 1 and max_length {cfg.max_length}, "
+                f"{source} has {available / 2**30:.1f} GiB free",
+                "lower max_length, use a smaller model (or LoRA, when available), or free memory on the device",
+                True,
+                {**evidence, "micro_batch": 1, "max_length": cfg.max_length},
+            )
+        ]
+    if micro < cfg.batch_size:
+        return micro, [
+            Problem(
+                "memory_micro_batch",
+                f"starting with micro-batch {micro} (configured {cfg.batch_size}) so the estimate of "
+                f"{est.total / 2**30:.2f} GiB fits the {available / 2**30:.2f} GiB free; "
+                "the effective batch is unchanged",
+                "",
+                False,
+                {**evidence, "micro_batch": micro},
+            )
+        ]
+    return micro, []
+
+
+# --- I/O ----------------------------------------------------------------------------------------
+
+
+def model_shape(model: Any) -> ModelShape:
+    c = model.config
+    text = c.get_text_config() if hasattr(c, "get_text_config") else c
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    return ModelShape(
+        params=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        hidden=hidden,
+        intermediate=int(getattr(text, "intermediate_size", 0) or 4 * hidden),
+        layers=int(getattr(text, "num_hidden_layers", 0) or 0),
+        heads=int(getattr(text, "num_attention_heads", 0) or 0),
+        vocab=int(getattr(text, "vocab_size", 0) or 0),
+        max_positions=getattr(text, "max_position_embeddings", None),
+    )
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """Free bytes where training runs, counting the model already loaded there as available."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_allocated(device)), f"GPU {torch.cuda.get_device_name(device)}"
+    rss = psutil.Process().memory_info().rss
+    return int(psutil.virtual_memory().available) + int(rss), "RAM"
+
+
+def memory_snapshot(device: torch.device) -> dict[str, Any]:
+    """Numbers for an OOM's evidence; best effort."""
+    try:
+        if device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            return {
+                "gpu_free_bytes": int(free),
+                "gpu_total_bytes": int(total),
+                "allocated_bytes": int(torch.cuda.memory_allocated(device)),
+                "reserved_bytes": int(torch.cuda.memory_reserved(device)),
+                "peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
+            }
+        vm = psutil.virtual_memory()
+        return {
+            "ram_available_bytes": int(vm.available),
+            "ram_total_bytes": int(vm.total),
+            "rss_bytes": int(psutil.Process().memory_info().rss),
+        }
+    except Exception as e:  # boundary: evidence is a courtesy
+        return {"memory_error": str(e)}
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class PreflightReport:
+    micro_batch: int
+    warnings: list[Problem]
+    estimate: dict[str, Any]
+
+
+def run_preflight(
+    cfg: TrainingConfig, model: Any, device: torch.device, n_train: int, n_val: int, eval_file: bool, bf16: bool
+) -> PreflightReport:
+    cuda = device.type == "cuda"
+    shape = model_shape(model)
+    bf16_supported = cuda and torch.cuda.is_bf16_supported()
+    problems = check_settings(cfg, shape, cuda, bf16_supported) + check_data(
+        n_train, n_val, eval_file, cfg.eval_fraction
+    )
+    available, source = available_memory(device)
+    micro, mem = check_memory(shape, cfg, bf16, cuda, available, source)
+    problems += mem
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        first = fatal[0]
+        evidence = {**first.evidence, "check": first.code}
+        if len(fatal) > 1:
+            evidence["other_problems"] = [p.message for p in fatal[1:]]
+        raise PreflightError(first.message, evidence=evidence, fix=first.fix)
+    estimate = {
+        "available_bytes": available,
+        "memory": source,
+        **estimate_memory(shape, micro, cfg.max_length, bf16, cuda).as_dict(),
+    }
+    return PreflightReport(micro, [p for p in problems if not p.fatal], estimate)

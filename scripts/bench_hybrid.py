@@ -1,0 +1,407 @@
+"""Benchmark: hybrid-predict engine vs the tuned plain loop, time to the same validation loss (issue 3).
+
+CPU profile (the only one so far): the embedded tiny Llama (core.embedded), a deterministic generated
+dataset harder and larger than examples/ (stories, three-operation arithmetic, translations, list
+copying; mixed text / prompt-completion / chat records), one CPU thread, denormals flushed.
+
+1. Plain learning-rate sweep (``--lrs``) on the first seed with core.train.Trainer (the real loop);
+   the best final validation loss picks the lr. Target = that best loss x (1 + ``--tolerance``).
+2. Per seed (``--seeds``): the same initial weights (build_model(seed)) and data order for plain and
+   for each hybrid variant, runs alternating (plain, hybrid, plain, ...) so machine drift hits both.
+3. Time to target: training wall-clock (evaluation excluded: it is the benchmark's measurement, not
+   the job's work; the hybrid's probes ARE counted) at the first evaluation whose val loss <= target.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py [--quick] [--variants hybrid,hybrid-exp]
+Prints a markdown table; ``--write`` appends it to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch
+from transformers import AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from core.data import split_heldout  # noqa: E402
+from core.embedded import build_model, ensure_embedded_model  # noqa: E402
+from core.encode import Example, encode_all, prepare_tokenizer  # noqa: E402
+from core.hybrid import HybridConfig, HybridEngine  # noqa: E402
+from core.hybrid.events import JumpEvent  # noqa: E402
+from core.train import EvalEvent, PhaseEvent, Trainer  # noqa: E402
+from trainbox.config import TrainingConfig  # noqa: E402
+from trainbox.records import Record  # noqa: E402
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "hybrid": {},
+    "hybrid-exp": {"method": "exponential"},
+    "hybrid-noadv": {"advance_schedule": False},
+    "hybrid-scale": {"scales": (1.0, 2.0)},
+    "freeze": {"freeze": True, "warmup_steps": 10**9},  # freezing alone, no jumps
+    "freeze-loose": {"freeze": True, "freeze_threshold": 0.02, "warmup_steps": 10**9},
+}
+
+# --- data -----------------------------------------------------------------------------------------
+
+ANIMALS = [
+    "cat",
+    "dog",
+    "horse",
+    "bird",
+    "fish",
+    "cow",
+    "sheep",
+    "fox",
+    "bear",
+    "wolf",
+    "duck",
+    "goat",
+    "mouse",
+    "owl",
+    "frog",
+    "deer",
+    "lion",
+    "tiger",
+]
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "grey", "orange", "purple", "pink", "silver"]
+PLACES = ["garden", "forest", "river", "field", "barn", "hill", "lake", "city", "market", "station", "valley", "bridge"]
+VERBS = ["sleeps", "runs", "eats", "plays", "waits", "sings", "rests", "hides", "jumps", "swims", "reads", "dances"]
+TIMES = ["morning", "evening", "night", "noon", "dawn", "winter", "summer", "spring", "autumn"]
+FRENCH = {
+    "cat": "chat",
+    "dog": "chien",
+    "horse": "cheval",
+    "bird": "oiseau",
+    "fish": "poisson",
+    "cow": "vache",
+    "sheep": "mouton",
+    "fox": "renard",
+    "bear": "ours",
+    "wolf": "loup",
+    "duck": "canard",
+    "goat": "chèvre",
+    "mouse": "souris",
+    "owl": "hibou",
+    "frog": "grenouille",
+    "deer": "cerf",
+    "lion": "lion",
+    "tiger": "tigre",
+    "red": "rouge",
+    "blue": "bleu",
+    "green": "vert",
+    "yellow": "jaune",
+    "black": "noir",
+    "white": "blanc",
+    "brown": "marron",
+    "grey": "gris",
+    "orange": "orange",
+    "purple": "violet",
+    "pink": "rose",
+}
+
+
+def make_records(n: int, seed: int = 11) -> list[Record]:
+    """A deterministic mix of four tasks; every answer follows from the prompt (learnable, not trivial)."""
+    rng = random.Random(seed)
+    out: list[Record] = []
+    words = sorted(FRENCH)
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a, c, p, v, t = (rng.choice(pool) for pool in (ANIMALS, COLORS, PLACES, VERBS, TIMES))
+            b = rng.choice(ANIMALS)
+            out.append(
+                Record(kind="text", text=f"In the {t} the {c} {a} {v} near the {p}. The {b} watches the {a} who {v}.")
+            )
+        elif kind == 1:
+            x, y = rng.randint(0, 99), rng.randint(0, 99)
+            op = rng.choice(["plus", "minus", "times"])
+            val = x + y if op == "plus" else x - y if op == "minus" else x * y
+            out.append(Record(kind="prompt_completion", prompt=f"What is {x} {op} {y}?\nAnswer:", completion=f" {val}"))
+        elif kind == 2:
+            w = rng.choice(words)
+            msgs = (
+                ("system", "You translate English words into French."),
+                ("user", f"Translate '{w}' into French."),
+                ("assistant", f"In French, '{w}' is '{FRENCH[w]}'."),
+            )
+            out.append(Record(kind="messages", messages=msgs))
+        else:
+            items = [rng.choice(ANIMALS + COLORS) for _ in range(rng.randint(3, 6))]
+            out.append(
+                Record(
+                    kind="prompt_completion",
+                    prompt=f"Repeat the list backwards: {', '.join(items)}\nReversed:",
+                    completion=" " + ", ".join(reversed(items)),
+                )
+            )
+    return out
+
+
+# --- runs -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    name: str
+    seed: int
+    lr: float
+    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train seconds, val loss)
+    train_s: float = 0.0
+    real_steps: int = 0
+    backward: int = 0
+    overhead_s: float = 0.0
+    attempts: int = 0
+    accepted: int = 0
+    advanced: int = 0
+    frozen: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> float:
+        return self.evals[-1][2]
+
+    def to_target(self, target: float) -> tuple[int, float] | None:
+        for step, t, v in self.evals:
+            if v <= target:
+                return step, t
+        return None
+
+
+class Clock:
+    """Training wall-clock: elapsed time minus the time spent in evaluation (the benchmark's, not the job's)."""
+
+    def __init__(self, result: RunResult) -> None:
+        self.result = result
+        self.start = time.perf_counter()
+        self.eval_s = 0.0
+        self._eval_start: float | None = None
+
+    def __call__(self, ev: Any) -> None:
+        now = time.perf_counter()
+        if isinstance(ev, PhaseEvent) and ev.phase == "evaluating":
+            self._eval_start = now
+        elif isinstance(ev, EvalEvent):
+            assert self._eval_start is not None
+            train_s = self._eval_start - self.start - self.eval_s
+            self.eval_s += now - self._eval_start
+            self.result.evals.append((ev.step, train_s, ev.val_loss))
+            self.result.train_s = train_s
+
+
+def make_trainer(
+    tok: Any, init: dict[str, torch.Tensor], data: tuple[list[Example], list[Example]], cfg: TrainingConfig
+) -> Trainer:
+    model = build_model(tok, seed=0)
+    model.load_state_dict(init)
+    torch.manual_seed(cfg.seed)
+    return Trainer(model, cfg, data[0], data[1], tok.pad_token_id, torch.device("cpu"))
+
+
+def run_plain(tok: Any, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str) -> RunResult:
+    res = RunResult(name, cfg.seed, cfg.learning_rate)
+    tr = make_trainer(tok, init, data, cfg)
+    clock = Clock(res)
+    tr.run(clock, lambda: False, lambda: Path("."))
+    res.real_steps = res.backward = tr.state.step
+    return res
+
+
+def run_hybrid(
+    tok: Any,
+    init: dict[str, torch.Tensor],
+    data: Any,
+    probe: list[Example],
+    cfg: TrainingConfig,
+    hcfg: HybridConfig,
+    name: str,
+) -> RunResult:
+    res = RunResult(name, cfg.seed, cfg.learning_rate)
+    tr = make_trainer(tok, init, data, cfg)
+    eng = HybridEngine(tr, hcfg, probe)
+    clock = Clock(res)
+    jumps: list[JumpEvent] = []
+
+    def emit(ev: Any) -> None:
+        clock(ev)
+        if isinstance(ev, JumpEvent):
+            jumps.append(ev)
+
+    eng.run(emit, lambda: False)
+    c = eng.counters
+    res.real_steps, res.backward = c.real_steps, c.real_steps * cfg.grad_accum
+    res.overhead_s, res.attempts, res.accepted, res.advanced = c.overhead_s, c.attempts, c.accepted, c.advanced_steps
+    res.frozen = list(c.frozen)
+    # round trip of the engine state (what a checkpoint would hold) must survive json-like data
+    assert eng.state_dict()["version"] == 1
+    return res
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def fmt_t(x: tuple[int, float] | None) -> str:
+    return "not reached" if x is None else f"{x[1]:.1f} s / {x[0]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--lrs", default="1e-3,2e-3,4e-3")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--examples", type=int, default=2400)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--val", type=int, default=128)
+    ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--variants", default="hybrid", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 1 lr, 120 steps: a smoke run")
+    ap.add_argument("--write", action="store_true", help="append the table to docs/BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, help="write every run's numbers here")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.lrs, args.steps = "0", "2e-3", 120
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    torch.set_flush_denormal(True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    lrs = [float(x) for x in args.lrs.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    t_start = time.time()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(ensure_embedded_model(Path(tmp) / "embedded"))
+    prepare_tokenizer(tok)
+    records = make_records(args.examples)
+    train_recs, val_recs = split_heldout(records, args.val / len(records), args.val, seed=5)
+    train = encode_all(tok, train_recs, 96).examples
+    val = encode_all(tok, val_recs, 96).examples
+    probe = random.Random(3).sample(train, HybridConfig().probe_examples)
+    data = (train, val)
+
+    def cfg_for(seed: int, lr: float) -> TrainingConfig:
+        return TrainingConfig(
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=lr,
+            eval_every=args.eval_every,
+            checkpoint_every=0,
+            seed=seed,
+            warmup_ratio=0.05,
+        )
+
+    def init_for(seed: int) -> dict[str, torch.Tensor]:
+        return copy.deepcopy(build_model(tok, seed=1000 + seed).state_dict())  # type: ignore[arg-type]
+
+    # 1. lr sweep on the first seed
+    sweep = [run_plain(tok, init_for(seeds[0]), data, cfg_for(seeds[0], lr), "plain") for lr in lrs]
+    for r in sweep:
+        print(f"sweep lr {r.lr:.0e}: final val {r.final:.4f}, best {min(v for *_, v in r.evals):.4f}", flush=True)
+    best = min(sweep, key=lambda r: r.final)
+    lr = best.lr
+    target = best.final * (1 + args.tolerance)
+    print(f"best lr {lr:.0e}; target val loss {target:.4f}", flush=True)
+
+    # 2. per seed: plain and variants, alternating; order rotates per seed
+    runs: dict[str, list[RunResult]] = {"plain": [], **{v: [] for v in variants}}
+    for i, seed in enumerate(seeds):
+        init = init_for(seed)
+        order = ["plain", *variants]
+        order = order[i % len(order) :] + order[: i % len(order)]
+        for name in order:
+            if name == "plain":
+                r = run_plain(tok, init, data, cfg_for(seed, lr), "plain")
+            else:
+                r = run_hybrid(tok, init, data, probe, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name)
+            runs[name].append(r)
+            print(
+                f"seed {seed} {name:12s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
+                f"train {r.train_s:.1f}s real {r.real_steps} jumps {r.accepted}/{r.attempts} adv {r.advanced} "
+                f"overhead {r.overhead_s:.2f}s frozen {r.frozen}",
+                flush=True,
+            )
+
+    # 3. table
+    lines = [
+        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --seeds {args.seeds} --lrs {args.lrs} "
+        f"--steps {args.steps} --variants {args.variants}`",
+        "",
+        f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, 1 thread, "
+        f"Python {platform.python_version()}; {len(train)} train / {len(val)} val examples, batch {args.batch_size}, "
+        f"{args.steps} steps, eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",
+        "",
+        "LR sweep (plain, seed "
+        + str(seeds[0])
+        + "): "
+        + ", ".join(f"{r.lr:.0e} -> {r.final:.4f}" for r in sweep)
+        + f". Chosen lr {lr:.0e}; target = {best.final:.4f} x {1 + args.tolerance:.2f} = {target:.4f}.",
+        "",
+        "| seed | engine | final val | time to target (s / step) | speedup | backward passes | jumps acc/tried "
+        "| steps advanced | overhead share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    summary: dict[str, dict[str, float | None]] = {}
+    for name in runs:
+        speedups, finals, rel = [], [], []
+        for i, r in enumerate(runs[name]):
+            p = runs["plain"][i]
+            tt, pt = r.to_target(target), p.to_target(target)
+            sp = pt[1] / tt[1] if tt and pt else None
+            if sp is not None:
+                speedups.append(sp)
+            finals.append(r.final)
+            rel.append(r.final / p.final - 1)
+            share = r.overhead_s / max(r.train_s, 1e-9)
+            lines.append(
+                f"| {r.seed} | {name} | {r.final:.4f} ({r.final / p.final - 1:+.1%}) | {fmt_t(tt)} | "
+                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.backward} | {r.accepted}/{r.attempts} | {r.advanced} | "
+                f"{share:.1%} |"
+            )
+        reached = sum(1 for r in runs[name] if r.to_target(target))
+        summary[name] = {
+            "median_speedup": statistics.median(speedups) if speedups else None,
+            "median_final": statistics.median(finals),
+            "median_final_rel": statistics.median(rel),
+            "reached": reached,
+            "overhead": statistics.median(r.overhead_s / max(r.train_s, 1e-9) for r in runs[name]),
+        }
+    lines += [
+        "",
+        "| engine | median speedup | median final val (vs plain) | seeds reaching target | median overhead share |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in summary.items():
+        ms = s["median_speedup"]
+        lines.append(
+            f"| {name} | {'-' if ms is None else f'{ms:.2f}x'} | {s['median_final']:.4f} "
+            f"({s['median_final_rel']:+.1%}) | {s['reached']}/{len(seeds)} | {s['overhead']:.1%} |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.json:
+        everything = {k: [vars(r) for r in v] for k, v in runs.items()} | {"sweep": [vars(r) for r in sweep]}
+        args.json.write_text(json.dumps(everything, indent=1))
+    if args.write:
+        with open(ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The sibling processes' commands: watchdog, retention, health, up, install-systemd, models list|promote|rollback.
+
+Registered on the main ``trainbox`` app by ``register(app, models_app)`` (called from ``trainbox/cli.py``).
+Process packages are imported inside each command, so ``trainbox status`` never loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainbox.config import ConfigError, Settings, load_settings
+from trainbox.home import Home
+
+console = Console()
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="Instance folder (default: $TRAINBOX_HOME, else the current folder).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _settings(home: Home) -> Settings:
+    try:
+        return load_settings(home.config_file)
+    except ConfigError as e:
+        console.print(f"[red]configuration error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def watchdog(home: HomeOpt = None) -> None:
+    """Run the watchdog in the foreground: restart a dead daemon, kill hung workers, write crash reports."""
+    from safety.watchdog import Watchdog
+    from trainbox.roles import run_role
+
+    h = Home.resolve(home).ensure()
+    settings = _settings(h)
+    _logging()
+    run_role(Watchdog(h, settings))
+
+
+def retention(
+    home: HomeOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would go and why; delete nothing.")] = False,
+    once: Annotated[bool, typer.Option("--once", help="One pass, then exit.")] = False,
+) -> None:
+    """Delete checkpoints by the retention policy (the only process that does), in the foreground."""
+    from management.retention import Retention
+    from trainbox.roles import run_role
+
+    h = Home.resolve(home)
+    settings = _settings(h)
+    if dry_run:
+        r = Retention(h, settings, dry_run=True, report=lambda line: console.print(line, highlight=False))
+        r.loop(time.time())
+        p = r.last_plan
+        assert p is not None
+        freed = p.freed / 1e6
+        console.print(f"dry run: would delete {len(p.delete)} checkpoint(s), {freed:.1f} MB; keep {len(p.keep)}")
+        for path, why in sorted(p.keep.items()):
+            console.print(f"keep {path}: {why}", highlight=False)
+        r.shutdown()
+        return
+    h.ensure()
+    _logging()
+    run_role(Retention(h, settings), once=once)
+
+
+def health(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Check processes, heartbeats, lock, disk, GPU, DB and queue; exit 0 ok, 1 warning, 2 critical."""
+    from safety.health import Level, overall, run_checks
+
+    h = Home.resolve(home)
+    settings = _settings(h)
+    checks = run_checks(h, settings)
+    worst = overall(checks)
+    if as_json:
+        print(json.dumps({"status": worst.name.lower(), "checks": [c.to_json() for c in checks]}, indent=2))
+    else:
+        colour = {Level.OK: "green", Level.WARNING: "yellow", Level.CRITICAL: "red"}
+        table = Table("check", "status", "detail", title=f"trainbox health: {h.root}")
+        for c in checks:
+            table.add_row(c.name, f"[{colour[c.level]}]{c.level.name.lower()}[/]", c.detail)
+        console.print(table)
+        console.print(f"overall: [{colour[worst]}]{worst.name.lower()}[/]")
+    raise typer.Exit(int(worst))
+
+
+def up(home: HomeOpt = None) -> None:
+    """Run daemon, watchdog, retention and status server under one foreground supervisor (Ctrl-C stops all)."""
+    from trainbox.config import defaults_toml
+    from trainbox.supervisor import Supervisor
+
+    h = Home.resolve(home)
+    _settings(h)  # a bad config fails here, before any child starts
+    h.root.mkdir(parents=True, exist_ok=True)
+    if not h.config_file.exists():
+        h.config_file.write_text(defaults_toml(), encoding="utf-8")
+    raise typer.Exit(Supervisor(h, say=lambda line: print(line, flush=True)).run())
+
+
+def install_systemd(
+    home: HomeOpt = None,
+    user: Annotated[bool, typer.Option("--user", help="User units (~/.config/systemd/user), not system.")] = False,
+    directory: Annotated[Path | None, typer.Option("--dir", help="Write the units here instead.")] = None,
+) -> None:
+    """Write systemd units (daemon, watchdog, retention, status server, trainbox.target) for this install and home."""
+    from trainbox.systemd import install
+
+    h = Home.resolve(home)
+    for path in install(h.root, user, directory):
+        console.print(f"wrote {path}")
+    ctl = "systemctl --user" if user else "systemctl"
+    console.print(f"then: {ctl} daemon-reload && {ctl} enable --now trainbox.target")
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def _db(h: Home) -> Any:
+    from management.db import ModelDB
+
+    if not h.db_file.exists():
+        console.print("no model versions yet")
+        raise typer.Exit(0)
+    return ModelDB(h.db_url)
+
+
+def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Model versions with lineage, the eval gate's verdict, and which one is current."""
+    from management.versions import current_id
+
+    h = Home.resolve(home)
+    db = _db(h)
+    cur = current_id(h)
+    gates = {g.version_id: g for g in db.gates()}
+    rows = []
+    for v in db.versions():
+        g = gates.get(v.id)
+        rows.append(
+            {
+                "version": v.id,
+                "current": v.id == cur,
+                "parent": v.parent_id,
+                "job": v.job_id,
+                "val_loss": v.val_loss,
+                "gate": None if g is None else ("promoted" if g.promoted else "not promoted"),
+                "eval_loss": g.new_loss if g else None,
+                "reason": g.reason if g else "",
+                "path": v.path,
+            }
+        )
+    db.close()
+    if as_json:
+        print(json.dumps({"current": cur, "versions": rows}, indent=2))
+        return
+    table = Table("version", "parent", "job", "val loss", "eval loss", "gate", "reason")
+    for r in rows:
+        mark = " (current)" if r["current"] else ""
+        table.add_row(
+            f"{r['version']}{mark}",
+            str(r["parent"] or "-"),
+            str(r["job"]),
+            "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
+            "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
+            r["gate"] or "-",
+            r["reason"][:90],
+        )
+    console.print(table)
+
+
+def models_promote(
+    version: Annotated[int, typer.Argument(help="Version number to make current.")],
+    home: HomeOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Skip the regression check.")] = False,
+) -> None:
+    """Make a version current, if it does not regress against the current one on models.eval_file."""
+    from management.versions import VersionError, promote
+
+    h = Home.resolve(home)
+    db = _db(h)
+    try:
+        verdict = promote(h, db, _settings(h), version, force)
+    except VersionError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        db.close()
+    console.print(f"version {version} is current: {verdict.reason}")
+
+
+def models_rollback(home: HomeOpt = None) -> None:
+    """Make the version that was current before the current one current again."""
+    from management.versions import VersionError, current_id, rollback
+
+    h = Home.resolve(home)
+    db = _db(h)
+    before = current_id(h)
+    try:
+        v = rollback(h, db)
+    except VersionError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        db.close()
+    console.print(f"rolled back: current version {before} -> {v.id}")
+
+
+def register(app: typer.Typer, models_app: typer.Typer) -> None:
+    app.command()(watchdog)
+    app.command()(retention)
+    app.command()(health)
+    app.command()(up)
+    app.command("install-systemd")(install_systemd)
+    models_app.command("list")(models_list)
+    models_app.command("promote")(models_promote)
+    models_app.command("rollback")(models_rollback)
