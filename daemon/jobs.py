@@ -16,6 +16,7 @@ from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import gate_version, keepalive_for_daemon, starting_version
 from safety.markers import read_kill_marker
 from trainbox.config import Settings, job_training_config
+from trainbox.control import Action
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
 from trainbox.states import JobState, Priority
@@ -158,6 +159,29 @@ class JobRunner:
             evidence=decision.evidence,
         )
         return decision
+
+    def change_waiting(self, job_id: int, action: Action, priority: Priority | None) -> str:
+        """Cancel or reprioritise a job that is still waiting; anything else is refused, saying why."""
+        waiting = self.spool.find_job(job_id, [self.home.waiting(p) for p in Priority])
+        if waiting is None:
+            where = self.spool.find_job(job_id)
+            return f"refused: job {job_id} is not waiting ({'in ' + where.parent.name if where else 'unknown'})"
+        if action == Action.PRIORITIZE and priority is not None:
+            move(waiting, self.home.waiting(priority))
+            with self.db.session() as s:
+                row = s.get(Job, job_id)
+                if row is not None:
+                    row.priority = priority.value
+            return f"moved from {waiting.parent.name} to {priority.value}"
+        failed = move(waiting, self.home.failed)
+        write_error(failed, job_id, "cancelled", "cancelled while waiting, by a control request")
+        with self.db.session() as s:
+            row = s.get(Job, job_id)
+            if row is not None:
+                row.state = JobState.CANCELLED.value
+                row.finished_at = time.time()
+                row.error = "cancelled while waiting"
+        return "cancelled"
 
     def complete(self, job_id: int, result: WorkerResult, processing_file: Path | None) -> int:
         """Register the model version (once, even if a crash makes this run twice), then file the job."""

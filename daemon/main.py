@@ -167,6 +167,12 @@ class Daemon:
                 self.paused = False
             elif request.action == control.Action.STOP:
                 self.begin_stop(now)
+            elif request.job_id is not None:
+                outcome = self.runner.change_waiting(request.job_id, request.action, request.priority)
+                self.db.event("control", f"{request.action.value} job {request.job_id}: {outcome}", request.job_id)
+                log.info("control request %s job %d: %s", request.action.value, request.job_id, outcome)
+                control.consume(request)
+                continue
             self.db.event("control", f"{request.action.value} applied")
             log.info("control request applied: %s", request.action.value)
             control.consume(request)
@@ -260,7 +266,7 @@ class Daemon:
                 current_job_name=job.name if job else None,
                 worker_pid=self.worker.pid if self.worker else None,
                 queue=self.spool.counts(),
-                pending_controls=[r.action.value for r in control.pending(self.home.control)],
+                pending_controls=[r.describe() for r in control.pending(self.home.control)],
                 message=self.message,
             ),
         )

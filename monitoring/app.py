@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -243,10 +244,32 @@ def create_app(
     @app.post(
         "/api/control/{action}", response_model=ControlResponse, dependencies=[Depends(require_token)], tags=["control"]
     )
-    def post_control(st: State, action: Action) -> ControlResponse:
+    def post_control(st: State, action: DaemonAction) -> ControlResponse:
         """Write a control request under control/, exactly as `trainbox pause|resume|stop` does."""
-        path = submit(st.home.control, action)
+        path = submit(st.home.control, Action(action.value))
         return ControlResponse(action=action.value, file=path.name, created=path.stat().st_mtime)
+
+    @app.post(
+        "/api/jobs/{job_id}/cancel",
+        response_model=ControlResponse,
+        status_code=202,
+        dependencies=[Depends(require_token)],
+        tags=["control"],
+    )
+    def post_cancel(st: State, job_id: int) -> ControlResponse:
+        """Cancel a waiting job (as `trainbox cancel`): the daemon moves it to failed/ as cancelled."""
+        return _job_control(st, job_id, Action.CANCEL, None)
+
+    @app.post(
+        "/api/jobs/{job_id}/priority",
+        response_model=ControlResponse,
+        status_code=202,
+        dependencies=[Depends(require_token)],
+        tags=["control"],
+    )
+    def post_priority(st: State, job_id: int, priority: Priority) -> ControlResponse:
+        """Move a waiting job to another priority queue (as `trainbox prioritize`)."""
+        return _job_control(st, job_id, Action.PRIORITIZE, priority)
 
     @app.post(
         "/api/upload",
@@ -282,6 +305,25 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class DaemonAction(StrEnum):
+    """The control actions that take no job (the path parameter of /api/control/{action})."""
+
+    PAUSE = Action.PAUSE.value
+    RESUME = Action.RESUME.value
+    STOP = Action.STOP.value
+
+
+def _job_control(st: ServerState, job_id: int, action: Action, priority: Priority | None) -> ControlResponse:
+    """Only a waiting job can be cancelled or moved: refuse others now rather than in the daemon."""
+    if st.spool.find_job(job_id, [st.home.waiting(p) for p in Priority]) is None:
+        where = st.spool.find_job(job_id)
+        raise HTTPException(
+            409, f"job {job_id} is not waiting" + (f" (it is in {where.parent.name}/)" if where else "")
+        )
+    path = submit(st.home.control, action, job_id, priority)
+    return ControlResponse(action=action.value, file=path.name, created=path.stat().st_mtime)
 
 
 def _sources(st: ServerState) -> stream.StreamSources:

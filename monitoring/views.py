@@ -93,7 +93,7 @@ def status(home: Home, spool: Spool, poll_interval: float) -> StatusResponse:
         daemon=daemon,
         training=training_view(home, daemon, now),
         queue=spool.counts(),
-        pending_controls=[r.action.value for r in control.pending(home.control)],
+        pending_controls=[r.describe() for r in control.pending(home.control)],
     )
 
 

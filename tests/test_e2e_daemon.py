@@ -196,3 +196,29 @@ def test_second_daemon_on_the_same_home_refuses(tmp_path: Path, embedded: Path) 
         assert daemon.alive()
     finally:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_cancel_and_prioritize_waiting_jobs(tmp_path: Path, embedded: Path) -> None:
+    home = make_home(tmp_path / "home", embedded)
+    cli(home, "pause")
+    daemon = DaemonProc(home)
+    try:
+        for i in range(3):
+            write_jsonl(home.inbox / "low" / f"w{i}.jsonl", [{"text": f"waiting job {i} line {k}"} for k in range(9)])
+        wait_for(lambda: daemon.status()["queue"]["low"] == 3, 30, "three waiting jobs")
+        db = _db(home)
+        ids = {j.name: j.id for j in db.jobs()}
+        cli(home, "prioritize", str(ids["w2.jsonl"]), "high")
+        cli(home, "cancel", str(ids["w1.jsonl"]))
+        cli(home, "cancel", "999")  # unknown: refused, nothing moves
+        wait_for(lambda: not daemon.status()["pending_controls"], 30, "control requests applied")
+        assert _queue_files(home, "high") == [f"{ids['w2.jsonl']:06d}__w2.jsonl"]
+        assert _queue_files(home, "low") == [f"{ids['w0.jsonl']:06d}__w0.jsonl"]
+        err = json.loads((home.failed / f"{ids['w1.jsonl']:06d}__w1.jsonl.error.json").read_text())
+        assert err["class"] == "cancelled"
+        assert db.job(ids["w1.jsonl"]).state == "cancelled"  # type: ignore[union-attr]
+        assert db.job(ids["w2.jsonl"]).priority == "high"  # type: ignore[union-attr]
+        assert any("refused: job 999 is not waiting" in e.message for e in db.events(kind="control"))
+        db.close()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()

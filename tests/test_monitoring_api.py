@@ -249,6 +249,26 @@ def test_control_requires_the_token(home: Home, server: ServerProc, client: http
         control.consume(q)
 
 
+def test_cancel_and_prioritize_need_the_token_and_a_waiting_job(
+    home: Home, server: ServerProc, client: httpx.Client
+) -> None:
+    before = files_under(home.control)
+    assert client.post("/api/jobs/7/cancel").status_code == 401
+    assert client.post("/api/jobs/7/priority", params={"priority": "high"}).status_code == 401
+    assert client.post(f"/api/jobs/{FAKE_JOB}/cancel", headers=server.auth).status_code == 409  # training
+    assert client.post("/api/jobs/999/cancel", headers=server.auth).status_code == 409
+    assert client.post("/api/jobs/7/priority", params={"priority": "urgent"}, headers=server.auth).status_code == 422
+    assert client.post("/api/control/cancel", headers=server.auth).status_code == 422  # needs a job: not here
+    assert files_under(home.control) == before
+    assert client.post("/api/jobs/7/cancel", headers=server.auth).status_code == 202
+    assert client.post("/api/jobs/6/priority", params={"priority": "high"}, headers=server.auth).status_code == 202
+    pending = control.pending(home.control)
+    assert [q.describe() for q in pending] == ["cancel job 7", "prioritize job 6 high"]
+    assert client.get("/api/status").json()["pending_controls"] == ["cancel job 7", "prioritize job 6 high"]
+    for q in pending:
+        control.consume(q)
+
+
 @pytest.mark.parametrize("name", ["../../evil.jsonl", "/tmp/evil.jsonl", "..\\x.jsonl", "sub/x.jsonl", "x.txt"])
 def test_upload_bad_names_write_nothing(home: Home, server: ServerProc, client: httpx.Client, name: str) -> None:
     outside = home.root.parent

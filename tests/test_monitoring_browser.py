@@ -116,6 +116,12 @@ def test_dashboard_follows_training_and_pauses(tmp_path: Path, browser: Any) -> 
         page.wait_for_function(
             "document.getElementById('toast').textContent.includes('pause requested')", timeout=5_000
         )
+        page.select_option('#queue-table tr[data-job="7"] select.job-priority', "high")  # a waiting job
+        wait_until(
+            lambda: "prioritize job 7 high" in [r.describe() for r in control.pending(home.control)],
+            10,
+            "a prioritize request from the queue table",
+        )
 
         shot = tmp_path / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from trainbox import control
+from trainbox.cli_common import HomeOpt, JsonOpt, console, settings_or_exit
+from trainbox.cli_siblings import models_list
 from trainbox.cli_siblings import register as register_siblings
-from trainbox.config import ConfigError, Settings, defaults_toml, load_settings
+from trainbox.config import Settings, defaults_toml
 from trainbox.home import Home
 from trainbox.states import Priority
 from trainbox.status import (
@@ -32,24 +33,10 @@ from trainbox.status import (
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Drop JSONL files in, get trained models out.")
 models_app = typer.Typer(help="Model versions.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
-console = Console()
-
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="Instance folder (default: $TRAINBOX_HOME, else the current folder).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _home(home: Path | None) -> Home:
     return Home.resolve(home)
-
-
-def _settings(home: Home) -> Settings:
-    try:
-        return load_settings(home.config_file)
-    except ConfigError as e:
-        console.print(f"[red]configuration error:[/red] {e}")
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -59,7 +46,7 @@ def daemon(home: HomeOpt = None) -> None:
     from daemon.main import Daemon
 
     h = _home(home)
-    settings = _settings(h)
+    settings = settings_or_exit(h)
     h.root.mkdir(parents=True, exist_ok=True)
     if not h.config_file.exists():
         h.config_file.write_text(defaults_toml(), encoding="utf-8")
@@ -108,7 +95,7 @@ def _daemon_alive(status: DaemonStatus | None, settings: Settings) -> bool:
 def _status_data(h: Home) -> dict[str, Any]:
     from daemon.spool import Spool
 
-    settings = _settings(h)
+    settings = settings_or_exit(h)
     d = read_status(h.status / DAEMON_STATUS, DaemonStatus)
     t = read_status(h.status / TRAINING_STATUS, TrainingStatus)
     alive = _daemon_alive(d, settings)
@@ -124,7 +111,7 @@ def _status_data(h: Home) -> dict[str, Any]:
         },
         "current_job": t.model_dump(mode="json") if (t and current is not None and t.job_id == current) else None,
         "queue": Spool(h).counts(),
-        "pending_controls": [r.action.value for r in control.pending(h.control)],
+        "pending_controls": [r.describe() for r in control.pending(h.control)],
     }
 
 
@@ -199,10 +186,12 @@ def queue_cmd(home: HomeOpt = None, recent: int = 10, as_json: JsonOpt = False) 
     console.print(table)
 
 
-def _control(action: control.Action, home: Path | None) -> None:
+def _control(
+    action: control.Action, home: Path | None, job_id: int | None = None, priority: Priority | None = None
+) -> None:
     h = _home(home).ensure()
-    control.submit(h.control, action)
-    alive = _daemon_alive(read_status(h.status / DAEMON_STATUS, DaemonStatus), _settings(h))
+    control.submit(h.control, action, job_id, priority)
+    alive = _daemon_alive(read_status(h.status / DAEMON_STATUS, DaemonStatus), settings_or_exit(h))
     when = "now" if alive else "when the daemon next starts"
     console.print(f"{action.value} requested; the daemon applies it {when}")
 
@@ -235,7 +224,7 @@ def serve(
     from monitoring.server import serve as run_server
 
     h = _home(home)
-    settings = _settings(h)
+    settings = settings_or_exit(h)
     if host is not None:
         settings.server.host = host
     if port is not None:
@@ -251,48 +240,27 @@ def token(home: HomeOpt = None) -> None:
     print(load_or_create_token(_home(home).ensure()))
 
 
+@app.command()
+def cancel(job: Annotated[int, typer.Argument(help="Job id (see `trainbox queue`).")], home: HomeOpt = None) -> None:
+    """Cancel a waiting job: its file goes to queue/failed/ marked cancelled."""
+    _control(control.Action.CANCEL, home, job_id=job)
+
+
+@app.command()
+def prioritize(
+    job: Annotated[int, typer.Argument(help="Job id (see `trainbox queue`).")],
+    priority: Annotated[Priority, typer.Argument(help="high, normal or low.")],
+    home: HomeOpt = None,
+) -> None:
+    """Move a waiting job to another priority queue."""
+    _control(control.Action.PRIORITIZE, home, job_id=job, priority=priority)
+
+
 @models_app.callback()
 def models(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List model versions, newest last (the newest is what the next job starts from)."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from management.db import ModelDB
-
-    h = _home(home)
-    if not h.db_file.exists():
-        console.print("no model versions yet")
-        return
-    db = ModelDB(h.db_url)
-    rows = [
-        {
-            "version": v.id,
-            "parent": v.parent_id,
-            "job": v.job_id,
-            "train_loss": v.train_loss,
-            "val_loss": v.val_loss,
-            "steps": v.steps,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at)),
-            "path": v.path,
-        }
-        for v in db.versions()
-    ]
-    db.close()
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table("version", "parent", "job", "train loss", "val loss", "steps", "created", "path")
-    for r in rows:
-        table.add_row(
-            str(r["version"]),
-            str(r["parent"] or "-"),
-            str(r["job"]),
-            _fmt(r["train_loss"]),
-            _fmt(r["val_loss"]),
-            str(r["steps"]),
-            r["created"],
-            r["path"],
-        )
-    console.print(table)
+    """Model versions (``list``, the default), ``promote V``, ``rollback``, ``export V``."""
+    if ctx.invoked_subcommand is None:
+        models_list(home=home, as_json=as_json)
 
 
 @app.command("config")
@@ -302,7 +270,7 @@ def config_cmd(
     """Print every configuration key with its default and meaning (or check the home's file)."""
     if check:
         h = _home(home)
-        _settings(h)
+        settings_or_exit(h)
         console.print(f"{h.config_file}: ok")
         return
     print(defaults_toml())

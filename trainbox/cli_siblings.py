@@ -14,25 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from trainbox.config import ConfigError, Settings, load_settings
+from trainbox.cli_common import HomeOpt, JsonOpt, console, settings_or_exit
 from trainbox.home import Home
-
-console = Console()
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="Instance folder (default: $TRAINBOX_HOME, else the current folder).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def _settings(home: Home) -> Settings:
-    try:
-        return load_settings(home.config_file)
-    except ConfigError as e:
-        console.print(f"[red]configuration error:[/red] {e}")
-        raise typer.Exit(2) from None
 
 
 def _logging() -> None:
@@ -45,7 +30,7 @@ def watchdog(home: HomeOpt = None) -> None:
     from trainbox.roles import run_role
 
     h = Home.resolve(home).ensure()
-    settings = _settings(h)
+    settings = settings_or_exit(h)
     _logging()
     run_role(Watchdog(h, settings))
 
@@ -60,7 +45,7 @@ def retention(
     from trainbox.roles import run_role
 
     h = Home.resolve(home)
-    settings = _settings(h)
+    settings = settings_or_exit(h)
     if dry_run:
         r = Retention(h, settings, dry_run=True, report=lambda line: console.print(line, highlight=False))
         r.loop(time.time())
@@ -82,7 +67,7 @@ def health(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from safety.health import Level, overall, run_checks
 
     h = Home.resolve(home)
-    settings = _settings(h)
+    settings = settings_or_exit(h)
     checks = run_checks(h, settings)
     worst = overall(checks)
     if as_json:
@@ -103,7 +88,7 @@ def up(home: HomeOpt = None) -> None:
     from trainbox.supervisor import Supervisor
 
     h = Home.resolve(home)
-    _settings(h)  # a bad config fails here, before any child starts
+    settings_or_exit(h)  # a bad config fails here, before any child starts
     h.root.mkdir(parents=True, exist_ok=True)
     if not h.config_file.exists():
         h.config_file.write_text(defaults_toml(), encoding="utf-8")
@@ -191,7 +176,7 @@ def models_promote(
     h = Home.resolve(home)
     db = _db(h)
     try:
-        verdict = promote(h, db, _settings(h), version, force)
+        verdict = promote(h, db, settings_or_exit(h), version, force)
     except VersionError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None

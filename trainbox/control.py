@@ -12,12 +12,18 @@ from enum import StrEnum
 from pathlib import Path
 
 from trainbox.atomic import atomic_write_json, read_json
+from trainbox.states import Priority
 
 
 class Action(StrEnum):
     PAUSE = "pause"  # checkpoint the running job, dispatch nothing until resume
     RESUME = "resume"  # undo pause; the paused job continues first
     STOP = "stop"  # checkpoint the running job, then the daemon exits
+    CANCEL = "cancel"  # a waiting job goes to failed/ as cancelled (job_id)
+    PRIORITIZE = "prioritize"  # a waiting job moves to another priority queue (job_id, priority)
+
+
+DAEMON_ACTIONS = (Action.PAUSE, Action.RESUME, Action.STOP)  # the ones that take no job
 
 
 @dataclass(frozen=True)
@@ -25,13 +31,31 @@ class ControlRequest:
     path: Path
     action: Action
     created: float
+    job_id: int | None = None
+    priority: Priority | None = None
+
+    def describe(self) -> str:
+        """'pause', 'cancel job 5', 'prioritize job 5 high': what ``status`` lists as pending."""
+        words = [self.action.value]
+        if self.job_id is not None:
+            words.append(f"job {self.job_id}")
+        if self.priority is not None:
+            words.append(self.priority.value)
+        return " ".join(words)
 
 
-def submit(control_dir: Path, action: Action) -> Path:
+def submit(control_dir: Path, action: Action, job_id: int | None = None, priority: Priority | None = None) -> Path:
     """Write one request; the name sorts in submission order."""
+    if (action in DAEMON_ACTIONS) != (job_id is None) or (action == Action.PRIORITIZE) != (priority is not None):
+        raise ValueError(f"{action.value}: job_id is for cancel/prioritize only, priority for prioritize only")
     now = time.time()
     path = control_dir / f"{time.time_ns():020d}-{os.getpid()}-{action.value}.json"
-    atomic_write_json(path, {"action": action.value, "created": now})
+    data: dict[str, object] = {"action": action.value, "created": now}
+    if job_id is not None:
+        data["job_id"] = job_id
+    if priority is not None:
+        data["priority"] = priority.value
+    atomic_write_json(path, data)
     return path
 
 
@@ -48,8 +72,18 @@ def pending(control_dir: Path) -> list[ControlRequest]:
         if not isinstance(data, dict):
             continue
         try:
-            out.append(ControlRequest(path, Action(data.get("action")), float(data.get("created", 0))))
-        except ValueError:
+            job_id = data.get("job_id")
+            priority = data.get("priority")
+            out.append(
+                ControlRequest(
+                    path,
+                    Action(data.get("action")),
+                    float(data.get("created", 0)),
+                    int(job_id) if job_id is not None else None,
+                    Priority(priority) if priority is not None else None,
+                )
+            )
+        except (ValueError, TypeError):
             continue
     return out
 

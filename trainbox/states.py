@@ -23,6 +23,7 @@ class JobState(StrEnum):
     DONE = "done"  # in queue/done/, a model version exists
     FAILED = "failed"  # in queue/failed/ with an error file (training failed)
     REJECTED = "rejected"  # in queue/failed/ with an error file (never admitted: bad input, duplicate)
+    CANCELLED = "cancelled"  # in queue/failed/ with an error file: cancelled while waiting
 
 
 class DaemonState(StrEnum):

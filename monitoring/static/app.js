@@ -222,10 +222,14 @@ async function refreshQueue() {
   const q = await api("/api/queue");
   const c = q.counts;
   $("queue-counts").textContent = `high ${c.high} · normal ${c.normal} · low ${c.low} · done ${c.done} · failed ${c.failed}`;
+  const actions = (j) => (j.position == null ? "" : `<select class="job-priority" aria-label="priority of job ${j.job_id}">
+      ${["high", "normal", "low"].map((p) => `<option${p === j.priority ? " selected" : ""}>${p}</option>`).join("")}</select>
+      <button class="job-cancel" title="cancel this waiting job">✕</button>`);
   const html = [...q.processing, ...q.waiting].map((j) => `<tr data-job="${j.job_id}">
       <td class="num">${j.position ?? "▶"}</td><td class="name" title="${esc(j.name)}">#${j.job_id} ${esc(j.name)}</td><td>${esc(j.priority)}</td>
-      <td class="outcome-${esc(j.state)}">${esc(j.state)}</td><td class="num">${j.n_records ?? "—"}</td></tr>`).join("");
-  rows($("queue-table").tBodies[0], html, 5, "nothing waiting");
+      <td class="outcome-${esc(j.state)}">${esc(j.state)}</td><td class="num">${j.n_records ?? "—"}</td>
+      <td class="actions">${actions(j)}</td></tr>`).join("");
+  rows($("queue-table").tBodies[0], html, 6, "nothing waiting");
   return q;
 }
 
@@ -382,6 +386,23 @@ $("btn-token").addEventListener("click", () => {
   if (askToken()) { toast("token stored"); connect(); }
 });
 $("btn-upload").addEventListener("click", upload);
+// cancel / reprioritise a waiting job: the same control path as `trainbox cancel|prioritize`
+$("queue-table").addEventListener("click", (ev) => {
+  const btn = ev.target.closest(".job-cancel");
+  if (!btn) return;
+  const job = btn.closest("tr").dataset.job;
+  if (!window.confirm(`Cancel waiting job #${job}?`)) return;
+  withToken(async () => { await api(`/api/jobs/${job}/cancel`, { method: "POST" }); toast(`cancel of job ${job} requested`); });
+});
+$("queue-table").addEventListener("change", (ev) => {
+  const sel = ev.target.closest(".job-priority");
+  if (!sel) return;
+  const job = sel.closest("tr").dataset.job;
+  withToken(async () => {
+    await api(`/api/jobs/${job}/priority?priority=${sel.value}`, { method: "POST" });
+    toast(`job ${job} to ${sel.value} requested`);
+  });
+});
 window.addEventListener("resize", drawCharts);
 setInterval(() => refreshSystem().catch(() => {}), 5000);
 
