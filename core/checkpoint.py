@@ -95,7 +95,9 @@ def save(
     final = checkpoints_dir(run_dir) / step_name(step)
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp / MODEL, safe_serialization=True)
+        # a LoRA model saves its adapter only (peft); no embedding layers: trainbox never resizes them
+        extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+        model.save_pretrained(tmp / MODEL, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp / MODEL)
         torch.save({**state, "config": config, "format_version": FORMAT_VERSION, "step": step}, tmp / STATE)
         info = {**meta, "step": step, "time": time.time(), "format_version": FORMAT_VERSION}

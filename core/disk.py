@@ -20,7 +20,10 @@ from core.folders import folder_size
 
 
 def weights_bytes(model: Any) -> int:
-    """Bytes of the model's tensors as save_pretrained writes them (tied tensors once)."""
+    """Bytes of the model's tensors as save_pretrained writes them (tied tensors once; for a LoRA
+    model, the adapter only)."""
+    if hasattr(model, "peft_config"):
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     seen, total = set(), 0
     for t in model.state_dict().values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())

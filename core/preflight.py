@@ -38,7 +38,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Problem:
-    code: str  # max_length, bf16, eval_empty, eval_small, no_eval, memory
+    code: str  # max_length, bf16, eval_empty, eval_small, no_eval, memory, lora_4bit, lora_targets
     message: str
     fix: str
     fatal: bool
@@ -137,8 +137,60 @@ def check_settings(cfg: TrainingConfig, shape: ModelShape, cuda: bool, bf16_supp
                 {"precision": cfg.precision, "device": "cuda" if cuda else "cpu", "bf16_supported": bf16_supported},
             )
         )
-    # LoRA: when the LoRA engine lands, check here that every target module name exists in the model.
     return out
+
+
+def check_lora_setup(cfg: TrainingConfig, cuda: bool, bitsandbytes: bool) -> list[Problem]:
+    """Before loading: QLoRA needs LoRA, a CUDA GPU and bitsandbytes (it loads the base in 4 bits)."""
+    if not cfg.lora_4bit:
+        return []
+    evidence = {"lora": cfg.lora, "lora_4bit": True, "cuda": cuda, "bitsandbytes": bitsandbytes}
+    if not cfg.lora:
+        return [Problem("lora_4bit", "lora_4bit = true needs lora = true", "set lora = true", True, evidence)]
+    missing = [what for what, ok in (("a CUDA GPU", cuda), ("the bitsandbytes package", bitsandbytes)) if not ok]
+    if not missing:
+        return []
+    fixes = []
+    if not cuda:
+        fixes.append("run it on a machine with a CUDA GPU (device = 'auto' or 'cuda')")
+    if not bitsandbytes:
+        fixes.append("install bitsandbytes into trainbox's environment (.venv/bin/pip install bitsandbytes)")
+    return [
+        Problem(
+            "lora_4bit",
+            f"lora_4bit (QLoRA, a 4-bit base) needs {' and '.join(missing)}, which this machine lacks",
+            "; ".join(fixes) + ", or set lora_4bit = false to train LoRA on the full-precision base",
+            True,
+            evidence,
+        )
+    ]
+
+
+def check_lora_targets(requested: list[str] | str, missing: list[str], linear_layers: list[str]) -> list[Problem]:
+    """After loading: every LoRA target module must exist in the model."""
+    if not missing:
+        return []
+    return [
+        Problem(
+            "lora_targets",
+            f"LoRA target module(s) {', '.join(missing)} not found in the model; its linear layers are: "
+            f"{', '.join(linear_layers) or 'none'}",
+            f"set lora_targets to names among {linear_layers}, or to 'auto' or 'all-linear'",
+            True,
+            {"lora_targets": requested, "missing": missing, "linear_layers": linear_layers},
+        )
+    ]
+
+
+def raise_fatal(problems: list[Problem]) -> None:
+    """``PreflightError`` for the first fatal problem (the others in its evidence); nothing if none."""
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        first = fatal[0]
+        evidence = {**first.evidence, "check": first.code}
+        if len(fatal) > 1:
+            evidence["other_problems"] = [p.message for p in fatal[1:]]
+        raise PreflightError(first.message, evidence=evidence, fix=first.fix)
 
 
 def check_data(n_train: int, n_val: int, eval_file: bool, eval_fraction: float) -> list[Problem]:
@@ -189,7 +241,7 @@ def check_memory(
                 "memory",
                 f"training needs about {est.total / 2**30:.1f} GiB at micro-batch 1 and max_length {cfg.max_length}, "
                 f"{source} has {available / 2**30:.1f} GiB free",
-                "lower max_length, use a smaller model (or LoRA, when available), or free memory on the device",
+                "lower max_length, use LoRA (lora = true) or a smaller model, or free memory on the device",
                 True,
                 {**evidence, "micro_batch": 1, "max_length": cfg.max_length},
             )
@@ -284,13 +336,7 @@ def run_preflight(
     available, source = available_memory(device)
     micro, mem = check_memory(shape, cfg, bf16, cuda, available, source)
     problems += mem
-    fatal = [p for p in problems if p.fatal]
-    if fatal:
-        first = fatal[0]
-        evidence = {**first.evidence, "check": first.code}
-        if len(fatal) > 1:
-            evidence["other_problems"] = [p.message for p in fatal[1:]]
-        raise PreflightError(first.message, evidence=evidence, fix=first.fix)
+    raise_fatal(problems)
     estimate = {
         "available_bytes": available,
         "memory": source,

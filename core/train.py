@@ -15,14 +15,20 @@ When things go wrong the loop repairs what it can and says so (``WarningEvent``)
   skips within ``NAN_WINDOW`` steps roll back to the last good checkpoint (``restore()``, supplied by
   the worker) with the learning rate scaled by ``nan_lr_factor``; past ``nan_max_rollbacks``:
   ``TrainingDiverged``. Weights are checked before every checkpoint: non-finite ones are never saved.
+
+``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): at a step boundary it may
+take a verified weight-extrapolation jump in place of the step (accepted jumps advance the step
+counter, so evaluation and checkpoints fall due when the step crosses a multiple, not only on it);
+after each applied step it snapshots and checks. Its state is part of ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +42,8 @@ from core.encode import IGNORE, Example
 from core.errors import CheckpointError, OutOfMemory, TrainingDiverged
 from core.faults import Faults
 from core.health import Alert, HealthMonitor
+from core.hybrid.engine import HybridEngine
+from core.hybrid.events import JumpEvent, RollbackEvent
 from core.preflight import free_memory, memory_snapshot
 from core.schedule import lr_at, warmup_steps
 from trainbox.config import TrainingConfig
@@ -62,6 +70,12 @@ class StepEvent:
     skipped: bool = False  # non-finite loss or gradient: the update was not applied
     micro_batch: int = 0  # examples per forward pass this step ran with
     grad_accum: int = 0  # forward passes per optimizer step
+    # the hybrid engine ("" / defaults with the plain one)
+    phase: str = ""  # engine phase the step ran in: warmup, full, predict, plain
+    predicted: bool = False  # a jump: `advanced` steps with no backward pass; loss is the probe loss
+    advanced: int = 1  # schedule steps this event covers
+    backward_skipped: int = 0  # backward passes skipped so far
+    speedup_estimate: float | None = None  # running estimate over plain steps (HybridEngine.speedup_estimate)
 
 
 @dataclass(frozen=True)
@@ -93,7 +107,7 @@ class WarningEvent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent
+Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent | JumpEvent | RollbackEvent
 Outcome = Literal["completed", "interrupted"]
 
 
@@ -191,6 +205,11 @@ def chunks(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+def crossed(step: int, last: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (last, step]: with steps of 1, the same as step % every == 0."""
+    return every > 0 and step // every > max(last, 0) // every
+
+
 def first_line(e: BaseException) -> str:
     text = str(e)
     return text.splitlines()[0] if text else type(e).__name__
@@ -222,6 +241,14 @@ class Trainer:
         self.restore: Callable[[], None] | None = None  # set by run(): back to the last good checkpoint
         self._emit: Callable[[Event], None] = lambda e: None
         self._phase = ""
+        self.hybrid = self._make_hybrid()
+
+    def _make_hybrid(self) -> HybridEngine | None:
+        if self.cfg.engine != "hybrid":
+            return None
+        n = min(len(self.train_set), self.cfg.hybrid.probe_examples)
+        probe = random.Random(self.cfg.seed).sample(self.train_set, n)  # fixed training examples
+        return HybridEngine(self, self.cfg.hybrid, probe)
 
     # sizes
     @property
@@ -254,6 +281,7 @@ class Trainer:
             "schedule": {"kind": "warmup_cosine", "total_steps": self.total_steps},
             "data": self._data_shape(),
             "health": self.health.state_dict(),
+            **({"hybrid": self.hybrid.state_dict()} if self.hybrid is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -267,12 +295,15 @@ class Trainer:
         rng.restore(state["rng"])
         if "health" in state:
             self.health.load_state_dict(state["health"])
+        if self.hybrid is not None and "hybrid" in state:
+            self.hybrid.load_state_dict(state["hybrid"])
 
     def reset(self) -> None:
         """Back to step 0 (the caller reloads the initial weights): fresh optimizer, counters, RNG."""
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
         self.state = TrainState()
         self.health = HealthMonitor(patience=self.cfg.overfit_patience)
+        self.hybrid = self._make_hybrid()
         rng.seed_all(self.cfg.seed)
 
     def _data_shape(self) -> dict[str, int]:
@@ -306,8 +337,12 @@ class Trainer:
                 if s.step > 0 and s.last_checkpoint_step != s.step:
                     self._checkpoint(emit, save_checkpoint)
                 return "interrupted"
-            # 3. one optimizer step
+            # 3. one optimizer step, or a hybrid jump in its place
             self._set_phase(emit, "training")
+            if self.hybrid is not None and self.hybrid.wants_jump():
+                self._jump(emit, lr, started)
+                continue
+            engine_phase = self.hybrid.phase if self.hybrid is not None else ""
             self.faults.hang("training", s.step + 1)
             t0 = time.time()
             result = self._optimizer_step(lr)
@@ -321,6 +356,8 @@ class Trainer:
                 self._on_skipped(s.step, loss, grad_norm, lr)
             else:
                 s.recent_losses = [*s.recent_losses, loss][-RECENT_LOSSES:]
+                if self.hybrid is not None:
+                    self.hybrid.after_real_step(loss, grad_norm, dt, emit)
             # 4. log
             epoch = s.epoch + s.micro_batch / self.batches.per_epoch
             emit(
@@ -337,6 +374,7 @@ class Trainer:
                     skipped,
                     self.micro_batch_size,
                     self.accum_steps,
+                    **self._engine_fields(engine_phase, predicted=False, advanced=1),
                 )
             )
             warmup_done = s.step > warmup_steps(self.total_steps, self.cfg.warmup_ratio)
@@ -345,6 +383,41 @@ class Trainer:
             )
             if skipped and self._too_many_skips():
                 self._nan_rollback(f"{self.cfg.nan_max_skips} non-finite steps within {NAN_WINDOW}")
+
+    def _jump(self, emit: Callable[[Event], None], lr: float, started: float) -> None:
+        """A hybrid jump at this step boundary; an accepted one advances the step by what it earned (the data
+        position stays: no batch was trained)."""
+        assert self.hybrid is not None
+        s = self.state
+        jump = self.hybrid.jump(emit)
+        if jump.advanced <= 0:
+            return
+        s.step += jump.advanced
+        emit(
+            StepEvent(
+                s.step,
+                self.total_steps,
+                jump.probe_after,
+                lr,
+                0.0,
+                0,
+                0.0,
+                s.epoch + s.micro_batch / self.batches.per_epoch,
+                time.time() - started,
+                **self._engine_fields("predict", predicted=True, advanced=jump.advanced),
+            )
+        )
+
+    def _engine_fields(self, phase: str, predicted: bool, advanced: int) -> dict[str, Any]:
+        if self.hybrid is None:
+            return {}
+        return {
+            "phase": phase,
+            "predicted": predicted,
+            "advanced": advanced,
+            "backward_skipped": self.hybrid.counters.backward_skipped,
+            "speedup_estimate": self.hybrid.speedup_estimate(),
+        }
 
     def _optimizer_step(self, lr: float) -> tuple[float, float, int, bool] | None:
         """One optimizer step over grad_accum configured micro-batches, each split into forward passes
@@ -421,23 +494,29 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm(grads)
         return float(loss_sum), float(norm), tokens
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per trained token over the whole validation set."""
+        size = self.state.eval_size or self.cfg.batch_size
+        if self.faults.fire("evaloom", self.state.step) and self.val_set:
+            raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
+        batches = (collate(self.val_set[i : i + size], self.pad_id) for i in range(0, len(self.val_set), size))
+        loss = self.mean_loss(batches)
+        self.model.train()
+        return loss
+
+    @torch.no_grad()
+    def mean_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
+        """Mean loss per trained token over collated batches, no gradient (evaluation, the hybrid probe)."""
+        was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
-        size = self.state.eval_size or self.cfg.batch_size
-        inject_oom = self.faults.fire("evaloom", self.state.step)
-        for i in range(0, len(self.val_set), size):
-            if inject_oom:
-                raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
-            batch = collate(self.val_set[i : i + size], self.pad_id)
+        for batch in batches:
             b = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
                 logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             total += float(token_loss_sum(logits, b["labels"]))
             count += trained_positions(batch["labels"])
-        self.model.train()
+        self.model.train(was_training)
         return total / max(count, 1)
 
     # repairs
@@ -526,6 +605,8 @@ class Trainer:
         for k, v in sticky.items():
             setattr(self.state, k, v)
         self.state.skips_since = self.state.step
+        if self.hybrid is not None:
+            self.hybrid.reset_trajectory()
         self._warn_one(
             "rollback",
             f"{reason}: rolled back from step {from_step} to step {self.state.step}, "
@@ -540,18 +621,18 @@ class Trainer:
         flags = [torch.isfinite(p).all() for p in self.model.parameters()]
         return bool(torch.stack(flags).all()) if flags else True
 
-    # boundaries
+    # boundaries: "crossed a multiple of every since the last one", since a hybrid jump advances several steps
     def _eval_due(self) -> bool:
         s, every = self.state, self.cfg.eval_every
         if not self.val_set or s.last_eval_step == s.step:
             return False
-        return s.step == 0 or s.step >= self.total_steps or (every > 0 and s.step % every == 0)
+        return s.step == 0 or s.step >= self.total_steps or crossed(s.step, s.last_eval_step, every)
 
     def _checkpoint_due(self) -> bool:
         s, every = self.state, self.cfg.checkpoint_every
         if s.step == 0 or s.last_checkpoint_step == s.step:
             return False
-        return s.step >= self.total_steps or bool(s.stop_reason) or (every > 0 and s.step % every == 0)
+        return s.step >= self.total_steps or bool(s.stop_reason) or crossed(s.step, s.last_checkpoint_step, every)
 
     def _evaluate(self, emit: Callable[[Event], None]) -> None:
         s = self.state

@@ -47,17 +47,18 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from core import checkpoint, rng
+from core import checkpoint, lora, rng
 from core.data import split_heldout
 from core.disk import DiskGuard, estimate_checkpoint_bytes, weights_bytes
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all, prepare_tokenizer
-from core.errors import CheckpointError, DataError, DiskFull, JobFailure, TrainingDiverged
+from core.errors import CheckpointError, DataError, DiskFull, JobFailure, PreflightError, TrainingDiverged
 from core.faults import Faults
 from core.folders import publish_folder
+from core.hybrid.events import JumpEvent, RollbackEvent
 from core.metrics import METRICS, MetricsLog, truncate_to_step
 from core.microbatch import CACHE_FILE, MicroBatchCache, cache_key
-from core.preflight import run_preflight
+from core.preflight import check_lora_setup, check_lora_targets, raise_fatal, run_preflight
 from core.reporting import JobDB, StatusReporter
 from core.train import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, Trainer, WarningEvent
 from trainbox.config import TrainingConfig, auto_learning_rate
@@ -147,14 +148,24 @@ def resolve_config(spec_cfg: TrainingConfig, saved: dict[str, Any] | None) -> Tr
 # --- loading --------------------------------------------------------------------------------------
 
 
-def load_model(source: Path, device: torch.device) -> tuple[Any, Any]:
-    """Model (fp32 master weights; bf16 happens in autocast) and tokenizer from a local folder."""
+def load_model(source: Path, device: torch.device, four_bit: bool = False) -> tuple[Any, Any]:
+    """Model (fp32 master weights; bf16 happens in autocast) and tokenizer from a local folder. An
+    adapter folder (a LoRA version) loads as its base with the adapter merged (core.lora). ``four_bit``:
+    the QLoRA base, NF4 on the GPU (untested without a GPU)."""
     tokenizer = AutoTokenizer.from_pretrained(source)
     changes = prepare_tokenizer(tokenizer)
     if changes:
         log.info("tokenizer: %s", "; ".join(changes))
-    model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model = model.to(device)
+    if four_bit:
+        if lora.is_adapter_folder(source):
+            raise PreflightError(
+                f"lora_4bit cannot quantize {source}: it is an adapter version, not a full model",
+                evidence={"model": str(source)},
+                fix="export it as a full model (trainbox models export V --out DIR) and set model = DIR",
+            )
+        model: Any = lora.load_4bit(source, device)
+    else:
+        model = lora.load_causal_lm(source, dtype=torch.float32).to(device)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -206,7 +217,14 @@ def weights_finite(model: Any) -> bool:
 
 
 def load_weights(model: Any, folder: Path) -> None:
-    """Put a saved model's weights back into ``model`` (a rollback); any Hugging Face folder."""
+    """Put a saved model's weights back into ``model`` (a rollback); any Hugging Face folder, or an
+    adapter folder (into a LoRA model: the adapter; into a full one: the merged model)."""
+    if lora.is_adapter_folder(folder):
+        if lora.is_peft(model):
+            lora.load_adapter_folder(model, folder)
+        else:
+            model.load_state_dict(lora.load_causal_lm(folder, dtype=torch.float32).state_dict())
+        return
     try:
         checkpoint.load_weights(model, folder)
     except CheckpointError:
@@ -224,10 +242,31 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
         )
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        extra = {"save_embedding_layers": False} if lora.is_peft(model) else {}  # as in core.checkpoint
+        model.save_pretrained(tmp, safe_serialization=True, **extra)
         tokenizer.save_pretrained(tmp)
 
     return publish_folder(run_dir / FINAL, fill, tmp_prefix=".tmp-")
+
+
+def apply_lora(model: Any, cfg: TrainingConfig, base: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The model wrapped with fresh LoRA adapters (after checking the targets exist) and a copy of
+    their initial weights."""
+    targets = lora.resolve_targets(cfg, model)
+    missing = lora.missing_targets(model, targets)
+    raise_fatal(check_lora_targets(cfg.lora_targets, missing, lora.linear_layer_names(model)))
+    model = lora.wrap(model, cfg, base, targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "LoRA r=%d alpha=%g on %s: %d of %d parameters train",
+        cfg.lora_r,
+        cfg.lora_alpha,
+        targets,
+        trainable,
+        total,
+    )
+    return model, lora.adapter_state(model)
 
 
 # --- wiring engine events to reports --------------------------------------------------------------
@@ -251,6 +290,7 @@ class Reporter:
         self.step_sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
         self._last_log = 0.0
         self.on_micro_batch = on_micro_batch  # called with the micro-batch of each step that trained
+        self.engine_phase = ""  # the hybrid engine's phase of the last real step
 
     def __call__(self, ev: Event) -> None:
         try:
@@ -276,6 +316,10 @@ class Reporter:
             log.info("phase %s at step %d", ev.phase, ev.step)
         elif isinstance(ev, WarningEvent):
             self.warning(ev)
+        elif isinstance(ev, JumpEvent):
+            self._on_jump(ev, now)
+        elif isinstance(ev, RollbackEvent):
+            self._on_hybrid_rollback(ev)
 
     def warning(self, ev: WarningEvent) -> None:
         """An early warning or a repair: a metrics line, a DB event, the status message, the log."""
@@ -289,6 +333,24 @@ class Reporter:
         log.warning("%s: %s", ev.kind, ev.message)
 
     def _on_step(self, ev: StepEvent, now: float) -> None:
+        engine = self._on_engine(ev) if ev.phase else {}
+        if ev.predicted:  # a hybrid jump: every one gets a line (the dashboard marks them)
+            self.metrics.write(
+                {
+                    "kind": "train",
+                    "step": ev.step,
+                    "loss": ev.loss,  # the probe loss after the jump
+                    "lr": ev.lr,
+                    "grad_norm": None,
+                    "tokens_per_s": None,
+                    "epoch": ev.epoch,
+                    "time": now,
+                    "advanced": ev.advanced,
+                    **engine,
+                }
+            )
+            self.status.update(step=ev.step, total_steps=ev.total_steps, learning_rate=ev.lr)
+            return
         if ev.skipped:
             if ev.step % self.cfg.log_every == 0:
                 self.metrics.write(
@@ -302,6 +364,7 @@ class Reporter:
                         "epoch": ev.epoch,
                         "time": now,
                         "skipped": True,
+                        **engine,
                     }
                 )
             self.status.update(step=ev.step, total_steps=ev.total_steps, learning_rate=ev.lr)
@@ -320,6 +383,7 @@ class Reporter:
                     "tokens_per_s": ev.tokens_per_s,
                     "epoch": ev.epoch,
                     "time": now,
+                    **engine,
                 }
             )
         done_here = ev.step - self.start_step
@@ -345,6 +409,43 @@ class Reporter:
                 ev.grad_norm,
                 ev.tokens_per_s,
             )
+
+    def _on_engine(self, ev: StepEvent) -> dict[str, Any]:
+        """A hybrid step: status fields, a DB event when the phase of real steps changes; returns the
+        fields of its metrics line."""
+        if not ev.predicted and ev.phase != self.engine_phase:
+            message = f"hybrid engine phase {ev.phase} from step {ev.step}"
+            if self.db is not None:
+                self.db.event("phase_change", message, step=ev.step, engine_phase=ev.phase, previous=self.engine_phase)
+            log.info("%s", message)
+            self.engine_phase = ev.phase
+        self.status.update(
+            engine_phase=ev.phase, speedup_estimate=ev.speedup_estimate, backward_skipped=ev.backward_skipped
+        )
+        return {"phase": ev.phase, "predicted": ev.predicted}
+
+    def _on_jump(self, ev: JumpEvent, now: float) -> None:
+        """One jump attempt: a metrics line and a DB event with its numbers."""
+        record = json_safe(ev.as_record())
+        self.metrics.write({**record, "time": now})
+        verdict = f"accepted, {ev.advanced} steps advanced" if ev.accepted else f"rejected ({ev.reason}), rolled back"
+        message = (
+            f"hybrid jump at step {ev.step - ev.advanced}: H={ev.horizon:g} x{ev.scale:g}, probe loss "
+            f"{ev.probe_before:.4f} -> {ev.probe_after:.4f}, earned {ev.earned_steps:.1f} steps: {verdict}"
+        )
+        if self.db is not None:
+            self.db.event("hybrid_jump", message, **{k: v for k, v in record.items() if k != "kind"})
+        log.info("%s", message)
+
+    def _on_hybrid_rollback(self, ev: RollbackEvent) -> None:
+        message = (
+            f"hybrid engine: {ev.reason} at step {ev.step}; restored the weights and optimizer state of real "
+            f"step {ev.restored_real_step}"
+        )
+        data = {"reason": ev.reason, "restored_real_step": ev.restored_real_step}
+        if self.db is not None:
+            self.db.event("hybrid_rollback", message, step=ev.step, **data)
+        self.warning(WarningEvent(ev.step, "hybrid_rollback", message, data))
 
 
 def json_safe(data: dict[str, Any]) -> dict[str, Any]:
@@ -395,20 +496,26 @@ def train_job(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # tiny models hit denormals; without this CPU steps crawl
     device = pick_device(cfg)
-    status.update(force=True, device=describe_device(device, threads))
+    status.update(force=True, device=describe_device(device, threads), engine=cfg.engine)
     rng.seed_all(cfg.seed)
 
-    if latest:
-        source = latest.path / checkpoint.MODEL
-    elif spec.init_model:
-        source = Path(spec.init_model)
-    else:
-        source = ensure_embedded_model(Path(spec.embedded_model_dir))
+    # base: the folder the job started from; source: where its weights come from now
+    base = Path(spec.init_model) if spec.init_model else ensure_embedded_model(Path(spec.embedded_model_dir))
+    source = latest.path / checkpoint.MODEL if latest else base
     log.info("job %d (%s): model %s on %s", spec.job_id, spec.job_name, source, status.status.device)
-    model, tokenizer = load_model(source, device)
+    initial_adapter: dict[str, torch.Tensor] | None = None  # a LoRA run's rollback target at step 0
+    if cfg.lora:
+        raise_fatal(check_lora_setup(cfg, device.type == "cuda", lora.bitsandbytes_available()))
+        model, tokenizer = load_model(base, device, four_bit=cfg.lora_4bit)
+        model, initial_adapter = apply_lora(model, cfg, base)
+        if latest:
+            lora.load_adapter_folder(model, source)
+    else:
+        model, tokenizer = load_model(source, device)
     if cfg.learning_rate == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        cfg = cfg.model_copy(update={"learning_rate": auto_learning_rate(trainable)})
+        adapted = sum(p.numel() for p in model.parameters() if not p.requires_grad) if cfg.lora else 0
+        cfg = cfg.model_copy(update={"learning_rate": auto_learning_rate(trainable, adapted)})
         log.info("learning rate: %.1e (automatic for %d trainable parameters)", cfg.learning_rate, trainable)
     data = load_data(spec, cfg, tokenizer)
 
@@ -447,6 +554,8 @@ def train_job(
             val_loss=st.last_val_loss,
             first_val_loss=st.first_val_loss,
             **sizes(trainer),
+            base_model=str(base),
+            adapter=cfg.lora,
             **fields,
         )
 
@@ -503,7 +612,10 @@ def train_job(
             load_weights(model, found.path / checkpoint.MODEL)
             trainer.load_state_dict(checkpoint.load_state(found.path))
         else:
-            load_weights(model, source)
+            if initial_adapter is not None:
+                lora.load_adapter_state(model, initial_adapter)
+            else:
+                load_weights(model, source)
             trainer.reset()
         metrics.truncate(trainer.state.step if found is not None else -1)
         reporter.smoothed = None

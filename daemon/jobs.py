@@ -210,6 +210,8 @@ class JobRunner:
                 train_loss=result.train_loss,
                 val_loss=result.val_loss,
                 steps=result.step,
+                kind="adapter" if result.adapter else "full",
+                adapter_of=result.base_model if result.adapter else "",
             )
             s.add(version)
             s.flush()

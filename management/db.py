@@ -14,7 +14,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -95,6 +108,12 @@ class ModelVersion(Base):
     val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     steps: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    kind: Mapped[str] = mapped_column(
+        String, default="full", server_default="full", doc="full: a whole model; adapter: a LoRA adapter"
+    )
+    adapter_of: Mapped[str] = mapped_column(
+        String, default="", server_default="", doc="for an adapter: the model folder it applies to"
+    )
 
 
 class Event(Base):
@@ -156,7 +175,31 @@ def make_engine(url: str) -> Engine:
         except OperationalError as e:  # another process created a table between check and create
             if "already exists" not in str(e) or attempt == 4:
                 raise
+    add_missing_columns(engine)
     return engine
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """Schema changes are additions only: a DB made by an older trainbox gets the newer columns, each
+    with its server default (``create_all`` makes missing tables, never missing columns)."""
+    existing = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not existing.has_table(table.name):
+            continue
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            default = column.server_default.arg if column.server_default is not None else None  # type: ignore[attr-defined]
+            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
+            if default is not None:
+                ddl += f" DEFAULT '{default}'" if isinstance(default, str) else f" DEFAULT {default}"
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(ddl))
+            except OperationalError as e:  # another process added it first
+                if "duplicate column" not in str(e):
+                    raise
 
 
 class ModelDB:

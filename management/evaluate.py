@@ -35,16 +35,17 @@ def heldout_records(run_dir: Path) -> tuple[list[Any], int]:
 
 def score(model_dir: Path, records: list[Any], max_length: int, batch_size: int) -> float | None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from core.data import collate
     from core.encode import encode_all, prepare_tokenizer
+    from core.lora import load_causal_lm
     from core.train import token_loss_sum, trained_positions
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prepare_tokenizer(tokenizer)
-    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    model: Any = load_causal_lm(model_dir, dtype=torch.float32).to(device)  # an adapter: base + adapter, merged
     model.eval()
     examples = encode_all(tokenizer, records, max_length).examples
     if not examples:

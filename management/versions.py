@@ -3,7 +3,10 @@
 ``models/current`` is a relative symlink to ``vNNNN``; it is changed by creating a new link under a
 temp name and ``os.replace``-ing it over the old one (atomic: a crash leaves the old or the new
 link, never none), then fsyncing ``models/``. It is only ever pointed at a complete model folder
-(``config.json`` and weights). The next job starts from it (``starting_version``).
+(``config.json`` and weights, or a LoRA adapter: ``adapter_config.json`` and its weights). The next
+job starts from it (``starting_version``); from an adapter version, it starts from the base with the
+adapter merged (``core.lora.load_causal_lm``), and a LoRA job's new adapter records that version as
+its base.
 
 The gate (``gate_version``), run when the daemon registers a version:
 - with ``models.eval_file``: the new version and the current one are scored on that frozen set by a
@@ -50,7 +53,10 @@ class VersionError(RuntimeError):
 
 
 def is_complete_model(path: Path) -> bool:
+    """A full model (config.json and weights) or a LoRA adapter (adapter_config.json and its weights)."""
     p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return (p / "adapter_model.safetensors").is_file() or (p / "adapter_model.bin").is_file()
     has_weights = any(p.glob("*.safetensors")) or (p / "pytorch_model.bin").is_file()
     return (p / "config.json").is_file() and has_weights
 

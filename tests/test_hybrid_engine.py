@@ -1,5 +1,7 @@
-"""HybridEngine on the embedded model: it trains like the plain loop when no jump is accepted (bitwise),
-restores weights and AdamW state on rollback, tags events with the phase, and round-trips its state."""
+"""The hybrid engine through the real loop (core.train.Trainer with engine = "hybrid") on the embedded model:
+it trains bitwise like the plain loop when no jump is accepted, advances the schedule on accepted jumps
+(evaluations still fall due), restores weights and AdamW state on a spike after an accepted jump, and its
+state rides in the Trainer's checkpoints: an interrupted and resumed hybrid run equals an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from core import checkpoint
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.hybrid import HybridConfig, HybridEngine
-from core.hybrid.events import HybridStepEvent, JumpEvent, RollbackEvent
-from core.train import EvalEvent, Trainer
+from core.hybrid.events import JumpEvent, RollbackEvent
+from core.train import CheckpointEvent, EvalEvent, StepEvent, Trainer
 from trainbox.config import TrainingConfig
 from trainbox.records import Record
 
 CPU = torch.device("cpu")
+NEVER = lambda: False  # noqa: E731
+NOWHERE = lambda: Path(".")  # noqa: E731
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +44,16 @@ def data(model_dir: Path) -> tuple[list[Example], list[Example]]:
     return enc.examples[:32], enc.examples[32:]
 
 
-def trainer(model_dir: Path, data: Any, steps: int = 30) -> Trainer:
-    cfg = TrainingConfig(max_steps=steps, batch_size=4, learning_rate=3e-3, eval_every=10, checkpoint_every=0)
+def trainer(model_dir: Path | str, data: Any, steps: int = 30, hybrid: HybridConfig | None = None) -> Trainer:
+    cfg = TrainingConfig(
+        max_steps=steps,
+        batch_size=4,
+        learning_rate=3e-3,
+        eval_every=10,
+        checkpoint_every=0,
+        engine="hybrid" if hybrid is not None else "plain",
+        hybrid=hybrid or HybridConfig(),
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return Trainer(model, cfg, data[0], data[1], pad_id=0, device=CPU)
 
@@ -49,69 +62,88 @@ def small_cfg(**over: Any) -> HybridConfig:
     return HybridConfig(**{"warmup_steps": 4, "full_steps": 4, "snapshot_every": 2, "history": 3, **over})
 
 
+# every attempt accepted whenever the probe got better at all (and plain progress is measurable); one arm and
+# no fallback, so the run does not depend on timings (the bandit's rewards and the fallback use step times)
+EAGER = {"min_earned": 0.0, "min_rel_gain": -1.0, "prediction_tol": 10.0, "horizons": (5,), "fallback_after": 100}
+
+
+def engine(tr: Trainer) -> HybridEngine:
+    assert tr.hybrid is not None
+    return tr.hybrid
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_rejected_jumps_leave_training_bitwise_plain(model_dir: Path, data: Any) -> None:
     plain = trainer(model_dir, data)
-    plain.run(lambda e: None, lambda: False, lambda: Path("."))
-    hyb = trainer(model_dir, data)
+    plain_events: list[Any] = []
+    plain.run(plain_events.append, NEVER, NOWHERE)
     # no jump can earn 10^9 steps: every attempt is rolled back (weights and AdamW state)
-    eng = HybridEngine(hyb, small_cfg(min_earned=1e9, fallback_after=100), data[0][:8])
+    hyb = trainer(model_dir, data, hybrid=small_cfg(min_earned=1e9, fallback_after=100))
     events: list[Any] = []
-    eng.run(events.append, lambda: False)
+    hyb.run(events.append, NEVER, NOWHERE)
     jumps = [e for e in events if isinstance(e, JumpEvent)]
     assert jumps and not any(j.accepted for j in jumps)
-    assert eng.counters.rolled_back == len(jumps) and eng.counters.real_steps == 30
-    for a, b in zip(plain.model.parameters(), hyb.model.parameters(), strict=True):
-        assert torch.equal(a, b)
-    steps = [e for e in events if isinstance(e, HybridStepEvent)]
-    assert {e.phase for e in steps} == {"warmup", "full"}
-    assert not any(e.predicted for e in steps)
+    c = engine(hyb).counters
+    assert c.rolled_back == len(jumps) and c.real_steps == 30
+    assert same_weights(plain.model, hyb.model)
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    assert [e.step for e in steps] == list(range(1, 31))
+    assert [e.loss for e in steps] == [e.loss for e in plain_events if isinstance(e, StepEvent)]
+    assert {e.phase for e in steps} == {"warmup", "full"} and not any(e.predicted for e in steps)
+    assert [e.step for e in events if isinstance(e, EvalEvent)] == [0, 10, 20, 30]
+    assert steps[-1].speedup_estimate is not None and steps[-1].speedup_estimate <= 1.0  # probes cost time
 
 
 def test_accepted_jumps_advance_the_schedule_and_are_tagged(model_dir: Path, data: Any) -> None:
-    tr = trainer(model_dir, data, steps=40)
-    eng = HybridEngine(tr, small_cfg(min_earned=0.0, min_rel_gain=-1.0, prediction_tol=10.0), data[0][:8])
+    tr = trainer(model_dir, data, steps=40, hybrid=small_cfg(**EAGER))
     events: list[Any] = []
-    eng.run(events.append, lambda: False)
-    predicted = [e for e in events if isinstance(e, HybridStepEvent) and e.predicted]
-    assert predicted and all(e.phase == "predict" and e.grad_norm == 0.0 for e in predicted)
-    c = eng.counters
-    assert c.accepted == len(predicted) and tr.state.step == 40
+    tr.run(events.append, NEVER, NOWHERE)
+    predicted = [e for e in events if isinstance(e, StepEvent) and e.predicted]
+    assert predicted and all(e.phase == "predict" and e.grad_norm == 0.0 and e.advanced > 0 for e in predicted)
+    c = engine(tr).counters
+    assert c.accepted >= len(predicted) and tr.state.step == 40
     assert c.real_steps + c.advanced_steps == 40 and c.backward_skipped == c.advanced_steps
-    evals = [e for e in events if isinstance(e, EvalEvent)]
-    assert evals[-1].step == 40 and math.isfinite(evals[-1].val_loss)
+    assert predicted[-1].backward_skipped == c.backward_skipped
+    steps = [e.step for e in events if isinstance(e, StepEvent)]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # every schedule step once, jumps included
+    evals = [e.step for e in events if isinstance(e, EvalEvent)]
+    # a jump may step over a multiple of eval_every: the evaluation happens right after it, never skipped
+    assert evals[0] == 0 and evals[-1] == 40 and len(evals) == 5
+    assert all(10 * k <= s < 10 * k + 5 for k, s in zip((1, 2, 3), evals[1:4], strict=True)), evals
+    assert math.isfinite(tr.state.last_val_loss or math.nan)
 
 
-def test_divergence_restores_weights_and_optimizer(model_dir: Path, data: Any) -> None:
-    tr = trainer(model_dir, data, steps=12)
-    eng = HybridEngine(tr, small_cfg(), data[0][:8])
+def test_spike_restores_weights_and_optimizer_only_after_an_accepted_jump(model_dir: Path, data: Any) -> None:
+    tr = trainer(model_dir, data, steps=30, hybrid=small_cfg(**EAGER))
+    tr.run(lambda e: None, NEVER, NOWHERE)
+    eng = engine(tr)
+    assert eng.counters.accepted > 0 and eng._good is not None
+    good = [w.clone() for w in eng._good[1]]
+    with torch.no_grad():  # a blow-up the step's loss shows
+        for p in eng.params:
+            p.add_(1e3)
     events: list[Any] = []
-    calls = {"n": 0}
-    real_step = tr._optimizer_step
+    eng.after_real_step(1e6, 1.0, 0.01, events.append)
+    assert [type(e) for e in events] == [RollbackEvent] and events[0].reason == "loss_spike"
+    assert eng.counters.divergence_rollbacks == 1 and eng.machine.phase in ("plain", "full")
+    assert all(torch.equal(p, w) for p, w in zip(eng.params, good, strict=True))
 
-    def poisoned(lr: float) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 7:  # corrupt the weights and report a NaN loss, as a real blow-up would
-            with torch.no_grad():
-                for p in eng.params:
-                    p.add_(1e3)
-            return math.nan, math.nan, 0
-        return real_step(lr)
-
-    tr._optimizer_step = poisoned  # type: ignore[method-assign,assignment]
-    eng.run(events.append, lambda: False)
-    rollbacks = [e for e in events if isinstance(e, RollbackEvent)]
-    assert len(rollbacks) == 1 and rollbacks[0].reason == "not_finite"
-    assert eng.counters.divergence_rollbacks == 1
-    assert all(p.abs().max() < 100 for p in eng.params)
-    assert eng.machine.phase in ("plain", "full")
+    fresh = trainer(model_dir, data, steps=30, hybrid=small_cfg(min_earned=1e9))
+    fresh.run(lambda e: None, NEVER, NOWHERE)
+    before = [p.clone() for p in engine(fresh).params]
+    engine(fresh).after_real_step(1e6, 1.0, 0.01, events.append)  # nothing accepted: plain training's business
+    assert len(events) == 1 and all(torch.equal(p, w) for p, w in zip(engine(fresh).params, before, strict=True))
 
 
 def test_state_dict_round_trip(model_dir: Path, data: Any) -> None:
-    tr = trainer(model_dir, data, steps=20)
-    eng = HybridEngine(tr, small_cfg(), data[0][:8])
-    eng.run(lambda e: None, lambda: False)
-    state = eng.state_dict()
-    other = HybridEngine(trainer(model_dir, data, steps=20), small_cfg(), data[0][:8])
+    tr = trainer(model_dir, data, steps=20, hybrid=small_cfg())
+    tr.run(lambda e: None, NEVER, NOWHERE)
+    state = engine(tr).state_dict()
+    other = engine(trainer(model_dir, data, steps=20, hybrid=small_cfg()))
     other.load_state_dict(state)
     again = other.state_dict()
     assert again["counters"] == state["counters"] and again["machine"] == state["machine"]
@@ -121,3 +153,52 @@ def test_state_dict_round_trip(model_dir: Path, data: Any) -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="version"):
         other.load_state_dict({**state, "version": 99})
+
+
+def test_interrupted_and_resumed_hybrid_run_equals_uninterrupted(model_dir: Path, data: Any, tmp_path: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = small_cfg(**EAGER)
+
+    def saver(t: Trainer, run_dir: Path) -> Any:
+        return lambda: (
+            checkpoint.save(run_dir, t.state.step, t.model, tok, t.state_dict(), t.cfg.model_dump(mode="json"), {}).path
+        )
+
+    a = trainer(model_dir, data, steps=40, hybrid=cfg)
+    straight: list[Any] = []
+    assert a.run(straight.append, NEVER, saver(a, tmp_path / "a")) == "completed"
+
+    b = trainer(model_dir, data, steps=40, hybrid=cfg)
+    first: list[Any] = []
+    assert b.run(first.append, lambda: b.state.step >= 17, saver(b, tmp_path / "b")) == "interrupted"
+    ckpt = checkpoint.latest_complete(tmp_path / "b")
+    assert ckpt is not None and [e.step for e in first if isinstance(e, CheckpointEvent)] == [ckpt.step]
+    state = checkpoint.load_state(ckpt.path)  # as the worker reads it (weights_only)
+    assert state["hybrid"]["counters"]["real_steps"] == engine(b).counters.real_steps
+    assert TrainingConfig.model_validate(state["config"]).hybrid == cfg  # the resolved config describes itself
+
+    torch.manual_seed(999)  # a fresh process: the checkpoint restores the RNG
+    c = trainer(ckpt.path / checkpoint.MODEL, data, steps=40, hybrid=cfg)
+    c.load_state_dict(state)
+    rest: list[Any] = []
+    assert c.run(rest.append, NEVER, saver(c, tmp_path / "b")) == "completed"
+
+    assert same_weights(a.model, c.model)
+    jumps = [
+        (j.step, j.probe_before, j.probe_after, j.accepted, j.advanced) for j in straight if isinstance(j, JumpEvent)
+    ]
+    resumed = [
+        (j.step, j.probe_before, j.probe_after, j.accepted, j.advanced)
+        for j in first + rest
+        if isinstance(j, JumpEvent)
+    ]
+    assert jumps == resumed and any(j[3] for j in jumps)
+    ca, cc = engine(a).counters, engine(c).counters
+    assert (ca.real_steps, ca.attempts, ca.accepted, ca.advanced_steps) == (
+        cc.real_steps,
+        cc.attempts,
+        cc.accepted,
+        cc.advanced_steps,
+    )
+    ma, mc = engine(a).machine.state_dict(), engine(c).machine.state_dict()
+    assert {**ma, "recent_net": None} == {**mc, "recent_net": None}  # net steps count measured seconds

@@ -119,6 +119,16 @@ def _fmt(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _engine_note(job: dict[str, Any]) -> str:
+    """The hybrid engine's phase and running speedup estimate, for the job line."""
+    if job.get("engine") != "hybrid":
+        return ""
+    speedup = job.get("speedup_estimate")
+    return f"  engine hybrid: {job.get('engine_phase') or '-'}, speedup {_fmt(speedup, '.2f')}x" + (
+        f", {job['backward_skipped']} backward passes skipped" if job.get("backward_skipped") else ""
+    )
+
+
 def _eta(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -148,6 +158,7 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"job {job['job_id']} {job['job_name']}: {job['phase']} step {job['step']}/{job['total_steps']}"
             f" ({pct:.0f}%)  loss {_fmt(job['loss'])}  val loss {_fmt(job['val_loss'])}"
             f"  tokens/s {_fmt(job['tokens_per_s'], '.0f')}  ETA {_eta(job['eta_s'])}  [{job['device']}]"
+            + _engine_note(job)
         )
     else:
         console.print("job: none")

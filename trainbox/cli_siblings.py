@@ -144,6 +144,8 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                 "eval_loss": g.new_loss if g else None,
                 "reason": g.reason if g else "",
                 "path": v.path,
+                "kind": v.kind,
+                "adapter_of": v.adapter_of,
             }
         )
     db.close()
@@ -202,6 +204,48 @@ def models_rollback(home: HomeOpt = None) -> None:
     console.print(f"rolled back: current version {before} -> {v.id}")
 
 
+def models_export(
+    version: Annotated[int, typer.Argument(help="Version number to export.")],
+    home: HomeOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder to write (must not exist; default: <home>/exports/vNNNN).")
+    ] = None,
+) -> None:
+    """Write a version as one full model (safetensors, save_pretrained layout, tokenizer) that plain
+    transformers loads: a LoRA version is merged into its base; a full version is copied."""
+    import os
+    import shutil
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: every base is a local folder
+    from core.folders import publish_folder
+    from core.lora import export_merged, is_adapter_folder
+
+    h = Home.resolve(home)
+    db = _db(h)
+    v = db.version(version)
+    db.close()
+    if v is None:
+        console.print(f"[red]no model version {version}[/red]")
+        raise typer.Exit(1)
+    target = (out or h.root / "exports" / f"v{version:04d}").resolve()
+    if target.exists():
+        console.print(f"[red]{target} already exists; choose another --out[/red]")
+        raise typer.Exit(1)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = Path(v.path)
+    adapter = is_adapter_folder(source)
+
+    def fill(tmp: Path) -> None:
+        if adapter:
+            export_merged(source, tmp)
+        else:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+    publish_folder(target, fill, tmp_prefix=".tmp-")
+    what = f"merged with its base {v.adapter_of or '(from adapter_config.json)'}" if adapter else "copied"
+    console.print(f"version {version} exported to {target} ({what})", highlight=False)
+
+
 def register(app: typer.Typer, models_app: typer.Typer) -> None:
     app.command()(watchdog)
     app.command()(retention)
@@ -211,3 +255,4 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     models_app.command("list")(models_list)
     models_app.command("promote")(models_promote)
     models_app.command("rollback")(models_rollback)
+    models_app.command("export")(models_export)

@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from trainbox.states import Priority
 
@@ -63,6 +63,64 @@ class DaemonConfig(_Strict):
     )
 
 
+class HybridConfig(_Strict):
+    """The hybrid-predict engine's knobs (``core/hybrid/``): ``[training.hybrid]`` in trainbox.toml, ``[hybrid]``
+    in a sidecar. Defaults are the ones docs/BENCHMARKS.md measured."""
+
+    warmup_steps: int = Field(20, ge=0, description="Real steps before the first weight snapshot.")
+    full_steps: int = Field(10, ge=1, description="Real steps between jump attempts (at least).")
+    snapshot_every: int = Field(5, ge=1, description="Real steps between weight snapshots (the fitted trajectory).")
+    history: int = Field(3, ge=2, le=100, description="Snapshots the extrapolation fits.")
+    method: Literal["linear", "exponential"] = Field(
+        "linear", description="Per-weight extrapolation: least-squares line, or geometric (Aitken) convergence."
+    )
+    horizons: tuple[int, ...] = Field(
+        (5, 10, 20), min_length=1, description="Bandit arms: real steps a jump predicts ahead."
+    )
+    scales: tuple[float, ...] = Field(
+        (1.0,), min_length=1, description="Bandit arms: multipliers on the predicted displacement."
+    )
+    probe_examples: int = Field(
+        16, ge=1, description="Training examples (a seeded sample) every jump is verified on, before and after."
+    )
+    min_rel_gain: float = Field(
+        1e-3, description="A jump must lower the probe loss by more than this share (the probe's noise level)."
+    )
+    min_earned: float = Field(1.0, ge=0, description="A jump must be worth at least this many plain steps.")
+    advance_schedule: bool = Field(
+        True, description="Accepted jumps advance the step counter (and the learning rate) by the steps earned."
+    )
+    bandit_alpha: float = Field(0.5, ge=0, description="LinUCB exploration weight over (horizon, scale) arms.")
+    fallback_after: int = Field(
+        2, ge=1, description="Rejected (or time-losing) attempts in a row before falling back to plain steps."
+    )
+    cooldown_steps: int = Field(50, ge=1, description="First plain stretch after a fallback; doubles each time.")
+    max_cooldown_steps: int = Field(640, ge=1, description="Longest plain stretch after a fallback.")
+    rate_smoothing: float = Field(
+        0.5, ge=0, lt=1, description="EMA weight of the plain progress rate (probe loss per step)."
+    )
+    prediction_tol: float = Field(
+        0.05, ge=0, description="Probe loss this much worse (relative) after a jump counts as a prediction error."
+    )
+    spike_factor: float = Field(
+        2.0,
+        ge=1,
+        description="Once a jump was accepted, a loss above this times its running mean (and 6 sigma) restores "
+        "the last good weights and optimizer state.",
+    )
+    freeze: bool = Field(False, description="Freeze converged leading blocks (AutoFreeze-style).")
+    freeze_window: int = Field(50, ge=1, description="Real steps over which a block's relative change is measured.")
+    freeze_threshold: float = Field(
+        2e-3, ge=0, description="A block whose weights moved less than this share over the window is frozen."
+    )
+
+    @model_validator(mode="after")
+    def _exponential_needs_three(self) -> HybridConfig:
+        if self.method == "exponential" and self.history < 3:
+            raise ValueError("method 'exponential' needs history >= 3")
+        return self
+
+
 class TrainingConfig(_Strict):
     model: str = Field(
         "",
@@ -76,7 +134,8 @@ class TrainingConfig(_Strict):
         ge=0,
         lt=1,
         description="Peak AdamW learning rate; 0: automatic, 2e-3 for tiny models (under 10M trainable "
-        "parameters, like the embedded one), 2e-5 for others (a full fine-tune).",
+        "parameters, like the embedded one), 2e-5 for others (a full fine-tune), 2e-4 for LoRA on a model "
+        "of 10M parameters or more.",
     )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor, as a share of the peak.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent in linear warmup.")
@@ -105,7 +164,14 @@ class TrainingConfig(_Strict):
     threads: int = Field(
         0, ge=0, le=1024, description="CPU threads for torch; 0: $OMP_NUM_THREADS if set, else half the cores."
     )
-    engine: Literal["plain"] = Field("plain", description="Training engine.")
+    engine: Literal["plain", "hybrid"] = Field(
+        "plain",
+        description="Training engine. hybrid: plain steps plus verified weight-extrapolation jumps "
+        "([training.hybrid]); experimental, measured no speedup yet (docs/BENCHMARKS.md).",
+    )
+    hybrid: HybridConfig = Field(
+        default_factory=HybridConfig, description="Settings of the hybrid engine (used when engine is 'hybrid')."
+    )
     nan_max_skips: int = Field(
         3,
         ge=1,
@@ -129,6 +195,25 @@ class TrainingConfig(_Strict):
     )
     early_stop_on_overfit: bool = Field(
         False, description="Finish the job early (as completed, saying why) when overfitting is detected."
+    )
+    lora: bool = Field(
+        False,
+        description="Train a LoRA adapter (peft) instead of all weights: the base stays frozen, the version "
+        "holds the adapter and records its base; 'trainbox models export V' writes the merged model.",
+    )
+    lora_r: int = Field(8, ge=1, le=4096, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_targets: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto",
+        description='Modules that get adapters: a list of module names (e.g. ["q_proj", "v_proj"]); '
+        "'auto': the usual ones for the architecture (q_proj and v_proj for Llama, Qwen, Mistral; c_attn for "
+        "GPT-2); 'all-linear': every linear layer but the output head.",
+    )
+    lora_4bit: bool = Field(
+        False,
+        description="QLoRA: load the frozen base in 4 bits (NF4) through bitsandbytes; needs lora (true), a "
+        "CUDA GPU and the bitsandbytes package.",
     )
 
 
@@ -269,23 +354,30 @@ def load_sidecar(path: Path) -> JobOverrides:
 
 
 def job_training_config(base: TrainingConfig, overrides: dict[str, Any]) -> TrainingConfig:
-    """The [training] settings of one job: the instance's, with the sidecar's keys on top."""
+    """The [training] settings of one job: the instance's, with the sidecar's keys on top (a sidecar's
+    [hybrid] table only replaces the keys it sets)."""
     merged = base.model_dump()
-    merged.update({k: v for k, v in overrides.items() if k in TrainingConfig.model_fields})
+    for k, v in overrides.items():
+        if k in TrainingConfig.model_fields:
+            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged[k], dict) else v
     return TrainingConfig.model_validate(merged)
 
 
 TINY_MODEL_PARAMS = 10_000_000
 AUTO_LR_TINY = 2e-3
 AUTO_LR_FULL = 2e-5
+AUTO_LR_LORA = 2e-4
 
 
-def auto_learning_rate(trainable_params: int) -> float:
+def auto_learning_rate(trainable_params: int, lora_on_params: int = 0) -> float:
     """The learning rate used when ``learning_rate = 0``: what works for the size of model.
 
     Measured on the embedded 0.66M-parameter model: 3e-4 barely moves it in 100 steps, 2e-3 to 3e-3
-    learns fastest, 1e-2 is unstable. Full fine-tunes of real models use 1e-5 to 5e-5.
+    learns fastest, 1e-2 is unstable. Full fine-tunes of real models use 1e-5 to 5e-5; LoRA adapters
+    (``lora_on_params``: the size of the model they adapt) 1e-4 to 3e-4, except on a tiny model.
     """
+    if lora_on_params:
+        return AUTO_LR_TINY if lora_on_params < TINY_MODEL_PARAMS else AUTO_LR_LORA
     return AUTO_LR_TINY if trainable_params < TINY_MODEL_PARAMS else AUTO_LR_FULL
 
 
@@ -295,13 +387,26 @@ def defaults_toml() -> str:
     for table, field_info in Settings.model_fields.items():
         model = field_info.annotation
         assert isinstance(model, type) and issubclass(model, _Strict)
-        out.append(f"[{table}]")
-        for name, field in model.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            if isinstance(default, Priority):
-                default = default.value
-            value = json.dumps(default) if not isinstance(default, bool) else str(default).lower()
-            out.append(f"# {field.description}")
-            out.append(f"# {name} = {value}")
-        out.append("")
+        _table_toml(out, table, model)
     return "\n".join(out)
+
+
+def _table_toml(out: list[str], table: str, model: type[_Strict]) -> None:
+    """One table's keys, then its sub-tables (``[training.hybrid]``), which TOML wants after them."""
+    out.append(f"[{table}]")
+    nested = []
+    for name, field in model.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, _Strict):
+            nested.append((name, field.description, sub))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, Priority):
+            default = default.value
+        value = json.dumps(default) if not isinstance(default, bool) else str(default).lower()
+        out.append(f"# {field.description}")
+        out.append(f"# {name} = {value}")
+    out.append("")
+    for name, description, sub in nested:
+        out.append(f"# {description}")
+        _table_toml(out, f"{table}.{name}", sub)

@@ -67,6 +67,9 @@ class WorkerResult(BaseModel):
     # The micro-batch and accumulation it ended with (after any OOM back-off).
     micro_batch: int | None = None
     grad_accum: int | None = None
+    # The folder the job started from, and whether final_model is a LoRA adapter on it (not a full model).
+    base_model: str = ""
+    adapter: bool = False
 
     def save(self, run_dir: Path) -> None:
         atomic_write_json(Path(run_dir) / RESULT, self.model_dump(mode="json"))

@@ -56,6 +56,9 @@ class TrainingStatus(_Status):
     eta_s: float | None = None
     device: str = ""
     engine: str = "plain"
+    engine_phase: str = ""  # hybrid: warmup, full, predict, plain
+    speedup_estimate: float | None = None  # hybrid: running estimate over plain steps
+    backward_skipped: int = 0  # hybrid: backward passes skipped by accepted jumps
     message: str = ""
 
 

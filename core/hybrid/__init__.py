@@ -7,9 +7,11 @@ Pure parts, each testable alone:
 - ``bandit``: LinUCB over (horizon, scale) arms, rewarded by net steps saved;
 - ``divergence``: NaN/Inf, loss and gradient-norm spikes, prediction error;
 - ``phases``: the state machine warmup -> full -> predict -> correct (-> plain fallback);
-- ``engine``: ``HybridEngine``, the loop that drives a ``core.train.Trainer`` with them.
+- ``engine``: ``HybridEngine``, the hooks ``core.train.Trainer`` calls when ``engine = "hybrid"``.
+Its settings are ``trainbox.config.HybridConfig`` (``[training.hybrid]``), re-exported here.
 """
 
-from core.hybrid.engine import HybridConfig, HybridEngine
+from core.hybrid.engine import HybridEngine
+from trainbox.config import HybridConfig
 
 __all__ = ["HybridConfig", "HybridEngine"]

@@ -1,84 +1,69 @@
-"""``HybridEngine``: drives a ``core.train.Trainer`` with plain steps plus verified extrapolation jumps.
+"""``HybridEngine``: plain steps plus verified extrapolation jumps, driven by ``core.train.Trainer``.
 
-The real steps are the Trainer's own (``Trainer._optimizer_step``: same batches, accumulation,
-clipping, AdamW), so with no jump accepted the engine trains exactly like the plain loop. Around
-them it adds, per phase (``phases.py``):
-- full: a weight snapshot every ``snapshot_every`` real steps (a copy of the trainable tensors);
-- predict: the extrapolated weights ``H`` real steps ahead, written into the model: no forward or
-  backward pass, a few tensor operations per parameter;
-- correct: the probe loss (one no-grad forward over ``probe_examples`` fixed training examples)
-  before and after; accepted jumps advance the schedule by the steps they earned
-  (``acceptance.py``), rejected ones restore the weights and the optimizer state;
-- plain: nothing but real steps (the fallback when jumps stop paying).
-The divergence monitor checks every real step and restores the last good point (weights + AdamW
-state) on NaN/Inf or a spike. The bandit picks (H, scale) per attempt from the net steps saved.
+The Trainer runs the loop and every real step (same batches, accumulation, clipping, AdamW, NaN
+skips and rollbacks), so with no jump accepted the engine trains exactly like the plain loop. It
+calls three hooks (``TrainerView`` is everything the engine uses of it):
+- ``wants_jump()`` at a step boundary; if so, ``jump(emit)`` in place of the step: the extrapolated
+  weights ``H`` real steps ahead are written into the model (no forward or backward pass but the
+  probe), verified on the probe (one no-grad forward over ``probe_examples`` fixed training examples)
+  before and after, and kept or rolled back (weights and AdamW state); an accepted jump tells the
+  Trainer how many schedule steps it earned (``JumpEvent.advanced``, ``acceptance.py``);
+- ``after_real_step(loss, grad_norm, dt, emit)`` after an applied step: a weight snapshot every
+  ``snapshot_every`` real steps in phase full, phase transitions (``phases.py``), and, once a jump
+  was accepted, the divergence monitor (loss and gradient-norm spikes restore the last good point;
+  non-finite steps never get here: the Trainer skips them);
+- ``reset_trajectory()`` after the Trainer rolled back (the snapshots no longer lead to the weights).
+The bandit picks (H, scale) per attempt from the net steps saved.
 
-Optional cheap alternatives (off by default, measured in scripts/bench_hybrid.py):
+Optional cheap alternative (off by default, measured in scripts/bench_hybrid.py):
 - ``freeze``: AutoFreeze-style freezing of converged leading blocks (relative weight change over
   ``freeze_window`` real steps below ``freeze_threshold``), bottom-up, so backward stops early.
 
 ``state_dict()``/``load_state_dict()`` hold everything the engine learned (phase, snapshots,
-bandit, monitor, progress rate, counters), to sit beside the Trainer's state in a checkpoint.
+bandit, monitor, progress rate, counters); the Trainer keeps it in its own state, so checkpoints,
+pause/resume and crashes do not reset it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from core.data import collate
 from core.encode import Example
-from core.errors import TrainingDiverged
 from core.hybrid.acceptance import ProgressRate, Verdict, judge
 from core.hybrid.bandit import LinUCB
 from core.hybrid.divergence import DivergenceMonitor
-from core.hybrid.events import HybridEvent, HybridStepEvent, JumpEvent, RollbackEvent
-from core.hybrid.extrapolate import Method, TrajectoryPredictor
+from core.hybrid.events import HybridEvent, JumpEvent, RollbackEvent
+from core.hybrid.extrapolate import TrajectoryPredictor
 from core.hybrid.phases import Phase, PhaseMachine
-from core.schedule import lr_at
-from core.train import RECENT_LOSSES, Event, Outcome, Trainer, token_loss_sum, trained_positions
+from trainbox.config import HybridConfig, TrainingConfig
 
 STATE_VERSION = 1
-MAX_CONSECUTIVE_DIVERGENCES = 3  # restores in a row with no good step between: give up like the plain loop
+MAX_CONSECUTIVE_DIVERGENCES = 3  # restores in a row with no good step between: leave it to the Trainer
 
 
-@dataclass
-class HybridConfig:
-    """Every knob of the engine, with the defaults the benchmark measured (docs/BENCHMARKS.md)."""
+class StepCounter(Protocol):
+    step: int
 
-    warmup_steps: int = 20  # real steps before the first snapshot
-    full_steps: int = 10  # real steps between jump attempts (at least)
-    snapshot_every: int = 5  # real steps between weight snapshots
-    history: int = 3  # snapshots the extrapolation fits
-    method: Method = "linear"  # linear | exponential
-    horizons: tuple[int, ...] = (5, 10, 20)  # bandit arms: real steps to predict ahead
-    scales: tuple[float, ...] = (1.0,)  # bandit arms: multiplier on the predicted displacement
-    probe_examples: int = 16  # fixed training examples the jumps are verified on
-    min_rel_gain: float = 1e-3  # probe gain below this (relative) is a rejection (probe noise level)
-    min_earned: float = 1.0  # a jump must be worth at least this many plain steps
-    advance_schedule: bool = True  # accepted jumps advance the step counter (and lr) by the steps earned
-    bandit_alpha: float = 0.5
-    fallback_after: int = 2  # consecutive rejections (or losing attempts) before falling back to plain
-    cooldown_steps: int = 50  # first plain stretch after a fallback; doubles each time
-    max_cooldown_steps: int = 640
-    rate_smoothing: float = 0.5  # EMA of the plain progress rate (probe loss per step)
-    prediction_tol: float = 0.05  # probe loss this much worse after a jump: prediction error
-    spike_factor: float = 2.0  # loss spike: above factor x running mean (and 6 sigma)
-    freeze: bool = False  # AutoFreeze-style freezing of converged leading blocks
-    freeze_window: int = 50
-    freeze_threshold: float = 2e-3
 
-    def __post_init__(self) -> None:
-        self.horizons = tuple(int(h) for h in self.horizons)
-        self.scales = tuple(float(s) for s in self.scales)
-        if self.method == "exponential" and self.history < 3:
-            raise ValueError("the exponential fit needs history >= 3")
+class TrainerView(Protocol):
+    """What the engine uses of ``core.train.Trainer``: public attributes and one method, nothing private."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    pad_id: int
+    cfg: TrainingConfig
+    total_steps: int
+    state: StepCounter  # read only: the Trainer advances its own step
+
+    def mean_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float: ...
 
 
 @dataclass
@@ -99,20 +84,8 @@ class Counters:
         return self.earned_steps * step_time - self.overhead_s
 
 
-def real_step(trainer: Trainer, lr: float) -> tuple[float, float, int] | None:
-    """One real optimizer step through the Trainer; (loss, grad norm, tokens), or None when the Trainer
-    backed off and applied nothing. Accepts both step signatures core/train.py has had: (loss, norm,
-    tokens) raising TrainingDiverged, and (loss, norm, tokens, skipped) | None, where a skipped step
-    (non-finite, never applied) comes back with its non-finite values for the divergence monitor."""
-    result: Any = trainer._optimizer_step(lr)
-    if result is None:
-        return None
-    loss, grad_norm, tokens = result[0], result[1], result[2]
-    return float(loss), float(grad_norm), int(tokens)
-
-
 class HybridEngine:
-    def __init__(self, trainer: Trainer, cfg: HybridConfig, probe: Sequence[Example]) -> None:
+    def __init__(self, trainer: TrainerView, cfg: HybridConfig, probe: Sequence[Example]) -> None:
         self.trainer, self.cfg = trainer, cfg
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.probe_batches = [
@@ -135,64 +108,26 @@ class HybridEngine:
         self._divergences_in_row = 0
         self._traj_start = 0  # real step where the current trajectory (snapshot spacing) began
 
-    # --- the loop ---------------------------------------------------------------------------------
+    # --- the hooks the Trainer calls ----------------------------------------------------------------
 
-    def run(
-        self,
-        emit: Callable[[Event | HybridEvent], None],
-        should_stop: Callable[[], bool],
-        save_checkpoint: Callable[[], Path] | None = None,
-    ) -> Outcome:
-        """Trainer.run's order (lr, eval/checkpoint, step, log) with jumps in place of some steps."""
-        tr = self.trainer
-        if hasattr(tr, "_emit"):
-            tr._emit = emit  # the Trainer's own warnings go to the same place
-        started = time.time()
-        while True:
-            s = tr.state  # the Trainer may replace it on its own rollbacks
-            if self._eval_due():
-                tr._evaluate(emit)
-            if save_checkpoint is not None and self._checkpoint_due():
-                tr._checkpoint(emit, save_checkpoint)
-            if s.step >= tr.total_steps:
-                return "completed"
-            if should_stop():
-                if save_checkpoint is not None and s.step > 0 and s.last_checkpoint_step != s.step:
-                    tr._checkpoint(emit, save_checkpoint)
-                return "interrupted"
-            tr._set_phase(emit, "training")
-            if self.machine.phase == Phase.PREDICT:
-                self._attempt_jump(emit, started)
-            else:
-                self._real_step(emit, started)
+    @property
+    def phase(self) -> str:
+        return str(self.machine.phase)
 
-    def _real_step(self, emit: Callable[[Event | HybridEvent], None], started: float) -> None:
-        tr, s, c = self.trainer, self.trainer.state, self.counters
-        phase = self.machine.phase
-        lr = lr_at(s.step, tr.total_steps, tr.cfg.learning_rate, tr.cfg.warmup_ratio, tr.cfg.min_lr_ratio)
-        if self._good is None:
-            self._save_good()
-        t0 = time.time()
-        try:
-            result = real_step(tr, lr)
-        except TrainingDiverged:
-            tr.optimizer.zero_grad(set_to_none=True)
-            result = (math.nan, math.nan, 0)
-        if result is None:
-            return  # the Trainer backed off (out of memory) and applied nothing: the step runs again
-        loss, grad_norm, tokens = result
+    def wants_jump(self) -> bool:
+        """Whether the next action at this step boundary is a jump instead of a real step."""
+        return self.machine.phase == Phase.PREDICT
+
+    def after_real_step(self, loss: float, grad_norm: float, dt: float, emit: Callable[[HybridEvent], None]) -> None:
+        """An applied (finite) real step of ``dt`` seconds: snapshots, phase transitions, divergence checks."""
+        c = self.counters
         reason = self.monitor.observe(loss, grad_norm)
-        dt = max(time.time() - t0, 1e-9)
-        s.step += 1
         c.real_steps += 1
         c.real_step_s += dt
-        if reason is not None:
-            self._divergence_rollback(emit, reason)
+        if reason is not None and self._divergence_rollback(emit, reason):
             return
         self._divergences_in_row = 0
         self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
-        s.tokens_seen += tokens
-        s.recent_losses = [*s.recent_losses, loss][-RECENT_LOSSES:]
 
         t1 = time.time()
         if (c.real_steps - self._traj_start) % self.cfg.snapshot_every == 0:
@@ -210,10 +145,12 @@ class HybridEngine:
             if self.last_probe is None:
                 self.last_probe = (self.probe_loss(), c.real_steps)  # the first point of the progress rate
         c.overhead_s += time.time() - t1
-        emit(self._step_event(phase, False, 1, loss, lr, grad_norm, tokens, dt, started))
 
-    def _attempt_jump(self, emit: Callable[[Event | HybridEvent], None], started: float) -> None:
-        tr, s, c, cfg = self.trainer, self.trainer.state, self.counters, self.cfg
+    def jump(self, emit: Callable[[HybridEvent], None]) -> JumpEvent:
+        """One verified jump (only when ``wants_jump()``); emits and returns its ``JumpEvent``. The caller
+        advances its step counter by ``advanced`` (0 when rejected: weights and AdamW state restored)."""
+        tr, c, cfg = self.trainer, self.counters, self.cfg
+        step = tr.state.step
         t0 = time.time()
         self.machine.on_jump()
         before = self.probe_loss()
@@ -244,8 +181,7 @@ class HybridEngine:
             c.accepted += 1
             c.earned_steps += verdict.earned_steps
             if cfg.advance_schedule:
-                advanced = min(int(verdict.earned_steps), tr.total_steps - s.step)
-                s.step += advanced
+                advanced = min(int(verdict.earned_steps), tr.total_steps - step)
             c.advanced_steps += advanced
             c.backward_skipped += advanced * tr.cfg.grad_accum
             self.predictor.clear()
@@ -262,43 +198,47 @@ class HybridEngine:
         self.machine.on_verdict(verdict.accepted, verdict.net_steps)
         cost_s = time.time() - t0
         c.overhead_s += cost_s
-        lr = lr_at(s.step, tr.total_steps, tr.cfg.learning_rate, tr.cfg.warmup_ratio, tr.cfg.min_lr_ratio)
-        emit(
-            JumpEvent(
-                s.step,
-                c.real_steps,
-                horizon,
-                scale,
-                before,
-                after,
-                verdict.accepted,
-                verdict.reason,
-                verdict.earned_steps,
-                advanced,
-                verdict.net_steps,
-                cost_s,
-            )
+        event = JumpEvent(
+            step + advanced,
+            c.real_steps,
+            horizon,
+            scale,
+            before,
+            after,
+            verdict.accepted,
+            verdict.reason,
+            verdict.earned_steps,
+            advanced,
+            verdict.net_steps,
+            cost_s,
         )
-        if verdict.accepted:
-            emit(self._step_event(Phase.PREDICT, True, advanced, after, lr, 0.0, 0, cost_s, started))
+        emit(event)
+        return event
+
+    def reset_trajectory(self) -> None:
+        """The Trainer rolled back (to a checkpoint or the start): the snapshots and the last good point no
+        longer lead to the weights, so a new trajectory starts; a pending jump waits for it."""
+        self.predictor.clear()
+        self._good = None
+        self.last_probe = None
+        self._traj_start = self.counters.real_steps
+        self._divergences_in_row = 0
+        self.machine.restart()
+
+    def speedup_estimate(self) -> float | None:
+        """Schedule steps done per second of engine time, over what plain steps alone would give: the
+        plain-equivalent time (steps done x mean real step time) over the time spent (steps + overhead)."""
+        c = self.counters
+        if c.real_steps == 0 or c.real_step_s <= 0:
+            return None
+        step_s = c.real_step_s / c.real_steps
+        return (c.real_steps + c.advanced_steps) * step_s / (c.real_step_s + c.overhead_s)
 
     # --- pieces -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def probe_loss(self) -> float:
         """Mean loss per trained token on the fixed probe examples (no gradient)."""
-        tr = self.trainer
-        was_training = tr.model.training
-        tr.model.eval()
-        total, count = 0.0, 0
-        for batch in self.probe_batches:
-            b = {k: v.to(tr.device) for k, v in batch.items()}
-            with tr._autocast():
-                logits = tr.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(token_loss_sum(logits, b["labels"]))
-            count += trained_positions(batch["labels"])
-        tr.model.train(was_training)
-        return total / max(count, 1)
+        return self.trainer.mean_loss(self.probe_batches)
 
     def _context(self) -> list[float]:
         s = self.trainer.state
@@ -331,13 +271,14 @@ class HybridEngine:
                     else:
                         live[k] = v.clone() if torch.is_tensor(v) else v
 
-    def _divergence_rollback(self, emit: Callable[[Event | HybridEvent], None], reason: str) -> None:
+    def _divergence_rollback(self, emit: Callable[[HybridEvent], None], reason: str) -> bool:
+        """Restore the last good point after a spike; True when it did. Only once a jump was accepted:
+        until then the weights are exactly plain training's, and a spike is the Trainer's business."""
+        if self.counters.accepted == 0 or self._good is None:
+            return False
         self._divergences_in_row += 1
-        if self._divergences_in_row > MAX_CONSECUTIVE_DIVERGENCES or self._good is None:
-            raise TrainingDiverged(
-                f"step {self.trainer.state.step}: {reason} {self._divergences_in_row} times in a row "
-                "after restoring the last good point; lower learning_rate or check the data"
-            )
+        if self._divergences_in_row > MAX_CONSECUTIVE_DIVERGENCES:
+            return False  # restoring does not help: carry on as plain training would
         self._restore_good()
         self.counters.divergence_rollbacks += 1
         self.predictor.clear()
@@ -346,6 +287,7 @@ class HybridEngine:
         if self.machine.phase in (Phase.FULL, Phase.PLAIN):
             self.machine.fall_back()
         emit(RollbackEvent(self.trainer.state.step, reason, self._good[0]))
+        return True
 
     def _maybe_freeze(self) -> None:
         """Freeze the leading block whose weights stopped moving (AutoFreeze), one block at a time."""
@@ -384,59 +326,12 @@ class HybridEngine:
                 out.setdefault(".".join(parts[: i + 2]), []).append(p)
         return out
 
-    def _eval_due(self) -> bool:
-        tr, s = self.trainer, self.trainer.state
-        every = tr.cfg.eval_every
-        if not tr.val_set or s.last_eval_step == s.step:
-            return False
-        if s.step == 0 or s.step >= tr.total_steps:
-            return True
-        return every > 0 and s.step // every > max(s.last_eval_step, 0) // every
-
-    def _checkpoint_due(self) -> bool:
-        tr, s = self.trainer, self.trainer.state
-        every = tr.cfg.checkpoint_every
-        if s.step == 0 or s.last_checkpoint_step == s.step:
-            return False
-        return s.step >= tr.total_steps or (every > 0 and s.step // every > max(s.last_checkpoint_step, 0) // every)
-
-    def _step_event(
-        self,
-        phase: Phase,
-        predicted: bool,
-        advanced: int,
-        loss: float,
-        lr: float,
-        grad_norm: float,
-        tokens: int,
-        dt: float,
-        started: float,
-    ) -> HybridStepEvent:
-        tr, s, c = self.trainer, self.trainer.state, self.counters
-        return HybridStepEvent(
-            step=s.step,
-            total_steps=tr.total_steps,
-            loss=loss,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens=tokens,
-            tokens_per_s=tokens / dt,
-            epoch=s.epoch + s.micro_batch / tr.batches.per_epoch,
-            elapsed=time.time() - started,
-            phase=str(phase),
-            predicted=predicted,
-            advanced=advanced,
-            real_steps=c.real_steps,
-            backward_skipped=c.backward_skipped,
-            est_saved_s=c.est_saved_s(self.step_time or 0.0),
-        )
-
     # --- state ------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "config": asdict(self.cfg),
+            "config": self.cfg.model_dump(mode="json"),
             "machine": self.machine.state_dict(),
             "predictor": self.predictor.state_dict(),
             "bandit": self.bandit.state_dict(),
@@ -468,4 +363,4 @@ class HybridEngine:
         for name in self.counters.frozen:
             for p in names.get(name, []):
                 p.requires_grad_(False)
-        self._good = None  # taken again at the next real step
+        self._good = None  # taken again at the next snapshot or jump

@@ -96,6 +96,12 @@ class PhaseMachine:
         self._enter(Phase.PLAIN)
         return self.phase
 
+    def restart(self) -> Phase:
+        """A rollback outside the engine broke the trajectory: a pending jump becomes full steps again."""
+        if self.phase in (Phase.PREDICT, Phase.CORRECT):
+            self._enter(Phase.FULL)
+        return self.phase
+
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
         self.steps_in_phase = 0
