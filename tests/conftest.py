@@ -32,3 +32,11 @@ def smollm2() -> Path:
         pytest.skip(reason)
     cache = Path(os.environ.get("TRAINBOX_TEST_CACHE") or Path.home() / ".cache" / "trainbox-tests")
     return ensure_smollm2(cache)
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded tiny model, built once per test session; end-to-end homes copy it in."""
+    from core.embedded import ensure_embedded_model
+
+    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")

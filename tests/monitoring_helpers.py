@@ -29,6 +29,19 @@ from trainbox.home import Home
 from trainbox.states import DaemonState, JobState, Priority
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
 
+# Debian's Chromium, run headless with no background networking (the machines have no internet).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 
 class ServerProc:
     def __init__(

@@ -34,13 +34,6 @@ retry_backoff = 0
 WORDS = ["cat", "dog", "fox", "owl"]
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
-
-
 def _make(root: Path, embedded: Path) -> Home:
     home = make_home(root, embedded, max_steps=STEPS, extra="")
     text = home.config_file.read_text()

@@ -21,13 +21,6 @@ from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for, write_js
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
-
-
 @contextlib.contextmanager
 def small_filesystem(path: Path, size_mb: int) -> Iterator[bool]:
     """Mount a tmpfs of ``size_mb`` at ``path``; yields False where mounting is not allowed."""

@@ -19,13 +19,6 @@ pytestmark = pytest.mark.e2e
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(scope="session")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
-
-
 def _queue_files(home: Home, folder: str) -> list[str]:
     return sorted(p.name for p in (home.queue / folder).glob("*.jsonl"))
 

@@ -21,13 +21,6 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STEPS = 60
 
 
-@pytest.fixture(scope="session")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
-
-
 def test_hybrid_job_matches_plain_and_records_its_phases(tmp_path: Path, embedded: Path) -> None:
     home = make_home(tmp_path / "home", embedded, max_steps=STEPS)
     rows = [json.loads(x) for x in (EXAMPLES / "stories.jsonl").read_text().splitlines()]

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 (the embedded fixture comes from test_e2e_daemon)
 """LoRA and full fine-tunes through a real daemon, versions that record base plus adapter, the eval gate
 scoring an adapter version, and ``trainbox models export`` giving a model plain transformers loads."""
 
@@ -13,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, cli, make_home, wait_for, write_jsonl
-from tests.test_e2e_daemon import embedded  # noqa: F401 (fixture)
 from trainbox.home import Home
 
 pytestmark = pytest.mark.e2e

@@ -15,29 +15,10 @@ import pytest
 
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for, write_jsonl
-from tests.monitoring_helpers import ServerProc
+from tests.monitoring_helpers import CHROMIUM, CHROMIUM_ARGS, ServerProc
 from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
 
 pytestmark = pytest.mark.e2e
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
 
 
 def _get(srv: ServerProc, path: str) -> Any:

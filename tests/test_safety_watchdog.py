@@ -43,13 +43,6 @@ checkpointing_ceiling = 10
 """
 
 
-@pytest.fixture(scope="session")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
-
-
 class WatchdogProc:
     def __init__(self, home: Home) -> None:
         self.log = open(home.root / "watchdog-test.log", "ab")  # noqa: SIM115 - closed in stop()

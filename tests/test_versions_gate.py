@@ -83,13 +83,6 @@ def _harmful(n: int) -> list[dict[str, str]]:
     return [{"text": "".join(rng.choice(alphabet) for _ in range(60))} for _ in range(n)]
 
 
-@pytest.fixture(scope="session")
-def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from core.embedded import ensure_embedded_model
-
-    return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
-
-
 @pytest.mark.e2e
 def test_harmful_job_not_promoted_rollback_and_next_job_starts_from_current(tmp_path: Path, embedded: Path) -> None:
     home = make_home(tmp_path / "home", embedded, max_steps=20, extra='\n[models]\neval_file = "frozen.jsonl"\n')
