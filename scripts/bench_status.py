@@ -1,8 +1,9 @@
 """p50/p99 latency of ``GET /api/status`` with 50 concurrent clients, written to docs/BENCHMARKS.md.
 
 Against a running server (``--url``, 127.0.0.1 only) or, by default, one it starts itself on a
-temporary home populated as a daemon leaves it mid-run (``tests.monitoring_helpers.populate``), with a
-thread that keeps rewriting training.json and appending metrics as a training worker would.
+temporary home where a real daemon is training a real job (the embedded tiny model, one CPU thread),
+so the server reads status files and metrics that a worker is really writing. ``--simulated``
+instead populates the home as a daemon leaves it mid-run and rewrites the files from a thread.
 Bounded: ``--requests`` per client, and ``--duration`` seconds at most.
 
     .venv/bin/python scripts/bench_status.py [--url http://127.0.0.1:8377] [--clients 50]
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import statistics
@@ -26,7 +28,10 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")  # the embedded model's build would draw progress bars
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from tests.e2e_helpers import DaemonProc, make_home, wait_for, write_jsonl  # noqa: E402
 from tests.monitoring_helpers import ServerProc, append_metrics, populate, write_daemon_status, write_training_status  # noqa: E402
 from trainbox.home import Home  # noqa: E402
 
@@ -102,9 +107,11 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=30.0, help="stop after this many seconds regardless")
     p.add_argument("--path", default="/api/status")
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    p.add_argument("--simulated", action="store_true", help="no real daemon: rewrite status files from a thread")
     args = p.parse_args()
 
     srv = None
+    daemon: DaemonProc | None = None
     stop = threading.Event()
     tmp = None
     if args.url:
@@ -112,7 +119,7 @@ def main() -> int:
             p.error("only a server on this machine (127.0.0.1) may be benchmarked")
         url = args.url.rstrip("/")
         setting = f"a running server at {url}"
-    else:
+    elif args.simulated:
         tmp = tempfile.TemporaryDirectory(prefix="trainbox-bench-")
         home = Home(Path(tmp.name))
         populate(home)
@@ -120,12 +127,26 @@ def main() -> int:
         url = srv.url
         threading.Thread(target=simulate_training, args=(home, stop), daemon=True).start()
         setting = "its own server on a populated temporary home, status files rewritten twice a second"
+    else:
+        from core.embedded import ensure_embedded_model
+
+        tmp = tempfile.TemporaryDirectory(prefix="trainbox-bench-")
+        base = Path(tmp.name)
+        home = make_home(base / "home", ensure_embedded_model(base / "embedded"), max_steps=1_000_000)
+        daemon = DaemonProc(home)
+        write_jsonl(home.inbox / "bench.jsonl", [{"text": f"the fox runs to the river {i % 13}"} for i in range(400)])
+        srv = ServerProc(home)
+        url = srv.url
+        wait_for(lambda: (daemon.status()["current_job"] or {}).get("step", 0) >= 20, 120, "the job training")
+        setting = "its own server beside a real daemon training a job (embedded model, 1 worker thread)"
     try:
         lat, errors, wall = asyncio.run(run(url, args.path, args.clients, args.requests, args.rate, args.duration))
     finally:
         stop.set()
         if srv is not None:
             srv.stop()
+        if daemon is not None:
+            daemon.stop()
         if tmp is not None:
             tmp.cleanup()
     if not lat:
