@@ -113,6 +113,10 @@ def test_idle_daemon_with_stale_training_file_is_not_judged(tmp_path: Path) -> N
     wd = Watchdog(home, settings)
     for k in range(50):
         wd.loop(now + k * 0.1)
+    for minute in range(24 * 60):  # a simulated idle day: the daemon ticks, no worker, nothing to judge
+        t = now + 10 + minute * 60.0
+        write_status(home.status / DAEMON_STATUS, DaemonStatus(state=DaemonState.IDLE, pid=os.getpid(), heartbeat=t))
+        wd.loop(t)
     assert wd.interventions == 0 and wd.worker_kill is None
     assert not home.db_file.exists()  # nothing recorded, not even a DB created
     wd.shutdown()
