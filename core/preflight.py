@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import torch
 
+from core.distributed import from_env, resolve_nproc
 from core.errors import PreflightError
 from trainbox.config import TrainingConfig
 
@@ -38,7 +39,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Problem:
-    code: str  # max_length, bf16, eval_empty, eval_small, no_eval, memory, lora_4bit, lora_targets
+    code: str  # max_length, nproc_hybrid, bf16, eval_empty, eval_small, no_eval, memory, lora_4bit, lora_targets
     message: str
     fix: str
     fatal: bool
@@ -71,22 +72,27 @@ class MemoryEstimate:
 # --- pure ---------------------------------------------------------------------------------------
 
 
-def estimate_memory(shape: ModelShape, micro_batch: int, max_length: int, bf16: bool, cuda: bool) -> MemoryEstimate:
+def estimate_memory(
+    shape: ModelShape, micro_batch: int, max_length: int, bf16: bool, cuda: bool, checkpointing: bool = False
+) -> MemoryEstimate:
     """Bytes for a full fine-tune step: fp32 master weights, fp32 grads, AdamW's two moments, and
     the activations kept for backward (about 34 x hidden values per token and layer, Korthikanti et
     al. 2022; attention scores too where no fused kernel avoids them, i.e. on the CPU), plus logits
-    and their gradient in fp32."""
+    and their gradient in fp32. With gradient ``checkpointing`` only each layer's input (hidden values
+    per token) is kept, plus one layer's full activations while it is recomputed."""
     act_bytes = 2 if bf16 else 4
     tokens = micro_batch * max_length
     per_layer = tokens * (34 // 2 * shape.hidden + 2 * shape.intermediate) * act_bytes
     if not cuda:
         per_layer += micro_batch * shape.heads * max_length * max_length * 2 * act_bytes
     logits = tokens * shape.vocab * 4 * 3
+    # checkpointing keeps each layer's input, and one layer's full activations while it is recomputed
+    kept = (shape.layers * tokens * shape.hidden * act_bytes + per_layer) if checkpointing else shape.layers * per_layer
     return MemoryEstimate(
         weights=shape.params * 4,
         grads=shape.trainable * 4,
         optimizer=shape.trainable * 8,
-        activations=shape.layers * per_layer + logits,
+        activations=kept + logits,
         overhead=GPU_OVERHEAD if cuda else CPU_OVERHEAD,
     )
 
@@ -100,14 +106,20 @@ def halvings(configured: int) -> list[int]:
 
 
 def pick_micro_batch(
-    shape: ModelShape, configured: int, max_length: int, bf16: bool, cuda: bool, available: int
+    shape: ModelShape,
+    configured: int,
+    max_length: int,
+    bf16: bool,
+    cuda: bool,
+    available: int,
+    checkpointing: bool = False,
 ) -> tuple[int | None, MemoryEstimate]:
     """The largest micro-batch among ``halvings(configured)`` whose estimate fits ``available``
     (usable share); None when not even 1 fits. Also returns the estimate for the one chosen (or 1)."""
     budget = int(available * USABLE_FRACTION)
-    est = estimate_memory(shape, 1, max_length, bf16, cuda)
+    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing)
     for m in halvings(configured):
-        est = estimate_memory(shape, m, max_length, bf16, cuda)
+        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing)
         if est.total <= budget:
             return m, est
     return None, est
@@ -124,6 +136,17 @@ def check_settings(cfg: TrainingConfig, shape: ModelShape, cuda: bool, bf16_supp
                 f"set max_length = {shape.max_positions} or less",
                 True,
                 {"max_length": cfg.max_length, "max_position_embeddings": shape.max_positions},
+            )
+        )
+    if cfg.engine == "hybrid" and (resolve_nproc(cfg.nproc) > 1 or from_env().active):
+        out.append(
+            Problem(
+                "nproc_hybrid",
+                f"engine 'hybrid' runs in one process only; this job asks for nproc = {cfg.nproc}: the hybrid "
+                "engine's jump decisions are not yet kept the same on every rank",
+                "set nproc = 1, or engine = 'plain' to train with several processes",
+                True,
+                {"engine": cfg.engine, "nproc": cfg.nproc},
             )
         )
     if cfg.precision == "bf16" and not (cuda and bf16_supported):
@@ -233,7 +256,9 @@ def check_memory(
     shape: ModelShape, cfg: TrainingConfig, bf16: bool, cuda: bool, available: int, source: str
 ) -> tuple[int, list[Problem]]:
     """(starting micro-batch, problems): fatal when the estimate exceeds the memory even at micro-batch 1."""
-    micro, est = pick_micro_batch(shape, cfg.batch_size, cfg.max_length, bf16, cuda, available)
+    micro, est = pick_micro_batch(
+        shape, cfg.batch_size, cfg.max_length, bf16, cuda, available, cfg.gradient_checkpointing
+    )
     evidence = {"estimate_bytes": est.as_dict(), "available_bytes": available, "memory": source}
     if micro is None:
         return 1, [
@@ -340,6 +365,6 @@ def run_preflight(
     estimate = {
         "available_bytes": available,
         "memory": source,
-        **estimate_memory(shape, micro, cfg.max_length, bf16, cuda).as_dict(),
+        **estimate_memory(shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing).as_dict(),
     }
     return PreflightReport(micro, [p for p in problems if not p.fatal], estimate)

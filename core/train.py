@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from core import rng
 from core.data import Batches, DataPosition, collate, total_steps
+from core.distributed import Dist
 from core.encode import IGNORE, Example
 from core.errors import CheckpointError, OutOfMemory, TrainingDiverged
 from core.faults import Faults
@@ -170,6 +171,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.de
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Hugging Face gradient checkpointing (non-reentrant: correct with frozen inputs and under DDP). A
+    LoRA model's embeddings are frozen, so their output is made to require grad, as peft does."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+
+
 def use_bf16(cfg: TrainingConfig, device: torch.device) -> bool:
     """bf16 autocast only on CUDA that supports it; CPU always trains in fp32."""
     return device.type == "cuda" and cfg.precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
@@ -188,6 +198,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def trained_positions(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def example_trained(e: Example) -> int:
+    """``trained_positions`` of one example, without collating it."""
+    return sum(1 for label in e.labels[1:] if label != IGNORE)
 
 
 def torch_rng() -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -228,8 +243,10 @@ class Trainer:
         pad_id: int,
         device: torch.device,
         faults: Faults | None = None,
+        dist: Dist | None = None,
     ) -> None:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
+        self.dist = dist or Dist()  # several processes: each trains its share of every global step
         self.pad_id, self.device = pad_id, device
         self.batches = Batches(len(train), cfg.batch_size, cfg.seed)
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
@@ -428,12 +445,15 @@ class Trainer:
         model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro, pos = [], s.position
+        micro, pos, n_trained = [], s.position, 0
         for _ in range(self.cfg.grad_accum):
             indices, pos = self.batches.take(pos)
-            for part in chunks(indices, self.micro_batch_size):
+            if self.dist.active:  # the whole global step's tokens normalise the loss on every rank
+                n_trained += sum(example_trained(self.train_set[i]) for i in indices)
+            for part in chunks(self.dist.shard(indices), self.micro_batch_size):
                 micro.append(collate([self.train_set[i] for i in part], self.pad_id))
-        n_trained = sum(trained_positions(b["labels"]) for b in micro)
+        if not self.dist.active:
+            n_trained = sum(trained_positions(b["labels"]) for b in micro)
         inject_oom, inject_nan = self.faults.fire("oom", step), self.faults.fire("nan", step)
         rng_before = torch_rng()
         oom = ""
@@ -455,6 +475,8 @@ class Trainer:
             self.optimizer.step()
         except torch.OutOfMemoryError as e:
             oom = first_line(e)
+        if self.dist.any_flag(bool(oom)) and not oom:
+            oom = "out of memory on another rank"
         if oom:  # the update may be half-applied: back off, then start again from the last checkpoint
             self.optimizer.zero_grad(set_to_none=True)
             free_memory(self.device)
@@ -474,18 +496,32 @@ class Trainer:
         """Forward and backward over the step's forward passes; returns (loss, grad norm, tokens)."""
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for i, batch in enumerate(micro):
-            if inject_oom and i == min(1, len(micro) - 1):  # after a backward when there is one
+        oom = ""  # with several ranks an OOM is agreed on before the gradients are summed
+        try:
+            if inject_oom and not micro:
                 raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
-            b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self._autocast():
-                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss = token_loss_sum(logits, b["labels"]) / n_trained
-            if inject_nan and i == 0:
-                loss = loss * math.nan
-            loss.backward()
-            loss_sum += loss.detach()
-            tokens += int(batch["attention_mask"].sum())
+            for i, batch in enumerate(micro):
+                if inject_oom and i == min(1, len(micro) - 1):  # after a backward when there is one
+                    raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
+                b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                with self._autocast():
+                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = token_loss_sum(logits, b["labels"]) / n_trained
+                if inject_nan and i == 0:
+                    loss = loss * math.nan
+                loss.backward()
+                loss_sum += loss.detach()
+                tokens += int(batch["attention_mask"].sum())
+        except torch.OutOfMemoryError as e:
+            if not self.dist.active:
+                raise
+            oom = first_line(e)
+        if self.dist.active:  # one all-reduce per optimizer step, after all the accumulation
+            if self.dist.any_flag(bool(oom)):
+                raise torch.cuda.OutOfMemoryError(oom or "out of memory on another rank")
+            self.dist.sum_grads(self.model.parameters())
+            loss_total, tokens_total = self.dist.sum_values([float(loss_sum), float(tokens)])
+            loss_sum, tokens = torch.tensor(loss_total, device=self.device), int(tokens_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
         if self.cfg.grad_clip > 0:

@@ -17,6 +17,10 @@ back-off (the effective batch, batch_size x grad_accum of the settings, never ch
 
 Signal handlers only set a flag; the training loop looks at it at every step boundary.
 
+With ``training.nproc > 1`` the daemon starts this module under ``torchrun`` (core.distributed): every
+rank trains its share of each global batch, the ranks agree on stopping at each step boundary, and rank 0
+alone writes the status file, metrics, DB rows, checkpoints, result.json and the final model.
+
 Test-only hooks, never set in production (inactive unless the variable is set):
 - ``TRAINBOX_TEST_STEP_SLEEP`` (seconds, float) sleeps after every optimizer step so tests can
   catch a run in the middle.
@@ -47,7 +51,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from core import checkpoint, lora, rng
+from core import checkpoint, distributed, lora, rng
 from core.data import split_heldout
 from core.disk import DiskGuard, estimate_checkpoint_bytes, weights_bytes
 from core.embedded import ensure_embedded_model
@@ -60,7 +64,16 @@ from core.metrics import METRICS, MetricsLog, truncate_to_step
 from core.microbatch import CACHE_FILE, MicroBatchCache, cache_key
 from core.preflight import check_lora_setup, check_lora_targets, raise_fatal, run_preflight
 from core.reporting import JobDB, StatusReporter
-from core.train import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, Trainer, WarningEvent
+from core.train import (
+    CheckpointEvent,
+    EvalEvent,
+    Event,
+    PhaseEvent,
+    StepEvent,
+    Trainer,
+    WarningEvent,
+    enable_gradient_checkpointing,
+)
 from trainbox.config import TrainingConfig, auto_learning_rate
 from trainbox.jobspec import JobSpec, WorkerResult
 from trainbox.records import Record, load_records
@@ -81,6 +94,8 @@ RUNTIME_KEYS = (
     "checkpoint_every",
     "keep_checkpoints",
     "disk_margin_mb",
+    "gradient_checkpointing",  # the same numbers, less memory
+    "nproc",  # the global batch is split across processes: the same run with any number of them
 )
 LOG_PROGRESS_EVERY_S = 10.0
 FINAL_EXTRA_BYTES = 16 * 1024**2  # tokenizer and config beside the weights
@@ -143,6 +158,36 @@ def resolve_config(spec_cfg: TrainingConfig, saved: dict[str, Any] | None) -> Tr
     if changed:
         log.warning("resuming with the checkpoint's settings; job.json differs in: %s", ", ".join(changed))
     return cfg
+
+
+class RankStatus(StatusReporter):
+    """A rank other than 0 keeps its status in memory only: rank 0 alone writes the status file."""
+
+    def _write(self, now: float) -> None:
+        pass
+
+
+class RankDB(JobDB):
+    """A rank other than 0 writes no DB rows."""
+
+    def __init__(self, url: str, job_id: int) -> None:
+        self.job_id, self.db = job_id, None
+
+
+class RankMetrics(MetricsLog):
+    """A rank other than 0 writes no metrics lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def truncate(self, step: int) -> None:
+        pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # --- loading --------------------------------------------------------------------------------------
@@ -485,9 +530,11 @@ def train_job(
     info = info if info is not None else RunInfo()
     faults = Faults.from_env()
     run_dir = Path(spec.run_dir)
+    main_rank = distributed.from_env().is_main  # rank 0 alone writes files, rows and the status
     status.phase("loading")
     faults.hang("loading")
-    checkpoint.remove_partial(run_dir)
+    if main_rank:
+        checkpoint.remove_partial(run_dir)
     latest = checkpoint.latest_complete(run_dir)
     saved = checkpoint.load_state(latest.path) if latest else None
     cfg = resolve_config(spec.training, saved["config"] if saved else None)
@@ -496,6 +543,9 @@ def train_job(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # tiny models hit denormals; without this CPU steps crawl
     device = pick_device(cfg)
+    ranks = distributed.init(device.type)
+    if ranks.active:
+        log.info("rank %d of %d (%s)", ranks.rank, ranks.world, "nccl" if device.type == "cuda" else "gloo")
     status.update(force=True, device=describe_device(device, threads), engine=cfg.engine)
     rng.seed_all(cfg.seed)
 
@@ -512,14 +562,18 @@ def train_job(
             lora.load_adapter_folder(model, source)
     else:
         model, tokenizer = load_model(source, device)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+        log.info("gradient checkpointing on (activations recomputed in the backward pass)")
     if cfg.learning_rate == 0:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         adapted = sum(p.numel() for p in model.parameters() if not p.requires_grad) if cfg.lora else 0
         cfg = cfg.model_copy(update={"learning_rate": auto_learning_rate(trainable, adapted)})
         log.info("learning rate: %.1e (automatic for %d trainable parameters)", cfg.learning_rate, trainable)
     data = load_data(spec, cfg, tokenizer)
+    ranks.broadcast_params(model)
 
-    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device, faults)
+    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device, faults, ranks)
     info.trainer = trainer
     preflight = run_preflight(cfg, model, device, len(data.train), len(data.val), bool(spec.eval_file), trainer.bf16)
     log.info("preflight: micro-batch %d fits (%s)", preflight.micro_batch, preflight.estimate)
@@ -541,7 +595,8 @@ def train_job(
                 f"effective batch {trainer.effective_batch}"
             )
     s = trainer.state
-    truncate_to_step(run_dir / METRICS, s.step if latest else -1)
+    if main_rank:
+        truncate_to_step(run_dir / METRICS, s.step if latest else -1)
     status.update(force=True, step=s.step, total_steps=trainer.total_steps, val_loss=s.last_val_loss)
 
     def result(outcome: WorkerOutcome, **fields: Any) -> WorkerResult:
@@ -559,7 +614,10 @@ def train_job(
             **fields,
         )
 
-    if stop.is_set():
+    def should_stop() -> bool:  # every rank stops at the same step boundary
+        return ranks.any_flag(stop.is_set())
+
+    if should_stop():
         log.info("stop requested before training started")
         return result(WorkerOutcome.INTERRUPTED, message="stopped before training started")
 
@@ -570,6 +628,8 @@ def train_job(
 
     def save_checkpoint() -> Path:
         st = trainer.state
+        if not main_rank:
+            return checkpoint.checkpoints_dir(run_dir) / checkpoint.step_name(st.step)
         needed = estimate_checkpoint_bytes(run_dir, model, trainer.optimizer)
         guard.ensure("checkpoint", needed, st.step)
         meta = {
@@ -595,11 +655,11 @@ def train_job(
         db.event("checkpoint", f"checkpoint at step {saved_info.step}", step=saved_info.step, path=str(saved_info.path))
         return saved_info.path
 
-    metrics = MetricsLog(run_dir / METRICS)
+    metrics = MetricsLog(run_dir / METRICS) if main_rank else RankMetrics(run_dir / METRICS)
     recorded = {"micro": trainer.micro_batch_size}
 
     def micro_batch_worked(micro: int) -> None:
-        if micro != recorded["micro"]:  # back-off found one that trains: the next job starts there
+        if main_rank and micro != recorded["micro"]:  # back-off found one that trains: the next job starts there
             recorded["micro"] = micro
             cache.record(key, micro, max_length=cfg.max_length, model=str(spec.init_model or "embedded"))
 
@@ -630,9 +690,11 @@ def train_job(
         if starting_hint:
             reporter.warning(WarningEvent(s.step, "micro_batch", starting_hint, sizes(trainer)))
         try:
-            outcome = trainer.run(reporter, stop.is_set, save_checkpoint, restore)
+            outcome = trainer.run(reporter, should_stop, save_checkpoint, restore)
             final: Path | None = None
-            if outcome == "completed":
+            if outcome == "completed" and not main_rank:
+                final = run_dir / FINAL
+            elif outcome == "completed":
                 status.update(force=True, message="saving the final model")
                 guard.ensure("final model", weights_bytes(model) + FINAL_EXTRA_BYTES, trainer.state.step)
                 try:
@@ -708,7 +770,8 @@ def finish(result: WorkerResult, run_dir: Path, status: StatusReporter | None, d
             val_loss=result.val_loss,
         )
         db.close()
-    result.save(run_dir)  # the last act: the daemon reads it after the exit
+    if distributed.from_env().is_main:
+        result.save(run_dir)  # the last act: the daemon reads it after the exit
     log.info("%s at step %d/%d", result.outcome.value, result.step, result.total_steps)
     return {
         WorkerOutcome.COMPLETED: EXIT_COMPLETED,
@@ -721,7 +784,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.worker", description="Train one trainbox job.")
     parser.add_argument("--run-dir", required=True, type=Path, help="run folder holding job.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ranks = distributed.from_env()
+    rank_tag = f" rank{ranks.rank}" if ranks.active else ""
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s %(name)s{rank_tag} %(levelname)s %(message)s"
+    )
     stop = StopFlag()
     stop.install()
     hf_logging.disable_progress_bar()  # progress bars are noise in a log file
@@ -731,8 +798,11 @@ def main(argv: list[str] | None = None) -> int:
     info = RunInfo()
     try:
         spec = JobSpec.load(run_dir)
-        status = StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
-        db = JobDB(spec.db_url, spec.job_id)
+        reporter_cls, db_cls = (StatusReporter, JobDB) if ranks.is_main else (RankStatus, RankDB)
+        status = reporter_cls(Path(spec.status_file), spec.job_id, spec.job_name)
+        if ranks.active:  # the process the daemon spawned (and the watchdog watches) is the torchrun agent
+            status.status.pid = os.getppid()
+        db = db_cls(spec.db_url, spec.job_id)
         result = train_job(spec, stop, status, db, info)
     except Exception as e:  # boundary: any failure becomes a result the daemon can read
         traceback.print_exc()
@@ -749,7 +819,10 @@ def main(argv: list[str] | None = None) -> int:
             fix=fix,
             **sizes(info.trainer),
         )
-    return finish(result, run_dir, status, db)
+    try:
+        return finish(result, run_dir, status, db)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def decide(
             dict(result.evidence),
             result.fix or _FIXES[FailureClass.DISK],
         )
-    if interrupted or (stop_requested and returncode < 0):
+    # Asked to stop, then killed after the timeout, or gone before it could write a result (a torchrun
+    # agent whose ranks were still importing exits 1): its checkpoint holds the progress either way.
+    if interrupted or (stop_requested and (returncode < 0 or result is None)):
         step = result.step if result is not None else "?"
         return Decision(Verdict.PAUSED, f"paused at step {step}")
     failure = _classify(result, returncode)

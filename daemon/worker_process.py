@@ -8,6 +8,7 @@ killing the process group takes any helper processes along.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from trainbox.jobspec import JOB_SPEC
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
 
 LOG_NAME = "worker.log"
@@ -46,6 +48,43 @@ def log_tail(path: Path, lines: int) -> list[str]:
         return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
 
 
+def visible_gpus() -> int:
+    """CUDA GPUs a worker would see (CUDA_VISIBLE_DEVICES narrows them); 0 without a driver."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # boundary: no driver, no library: no GPU, a normal state
+        return 0
+
+
+def job_nproc(run_dir: Path) -> int:
+    """``training.nproc`` of the job in ``run_dir`` (0: one per visible GPU, or 1 without GPUs)."""
+    try:
+        spec = json.loads((run_dir / JOB_SPEC).read_text(encoding="utf-8"))
+        configured = int(spec.get("training", {}).get("nproc", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1  # the worker reports what is wrong with job.json
+    return configured if configured > 0 else max(1, visible_gpus())
+
+
+def worker_command(run_dir: Path, nproc: int) -> list[str]:
+    """The worker itself, or torchrun starting ``nproc`` of it (core.distributed); either way one
+    process group, so killing the group takes every rank along. torchrun forwards SIGTERM to the ranks."""
+    worker = ["-m", "core.worker", "--run-dir", str(run_dir)]
+    if nproc <= 1:
+        return [sys.executable, *worker]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [sys.executable, *launcher, *worker]
+
+
 @dataclass
 class WorkerProcess:
     job_id: int
@@ -61,7 +100,7 @@ class WorkerProcess:
             log.write(f"\n--- worker start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
             log.flush()
             popen = subprocess.Popen(
-                [sys.executable, "-m", "core.worker", "--run-dir", str(run_dir)],
+                worker_command(run_dir, job_nproc(run_dir)),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

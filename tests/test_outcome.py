@@ -26,6 +26,8 @@ def test_pause_and_stop_never_mark_done() -> None:
     assert d.verdict == Verdict.PAUSED and "12" in d.reason
     assert _decide(None, EXIT_INTERRUPTED).verdict == Verdict.PAUSED
     assert _decide(None, -signal.SIGKILL, stop=True).verdict == Verdict.PAUSED  # killed after the stop timeout
+    assert _decide(None, EXIT_FAILED, stop=True).verdict == Verdict.PAUSED  # stopped before it wrote a result
+    assert _decide(None, EXIT_FAILED).verdict == Verdict.RETRY  # the same exit, unasked: a crash
 
 
 def test_disk_full_pause_carries_what_is_needed() -> None:

@@ -1,0 +1,121 @@
+"""Several processes per job: ``training.nproc > 1`` runs the worker under ``torchrun`` (DDP).
+
+How it stays one run (core.train does the sharding, core.worker the rank-0-only writing):
+- The global batch is the configured one (``batch_size x grad_accum`` examples per optimizer step); every
+  rank reads the same data position and takes every ``world``-th example of each configured micro-batch.
+  The loss is normalised by the trained tokens of the whole global step, and the gradients are summed across
+  ranks once per optimizer step (one all-reduce, as DDP does with ``no_sync`` during accumulation), so a
+  2-process run equals a 1-process run up to summation order. The model is not wrapped in
+  ``DistributedDataParallel``: the explicit sum keeps ``save_pretrained``, peft, gradient checkpointing and the
+  checkpoint code unchanged, and handles a rank whose share of a micro-batch is empty.
+- Every decision that changes control flow is agreed: the stop flag (SIGTERM reaches every rank through the
+  torchrun agent; ``any_flag`` makes them stop at the same step boundary), an out-of-memory back-off on any
+  rank, and NaN skips (the loss and gradients they are judged on are already global).
+- Weights, optimizer state and RNG start identical on every rank (same files, same seed; parameters are
+  broadcast from rank 0 at the start), and all ranks resume from the same checkpoint, which rank 0 wrote.
+- Rank 0 alone writes status, metrics, DB rows, checkpoints, result.json and the final model.
+- Evaluation runs on every rank over the whole validation set (the same number everywhere; no collective).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+INIT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: rank 0 of 1 when there is no torchrun."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's share of one configured micro-batch (every ``world``-th example)."""
+        return indices[self.rank :: self.world] if self.active else indices
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: a decision all ranks take together."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def sum_values(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return [float(x) for x in t.tolist()]
+
+    def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Sum the gradients of the trainable parameters across ranks, in one flat buffer; a parameter
+        without a gradient here (an empty share) contributes zeros."""
+        if not self.active:
+            return
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def broadcast_params(self, model: torch.nn.Module) -> None:
+        """Rank 0's weights on every rank (they should already agree: same files, same seed)."""
+        if not self.active:
+            return
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t.data, src=0)
+
+
+def from_env() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return Dist(rank, world)
+
+
+def init(device_type: str) -> Dist:
+    """Join the process group when torchrun started this process (WORLD_SIZE > 1): gloo on the CPU,
+    nccl on CUDA (one GPU per local rank)."""
+    d = from_env()
+    if not d.active or dist.is_initialized():
+        return d
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=INIT_TIMEOUT_S))
+    return d
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_nproc(configured: int) -> int:
+    """``training.nproc``: 0 means one per visible GPU, or 1 without GPUs."""
+    if configured > 0:
+        return configured
+    return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)

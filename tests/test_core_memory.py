@@ -1,0 +1,92 @@
+"""Memory savers: gradient checkpointing changes memory, not numbers; preflight counts it; AdamW is fused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from core import lora
+from core.embedded import ensure_embedded_model
+from core.encode import Example, encode_all
+from core.preflight import ModelShape, check_settings, estimate_memory, pick_micro_batch
+from core.train import StepEvent, Trainer, enable_gradient_checkpointing, make_optimizer
+from trainbox.config import TrainingConfig
+from trainbox.records import Record
+
+CPU = torch.device("cpu")
+SHAPE = ModelShape(
+    params=1_000_000_000,
+    trainable=1_000_000_000,
+    hidden=2048,
+    intermediate=8192,
+    layers=24,
+    heads=16,
+    vocab=32000,
+    max_positions=2048,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Example]]:
+    torch.set_flush_denormal(True)
+    model_dir = ensure_embedded_model(tmp_path_factory.mktemp("memory") / "embedded-model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    recs = [Record(kind="text", text=f"The garden was {i} steps from the station number {i * 7}.") for i in range(16)]
+    return model_dir, encode_all(tok, recs, max_length=32).examples
+
+
+def run_losses(model_dir: Path, data: list[Example], checkpointing: bool, **over: Any) -> tuple[list[float], Any]:
+    torch.manual_seed(0)
+    settings = {"max_steps": 4, "batch_size": 4, "learning_rate": 3e-3, "eval_every": 0, "checkpoint_every": 0}
+    cfg = TrainingConfig(**settings, gradient_checkpointing=checkpointing, **over)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if cfg.lora:
+        model = lora.wrap(model, cfg, model_dir, lora.resolve_targets(cfg, model))
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    t = Trainer(model, cfg, data, [], pad_id=0, device=CPU)
+    events: list[Any] = []
+    assert t.run(events.append, lambda: False, lambda: Path("/nonexistent")) == "completed"
+    return [e.loss for e in events if isinstance(e, StepEvent)], model
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_gives_the_same_losses(tiny: tuple[Path, list[Example]], use_lora: bool) -> None:
+    model_dir, data = tiny
+    over = {"lora": True, "lora_dropout": 0.0} if use_lora else {}
+    plain, _ = run_losses(model_dir, data, False, **over)
+    saved, model = run_losses(model_dir, data, True, **over)
+    base = model.get_base_model() if use_lora else model
+    assert base.is_gradient_checkpointing
+    assert len(plain) == 4
+    assert saved == pytest.approx(plain, abs=1e-5)
+    assert plain[-1] < plain[0]  # it trained: the LoRA adapters got gradients through the checkpointed layers
+
+
+def test_preflight_activation_estimate_shrinks_with_checkpointing() -> None:
+    full = estimate_memory(SHAPE, 8, 1024, bf16=True, cuda=True)
+    saved = estimate_memory(SHAPE, 8, 1024, bf16=True, cuda=True, checkpointing=True)
+    assert saved.activations < full.activations / 4
+    assert (saved.weights, saved.grads, saved.optimizer) == (full.weights, full.grads, full.optimizer)
+    # so a micro-batch that does not fit without it fits with it
+    room = estimate_memory(SHAPE, 8, 1024, True, True, checkpointing=True).total
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, int(room / 0.9) + 1)[0] != 8
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, int(room / 0.9) + 1, checkpointing=True)[0] == 8
+
+
+def test_adamw_is_fused_or_foreach() -> None:
+    model = torch.nn.Linear(4, 4)
+    opt = make_optimizer(model, TrainingConfig(), CPU)
+    d = opt.defaults
+    assert d.get("fused") or d.get("foreach")
+
+
+def test_preflight_refuses_hybrid_with_several_processes() -> None:
+    cfg = TrainingConfig(engine="hybrid", nproc=2)
+    problems = check_settings(cfg, SHAPE, cuda=False, bf16_supported=False)
+    assert [p.code for p in problems if p.fatal] == ["nproc_hybrid"]
+    assert "nproc" in problems[0].fix
