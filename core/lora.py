@@ -131,7 +131,7 @@ def wrap(model: Any, cfg: TrainingConfig, base: Path, targets: list[str] | str) 
     )
     config = LoraConfig(
         r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; float works
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
         fan_in_fan_out=fan_in_fan_out,
@@ -158,7 +158,7 @@ def load_adapter_state(model: Any, state: dict[str, torch.Tensor], source: str =
     """Put adapter weights (as saved by peft) back into a wrapped model, in place; all must fit."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, state)
+    result: Any = set_peft_model_state_dict(model, state)  # torch's IncompatibleKeys
     missing = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or missing:
         raise ValueError(

