@@ -780,6 +780,22 @@ def finish(result: WorkerResult, run_dir: Path, status: StatusReporter | None, d
     }[result.outcome]
 
 
+def failed_result(e: Exception, status: StatusReporter | None, info: RunInfo) -> WorkerResult:
+    """The result a failed run leaves for the daemon: its class, evidence and fix, and how far it got."""
+    failure_class, evidence, fix = classify(e)
+    return WorkerResult(
+        outcome=WorkerOutcome.FAILED,
+        message=str(e) or type(e).__name__,
+        error_type=type(e).__name__,
+        step=status.status.step if status else 0,
+        total_steps=status.status.total_steps if status else 0,
+        failure_class=failure_class,
+        evidence=json_safe(evidence),
+        fix=fix,
+        **sizes(info.trainer),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.worker", description="Train one trainbox job.")
     parser.add_argument("--run-dir", required=True, type=Path, help="run folder holding job.json")
@@ -807,18 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # boundary: any failure becomes a result the daemon can read
         traceback.print_exc()
         sys.stderr.flush()
-        failure_class, evidence, fix = classify(e)
-        result = WorkerResult(
-            outcome=WorkerOutcome.FAILED,
-            message=str(e) or type(e).__name__,
-            error_type=type(e).__name__,
-            step=status.status.step if status else 0,
-            total_steps=status.status.total_steps if status else 0,
-            failure_class=failure_class,
-            evidence=json_safe(evidence),
-            fix=fix,
-            **sizes(info.trainer),
-        )
+        result = failed_result(e, status, info)
     try:
         return finish(result, run_dir, status, db)
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from core import checkpoint, lora, worker
+from core import checkpoint, lora
 from core.preflight import check_lora_setup, check_lora_targets
 from management.db import ModelDB
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
@@ -24,13 +23,14 @@ from tests.test_core_worker import (  # noqa: F401 (fixtures)
     finish,
     make_job,
     model_dir,
+    run_in_process,
     start_worker,
     train_steps,
+    wait_for_step,
 )
 from trainbox.config import TrainingConfig, auto_learning_rate
 from trainbox.jobspec import WorkerResult
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, WorkerOutcome
-from trainbox.status import TrainingStatus, read_status
 
 LORA = {"lora": True, "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
 
@@ -86,20 +86,6 @@ def test_auto_learning_rate_for_lora() -> None:
     assert auto_learning_rate(8_192, lora_on_params=664_192) == 2e-3  # LoRA on the tiny model
     assert auto_learning_rate(460_000, lora_on_params=134_000_000) == 2e-4
     assert auto_learning_rate(134_000_000) == 2e-5
-
-
-def run_in_process(spec: Any) -> tuple[int, WorkerResult]:
-    stop, info = worker.StopFlag(), worker.RunInfo()
-    status = worker.StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
-    db = worker.JobDB(spec.db_url, spec.job_id)
-    try:
-        result = worker.train_job(spec, stop, status, db, info)
-    except Exception as e:
-        cls, evidence, fix = worker.classify(e)
-        result = WorkerResult(
-            outcome=WorkerOutcome.FAILED, message=str(e), failure_class=cls, evidence=evidence, fix=fix
-        )
-    return worker.finish(result, Path(spec.run_dir), status, db), result
 
 
 def test_worker_lora_preflight_failures(tmp_path: Path, data_file: Path, model_dir: Path) -> None:
@@ -165,13 +151,7 @@ def test_worker_lora_sigterm_resume_is_exact(
     run_dir = tmp_path / "run"
     make_job(run_dir, data_file, model_dir, **LORA)
     proc = start_worker(run_dir, TRAINBOX_TEST_STEP_SLEEP="0.1")
-    deadline = time.time() + 90
-    while True:
-        status = read_status(run_dir / "training.json", TrainingStatus)
-        if status is not None and status.step >= 10:
-            break
-        assert proc.poll() is None and time.time() < deadline, "worker ended or stalled before step 10"
-        time.sleep(0.05)
+    wait_for_step(proc, run_dir, 10)
     proc.send_signal(signal.SIGTERM)
     rc, out = finish(proc)
     assert rc == EXIT_INTERRUPTED, out

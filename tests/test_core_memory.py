@@ -12,22 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core import lora
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
-from core.preflight import ModelShape, check_settings, estimate_memory, pick_micro_batch
+from core.preflight import check_settings, estimate_memory, pick_micro_batch
 from core.train import StepEvent, Trainer, enable_gradient_checkpointing, make_optimizer
+from tests.test_core_guards import SHAPE
 from trainbox.config import TrainingConfig
 from trainbox.records import Record
 
 CPU = torch.device("cpu")
-SHAPE = ModelShape(
-    params=1_000_000_000,
-    trainable=1_000_000_000,
-    hidden=2048,
-    intermediate=8192,
-    layers=24,
-    heads=16,
-    vocab=32000,
-    max_positions=2048,
-)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from core import checkpoint, worker
+from core import checkpoint
 from core.errors import OutOfMemory, PreflightError, TrainingDiverged
 from core.faults import Faults
 from core.health import Alert
@@ -27,6 +27,7 @@ from tests.test_core_worker import (  # noqa: F401 (fixtures)
     finish,
     make_job,
     model_dir,
+    run_in_process,
     start_worker,
     straight_run,
     train_steps,
@@ -306,19 +307,7 @@ def test_worker_failures_carry_class_evidence_and_fix(
 
     def run(name: str, fault: str = "", **over: Any) -> tuple[int, WorkerResult]:
         monkeypatch.setenv("TRAINBOX_TEST_FAULT", fault)
-        spec = make_job(tmp_path / name, data_file, model_dir, **over)
-        stop, info = worker.StopFlag(), worker.RunInfo()
-        status = worker.StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
-        db = worker.JobDB(spec.db_url, spec.job_id)
-        try:
-            result = worker.train_job(spec, stop, status, db, info)
-        except Exception as e:
-            cls, evidence, fix = worker.classify(e)
-            result = WorkerResult(
-                outcome=WorkerOutcome.FAILED, message=str(e), failure_class=cls, evidence=evidence, fix=fix,
-                **worker.sizes(info.trainer),
-            )  # fmt: skip
-        return worker.finish(result, Path(spec.run_dir), status, db), result
+        return run_in_process(make_job(tmp_path / name, data_file, model_dir, **over))
 
     rc, r = run("nan", "nan@1x1000", nan_max_skips=2, nan_max_rollbacks=1)
     assert rc == EXIT_FAILED and r.failure_class == "nan" and r.evidence["rollbacks"] == 1 and r.fix

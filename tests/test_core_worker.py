@@ -85,6 +85,29 @@ def start_worker(run_dir: Path, **env: str) -> subprocess.Popen[bytes]:
     )
 
 
+def wait_for_step(proc: subprocess.Popen[bytes], run_dir: Path, step: int, timeout: float = 90) -> None:
+    """Until the worker's status reports ``step`` (bounded; fails if the worker ends first)."""
+    deadline = time.time() + timeout
+    while True:
+        status = read_status(run_dir / "training.json", TrainingStatus)
+        if status is not None and status.step >= step:
+            return
+        assert proc.poll() is None and time.time() < deadline, f"worker ended or stalled before step {step}"
+        time.sleep(0.05)
+
+
+def run_in_process(spec: JobSpec) -> tuple[int, WorkerResult]:
+    """The worker's job in this process (the same code path as ``main``, minus its start-up time)."""
+    stop, info = worker.StopFlag(), worker.RunInfo()
+    status = worker.StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
+    db = worker.JobDB(spec.db_url, spec.job_id)
+    try:
+        result = worker.train_job(spec, stop, status, db, info)
+    except Exception as e:
+        result = worker.failed_result(e, status, info)
+    return worker.finish(result, Path(spec.run_dir), status, db), result
+
+
 def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, out.decode(errors="replace")
@@ -147,13 +170,7 @@ def test_sigterm_checkpoints_and_rerun_resumes_exactly(
     run_dir = tmp_path / "run"
     make_job(run_dir, data_file, model_dir)
     proc = start_worker(run_dir, TRAINBOX_TEST_STEP_SLEEP="0.1")
-    deadline = time.time() + 90
-    while True:
-        status = read_status(run_dir / "training.json", TrainingStatus)
-        if status is not None and status.step >= 10:
-            break
-        assert proc.poll() is None and time.time() < deadline, "worker ended or stalled before step 10"
-        time.sleep(0.05)
+    wait_for_step(proc, run_dir, 10)
     proc.send_signal(signal.SIGTERM)
     rc, out = finish(proc)
     assert rc == EXIT_INTERRUPTED, out
