@@ -135,15 +135,21 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(model: Any, folder: Path) -> None:
-    """Load a save_pretrained folder's safetensors into ``model`` in place (for a rollback: the model,
-    its optimizer and device placement stay). Tied weights absent from the files are fine."""
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A save_pretrained folder's safetensors tensors by name (CPU)."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no safetensors weights to roll back to")
     loaded: dict[str, torch.Tensor] = {}
     for f in files:
         loaded.update(load_file(f))
+    return loaded
+
+
+def load_weights(model: Any, folder: Path) -> None:
+    """Load a save_pretrained folder's safetensors into ``model`` in place (for a rollback: the model,
+    its optimizer and device placement stay). Tied weights absent from the files are fine."""
+    loaded = read_weights(folder)
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     mine = model.state_dict()
     loaded_ptrs = {mine[k].data_ptr() for k in loaded if k in mine}

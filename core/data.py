@@ -11,7 +11,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -79,8 +79,12 @@ def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, gra
     return max(1, math.ceil(epochs * micro_batches_per_epoch / grad_accum))
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example in the batch; padding is masked from attention and loss."""
+def collate(examples: Sequence[Example], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example in the batch; padding is masked from attention and loss.
+
+    ``packed``: one padding-free row instead (``pack``)."""
+    if packed:
+        return pack(examples)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -91,3 +95,39 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """The examples end to end in one row, no padding: position ids restart at 0 for each example, and
+    with no attention mask transformers reads the boundaries from them (``find_packed_sequence_indices``)
+    and builds a block-diagonal causal mask, so no token attends across examples. The first label of
+    every example is ignored: it would be predicted from the previous example's last token. So the loss
+    and gradients equal the padded batch's, with no compute spent on padding."""
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for e in examples:
+        ids += e.input_ids
+        labels += [IGNORE, *e.labels[1:]]
+        positions += range(len(e.input_ids))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+    }
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The model's keyword arguments for a collated batch (not the labels), on ``device``. No KV cache:
+    training never reuses it, and with a cache transformers ignores packed position ids (attention would
+    then cross examples)."""
+    return {"use_cache": False, **{k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

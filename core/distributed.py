@@ -1,6 +1,6 @@
-"""Several processes per job: ``training.nproc > 1`` runs the worker under ``torchrun`` (DDP).
+"""Several processes per job: ``training.nproc > 1`` runs the worker under ``torchrun`` (DDP, or FSDP below).
 
-How it stays one run (core.train does the sharding, core.worker the rank-0-only writing):
+How it stays one run (core.train splits the data, core.worker does the rank-0-only writing):
 - The global batch is the configured one (``batch_size x grad_accum`` examples per optimizer step); every
   rank reads the same data position and takes every ``world``-th example of each configured micro-batch.
   The loss is normalised by the trained tokens of the whole global step, and the gradients are summed across
@@ -15,6 +15,20 @@ How it stays one run (core.train does the sharding, core.worker the rank-0-only 
   broadcast from rank 0 at the start), and all ranks resume from the same checkpoint, which rank 0 wrote.
 - Rank 0 alone writes status, metrics, DB rows, checkpoints, result.json and the final model.
 - Evaluation runs on every rank over the whole validation set (the same number everywhere; no collective).
+
+``training.sharding = "fsdp"`` (core.sharding) keeps all of the above but the gradient sum and the broadcast: for a
+model whose weights + grads + AdamW state do not fit one GPU, the model is wrapped in FSDP2 (``fully_shard`` per
+decoder layer, then the root) after loading and before the optimizer, so each rank holds 1/world of them.
+- FSDP reduce-scatters the gradients after every backward, summed (divide factor 1, since the loss is already
+  normalised by the global step's tokens), so ``sum_grads`` is skipped; the gradient norm and clipping work on the
+  shards. The numbers equal the replicate scheme's up to summation order.
+- FSDP's collectives run inside every forward and backward, so every rank runs rank 0's number of forward passes:
+  a short or empty share is padded with zero-loss passes (replicate just runs fewer). Evaluation needs nothing
+  more: every rank runs the same batches. An out-of-memory error cannot be backed off (one rank cannot retry
+  while the others wait inside a collective): it fails the job with the fix.
+- No broadcast: each rank loads the same files to the CPU and keeps its shard. Saving gathers the full weights and
+  optimizer state (a collective on every rank) and rank 0 writes them in the unsharded formats, so checkpoints
+  resume in either mode; a resume or rollback loads the full state on every rank, each keeping its shard.
 """
 
 from __future__ import annotations

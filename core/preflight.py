@@ -35,11 +35,15 @@ class ModelShape:
     heads: int
     vocab: int
     max_positions: int | None
+    weight_bytes: int = 0  # the loaded weights as stored (fp32: 4 B/param, bf16: 2, a 4-bit base ~0.5); 0: params x 4
+    adapted: int = 0  # linear layers carrying a LoRA adapter
+    lora_r: int = 0
 
 
 @dataclass(frozen=True)
 class Problem:
-    code: str  # max_length, nproc_hybrid, bf16, eval_empty, eval_small, no_eval, memory, lora_4bit, lora_targets
+    code: str  # max_length, nproc_hybrid, fsdp_one_process, fsdp_lora, bf16, eval_empty, eval_small, no_eval,
+    # memory, lora_4bit, lora_targets
     message: str
     fix: str
     fatal: bool
@@ -73,25 +77,42 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    shape: ModelShape, micro_batch: int, max_length: int, bf16: bool, cuda: bool, checkpointing: bool = False
+    shape: ModelShape,
+    micro_batch: int,
+    max_length: int,
+    bf16: bool,
+    cuda: bool,
+    checkpointing: bool = False,
+    shards: int = 1,
 ) -> MemoryEstimate:
-    """Bytes for a full fine-tune step: fp32 master weights, fp32 grads, AdamW's two moments, and
-    the activations kept for backward (about 34 x hidden values per token and layer, Korthikanti et
-    al. 2022; attention scores too where no fused kernel avoids them, i.e. on the CPU), plus logits
-    and their gradient in fp32. With gradient ``checkpointing`` only each layer's input (hidden values
-    per token) is kept, plus one layer's full activations while it is recomputed."""
+    """Bytes for a training step: the weights as loaded (fp32 master weights for a full fine-tune; a
+    frozen LoRA base as stored, about 0.5 B/param in 4 bits under QLoRA), fp32 grads and AdamW's two
+    moments of the trainable parameters only, and the activations kept for backward (about 34 x hidden
+    values per token and layer, Korthikanti et al. 2022, frozen or not: backward still runs through
+    every layer; attention scores too where no fused kernel avoids them, i.e. on the CPU; per LoRA
+    adapter its dropped-out input and rank-r intermediate), plus logits and their gradient in fp32.
+    With gradient ``checkpointing`` only each layer's input (hidden values per token) is kept, plus one
+    layer's full activations while it is recomputed. Over ``shards`` ranks (sharding 'fsdp') each rank
+    holds its share of the weights, grads and AdamW state, plus the full weights of about two layers in
+    flight (the one computing and the one prefetched: an even share of all weights per layer); the
+    activations are per rank and do not shrink."""
     act_bytes = 2 if bf16 else 4
     tokens = micro_batch * max_length
     per_layer = tokens * (34 // 2 * shape.hidden + 2 * shape.intermediate) * act_bytes
     if not cuda:
         per_layer += micro_batch * shape.heads * max_length * max_length * 2 * act_bytes
     logits = tokens * shape.vocab * 4 * 3
-    # checkpointing keeps each layer's input, and one layer's full activations while it is recomputed
-    kept = (shape.layers * tokens * shape.hidden * act_bytes + per_layer) if checkpointing else shape.layers * per_layer
+    adapters = shape.adapted * tokens * (shape.hidden + shape.lora_r) * act_bytes
+    if checkpointing:  # each layer's input, and one layer's full activations while it is recomputed
+        kept = shape.layers * tokens * shape.hidden * act_bytes + per_layer + adapters // max(shape.layers, 1)
+    else:
+        kept = shape.layers * per_layer + adapters
+    weights = shape.weight_bytes or shape.params * 4
+    in_flight = 2 * weights // max(shape.layers, 1) if shards > 1 else 0
     return MemoryEstimate(
-        weights=shape.params * 4,
-        grads=shape.trainable * 4,
-        optimizer=shape.trainable * 8,
+        weights=-(-weights // shards) + in_flight,
+        grads=-(-shape.trainable * 4 // shards),
+        optimizer=-(-shape.trainable * 8 // shards),
         activations=kept + logits,
         overhead=GPU_OVERHEAD if cuda else CPU_OVERHEAD,
     )
@@ -113,13 +134,14 @@ def pick_micro_batch(
     cuda: bool,
     available: int,
     checkpointing: bool = False,
+    shards: int = 1,
 ) -> tuple[int | None, MemoryEstimate]:
     """The largest micro-batch among ``halvings(configured)`` whose estimate fits ``available``
     (usable share); None when not even 1 fits. Also returns the estimate for the one chosen (or 1)."""
     budget = int(available * USABLE_FRACTION)
-    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing)
+    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing, shards)
     for m in halvings(configured):
-        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing)
+        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing, shards)
         if est.total <= budget:
             return m, est
     return None, est
@@ -149,6 +171,7 @@ def check_settings(cfg: TrainingConfig, shape: ModelShape, cuda: bool, bf16_supp
                 {"engine": cfg.engine, "nproc": cfg.nproc},
             )
         )
+    out += check_sharding(cfg, planned_world(cfg))
     if cfg.precision == "bf16" and not (cuda and bf16_supported):
         where = "this GPU does not support bf16" if cuda else "the job runs on the CPU"
         out.append(
@@ -161,6 +184,49 @@ def check_settings(cfg: TrainingConfig, shape: ModelShape, cuda: bool, bf16_supp
             )
         )
     return out
+
+
+def planned_world(cfg: TrainingConfig) -> int:
+    """The job's processes: torchrun's world inside a worker, else what ``nproc`` resolves to here."""
+    env = from_env()
+    return env.world if env.active else resolve_nproc(cfg.nproc)
+
+
+def shard_count(cfg: TrainingConfig, world: int) -> int:
+    """Ranks the weights, grads and optimizer state are divided across: the world under 'fsdp', else 1."""
+    return world if cfg.sharding == "fsdp" and world > 1 else 1
+
+
+def check_sharding(cfg: TrainingConfig, world: int) -> list[Problem]:
+    """``sharding = 'fsdp'``: what it does not support, before any weight is loaded (the worker calls it
+    first; check_settings repeats it for the warning)."""
+    if cfg.sharding != "fsdp":
+        return []
+    evidence = {"sharding": cfg.sharding, "nproc": cfg.nproc, "processes": world}
+    if world <= 1:
+        return [
+            Problem(
+                "fsdp_one_process",
+                f"sharding = 'fsdp' with one process (nproc = {cfg.nproc}) has nothing to shard across: "
+                "the job trains unsharded, the whole model in one process",
+                "set nproc = 2 or more (one process per GPU) to shard the model, or sharding = 'replicate'",
+                False,
+                evidence,
+            )
+        ]
+    if cfg.lora:
+        return [
+            Problem(
+                "fsdp_lora",
+                "sharding = 'fsdp' does not support LoRA (lora = true): the adapter's wrapping, saving and "
+                "rollback are not shard-aware, and a LoRA run's grads and optimizer state are small anyway",
+                "set sharding = 'replicate' (each process then holds the frozen base; lora_4bit shrinks it), "
+                "or lora = false for a sharded full fine-tune",
+                True,
+                {**evidence, "lora": True},
+            )
+        ]
+    return []
 
 
 def check_lora_setup(cfg: TrainingConfig, cuda: bool, bitsandbytes: bool) -> list[Problem]:
@@ -253,11 +319,11 @@ def check_data(n_train: int, n_val: int, eval_file: bool, eval_fraction: float) 
 
 
 def check_memory(
-    shape: ModelShape, cfg: TrainingConfig, bf16: bool, cuda: bool, available: int, source: str
+    shape: ModelShape, cfg: TrainingConfig, bf16: bool, cuda: bool, available: int, source: str, shards: int = 1
 ) -> tuple[int, list[Problem]]:
     """(starting micro-batch, problems): fatal when the estimate exceeds the memory even at micro-batch 1."""
     micro, est = pick_micro_batch(
-        shape, cfg.batch_size, cfg.max_length, bf16, cuda, available, cfg.gradient_checkpointing
+        shape, cfg.batch_size, cfg.max_length, bf16, cuda, available, cfg.gradient_checkpointing, shards
     )
     evidence = {"estimate_bytes": est.as_dict(), "available_bytes": available, "memory": source}
     if micro is None:
@@ -266,7 +332,8 @@ def check_memory(
                 "memory",
                 f"training needs about {est.total / 2**30:.1f} GiB at micro-batch 1 and max_length {cfg.max_length}, "
                 f"{source} has {available / 2**30:.1f} GiB free",
-                "lower max_length, use LoRA (lora = true) or a smaller model, or free memory on the device",
+                "lower max_length, use LoRA (lora = true) or a smaller model, shard it across GPUs (nproc = 2 or "
+                "more with sharding = 'fsdp'), or free memory on the device",
                 True,
                 {**evidence, "micro_batch": 1, "max_length": cfg.max_length},
             )
@@ -302,6 +369,12 @@ def model_shape(model: Any) -> ModelShape:
         heads=int(getattr(text, "num_attention_heads", 0) or 0),
         vocab=int(getattr(text, "vocab_size", 0) or 0),
         max_positions=getattr(text, "max_position_embeddings", None),
+        weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        adapted=sum(1 for m in model.modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)),
+        lora_r=max(
+            (int(r) for m in model.modules() if isinstance(getattr(m, "r", None), dict) for r in m.r.values()),
+            default=0,
+        ),
     )
 
 
@@ -359,12 +432,14 @@ def run_preflight(
         n_train, n_val, eval_file, cfg.eval_fraction
     )
     available, source = available_memory(device)
-    micro, mem = check_memory(shape, cfg, bf16, cuda, available, source)
+    shards = shard_count(cfg, planned_world(cfg))
+    micro, mem = check_memory(shape, cfg, bf16, cuda, available, source, shards)
     problems += mem
     raise_fatal(problems)
     estimate = {
         "available_bytes": available,
         "memory": source,
-        **estimate_memory(shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing).as_dict(),
+        **estimate_memory(shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing, shards).as_dict(),
+        **({"shards": shards} if shards > 1 else {}),
     }
     return PreflightReport(micro, [p for p in problems if not p.fatal], estimate)

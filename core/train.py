@@ -36,8 +36,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from core import rng
-from core.data import Batches, DataPosition, collate, total_steps
+from core import rng, sharding
+from core.data import Batches, DataPosition, collate, model_inputs, real_tokens, total_steps
 from core.distributed import Dist
 from core.encode import IGNORE, Example
 from core.errors import CheckpointError, OutOfMemory, TrainingDiverged
@@ -247,6 +247,7 @@ class Trainer:
     ) -> None:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.dist = dist or Dist()  # several processes: each trains its share of every global step
+        self.sharded = sharding.is_sharded(model)  # FSDP (core.sharding): collectives inside every forward
         self.pad_id, self.device = pad_id, device
         self.batches = Batches(len(train), cfg.batch_size, cfg.seed)
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
@@ -291,9 +292,14 @@ class Trainer:
 
     # resume
     def state_dict(self) -> dict[str, Any]:
+        """Sharded, the optimizer's full state is gathered (unsharded format): every rank must call this."""
         return {
             "trainer": asdict(self.state),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": (
+                sharding.full_optimizer_state(self.model, self.optimizer)
+                if self.sharded
+                else self.optimizer.state_dict()
+            ),
             "rng": rng.capture(),
             "schedule": {"kind": "warmup_cosine", "total_steps": self.total_steps},
             "data": self._data_shape(),
@@ -308,7 +314,10 @@ class Trainer:
         if saved != mine:
             raise CheckpointError(f"checkpoint was made for {saved}, this run has {mine}: data or settings changed")
         self.state = TrainState(**state["trainer"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # the full (unsharded-format) state on every rank; each keeps its shard
+            sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         rng.restore(state["rng"])
         if "health" in state:
             self.health.load_state_dict(state["health"])
@@ -445,20 +454,25 @@ class Trainer:
         model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro, pos, n_trained = [], s.position, 0
+        micro, pos, n_trained, padding = [], s.position, 0, 0
         for _ in range(self.cfg.grad_accum):
             indices, pos = self.batches.take(pos)
             if self.dist.active:  # the whole global step's tokens normalise the loss on every rank
                 n_trained += sum(example_trained(self.train_set[i]) for i in indices)
             for part in chunks(self.dist.shard(indices), self.micro_batch_size):
-                micro.append(collate([self.train_set[i] for i in part], self.pad_id))
+                micro.append(collate([self.train_set[i] for i in part], self.pad_id, self.cfg.packing))
+            if self.sharded:  # FSDP's collectives need the same forward passes on every rank
+                padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, self.micro_batch_size)
+        if padding:  # zero-loss passes over one example of the step, after the real ones
+            dummy = collate([self.train_set[indices[0]]], self.pad_id, self.cfg.packing)
+            micro += [sharding.zero_loss(dummy)] * padding
         if not self.dist.active:
             n_trained = sum(trained_positions(b["labels"]) for b in micro)
         inject_oom, inject_nan = self.faults.fire("oom", step), self.faults.fire("nan", step)
         rng_before = torch_rng()
         oom = ""
         try:
-            loss_value, norm_value, tokens = self._accumulate(micro, n_trained, inject_oom, inject_nan)
+            loss_value, norm_value, tokens = self._accumulate(micro, n_trained, inject_oom, inject_nan, padding)
         except torch.OutOfMemoryError as e:
             oom = first_line(e)  # keep no reference: the traceback holds the activations
         if oom:
@@ -486,14 +500,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.faults.fire("nanweight", step):
             with torch.no_grad():
-                next(model.parameters()).view(-1)[0] = math.nan
+                sharding.local(next(model.parameters())).view(-1)[0] = math.nan
         s.epoch, s.micro_batch = pos.epoch, pos.index
         return loss_value, norm_value, tokens, False
 
     def _accumulate(
-        self, micro: list[dict[str, torch.Tensor]], n_trained: int, inject_oom: bool, inject_nan: bool
+        self,
+        micro: list[dict[str, torch.Tensor]],
+        n_trained: int,
+        inject_oom: bool,
+        inject_nan: bool,
+        padding: int = 0,
     ) -> tuple[float, float, int]:
-        """Forward and backward over the step's forward passes; returns (loss, grad norm, tokens)."""
+        """Forward and backward over the step's forward passes, the last ``padding`` of them zero-loss ones
+        (sharded: see core.sharding); returns (loss, grad norm, tokens)."""
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         oom = ""  # with several ranks an OOM is agreed on before the gradients are summed
@@ -503,23 +523,24 @@ class Trainer:
             for i, batch in enumerate(micro):
                 if inject_oom and i == min(1, len(micro) - 1):  # after a backward when there is one
                     raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
-                b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 with self._autocast():
-                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                loss = token_loss_sum(logits, b["labels"]) / n_trained
+                    logits = self.model(**model_inputs(batch, self.device)).logits
+                loss = token_loss_sum(logits, batch["labels"].to(self.device)) / n_trained
                 if inject_nan and i == 0:
                     loss = loss * math.nan
                 loss.backward()
                 loss_sum += loss.detach()
-                tokens += int(batch["attention_mask"].sum())
+                if i < len(micro) - padding:
+                    tokens += real_tokens(batch)
         except torch.OutOfMemoryError as e:
-            if not self.dist.active:
+            if not self.dist.active or self.sharded:  # sharded: the other ranks wait inside a collective
                 raise
             oom = first_line(e)
         if self.dist.active:  # one all-reduce per optimizer step, after all the accumulation
             if self.dist.any_flag(bool(oom)):
                 raise torch.cuda.OutOfMemoryError(oom or "out of memory on another rank")
-            self.dist.sum_grads(self.model.parameters())
+            if not self.sharded:  # FSDP already summed them (reduce-scatter after each backward)
+                self.dist.sum_grads(self.model.parameters())
             loss_total, tokens_total = self.dist.sum_values([float(loss_sum), float(tokens)])
             loss_sum, tokens = torch.tensor(loss_total, device=self.device), int(tokens_total)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -528,14 +549,15 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm(grads)
-        return float(loss_sum), float(norm), tokens
+        return float(loss_sum), float(sharding.full(norm)), tokens
 
     def evaluate(self) -> float:
         """Mean loss per trained token over the whole validation set."""
         size = self.state.eval_size or self.cfg.batch_size
         if self.faults.fire("evaloom", self.state.step) and self.val_set:
             raise torch.cuda.OutOfMemoryError(INJECTED_OOM)
-        batches = (collate(self.val_set[i : i + size], self.pad_id) for i in range(0, len(self.val_set), size))
+        packed, n = self.cfg.packing, len(self.val_set)
+        batches = (collate(self.val_set[i : i + size], self.pad_id, packed) for i in range(0, n, size))
         loss = self.mean_loss(batches)
         self.model.train()
         return loss
@@ -547,10 +569,9 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for batch in batches:
-            b = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(token_loss_sum(logits, b["labels"]))
+                logits = self.model(**model_inputs(batch, self.device)).logits
+            total += float(token_loss_sum(logits, batch["labels"].to(self.device)))
             count += trained_positions(batch["labels"])
         self.model.train(was_training)
         return total / max(count, 1)
@@ -559,8 +580,8 @@ class Trainer:
     def _back_off(self, error: str, step: int) -> None:
         """Halve the micro-batch after an OOM (accumulation grows to keep the effective batch)."""
         s, old = self.state, self.micro_batch_size
-        if old <= 1:
-            raise self._oom_failure(error, step, "training", 1)
+        if old <= 1 or self.sharded:
+            raise self._oom_failure(error, step, "training", old)
         s.micro_size, s.ooms = max(1, old // 2), s.ooms + 1
         self._warn_one(
             "oom_backoff",
@@ -575,8 +596,10 @@ class Trainer:
 
     def _oom_failure(self, error: str, step: int, phase: str, size: int) -> OutOfMemory:
         where = "evaluation batch" if phase == "evaluating" else "micro-batch"
+        # sharded, one rank cannot retry alone (the others wait inside FSDP's collectives): no back-off
+        at = f"at {where} {size} with sharding 'fsdp' (no back-off)" if self.sharded else f"even at {where} {size}"
         return OutOfMemory(
-            f"out of memory in {phase} at step {step} even at {where} {size} with max_length {self.cfg.max_length}",
+            f"out of memory in {phase} at step {step} {at} with max_length {self.cfg.max_length}",
             evidence={
                 "error": error,
                 "phase": phase,
@@ -588,8 +611,13 @@ class Trainer:
                 "bf16": self.bf16,
                 **memory_snapshot(self.device),
             },
-            fix=f"lower max_length (now {self.cfg.max_length}), use LoRA or a smaller model, "
-            "or free the GPU of other processes",
+            fix=(
+                f"lower max_length (now {self.cfg.max_length}) or batch_size, set gradient_checkpointing = true, "
+                "shard across more processes (nproc), or free the GPU of other processes"
+                if self.sharded
+                else f"lower max_length (now {self.cfg.max_length}), use LoRA or a smaller model, "
+                "or free the GPU of other processes"
+            ),
         )
 
     def _on_skipped(self, step: int, loss: float, grad_norm: float, lr: float) -> None:
@@ -654,8 +682,10 @@ class Trainer:
         )
 
     def _weights_finite(self) -> bool:
-        flags = [torch.isfinite(p).all() for p in self.model.parameters()]
-        return bool(torch.stack(flags).all()) if flags else True
+        """Sharded, each rank checks its shards and the ranks agree (a collective)."""
+        flags = [torch.isfinite(sharding.local(p)).all() for p in self.model.parameters()]
+        finite = bool(torch.stack(flags).all()) if flags else True
+        return not self.dist.any_flag(not finite) if self.sharded else finite
 
     # boundaries: "crossed a multiple of every since the last one", since a hybrid jump advances several steps
     def _eval_due(self) -> bool:
@@ -684,8 +714,8 @@ class Trainer:
             self.model.train()
             free_memory(self.device)
             size = s.eval_size or self.cfg.batch_size
-            if size <= 1:
-                raise self._oom_failure(oom, s.step, "evaluating", 1)
+            if size <= 1 or self.sharded:
+                raise self._oom_failure(oom, s.step, "evaluating", size)
             s.eval_size = size // 2
             self._warn_one(
                 "eval_oom_backoff",

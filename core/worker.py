@@ -19,7 +19,8 @@ Signal handlers only set a flag; the training loop looks at it at every step bou
 
 With ``training.nproc > 1`` the daemon starts this module under ``torchrun`` (core.distributed): every
 rank trains its share of each global batch, the ranks agree on stopping at each step boundary, and rank 0
-alone writes the status file, metrics, DB rows, checkpoints, result.json and the final model.
+alone writes the status file, metrics, DB rows, checkpoints, result.json and the final model. With
+``sharding = "fsdp"`` the model is sharded (core.sharding) and every save starts with a gather on every rank.
 
 Test-only hooks, never set in production (inactive unless the variable is set):
 - ``TRAINBOX_TEST_STEP_SLEEP`` (seconds, float) sleeps after every optimizer step so tests can
@@ -51,7 +52,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from core import checkpoint, distributed, lora, rng
+from core import checkpoint, distributed, lora, rng, sharding
 from core.data import split_heldout
 from core.disk import DiskGuard, estimate_checkpoint_bytes, weights_bytes
 from core.embedded import ensure_embedded_model
@@ -62,7 +63,7 @@ from core.folders import publish_folder
 from core.hybrid.events import JumpEvent, RollbackEvent
 from core.metrics import METRICS, MetricsLog, truncate_to_step
 from core.microbatch import CACHE_FILE, MicroBatchCache, cache_key
-from core.preflight import check_lora_setup, check_lora_targets, raise_fatal, run_preflight
+from core.preflight import check_lora_setup, check_lora_targets, check_sharding, raise_fatal, run_preflight
 from core.reporting import JobDB, StatusReporter
 from core.train import (
     CheckpointEvent,
@@ -96,6 +97,7 @@ RUNTIME_KEYS = (
     "disk_margin_mb",
     "gradient_checkpointing",  # the same numbers, less memory
     "nproc",  # the global batch is split across processes: the same run with any number of them
+    "sharding",  # the same numbers and checkpoint format sharded or not (core.sharding)
 )
 LOG_PROGRESS_EVERY_S = 10.0
 FINAL_EXTRA_BYTES = 16 * 1024**2  # tokenizer and config beside the weights
@@ -261,9 +263,22 @@ def weights_finite(model: Any) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def full_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Any Hugging Face folder's weights as full CPU tensors by name (an adapter folder: merged on its base)."""
+    if lora.is_adapter_folder(folder):
+        return dict(lora.load_causal_lm(folder, dtype=torch.float32).state_dict())
+    if any(Path(folder).glob("*.safetensors")):
+        return checkpoint.read_weights(folder)
+    return dict(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict())
+
+
 def load_weights(model: Any, folder: Path) -> None:
     """Put a saved model's weights back into ``model`` (a rollback); any Hugging Face folder, or an
-    adapter folder (into a LoRA model: the adapter; into a full one: the merged model)."""
+    adapter folder (into a LoRA model: the adapter; into a full one: the merged model). A sharded model:
+    every rank reads the full weights and keeps its shard (a collective)."""
+    if sharding.is_sharded(model):
+        sharding.load_weights(model, full_weights(folder))
+        return
     if lora.is_adapter_folder(folder):
         if lora.is_peft(model):
             lora.load_adapter_folder(model, folder)
@@ -543,14 +558,18 @@ def train_job(
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # tiny models hit denormals; without this CPU steps crawl
     device = pick_device(cfg)
+    # base: the folder the job started from. Built before joining the process group: inside one,
+    # transformers' save_pretrained writes on rank 0 only, and another rank could publish an empty folder.
+    base = Path(spec.init_model) if spec.init_model else ensure_embedded_model(Path(spec.embedded_model_dir))
     ranks = distributed.init(device.type)
     if ranks.active:
         log.info("rank %d of %d (%s)", ranks.rank, ranks.world, "nccl" if device.type == "cuda" else "gloo")
+    raise_fatal(check_sharding(cfg, ranks.world))
+    shard = cfg.sharding == "fsdp" and ranks.active  # FSDP (core.sharding); one process shards nothing
     status.update(force=True, device=describe_device(device, threads), engine=cfg.engine)
     rng.seed_all(cfg.seed)
 
-    # base: the folder the job started from; source: where its weights come from now
-    base = Path(spec.init_model) if spec.init_model else ensure_embedded_model(Path(spec.embedded_model_dir))
+    # source: where the weights come from now
     source = latest.path / checkpoint.MODEL if latest else base
     log.info("job %d (%s): model %s on %s", spec.job_id, spec.job_name, source, status.status.device)
     initial_adapter: dict[str, torch.Tensor] | None = None  # a LoRA run's rollback target at step 0
@@ -560,8 +579,8 @@ def train_job(
         model, initial_adapter = apply_lora(model, cfg, base)
         if latest:
             lora.load_adapter_folder(model, source)
-    else:
-        model, tokenizer = load_model(source, device)
+    else:  # sharded: the full weights go to the CPU; wrapping moves each rank's shard to the device
+        model, tokenizer = load_model(source, torch.device("cpu") if shard else device)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         log.info("gradient checkpointing on (activations recomputed in the backward pass)")
@@ -571,7 +590,11 @@ def train_job(
         cfg = cfg.model_copy(update={"learning_rate": auto_learning_rate(trainable, adapted)})
         log.info("learning rate: %.1e (automatic for %d trainable parameters)", cfg.learning_rate, trainable)
     data = load_data(spec, cfg, tokenizer)
-    ranks.broadcast_params(model)
+    if shard:  # after the weights, before the optimizer; every rank read the same files, so no broadcast
+        layers = sharding.wrap(model, device, ranks.world)
+        log.info("fsdp: %d decoder layers and the root sharded across %d ranks", layers, ranks.world)
+    else:
+        ranks.broadcast_params(model)
 
     trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device, faults, ranks)
     info.trainer = trainer
@@ -628,9 +651,11 @@ def train_job(
 
     def save_checkpoint() -> Path:
         st = trainer.state
+        # sharded, gathering the full weights and optimizer state is a collective: every rank takes part
+        to_save, state = (sharding.gather(model), trainer.state_dict()) if shard else (model, None)
         if not main_rank:
             return checkpoint.checkpoints_dir(run_dir) / checkpoint.step_name(st.step)
-        needed = estimate_checkpoint_bytes(run_dir, model, trainer.optimizer)
+        needed = estimate_checkpoint_bytes(run_dir, to_save, trainer.optimizer)
         guard.ensure("checkpoint", needed, st.step)
         meta = {
             "job_id": spec.job_id,
@@ -644,7 +669,13 @@ def train_job(
         }
         try:
             saved_info = checkpoint.save(
-                run_dir, st.step, model, tokenizer, trainer.state_dict(), cfg.model_dump(mode="json"), meta
+                run_dir,
+                st.step,
+                to_save,
+                tokenizer,
+                state if state is not None else trainer.state_dict(),
+                cfg.model_dump(mode="json"),
+                meta,
             )
         except OSError as e:  # the estimate was short: the partial folder is gone, the last one stands
             if e.errno in DISK_ERRNOS:
@@ -692,16 +723,18 @@ def train_job(
         try:
             outcome = trainer.run(reporter, should_stop, save_checkpoint, restore)
             final: Path | None = None
+            # sharded, the full weights are gathered on every rank (a collective) for rank 0 to write
+            to_save = sharding.gather(model) if shard and outcome == "completed" else model
             if outcome == "completed" and not main_rank:
                 final = run_dir / FINAL
             elif outcome == "completed":
                 status.update(force=True, message="saving the final model")
-                guard.ensure("final model", weights_bytes(model) + FINAL_EXTRA_BYTES, trainer.state.step)
+                guard.ensure("final model", weights_bytes(to_save) + FINAL_EXTRA_BYTES, trainer.state.step)
                 try:
-                    final = save_final(run_dir, model, tokenizer)
+                    final = save_final(run_dir, to_save, tokenizer)
                 except OSError as e:
                     if e.errno in DISK_ERRNOS:
-                        raise DiskFull("final model", weights_bytes(model), guard.free(), str(run_dir), 0) from e
+                        raise DiskFull("final model", weights_bytes(to_save), guard.free(), str(run_dir), 0) from e
                     raise
         except DiskFull as e:
             last = checkpoint.latest_complete(run_dir)

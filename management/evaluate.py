@@ -37,7 +37,7 @@ def score(model_dir: Path, records: list[Any], max_length: int, batch_size: int)
     import torch
     from transformers import AutoTokenizer
 
-    from core.data import collate
+    from core.data import collate, model_inputs
     from core.encode import encode_all, prepare_tokenizer
     from core.lora import load_causal_lm
     from core.train import token_loss_sum, trained_positions
@@ -54,9 +54,8 @@ def score(model_dir: Path, records: list[Any], max_length: int, batch_size: int)
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
-            b = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            total += float(token_loss_sum(logits, b["labels"]))
+            logits = model(**model_inputs(batch, device)).logits
+            total += float(token_loss_sum(logits, batch["labels"].to(device)))
             count += trained_positions(batch["labels"])
     loss = total / max(count, 1)
     return loss if math.isfinite(loss) else None

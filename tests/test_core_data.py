@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from core.data import Batches, DataPosition, collate, heldout_count, split_heldout, total_steps
+from core.data import Batches, DataPosition, collate, heldout_count, pack, real_tokens, split_heldout, total_steps
 from core.encode import IGNORE, Example
 from core.schedule import lr_at, warmup_steps
 
@@ -97,3 +97,14 @@ def test_schedule_warms_up_then_decays_to_the_floor() -> None:
 
 def test_schedule_without_warmup_starts_at_peak() -> None:
     assert lr_at(0, 50, 3e-4, warmup_ratio=0.0, min_lr_ratio=0.0) == pytest.approx(3e-4)
+
+
+def test_pack_lays_examples_end_to_end_with_restarting_positions() -> None:
+    a = Example([5, 6, 7], [IGNORE, 6, 7])
+    b = Example([8, 9], [8, 9])
+    row = pack([a, b])
+    assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # b's first label would be predicted from a's last token: not trained, as in a padded batch
+    assert row["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]
+    assert real_tokens(row) == 5 == real_tokens(collate([a, b], pad_id=0))

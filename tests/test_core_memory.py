@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core import lora
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
-from core.preflight import check_settings, estimate_memory, pick_micro_batch
+from core.preflight import check_settings, estimate_memory, model_shape, pick_micro_batch
 from core.train import StepEvent, Trainer, enable_gradient_checkpointing, make_optimizer
 from tests.test_core_guards import SHAPE
 from trainbox.config import TrainingConfig
@@ -67,6 +68,29 @@ def test_preflight_activation_estimate_shrinks_with_checkpointing() -> None:
     room = estimate_memory(SHAPE, 8, 1024, True, True, checkpointing=True).total
     assert pick_micro_batch(SHAPE, 8, 1024, True, True, int(room / 0.9) + 1)[0] != 8
     assert pick_micro_batch(SHAPE, 8, 1024, True, True, int(room / 0.9) + 1, checkpointing=True)[0] == 8
+
+
+def test_preflight_counts_lora_as_trained_and_the_base_as_stored(tiny: tuple[Path, list[Example]]) -> None:
+    """Under LoRA the frozen base costs its stored bytes only; grads and AdamW state follow the adapters."""
+    model_dir, _ = tiny
+    full = model_shape(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
+    half = model_shape(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
+    cfg = TrainingConfig(lora=True, lora_r=4, lora_targets="all-linear")
+    base: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    wrapped = lora.wrap(base, cfg, model_dir, lora.resolve_targets(cfg, base))
+    adapted = model_shape(wrapped)
+    assert (full.weight_bytes, half.weight_bytes) == (4 * full.params, 2 * full.params)
+    assert full.trainable == full.params and (full.adapted, full.lora_r) == (0, 0)
+    n_lora = sum(p.numel() for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert adapted.trainable == n_lora and adapted.lora_r == 4
+    assert adapted.adapted == 7 * adapted.layers  # q k v o gate up down in every block
+    a = estimate_memory(adapted, 8, 64, bf16=False, cuda=False)
+    f = estimate_memory(full, 8, 64, bf16=False, cuda=False)
+    assert a.weights == adapted.weight_bytes and a.optimizer == 8 * n_lora and a.grads == 4 * n_lora
+    assert f.activations < a.activations < f.activations * 1.5  # backward runs through every frozen layer
+    # a 4-bit base (an eighth of the fp32 bytes) shrinks the estimate by the difference
+    qlora = estimate_memory(replace(adapted, weight_bytes=adapted.weight_bytes // 8), 8, 64, True, True)
+    assert qlora.total < estimate_memory(adapted, 8, 64, True, True).total
 
 
 def test_adamw_is_fused_or_foreach() -> None:

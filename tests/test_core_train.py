@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import checkpoint
+from core.data import collate, model_inputs
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.metrics import read_metrics, truncate_to_step
@@ -109,11 +110,14 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
 
 def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -> None:
     """Loss is normalised by the trained tokens of the whole step, so 2 x 4 examples == 1 x 8, and so
-    is one configured micro-batch of 8 split into forward passes of 4 (the OOM back-off)."""
+    is one configured micro-batch of 8 split into forward passes of 4 (the OOM back-off), and so are
+    padding-free packed rows."""
     data: tuple[list[Example], list[Example]] = (examples[0][:8], [])
     results = []
-    for bs, accum, micro in ((8, 1, 8), (4, 2, 4), (8, 1, 4)):
-        t = make_trainer(model_dir, data, batch_size=bs, grad_accum=accum, max_steps=1, grad_clip=0.0)
+    for bs, accum, micro, packing in ((8, 1, 8, False), (4, 2, 4, False), (8, 1, 4, False), (4, 2, 4, True)):
+        t = make_trainer(
+            model_dir, data, batch_size=bs, grad_accum=accum, max_steps=1, grad_clip=0.0, packing=packing
+        )
         t.set_micro_batch(micro)
         assert t.micro_batch_size * t.accum_steps == 8
         grads: dict[str, torch.Tensor] = {}
@@ -132,6 +136,22 @@ def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -
         assert grads_a.keys() == grads_b.keys()
         for k in grads_a:
             assert torch.allclose(grads_a[k], grads_b[k], rtol=1e-4, atol=1e-7), k
+
+
+def test_packed_row_attends_within_each_example_only(model_dir: Path, examples: Any) -> None:
+    """Each example's logits in a packed row equal its logits alone: no token sees another example."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    group = examples[0][:5]
+    row = collate(group, pad_id=0, packed=True)
+    assert "attention_mask" not in row and row["input_ids"].shape == (1, sum(len(e.input_ids) for e in group))
+    with torch.no_grad():
+        packed = model(**model_inputs(row, CPU)).logits[0]
+        start = 0
+        for e in group:
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            n = len(e.input_ids)
+            assert torch.allclose(packed[start : start + n], alone, atol=1e-5), start
+            start += n
 
 
 def test_training_lowers_validation_loss(model_dir: Path, examples: Any) -> None:

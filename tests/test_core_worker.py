@@ -55,12 +55,6 @@ def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_job(run_dir: Path, data: Path, model_dir: Path, **over: Any) -> JobSpec:
-    run_dir.mkdir(parents=True)
-    url = f"sqlite:///{run_dir / 'trainbox.db'}"
-    db = ModelDB(url)
-    with db.session() as s:
-        s.add(Job(id=7, name="job.jsonl"))
-    db.close()
     spec = JobSpec(
         job_id=7,
         job_name="job.jsonl",
@@ -68,9 +62,27 @@ def make_job(run_dir: Path, data: Path, model_dir: Path, **over: Any) -> JobSpec
         embedded_model_dir=str(model_dir),
         run_dir=str(run_dir),
         status_file=str(run_dir / "training.json"),
-        db_url=url,
+        db_url=f"sqlite:///{run_dir / 'trainbox.db'}",
         training=TrainingConfig(**{**SETTINGS, **over}),
     )
+    return register(spec)
+
+
+def rehome(spec: JobSpec, run_dir: Path, data: Path) -> JobSpec:
+    """The same job (settings, start model) in a fresh run folder with its own DB, reading ``data``."""
+    paths = {"run_dir": str(run_dir), "status_file": str(run_dir / "training.json")}
+    return register(
+        spec.model_copy(update={**paths, "db_url": f"sqlite:///{run_dir / 'trainbox.db'}", "data_file": str(data)})
+    )
+
+
+def register(spec: JobSpec) -> JobSpec:
+    """Create the spec's run folder and the job's row in its DB, as the daemon would, and save it."""
+    Path(spec.run_dir).mkdir(parents=True)
+    db = ModelDB(spec.db_url)
+    with db.session() as s:
+        s.add(Job(id=spec.job_id, name=spec.job_name))
+    db.close()
     spec.save()
     return spec
 

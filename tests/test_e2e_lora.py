@@ -91,7 +91,9 @@ def test_lora_job_on_smollm2_exports_a_model_that_generates(tmp_path: Path, embe
     home = make_home(tmp_path / "home", embedded, max_steps=3, lr=1e-3, extra=f'model = "{smollm2}"\n')
     daemon = DaemonProc(home)
     try:
+        # packed (padding-free) batches on a real model and template
         sidecar = 'lora = true\nlora_r = 8\nlora_targets = ["q_proj", "v_proj"]\nbatch_size = 2\nmax_length = 64\n'
+        sidecar += "packing = true\n"
         (home.inbox / "chat.toml").write_text(sidecar)
         write_jsonl(home.inbox / "chat.jsonl", chat_rows(16))
         wait_for(lambda: done(home) == 1 or list(home.failed.glob("*.error.json")), 120, "the SmolLM2 job to end")

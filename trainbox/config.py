@@ -146,6 +146,13 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     max_length: int = Field(256, ge=8, le=1_000_000, description="Tokens per example; longer ones are truncated.")
+    packing: bool = Field(
+        False,
+        description="Padding-free batches: the examples of each forward pass are laid end to end in one "
+        "row whose position ids restart at every example, and attention is confined to each example "
+        "(block-diagonal causal mask), so the loss equals the padded batch's and no compute goes to padding. "
+        "Pays when example lengths vary a lot; the memory estimate is unchanged (it assumes max_length).",
+    )
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of examples held out for validation when no eval_file is given."
     )
@@ -180,6 +187,15 @@ class TrainingConfig(_Strict):
         "without GPUs. batch_size x grad_accum stays the global batch per optimizer step, split across the "
         "processes, so results match a one-process run with the same settings (up to summation order); rank "
         "0 alone writes status, metrics, checkpoints and the model. Not with engine 'hybrid'.",
+    )
+    sharding: Literal["replicate", "fsdp"] = Field(
+        "replicate",
+        description="How several processes (nproc > 1) hold the model. replicate: every process holds all "
+        "weights, gradients and AdamW state (16 bytes per parameter each; the fastest when that fits one "
+        "GPU). fsdp: FSDP2 shards weights, gradients and AdamW state across the processes, gathering each "
+        "layer's weights only while it computes: for a model whose weights + gradients + optimizer state do "
+        "not fit one GPU. The same numbers and the same checkpoint and model files either way. Not with LoRA; "
+        "no out-of-memory back-off (an OOM fails the job); with one process it shards nothing (a warning).",
     )
     engine: Literal["plain", "hybrid"] = Field(
         "plain",
