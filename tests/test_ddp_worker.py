@@ -60,7 +60,10 @@ def train_losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory: pytest.TempPathFactory, data_file: Path, model_dir: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp") / "two"
-    make_job(run_dir, data_file, model_dir, nproc=2, **DDP)
+    # a fresh home: both ranks find no embedded model and build it (identical, deterministic) before
+    # joining the process group, where transformers would save it from rank 0 only
+    fresh = tmp_path_factory.mktemp("ddp-home") / "embedded-model"
+    make_job(run_dir, data_file, fresh, nproc=2, **DDP)
     code, out = finish(start_torchrun(run_dir))
     assert code == 0, out
     return run_dir
