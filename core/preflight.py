@@ -42,8 +42,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Problem:
-    code: str  # max_length, nproc_hybrid, fsdp_one_process, fsdp_lora, bf16, eval_empty, eval_small, no_eval,
+    # max_length, nproc_hybrid, fsdp_one_process, fsdp_lora, fsdp_fp16, bf16, eval_empty, eval_small, no_eval,
     # memory, lora_4bit, lora_targets
+    code: str
     message: str
     fix: str
     fatal: bool
@@ -212,6 +213,16 @@ def check_sharding(cfg: TrainingConfig, world: int) -> list[Problem]:
                 "set nproc = 2 or more (one process per GPU) to shard the model, or sharding = 'replicate'",
                 False,
                 evidence,
+            )
+        ]
+    if cfg.precision == "fp16":
+        return [
+            Problem(
+                "fsdp_fp16",
+                "sharding = 'fsdp' does not support precision = 'fp16': the gradient scaler is not shard-aware here",
+                "set precision = 'bf16' or 'auto' on a GPU with bf16, or sharding = 'replicate' for fp16",
+                True,
+                {**evidence, "precision": cfg.precision},
             )
         ]
     if cfg.lora:

@@ -598,14 +598,14 @@ def train_job(
 
     trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, device, faults, ranks)
     info.trainer = trainer
-    preflight = run_preflight(cfg, model, device, len(data.train), len(data.val), bool(spec.eval_file), trainer.bf16)
+    preflight = run_preflight(cfg, model, device, len(data.train), len(data.val), bool(spec.eval_file), trainer.half)
     log.info("preflight: micro-batch %d fits (%s)", preflight.micro_batch, preflight.estimate)
     if saved is not None:
         trainer.load_state_dict(saved)
 
     n_params = sum(p.numel() for p in model.parameters())
     cache = MicroBatchCache(Path(spec.embedded_model_dir).parent / CACHE_FILE)
-    key = cache_key(status.status.device, model.config, n_params, cfg.max_length, trainer.bf16)
+    key = cache_key(status.status.device, model.config, n_params, cfg.max_length, trainer.half)
     starting_hint = ""
     if saved is None:  # a resumed run keeps its checkpoint's micro-batch: the same run, exactly
         cached = cache.get(key)

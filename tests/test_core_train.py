@@ -115,9 +115,7 @@ def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -
     data: tuple[list[Example], list[Example]] = (examples[0][:8], [])
     results = []
     for bs, accum, micro, packing in ((8, 1, 8, False), (4, 2, 4, False), (8, 1, 4, False), (4, 2, 4, True)):
-        t = make_trainer(
-            model_dir, data, batch_size=bs, grad_accum=accum, max_steps=1, grad_clip=0.0, packing=packing
-        )
+        t = make_trainer(model_dir, data, batch_size=bs, grad_accum=accum, max_steps=1, grad_clip=0.0, packing=packing)
         t.set_micro_batch(micro)
         assert t.micro_batch_size * t.accum_steps == 8
         grads: dict[str, torch.Tensor] = {}

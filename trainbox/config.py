@@ -165,8 +165,11 @@ class TrainingConfig(_Strict):
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     seed: int = Field(1234, description="Seed for shuffling, the validation split and initialisation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA that supports it, fp32 otherwise."
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on a GPU that supports it, fp16 autocast with a gradient scaler on "
+        "one that does not (before Ampere), fp32 on the CPU. fp16: always fp16 with the scaler (an overflowing "
+        "step is rerun at half the loss scale).",
     )
     threads: int = Field(
         0, ge=0, le=1024, description="CPU threads for torch; 0: $OMP_NUM_THREADS if set, else half the cores."
