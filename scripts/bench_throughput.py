@@ -740,8 +740,9 @@ def report(
         f"{machine_line(device, args.threads)}; device {device}, "
         f"{'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}. Measured matrix rate ({mm_n}x{mm_n} matmul, "
         f"{str(dtype).removeprefix('torch.')}): {rate0 / 1e9:,.1f} GFLOP/s before the runs, {rate1 / 1e9:,.1f} "
-        "after; MFU divides by the better. The machine was shared: other engineers' test suites ran on the same "
-        f"cores (load average {load[0]:.2f} at the start, {load[1]:.2f} at the end), so the sides alternate, "
+        "after; MFU divides by the better. The machine may be shared with other work (load average "
+        f"{load[0]:.2f} at the start, {load[1]:.2f} at the end; the run itself keeps one core busy), "
+        "so the sides alternate, "
         "each in a fresh process, and only same-round ratios are compared"
         + (
             "; on the CPU the process CPU seconds per step are reported too: they exclude time spent waiting "
