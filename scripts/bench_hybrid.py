@@ -41,6 +41,7 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from core import lora  # noqa: E402
 from core.data import split_heldout  # noqa: E402
 from core.embedded import build_model, ensure_embedded_model  # noqa: E402
 from core.encode import Example, encode_all, prepare_tokenizer  # noqa: E402
@@ -206,18 +207,58 @@ class Clock:
             self.result.train_s = train_s
 
 
+class Profile:
+    """What is trained: ``tiny`` re-initialises the embedded model from a seed (from-scratch training);
+    ``smollm2-lora`` adds seeded LoRA adapters to the pretrained SmolLM2-135M-Instruct (a real fine-tune, whose
+    trajectory is expected to be smoother). ``init(seed)`` gives the trainable starting point, ``model(init)`` a
+    fresh model holding it."""
+
+    def __init__(self, name: str, cache: Path) -> None:
+        self.name = name
+        if name == "tiny":
+            self.folder = ensure_embedded_model(cache / "embedded")
+        elif name == "smollm2-lora":
+            from core.real_model import ensure_smollm2
+
+            self.folder = ensure_smollm2(cache)
+        else:
+            raise SystemExit(f"unknown profile {name!r}: tiny or smollm2-lora")
+        self.tok: Any = AutoTokenizer.from_pretrained(self.folder)
+        prepare_tokenizer(self.tok)
+        self.lora = TrainingConfig(lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+
+    def model(self, init: dict[str, torch.Tensor]) -> Any:
+        if self.name == "tiny":
+            model = build_model(self.tok, seed=0)
+            model.load_state_dict(init)
+            return model
+        model = lora.wrap(self._base(), self.lora, self.folder, lora.resolve_targets(self.lora, self._base()))
+        lora.load_adapter_state(model, init)
+        return model
+
+    def init(self, seed: int) -> dict[str, torch.Tensor]:
+        if self.name == "tiny":
+            return copy.deepcopy(build_model(self.tok, seed=1000 + seed).state_dict())  # type: ignore[arg-type]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000 + seed)
+            model = lora.wrap(self._base(), self.lora, self.folder, lora.resolve_targets(self.lora, self._base()))
+        return {k: v.clone() for k, v in lora.adapter_state(model).items()}
+
+    def _base(self) -> Any:
+        return lora.load_causal_lm(self.folder, dtype=torch.float32)
+
+
 def make_trainer(
-    tok: Any, init: dict[str, torch.Tensor], data: tuple[list[Example], list[Example]], cfg: TrainingConfig
+    prof: Profile, init: dict[str, torch.Tensor], data: tuple[list[Example], list[Example]], cfg: TrainingConfig
 ) -> Trainer:
-    model = build_model(tok, seed=0)
-    model.load_state_dict(init)
+    model = prof.model(init)
     torch.manual_seed(cfg.seed)
-    return Trainer(model, cfg, data[0], data[1], tok.pad_token_id, torch.device("cpu"))
+    return Trainer(model, cfg, data[0], data[1], prof.tok.pad_token_id, torch.device("cpu"))
 
 
-def run_plain(tok: Any, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str) -> RunResult:
+def run_plain(prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str) -> RunResult:
     res = RunResult(name, cfg.seed, cfg.learning_rate)
-    tr = make_trainer(tok, init, data, cfg)
+    tr = make_trainer(prof, init, data, cfg)
     clock = Clock(res)
     tr.run(clock, lambda: False, lambda: Path("."))
     res.real_steps = res.backward = tr.state.step
@@ -225,11 +266,11 @@ def run_plain(tok: Any, init: dict[str, torch.Tensor], data: Any, cfg: TrainingC
 
 
 def run_hybrid(
-    tok: Any, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, hcfg: HybridConfig, name: str
+    prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, hcfg: HybridConfig, name: str
 ) -> RunResult:
     """The real loop with ``engine = "hybrid"`` (core.train.Trainer builds the engine, probe included)."""
     res = RunResult(name, cfg.seed, cfg.learning_rate)
-    tr = make_trainer(tok, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}))
+    tr = make_trainer(prof, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}))
     eng = tr.hybrid
     assert eng is not None
     clock = Clock(res)
@@ -259,6 +300,14 @@ def fmt_t(x: tuple[int, float] | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="tiny", help="tiny (from scratch) or smollm2-lora (pretrained, LoRA)")
+    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "trainbox-tests",
+        help="where SmolLM2's conversion is cached (the tests' cache by default)",
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", default="1e-3,2e-3,4e-3")
     ap.add_argument("--steps", type=int, default=300)
@@ -282,13 +331,13 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     t_start = time.time()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = AutoTokenizer.from_pretrained(ensure_embedded_model(Path(tmp) / "embedded"))
-    prepare_tokenizer(tok)
+    tmp = tempfile.TemporaryDirectory()
+    prof = Profile(args.profile, Path(tmp.name) if args.profile == "tiny" else args.cache)
+    tok = prof.tok
     records = make_records(args.examples)
     train_recs, val_recs = split_heldout(records, args.val / len(records), args.val, seed=5)
-    train = encode_all(tok, train_recs, 96).examples
-    val = encode_all(tok, val_recs, 96).examples
+    train = encode_all(tok, train_recs, args.max_length).examples
+    val = encode_all(tok, val_recs, args.max_length).examples
     data = (train, val)
 
     def cfg_for(seed: int, lr: float) -> TrainingConfig:
@@ -303,10 +352,10 @@ def main() -> None:
         )
 
     def init_for(seed: int) -> dict[str, torch.Tensor]:
-        return copy.deepcopy(build_model(tok, seed=1000 + seed).state_dict())  # type: ignore[arg-type]
+        return prof.init(seed)
 
     # 1. lr sweep on the first seed
-    sweep = [run_plain(tok, init_for(seeds[0]), data, cfg_for(seeds[0], lr), "plain") for lr in lrs]
+    sweep = [run_plain(prof, init_for(seeds[0]), data, cfg_for(seeds[0], lr), "plain") for lr in lrs]
     for r in sweep:
         print(f"sweep lr {r.lr:.0e}: final val {r.final:.4f}, best {min(v for *_, v in r.evals):.4f}", flush=True)
     best = min(sweep, key=lambda r: r.final)
@@ -322,9 +371,9 @@ def main() -> None:
         order = order[i % len(order) :] + order[: i % len(order)]
         for name in order:
             if name == "plain":
-                r = run_plain(tok, init, data, cfg_for(seed, lr), "plain")
+                r = run_plain(prof, init, data, cfg_for(seed, lr), "plain")
             else:
-                r = run_hybrid(tok, init, data, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name)
+                r = run_hybrid(prof, init, data, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name)
             runs[name].append(r)
             print(
                 f"seed {seed} {name:12s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
@@ -335,11 +384,14 @@ def main() -> None:
 
     # 3. table
     lines = [
-        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --seeds {args.seeds} --lrs {args.lrs} "
-        f"--steps {args.steps} --variants {args.variants}`",
+        f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --profile {args.profile} "
+        f"--seeds {args.seeds} --lrs {args.lrs} --steps {args.steps} --batch-size {args.batch_size} "
+        f"--max-length {args.max_length} --examples {args.examples} --val {args.val} --eval-every {args.eval_every} "
+        f"--variants {args.variants}`",
         "",
         f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, 1 thread, "
-        f"Python {platform.python_version()}; {len(train)} train / {len(val)} val examples, batch {args.batch_size}, "
+        f"Python {platform.python_version()}; profile {args.profile} ({prof.folder.name}); "
+        f"{len(train)} train / {len(val)} val examples, batch {args.batch_size}, max length {args.max_length}, "
         f"{args.steps} steps, eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",
         "",
         "LR sweep (plain, seed "

@@ -1,6 +1,6 @@
 """A 2-process (torchrun, gloo) job through the real daemon: a sidecar asks for ``nproc = 2``; one rank is
 SIGKILLed mid-run; the daemon retries, the job resumes from the last checkpoint and finishes with one model
-version and every step's metrics exactly once."""
+version, every step's metrics exactly once, and the weights of one process trained with the same global batch."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from safetensors.torch import load_file
 
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for, write_jsonl
+from tests.test_core_worker import rehome, run_in_process
 from trainbox.home import Home
+from trainbox.jobspec import JobSpec
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status
 
 pytestmark = pytest.mark.e2e
@@ -65,3 +68,15 @@ def test_two_process_job_survives_a_killed_rank(tmp_path: Path, embedded: Path) 
     assert [m["step"] for m in rows if m["kind"] == "train"] == list(range(1, 21))  # continuous, none twice
     log = (home.run_dir(job.id) / "worker.log").read_text()
     assert "rank1" in log and "resuming at step 10" in log
+
+    # the same job in one process, uninterrupted: the same weights up to summation order
+    spec = JobSpec.load(home.run_dir(job.id))
+    one = spec.model_copy(update={"training": spec.training.model_copy(update={"nproc": 1})})
+    (data,) = home.done.glob(f"*__{spec.job_name}")
+    code, _ = run_in_process(rehome(one, tmp_path / "one", data))
+    assert code == 0
+    want = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    got = load_file(Path(versions[0].path) / "model.safetensors")  # the version the daemon registered
+    assert want.keys() == got.keys()
+    worst = max(float((want[k] - got[k]).abs().max()) for k in want)
+    assert worst < 2e-5, worst
