@@ -1,12 +1,14 @@
 """Benchmark: hybrid-predict engine vs the tuned plain loop, time to the same validation loss (issue 3).
 
-CPU profile (the only one so far): the embedded tiny Llama (core.embedded), a deterministic generated
-dataset harder and larger than examples/ (stories, three-operation arithmetic, translations, list
-copying; mixed text / prompt-completion / chat records), one CPU thread, denormals flushed.
+Profiles (``--profile``): ``tiny``, the embedded tiny Llama (core.embedded) re-initialised per seed (training
+from scratch); ``smollm2-lora``, seeded LoRA adapters on the pretrained SmolLM2-135M-Instruct (a real
+fine-tune). Data: a deterministic generated dataset harder and larger than examples/ (stories,
+three-operation arithmetic, translations, list copying; mixed text / prompt-completion / chat records),
+one CPU thread, denormals flushed.
 
 1. Plain learning-rate sweep (``--lrs``) on the first seed with core.train.Trainer (the real loop);
    the best final validation loss picks the lr. Target = that best loss x (1 + ``--tolerance``).
-2. Per seed (``--seeds``): the same initial weights (build_model(seed)) and data order for plain and
+2. Per seed (``--seeds``): the same initial weights (``Profile.init(seed)``) and data order for plain and
    for each hybrid variant, runs alternating (plain, hybrid, plain, ...) so machine drift hits both.
 3. Time to target: training wall-clock (evaluation excluded: it is the benchmark's measurement, not
    the job's work; the hybrid's probes ARE counted) at the first evaluation whose val loss <= target.
