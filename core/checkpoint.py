@@ -149,7 +149,12 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 def load_weights(model: Any, folder: Path) -> None:
     """Load a save_pretrained folder's safetensors into ``model`` in place (for a rollback: the model,
     its optimizer and device placement stay). Tied weights absent from the files are fine."""
-    loaded = read_weights(folder)
+    apply_weights(model, read_weights(folder), folder)
+
+
+def apply_weights(model: Any, loaded: dict[str, torch.Tensor], folder: Path) -> None:
+    """``loaded`` (full tensors by name, read from ``folder``) into ``model`` in place; a tied weight may be
+    absent, any other missing or unexpected name is an error naming the folder."""
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     mine = model.state_dict()
     loaded_ptrs = {mine[k].data_ptr() for k in loaded if k in mine}

@@ -195,10 +195,6 @@ def autocast_dtype(precision: str, device_type: str, bf16_supported: bool) -> to
     return torch.float16 if precision == "auto" else None  # bf16 asked where missing: preflight refuses
 
 
-def use_bf16(cfg: TrainingConfig, device: torch.device) -> bool:
-    return amp_dtype(cfg, device) == torch.bfloat16
-
-
 def amp_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
     bf16_supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return autocast_dtype(cfg.precision, device.type, bf16_supported)
@@ -493,7 +489,8 @@ class Trainer:
                 micro.append(collate([self.train_set[i] for i in part], self.pad_id, self.cfg.packing))
             if self.sharded:  # FSDP's collectives need the same forward passes on every rank
                 padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, self.micro_batch_size)
-        if padding:  # zero-loss passes over one example of the step, after the real ones
+        if padding:  # real forward+backward passes (FSDP's gathers and reduce-scatters run in them) on one of the
+            # step's examples with every label ignored: they add nothing to the loss, gradients or token count
             dummy = collate([self.train_set[indices[0]]], self.pad_id, self.cfg.packing)
             micro += [sharding.zero_loss(dummy)] * padding
         if not self.dist.active:

@@ -57,7 +57,7 @@ from core.data import split_heldout
 from core.disk import DiskGuard, estimate_checkpoint_bytes, weights_bytes
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all, prepare_tokenizer
-from core.errors import CheckpointError, DataError, DiskFull, JobFailure, PreflightError, TrainingDiverged
+from core.errors import DataError, DiskFull, JobFailure, PreflightError, TrainingDiverged
 from core.faults import Faults
 from core.folders import publish_folder
 from core.hybrid.events import JumpEvent, RollbackEvent
@@ -276,22 +276,14 @@ def load_weights(model: Any, folder: Path) -> None:
     """Put a saved model's weights back into ``model`` (a rollback); any Hugging Face folder, or an
     adapter folder (into a LoRA model: the adapter; into a full one: the merged model). A sharded model:
     every rank reads the full weights and keeps its shard (a collective)."""
+    if lora.is_adapter_folder(folder) and lora.is_peft(model):
+        lora.load_adapter_folder(model, folder)
+        return
+    weights = full_weights(folder)
     if sharding.is_sharded(model):
-        sharding.load_weights(model, full_weights(folder))
-        return
-    if lora.is_adapter_folder(folder):
-        if lora.is_peft(model):
-            lora.load_adapter_folder(model, folder)
-        else:
-            model.load_state_dict(lora.load_causal_lm(folder, dtype=torch.float32).state_dict())
-        return
-    try:
-        checkpoint.load_weights(model, folder)
-    except CheckpointError:
-        if any(Path(folder).glob("*.safetensors")):
-            raise
-        fresh = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        model.load_state_dict(fresh.state_dict())
+        sharding.load_weights(model, weights)
+    else:
+        checkpoint.apply_weights(model, weights, folder)
 
 
 def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:

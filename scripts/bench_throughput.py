@@ -16,7 +16,7 @@ What is the same on both sides (so the loop is the only difference):
 - optimizer and schedule: AdamW (fused when trainbox's ``make_optimizer`` gets fused, else torch's
   default), same betas, weight decay (matrices only on both), clipping 1.0, gradient accumulation, and
   trainbox's warmup + cosine ``lr_at`` (HF through a ``LambdaLR``, so the lr of every step matches);
-- precision: ``core.train.use_bf16`` (bf16 autocast on CUDA, fp32 on CPU) and HF's ``bf16`` set to it;
+- precision: ``core.train.amp_dtype`` (bf16 autocast on CUDA, fp32 on CPU) and HF's ``bf16`` set to it;
 - process: each side runs in a fresh subprocess (clean peak memory), with the worker's thread count and
   denormal flushing. No evaluation, no saving, ``report_to=[]``, ``dataloader_num_workers=0``.
 
@@ -348,7 +348,7 @@ def run_child(spec: ChildSpec) -> SideResult:
     """Load, wrap and train one side exactly as a trainbox worker sets up a job; return its measurements."""
     from core import rng
     from core.encode import Example
-    from core.train import make_optimizer, use_bf16
+    from core.train import amp_dtype, make_optimizer
     from core.worker import apply_lora, load_model
     from trainbox.config import TrainingConfig
 
@@ -372,7 +372,7 @@ def run_child(spec: ChildSpec) -> SideResult:
     head_dim = int(getattr(mcfg, "head_dim", None) or mcfg.hidden_size // n_heads)
     clock = StepClock(device, spec.warmup, cfg.max_steps)
     mem = PeakMemory(device)
-    bf16 = use_bf16(cfg, device)
+    bf16 = amp_dtype(cfg, device) == torch.bfloat16
     probe = make_optimizer(model, cfg, device)  # what trainbox gets here, so HF is asked for the same
     fused = bool(probe.defaults.get("fused"))
     del probe

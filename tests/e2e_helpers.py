@@ -105,3 +105,20 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, path)
     return path
+
+
+def retrain_in_process(home: Home, job_id: int, run_dir: Path, **training: Any) -> dict[str, Any]:
+    """A finished job of ``home`` trained again, uninterrupted, in this process (the worker's code path
+    without its start-up) from its saved spec and its done/ file, with ``training`` overrides; returns its
+    final weights (the reference a chaos-hit or multi-process run must equal)."""
+    from safetensors.torch import load_file
+
+    from tests.test_core_worker import rehome, run_in_process
+    from trainbox.jobspec import JobSpec
+
+    spec = JobSpec.load(home.run_dir(job_id))
+    spec = spec.model_copy(update={"training": spec.training.model_copy(update=training)})
+    (data,) = home.done.glob(f"*__{spec.job_name}")
+    code, result = run_in_process(rehome(spec, run_dir, data))
+    assert code == 0, result
+    return load_file(run_dir / "final" / "model.safetensors")

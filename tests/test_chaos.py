@@ -19,10 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from management.db import ModelDB
-from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for, write_jsonl
-from tests.test_core_worker import rehome, run_in_process
+from tests.e2e_helpers import DaemonProc, make_home, metrics, retrain_in_process, wait_for, write_jsonl
 from trainbox.home import Home
-from trainbox.jobspec import JobSpec
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, read_status
 
 pytestmark = pytest.mark.e2e
@@ -142,11 +140,7 @@ def test_random_kills_lose_nothing_and_train_nothing_twice(tmp_path: Path, embed
     got = _final_weights(home)
     assert sorted(got) == sorted(j.name for j in jobs)
     for job in jobs:
-        spec = JobSpec.load(home.run_dir(job.id))
-        (data,) = home.done.glob(f"*__{spec.job_name}")
-        code, _ = run_in_process(rehome(spec, tmp_path / "reference" / str(job.id), data))
-        assert code == 0
-        want = load_file(tmp_path / "reference" / str(job.id) / "final" / "model.safetensors")
+        want = retrain_in_process(home, job.id, tmp_path / "reference" / str(job.id))
         for key, tensor in want.items():
             torch.testing.assert_close(got[job.name][key], tensor, rtol=1e-6, atol=0, msg=f"{job.name} {key}")
     (tmp_path / "kills.json").write_text(json.dumps(kills))

@@ -12,10 +12,8 @@ import pytest
 from safetensors.torch import load_file
 
 from management.db import ModelDB
-from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for, write_jsonl
-from tests.test_core_worker import rehome, run_in_process
+from tests.e2e_helpers import DaemonProc, make_home, metrics, retrain_in_process, wait_for, write_jsonl
 from trainbox.home import Home
-from trainbox.jobspec import JobSpec
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status
 
 pytestmark = pytest.mark.e2e
@@ -70,12 +68,7 @@ def test_two_process_job_survives_a_killed_rank(tmp_path: Path, embedded: Path) 
     assert "rank1" in log and "resuming at step 10" in log
 
     # the same job in one process, uninterrupted: the same weights up to summation order
-    spec = JobSpec.load(home.run_dir(job.id))
-    one = spec.model_copy(update={"training": spec.training.model_copy(update={"nproc": 1})})
-    (data,) = home.done.glob(f"*__{spec.job_name}")
-    code, _ = run_in_process(rehome(one, tmp_path / "one", data))
-    assert code == 0
-    want = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    want = retrain_in_process(home, job.id, tmp_path / "one", nproc=1)
     got = load_file(Path(versions[0].path) / "model.safetensors")  # the version the daemon registered
     assert want.keys() == got.keys()
     worst = max(float((want[k] - got[k]).abs().max()) for k in want)
