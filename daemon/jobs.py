@@ -110,6 +110,14 @@ class JobRunner:
             Verdict.RETRY: JobState.QUEUED,
             Verdict.FAILED: JobState.FAILED,
         }[decision.verdict]
+        # the run's end first: once the file shows up in done/ or failed/, its rows are already final
+        with self.db.session() as s:
+            run = s.query(Run).filter(Run.job_id == job_id).order_by(Run.id.desc()).first()
+            if run is not None:
+                run.ended_at = time.time()
+                run.exit_status = exit_status
+                run.outcome = result.outcome.value if result else "crashed"
+                run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None
         if decision.verdict == Verdict.DONE and result is not None:
@@ -144,12 +152,6 @@ class JobRunner:
                     row.error = message
                     row.failure_class = decision.failure_class.value if decision.failure_class else None
                 row.retry_at = retry_at
-            run = s.query(Run).filter(Run.job_id == job_id).order_by(Run.id.desc()).first()
-            if run is not None:
-                run.ended_at = time.time()
-                run.exit_status = exit_status
-                run.outcome = result.outcome.value if result else "crashed"
-                run.end_step = result.step if result else None
         self.db.event(
             "job_" + decision.verdict.value,
             f"{message} ({exit_status})",
