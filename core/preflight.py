@@ -58,10 +58,11 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     overhead: int
+    engine: int = 0  # the hybrid engine's copies of the trainable weights and AdamW state
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.activations + self.overhead
+        return self.weights + self.grads + self.optimizer + self.activations + self.overhead + self.engine
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -70,6 +71,7 @@ class MemoryEstimate:
             "optimizer": self.optimizer,
             "activations": self.activations,
             "overhead": self.overhead,
+            "engine": self.engine,
             "total": self.total,
         }
 
@@ -85,6 +87,7 @@ def estimate_memory(
     cuda: bool,
     checkpointing: bool = False,
     shards: int = 1,
+    engine_copies: int = 0,
 ) -> MemoryEstimate:
     """Bytes for a training step: the weights as loaded (fp32 master weights for a full fine-tune; a
     frozen LoRA base as stored, about 0.5 B/param in 4 bits under QLoRA), fp32 grads and AdamW's two
@@ -96,7 +99,8 @@ def estimate_memory(
     layer's full activations while it is recomputed. Over ``shards`` ranks (sharding 'fsdp') each rank
     holds its share of the weights, grads and AdamW state, plus the full weights of about two layers in
     flight (the one computing and the one prefetched: an even share of all weights per layer); the
-    activations are per rank and do not shrink."""
+    activations are per rank and do not shrink. ``engine_copies``: fp32 copies of the trainable parameters
+    the hybrid engine keeps on the device (``hybrid_copies(cfg)``)."""
     act_bytes = 2 if bf16 else 4
     tokens = micro_batch * max_length
     per_layer = tokens * (34 // 2 * shape.hidden + 2 * shape.intermediate) * act_bytes
@@ -116,7 +120,15 @@ def estimate_memory(
         optimizer=-(-shape.trainable * 8 // shards),
         activations=kept + logits,
         overhead=GPU_OVERHEAD if cuda else CPU_OVERHEAD,
+        engine=shape.trainable * 4 * engine_copies,
     )
+
+
+def hybrid_copies(cfg: TrainingConfig) -> int:
+    """fp32 copies of the trainable parameters the hybrid engine holds: its ``history`` weight snapshots and
+    the last good point it rolls back to (the weights and AdamW's two moments); 0 for the plain engine.
+    On a full fine-tune that is (history + 3) x the weights again, more than the AdamW state itself."""
+    return cfg.hybrid.history + 3 if cfg.engine == "hybrid" else 0
 
 
 def halvings(configured: int) -> list[int]:
@@ -136,13 +148,14 @@ def pick_micro_batch(
     available: int,
     checkpointing: bool = False,
     shards: int = 1,
+    engine_copies: int = 0,
 ) -> tuple[int | None, MemoryEstimate]:
     """The largest micro-batch among ``halvings(configured)`` whose estimate fits ``available``
     (usable share); None when not even 1 fits. Also returns the estimate for the one chosen (or 1)."""
     budget = int(available * USABLE_FRACTION)
-    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing, shards)
+    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing, shards, engine_copies)
     for m in halvings(configured):
-        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing, shards)
+        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing, shards, engine_copies)
         if est.total <= budget:
             return m, est
     return None, est
@@ -334,9 +347,19 @@ def check_memory(
 ) -> tuple[int, list[Problem]]:
     """(starting micro-batch, problems): fatal when the estimate exceeds the memory even at micro-batch 1."""
     micro, est = pick_micro_batch(
-        shape, cfg.batch_size, cfg.max_length, bf16, cuda, available, cfg.gradient_checkpointing, shards
+        shape,
+        cfg.batch_size,
+        cfg.max_length,
+        bf16,
+        cuda,
+        available,
+        cfg.gradient_checkpointing,
+        shards,
+        hybrid_copies(cfg),
     )
     evidence = {"estimate_bytes": est.as_dict(), "available_bytes": available, "memory": source}
+    engine_gib = est.engine / 2**30
+    engine_fix = f", or engine = 'plain' (the hybrid engine's copies: {engine_gib:.1f} GiB)" if est.engine else ""
     if micro is None:
         return 1, [
             Problem(
@@ -344,7 +367,7 @@ def check_memory(
                 f"training needs about {est.total / 2**30:.1f} GiB at micro-batch 1 and max_length {cfg.max_length}, "
                 f"{source} has {available / 2**30:.1f} GiB free",
                 "lower max_length, use LoRA (lora = true) or a smaller model, shard it across GPUs (nproc = 2 or "
-                "more with sharding = 'fsdp'), or free memory on the device",
+                "more with sharding = 'fsdp'), or free memory on the device" + engine_fix,
                 True,
                 {**evidence, "micro_batch": 1, "max_length": cfg.max_length},
             )
@@ -450,7 +473,9 @@ def run_preflight(
     estimate = {
         "available_bytes": available,
         "memory": source,
-        **estimate_memory(shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing, shards).as_dict(),
+        **estimate_memory(
+            shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing, shards, hybrid_copies(cfg)
+        ).as_dict(),
         **({"shards": shards} if shards > 1 else {}),
     }
     return PreflightReport(micro, [p for p in problems if not p.fatal], estimate)

@@ -1,10 +1,12 @@
 """Benchmark: hybrid-predict engine vs the tuned plain loop, time to the same validation loss (issue 3).
 
 Profiles (``--profile``): ``tiny``, the embedded tiny Llama (core.embedded) re-initialised per seed (training
-from scratch); ``smollm2-lora``, seeded LoRA adapters on the pretrained SmolLM2-135M-Instruct (a real
-fine-tune). Data: a deterministic generated dataset harder and larger than examples/ (stories,
-three-operation arithmetic, translations, list copying; mixed text / prompt-completion / chat records),
-one CPU thread, denormals flushed.
+from scratch; the CPU profile); ``smollm2-lora``, seeded LoRA adapters on the pretrained SmolLM2-135M-Instruct (a
+real fine-tune); ``smollm2-full``, a full fine-tune of SmolLM2-135M-Instruct (the GPU profile: ``--device cuda``,
+bf16 autocast by the Trainer's ``precision = "auto"``; seeds differ in data order and probe, not in the start).
+``--profile auto`` (the default) is ``tiny`` on the CPU and ``smollm2-full`` on a GPU.
+Data: a deterministic generated dataset harder and larger than examples/ (stories, three-operation arithmetic,
+translations, list copying; mixed text / prompt-completion / chat records); on the CPU one thread, denormals flushed.
 
 1. Plain learning-rate sweep (``--lrs``) on the first seed with core.train.Trainer (the real loop);
    the best final validation loss picks the lr. Target = that best loss x (1 + ``--tolerance``).
@@ -14,6 +16,8 @@ one CPU thread, denormals flushed.
    the job's work; the hybrid's probes ARE counted) at the first evaluation whose val loss <= target.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py [--quick] [--variants hybrid,hybrid-exp]
+GPU: HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_hybrid.py --device cuda --write (profile smollm2-full, its
+defaults: batch 16, max length 256, 300 steps, lrs 1e-5,3e-5,1e-4)
 Prints a markdown table; ``--write`` appends it to docs/BENCHMARKS.md.
 """
 
@@ -191,13 +195,15 @@ class RunResult:
 class Clock:
     """Training wall-clock: elapsed time minus the time spent in evaluation (the benchmark's, not the job's)."""
 
-    def __init__(self, result: RunResult) -> None:
-        self.result = result
+    def __init__(self, result: RunResult, device: torch.device) -> None:
+        self.result, self.device = result, device
         self.start = time.perf_counter()
         self.eval_s = 0.0
         self._eval_start: float | None = None
 
     def __call__(self, ev: Any) -> None:
+        if self.device.type == "cuda" and isinstance(ev, (PhaseEvent, EvalEvent)):
+            torch.cuda.synchronize(self.device)  # the queued kernels belong to the phase that just ended
         now = time.perf_counter()
         if isinstance(ev, PhaseEvent) and ev.phase == "evaluating":
             self._eval_start = now
@@ -209,22 +215,30 @@ class Clock:
             self.result.train_s = train_s
 
 
+# per profile: (batch size, max length, steps, examples, val examples, lrs) unless given on the command line
+PROFILE_DEFAULTS: dict[str, tuple[int, int, int, int, int, str]] = {
+    "tiny": (8, 96, 300, 2400, 128, "2e-3,4e-3,8e-3"),
+    "smollm2-lora": (4, 64, 100, 1200, 48, "1e-3,3e-3,1e-2"),
+    "smollm2-full": (16, 256, 300, 6000, 256, "1e-5,3e-5,1e-4"),
+}
+
+
 class Profile:
     """What is trained: ``tiny`` re-initialises the embedded model from a seed (from-scratch training);
     ``smollm2-lora`` adds seeded LoRA adapters to the pretrained SmolLM2-135M-Instruct (a real fine-tune, whose
-    trajectory is expected to be smoother). ``init(seed)`` gives the trainable starting point, ``model(init)`` a
-    fresh model holding it."""
+    trajectory is expected to be smoother); ``smollm2-full`` fine-tunes all of SmolLM2's weights (the GPU profile).
+    ``init(seed)`` gives the trainable starting point, ``model(init)`` a fresh model holding it."""
 
     def __init__(self, name: str, cache: Path) -> None:
         self.name = name
         if name == "tiny":
             self.folder = ensure_embedded_model(cache / "embedded")
-        elif name == "smollm2-lora":
+        elif name in ("smollm2-lora", "smollm2-full"):
             from core.real_model import ensure_smollm2
 
             self.folder = ensure_smollm2(cache)
         else:
-            raise SystemExit(f"unknown profile {name!r}: tiny or smollm2-lora")
+            raise SystemExit(f"unknown profile {name!r}: {', '.join(PROFILE_DEFAULTS)}")
         self.tok: Any = AutoTokenizer.from_pretrained(self.folder)
         prepare_tokenizer(self.tok)
         self.lora = TrainingConfig(lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0)
@@ -234,6 +248,8 @@ class Profile:
             model = build_model(self.tok, seed=0)
             model.load_state_dict(init)
             return model
+        if self.name == "smollm2-full":
+            return self._base()  # the pretrained weights are the start of every seed
         model = lora.wrap(self._base(), self.lora, self.folder, lora.resolve_targets(self.lora, self._base()))
         lora.load_adapter_state(model, init)
         return model
@@ -241,6 +257,8 @@ class Profile:
     def init(self, seed: int) -> dict[str, torch.Tensor]:
         if self.name == "tiny":
             return copy.deepcopy(build_model(self.tok, seed=1000 + seed).state_dict())  # type: ignore[arg-type]
+        if self.name == "smollm2-full":
+            return {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1000 + seed)
             model = lora.wrap(self._base(), self.lora, self.folder, lora.resolve_targets(self.lora, self._base()))
@@ -251,31 +269,43 @@ class Profile:
 
 
 def make_trainer(
-    prof: Profile, init: dict[str, torch.Tensor], data: tuple[list[Example], list[Example]], cfg: TrainingConfig
+    prof: Profile,
+    init: dict[str, torch.Tensor],
+    data: tuple[list[Example], list[Example]],
+    cfg: TrainingConfig,
+    device: torch.device,
 ) -> Trainer:
-    model = prof.model(init)
+    model = prof.model(init).to(device)
     torch.manual_seed(cfg.seed)
-    return Trainer(model, cfg, data[0], data[1], prof.tok.pad_token_id, torch.device("cpu"))
+    return Trainer(model, cfg, data[0], data[1], prof.tok.pad_token_id, device)
 
 
-def run_plain(prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str) -> RunResult:
+def run_plain(
+    prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str, device: torch.device
+) -> RunResult:
     res = RunResult(name, cfg.seed, cfg.learning_rate)
-    tr = make_trainer(prof, init, data, cfg)
-    clock = Clock(res)
+    tr = make_trainer(prof, init, data, cfg, device)
+    clock = Clock(res, device)
     tr.run(clock, lambda: False, lambda: Path("."))
     res.real_steps = res.backward = tr.state.step
     return res
 
 
 def run_hybrid(
-    prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, hcfg: HybridConfig, name: str
+    prof: Profile,
+    init: dict[str, torch.Tensor],
+    data: Any,
+    cfg: TrainingConfig,
+    hcfg: HybridConfig,
+    name: str,
+    device: torch.device,
 ) -> RunResult:
     """The real loop with ``engine = "hybrid"`` (core.train.Trainer builds the engine, probe included)."""
     res = RunResult(name, cfg.seed, cfg.learning_rate)
-    tr = make_trainer(prof, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}))
+    tr = make_trainer(prof, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}), device)
     eng = tr.hybrid
     assert eng is not None
-    clock = Clock(res)
+    clock = Clock(res, device)
     jumps: list[JumpEvent] = []
 
     def emit(ev: Any) -> None:
@@ -302,8 +332,14 @@ def fmt_t(x: tuple[int, float] | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="tiny", help="tiny (from scratch) or smollm2-lora (pretrained, LoRA)")
-    ap.add_argument("--max-length", type=int, default=96)
+    ap.add_argument(
+        "--profile",
+        default="auto",
+        help="tiny (from scratch), smollm2-lora (pretrained, LoRA), smollm2-full (pretrained, all weights); "
+        "auto: tiny on the CPU, smollm2-full on a GPU",
+    )
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
+    ap.add_argument("--max-length", type=int, help="default: per profile (PROFILE_DEFAULTS)")
     ap.add_argument(
         "--cache",
         type=Path,
@@ -311,20 +347,32 @@ def main() -> None:
         help="where SmolLM2's conversion is cached (the tests' cache by default)",
     )
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--lrs", default="1e-3,2e-3,4e-3")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--examples", type=int, default=2400)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lrs", help="plain lr sweep; default: per profile")
+    ap.add_argument("--steps", type=int, help="default: per profile")
+    ap.add_argument("--examples", type=int, help="default: per profile")
+    ap.add_argument("--batch-size", type=int, help="default: per profile")
     ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--val", type=int, default=128)
+    ap.add_argument("--val", type=int, help="default: per profile")
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--variants", default="hybrid", help=f"comma list of {', '.join(VARIANTS)}")
-    ap.add_argument("--quick", action="store_true", help="1 seed, 1 lr, 120 steps: a smoke run")
+    ap.add_argument("--quick", action="store_true", help="1 seed, the sweep's middle lr, 120 steps: a smoke run")
     ap.add_argument("--write", action="store_true", help="append the table to docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="write every run's numbers here")
     args = ap.parse_args()
-    if args.quick:
-        args.seeds, args.lrs, args.steps = "0", "2e-3", 120
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.profile == "auto":
+        args.profile = "smollm2-full" if device.type == "cuda" else "tiny"
+    if args.profile not in PROFILE_DEFAULTS:
+        raise SystemExit(f"unknown profile {args.profile!r}: {', '.join(PROFILE_DEFAULTS)}")
+    batch, length, steps, examples, n_val, lrs_default = PROFILE_DEFAULTS[args.profile]
+    args.batch_size = args.batch_size or batch
+    args.max_length = args.max_length or length
+    args.steps = args.steps or steps
+    args.examples = args.examples or examples
+    args.val = args.val or n_val
+    args.lrs = args.lrs or lrs_default
+    if args.quick:  # the middle lr of the sweep
+        args.seeds, args.lrs, args.steps = "0", args.lrs.split(",")[len(args.lrs.split(",")) // 2], 120
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_flush_denormal(True)
@@ -357,7 +405,7 @@ def main() -> None:
         return prof.init(seed)
 
     # 1. lr sweep on the first seed
-    sweep = [run_plain(prof, init_for(seeds[0]), data, cfg_for(seeds[0], lr), "plain") for lr in lrs]
+    sweep = [run_plain(prof, init_for(seeds[0]), data, cfg_for(seeds[0], lr), "plain", device) for lr in lrs]
     for r in sweep:
         print(f"sweep lr {r.lr:.0e}: final val {r.final:.4f}, best {min(v for *_, v in r.evals):.4f}", flush=True)
     best = min(sweep, key=lambda r: r.final)
@@ -373,9 +421,9 @@ def main() -> None:
         order = order[i % len(order) :] + order[: i % len(order)]
         for name in order:
             if name == "plain":
-                r = run_plain(prof, init, data, cfg_for(seed, lr), "plain")
+                r = run_plain(prof, init, data, cfg_for(seed, lr), "plain", device)
             else:
-                r = run_hybrid(prof, init, data, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name)
+                r = run_hybrid(prof, init, data, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name, device)
             runs[name].append(r)
             print(
                 f"seed {seed} {name:12s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
@@ -387,11 +435,13 @@ def main() -> None:
     # 3. table
     lines = [
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --profile {args.profile} "
+        f"--device {device.type} "
         f"--seeds {args.seeds} --lrs {args.lrs} --steps {args.steps} --batch-size {args.batch_size} "
         f"--max-length {args.max_length} --examples {args.examples} --val {args.val} --eval-every {args.eval_every} "
         f"--variants {args.variants}`",
         "",
-        f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, 1 thread, "
+        f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else '1 CPU thread'}, "
         f"Python {platform.python_version()}; profile {args.profile} ({prof.folder.name}); "
         f"{len(train)} train / {len(val)} val examples, batch {args.batch_size}, max length {args.max_length}, "
         f"{args.steps} steps, eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",

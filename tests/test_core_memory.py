@@ -13,7 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core import lora
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
-from core.preflight import check_settings, estimate_memory, model_shape, pick_micro_batch
+from core.preflight import (
+    check_memory,
+    check_settings,
+    estimate_memory,
+    hybrid_copies,
+    model_shape,
+    pick_micro_batch,
+)
 from core.train import StepEvent, Trainer, enable_gradient_checkpointing, make_optimizer
 from tests.test_core_guards import SHAPE
 from trainbox.config import TrainingConfig
@@ -105,3 +112,22 @@ def test_preflight_refuses_hybrid_with_several_processes() -> None:
     problems = check_settings(cfg, SHAPE, cuda=False, bf16_supported=False)
     assert [p.code for p in problems if p.fatal] == ["nproc_hybrid"]
     assert "nproc" in problems[0].fix
+
+
+def test_preflight_counts_the_hybrid_engines_copies() -> None:
+    """The hybrid engine keeps ``history`` weight snapshots and a good point (weights + AdamW moments) of the
+    trainable parameters: a full fine-tune that fits plain can need a smaller micro-batch, or not fit, with it."""
+    plain_cfg = TrainingConfig()
+    hybrid_cfg = TrainingConfig(engine="hybrid")
+    assert hybrid_copies(plain_cfg) == 0
+    assert hybrid_copies(hybrid_cfg) == hybrid_cfg.hybrid.history + 3
+    plain = estimate_memory(SHAPE, 8, 1024, True, True)
+    hybrid = estimate_memory(SHAPE, 8, 1024, True, True, engine_copies=hybrid_copies(hybrid_cfg))
+    assert hybrid.total - plain.total == hybrid.engine == SHAPE.trainable * 4 * hybrid_copies(hybrid_cfg)
+    room = int(plain.total / 0.9) + 1
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, room)[0] == 8
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, room, engine_copies=hybrid_copies(hybrid_cfg))[0] != 8
+    _, problems = check_memory(SHAPE, hybrid_cfg, True, True, int(plain.total * 0.5), "GPU 0")
+    assert problems and problems[0].fatal and "engine = 'plain'" in problems[0].fix
+    _, plain_problems = check_memory(SHAPE, plain_cfg, True, True, int(plain.total * 0.5), "GPU 0")
+    assert plain_problems and "engine" not in plain_problems[0].fix

@@ -27,7 +27,9 @@ def test_hybrid_job_matches_plain_and_records_its_phases(tmp_path: Path, embedde
     start = f"model = {json.dumps(str(home.embedded_model))}\n"  # both from the same weights, not continual
     (home.inbox / "plain.toml").write_text(start)
     (home.inbox / "hybrid.toml").write_text(
-        start + 'engine = "hybrid"\n'  # the shipped [training.hybrid] defaults: first jump after 30 real steps
+        # the shipped [training.hybrid] defaults (first jump after 30 real steps) but the overhead budget, which
+        # compares measured times (a test must not depend on them)
+        start + 'engine = "hybrid"\n[hybrid]\nmax_overhead = 1e6\n'
     )
     # the same records; the hybrid file's bytes differ (compact JSON) so it is not refused as a duplicate
     (home.inbox / "plain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

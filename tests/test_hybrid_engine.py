@@ -59,12 +59,14 @@ def trainer(model_dir: Path | str, data: Any, steps: int = 30, hybrid: HybridCon
 
 
 def small_cfg(**over: Any) -> HybridConfig:
-    return HybridConfig(**{"warmup_steps": 4, "full_steps": 4, "snapshot_every": 2, "history": 3, **over})
+    """Short phases, and no overhead budget (it compares measured times: the tests must not depend on them)."""
+    base = {"warmup_steps": 4, "full_steps": 4, "snapshot_every": 2, "history": 3, "max_overhead": 1e6}
+    return HybridConfig(**{**base, **over})
 
 
 # every attempt accepted whenever the probe got better at all (and plain progress is measurable); one arm and
 # no fallback, so the run does not depend on timings (the bandit's rewards and the fallback use step times)
-EAGER = {"min_earned": 0.0, "min_rel_gain": -1.0, "prediction_tol": 10.0, "horizons": (5,), "fallback_after": 100}
+EAGER = {"min_earned": -1e9, "min_rel_gain": 0.0, "prediction_tol": 10.0, "horizons": (5,), "fallback_after": 100}
 
 
 def engine(tr: Trainer) -> HybridEngine:
@@ -96,6 +98,36 @@ def test_rejected_jumps_leave_training_bitwise_plain(model_dir: Path, data: Any)
     assert {e.phase for e in steps} == {"warmup", "full"} and not any(e.predicted for e in steps)
     assert [e.step for e in events if isinstance(e, EvalEvent)] == [0, 10, 20, 30]
     assert steps[-1].speedup_estimate is not None and steps[-1].speedup_estimate <= 1.0  # probes cost time
+
+
+def test_no_copies_of_the_weights_before_they_can_be_needed(model_dir: Path, data: Any) -> None:
+    """Until a jump is tried there is nothing to roll back to (a divergence before any accepted jump is the
+    Trainer's business): the engine copies neither weights nor AdamW state, which on a full fine-tune would cost
+    3 x the weights every ``snapshot_every`` steps."""
+    tr = trainer(model_dir, data, steps=12, hybrid=small_cfg(warmup_steps=10**9))
+    tr.run(lambda e: None, NEVER, NOWHERE)
+    eng = engine(tr)
+    assert eng.counters.real_steps == 12 and eng.counters.attempts == 0
+    assert eng._good is None and len(eng.predictor) == 0
+
+
+def test_the_overhead_budget_gates_attempts(model_dir: Path, data: Any) -> None:
+    """An attempt starts only while the engine's time, its expected cost included, stays within max_overhead of
+    the real steps' time; with no budget at all the engine never tries and trains exactly like plain."""
+    plain = trainer(model_dir, data, steps=16)
+    plain.run(lambda e: None, NEVER, NOWHERE)
+    tr = trainer(model_dir, data, steps=16, hybrid=small_cfg(max_overhead=0.0))
+    tr.run(lambda e: None, NEVER, NOWHERE)
+    eng = engine(tr)
+    assert eng.counters.attempts == 0 and eng.attempt_s is not None and eng.attempt_s > 0  # the probe was timed
+    assert same_weights(plain.model, tr.model)
+    # the rule itself, on the engine's counters
+    eng.cfg = eng.cfg.model_copy(update={"max_overhead": 0.03})
+    eng.counters.overhead_s, eng.counters.real_step_s, eng.attempt_s = 1.0, 100.0, 2.0
+    assert eng.within_budget()  # 1 + 2 <= 3
+    eng.attempt_s = 2.5
+    assert not eng.within_budget()
+    assert eng.state_dict()["attempt_s"] == 2.5
 
 
 def test_accepted_jumps_advance_the_schedule_and_are_tagged(model_dir: Path, data: Any) -> None:

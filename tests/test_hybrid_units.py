@@ -101,6 +101,7 @@ def test_judge_accepts_gain_and_converts_it_to_steps() -> None:
 @pytest.mark.parametrize(
     ("after", "rate", "reason"),
     [(2.1, 0.01, "no_gain"), (2.0, 0.01, "no_gain"), (1.9999, 0.01, "no_gain"), (1.9975, 0.01, "too_small"),
+     (1.98, 0.01, "too_small"),  # worth 2 steps, cost 1.5: it does not pay for its probes by min_earned
      (1.9, 0.0, "no_rate"),
      (math.nan, 0.01, "not_finite"), (math.inf, 0.01, "not_finite")],
 )  # fmt: skip

@@ -86,7 +86,9 @@ class HybridConfig(_Strict):
     min_rel_gain: float = Field(
         1e-3, description="A jump must lower the probe loss by more than this share (the probe's noise level)."
     )
-    min_earned: float = Field(1.0, ge=0, description="A jump must be worth at least this many plain steps.")
+    min_earned: float = Field(
+        1.0, description="A jump must be worth at least this many plain steps more than its own cost (probes, copies)."
+    )
     advance_schedule: bool = Field(
         True, description="Accepted jumps advance the step counter (and the learning rate) by the steps earned."
     )
@@ -96,6 +98,13 @@ class HybridConfig(_Strict):
     )
     cooldown_steps: int = Field(50, ge=1, description="First plain stretch after a fallback; doubles each time.")
     max_cooldown_steps: int = Field(640, ge=1, description="Longest plain stretch after a fallback.")
+    max_overhead: float = Field(
+        0.03,
+        ge=0,
+        description="A jump is attempted only while the engine's time (probes, snapshots, rollbacks), the "
+        "attempt's expected cost included, stays within this share of the time spent in real steps: the most a "
+        "job whose jumps never pay can lose to plain training.",
+    )
     rate_smoothing: float = Field(
         0.5, ge=0, lt=1, description="EMA weight of the plain progress rate (probe loss per step)."
     )

@@ -13,7 +13,9 @@ calls three hooks (``TrainerView`` is everything the engine uses of it):
   was accepted, the divergence monitor (loss and gradient-norm spikes restore the last good point;
   non-finite steps never get here: the Trainer skips them);
 - ``reset_trajectory()`` after the Trainer rolled back (the snapshots no longer lead to the weights).
-The bandit picks (H, scale) per attempt from the net steps saved.
+The bandit picks (H, scale) per attempt from the net steps saved. An attempt starts only while the engine's
+overhead, that attempt's expected cost included, stays within ``max_overhead`` of the time in real steps (every
+measured jump at a tuned lr was rejected: this bounds what turning the engine on can cost a job).
 
 Optional cheap alternative (off by default, measured in scripts/bench_hybrid.py):
 - ``freeze``: AutoFreeze-style freezing of converged leading blocks (relative weight change over
@@ -110,6 +112,7 @@ class HybridEngine:
         self.step_time: float | None = None  # EMA of a real step's seconds
         self.accept_ema = 0.5
         self.last_probe: tuple[float, int] | None = None  # (probe loss, real step) with only real steps since
+        self.attempt_s: float | None = None  # expected seconds of one attempt (two probes, copies, restore)
         self._good: tuple[int, list[torch.Tensor], dict[int, dict[str, Any]]] | None = None
         self._freeze_ref: tuple[int, dict[str, list[torch.Tensor]]] | None = None
         self._divergences_in_row = 0
@@ -138,20 +141,29 @@ class HybridEngine:
 
         t1 = time.time()
         if (c.real_steps - self._traj_start) % self.cfg.snapshot_every == 0:
-            self._save_good()  # in every phase, so a divergence never rolls back far
+            if c.accepted > 0:  # only then can a divergence roll back (until then the weights are plain's)
+                self._save_good()  # kept recent, so a divergence never rolls back far
             if self.machine.snapshotting:
                 self.predictor.add(c.real_steps, self.params)
         if self.cfg.freeze:
             self._maybe_freeze()
         before = self.machine.phase
-        after = self.machine.on_real_step(self.predictor.ready(self.cfg.method))
+        after = self.machine.on_real_step(self.predictor.ready(self.cfg.method) and self.within_budget())
         if before != Phase.FULL and after == Phase.FULL:  # a new trajectory starts here
             self.predictor.clear()
             self.predictor.add(c.real_steps, self.params)
             self._traj_start = c.real_steps
             if self.last_probe is None:
+                t_probe = time.time()
                 self.last_probe = (self.probe_loss(), c.real_steps)  # the first point of the progress rate
+                if self.attempt_s is None:  # an attempt runs the probe twice
+                    self.attempt_s = 2 * (time.time() - t_probe)
         c.overhead_s += time.time() - t1
+
+    def within_budget(self) -> bool:
+        """Whether one more attempt keeps the engine's time within ``max_overhead`` of the real steps' time."""
+        c = self.counters
+        return c.overhead_s + (self.attempt_s or 0.0) <= self.cfg.max_overhead * c.real_step_s
 
     def jump(self, emit: Callable[[HybridEvent], None]) -> JumpEvent:
         """One verified jump (only when ``wants_jump()``); emits and returns its ``JumpEvent``. The caller
@@ -205,6 +217,7 @@ class HybridEngine:
         self.machine.on_verdict(verdict.accepted, verdict.net_steps)
         cost_s = time.time() - t0
         c.overhead_s += cost_s
+        self.attempt_s = cost_s if self.attempt_s is None else 0.5 * (self.attempt_s + cost_s)
         event = JumpEvent(
             step + advanced,
             c.real_steps,
@@ -349,6 +362,7 @@ class HybridEngine:
             "accept_ema": self.accept_ema,
             "traj_start": self._traj_start,
             "last_probe": list(self.last_probe) if self.last_probe else None,
+            "attempt_s": self.attempt_s,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -366,6 +380,7 @@ class HybridEngine:
         self._traj_start = int(state["traj_start"])
         lp = state["last_probe"]
         self.last_probe = (float(lp[0]), int(lp[1])) if lp else None
+        self.attempt_s = state.get("attempt_s")  # absent in checkpoints written before the overhead budget
         names = dict(self._blocks())
         for name in self.counters.frozen:
             for p in names.get(name, []):
