@@ -2,8 +2,8 @@
 
 - ``warmup``: real steps only, nothing fitted (early weights move erratically); ``warmup_steps`` long.
 - ``full``: real steps; the engine snapshots the weights (the trajectory the predictor fits).
-  After ``full_steps`` real steps since the last attempt, and once the predictor has enough
-  snapshots, the next action is a jump.
+  After ``full_steps`` real steps since the last attempt, and once the engine says it may (the
+  predictor has enough snapshots and the overhead budget has room), the next action is a jump.
 - ``predict``: one jump: extrapolate the weights ``H`` steps ahead (no forward or backward pass
   except the probe).
 - ``correct``: the probe verdict: accept (keep the weights, advance) or roll back.
@@ -54,7 +54,8 @@ class PhaseMachine:
         return self.phase == Phase.FULL
 
     def on_real_step(self, predictor_ready: bool) -> Phase:
-        """A real (forward + backward) step finished; returns the phase of the next action."""
+        """A real (forward + backward) step finished; returns the phase of the next action. ``predictor_ready``:
+        whether a jump may be attempted now (enough snapshots, and room in the overhead budget)."""
         if self.phase in (Phase.PREDICT, Phase.CORRECT):
             raise RuntimeError(f"a real step in phase {self.phase}")
         self.steps_in_phase += 1
