@@ -78,6 +78,7 @@ class StepEvent:
     advanced: int = 1  # schedule steps this event covers
     backward_skipped: int = 0  # backward passes skipped so far
     speedup_estimate: float | None = None  # running estimate over plain steps (HybridEngine.speedup_estimate)
+    time_saved_s: float | None = None  # estimated seconds saved so far, negative when lost (HybridEngine)
 
 
 @dataclass(frozen=True)
@@ -469,6 +470,7 @@ class Trainer:
             "advanced": advanced,
             "backward_skipped": self.hybrid.counters.backward_skipped,
             "speedup_estimate": self.hybrid.speedup_estimate(),
+            "time_saved_s": self.hybrid.time_saved_s(),
         }
 
     def _optimizer_step(self, lr: float) -> tuple[float, float, int, bool] | None:

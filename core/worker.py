@@ -471,10 +471,13 @@ class Reporter:
                 self.db.event("phase_change", message, step=ev.step, engine_phase=ev.phase, previous=self.engine_phase)
             log.info("%s", message)
             self.engine_phase = ev.phase
-        self.status.update(
-            engine_phase=ev.phase, speedup_estimate=ev.speedup_estimate, backward_skipped=ev.backward_skipped
-        )
-        return {"phase": ev.phase, "predicted": ev.predicted}
+        fields: dict[str, Any] = {
+            "speedup_estimate": ev.speedup_estimate,
+            "backward_skipped": ev.backward_skipped,
+            "time_saved_s": ev.time_saved_s,
+        }
+        self.status.update(engine_phase=ev.phase, **fields)
+        return {"phase": ev.phase, "predicted": ev.predicted, **fields}
 
     def _on_jump(self, ev: JumpEvent, now: float) -> None:
         """One jump attempt: a metrics line and a DB event with its numbers."""
@@ -743,6 +746,17 @@ def train_job(
             )
     finally:
         metrics.close()
+    if trainer.hybrid is not None:  # what the engine did and cost, also for an interrupted run's stretch
+        summary = trainer.hybrid.summary()
+        saved = summary["time_saved_s"]
+        db.event(
+            "hybrid_summary",
+            f"hybrid engine: {summary['accepted']}/{summary['attempts']} jumps accepted, "
+            f"{summary['backward_skipped']} backward passes skipped, "
+            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s"),
+            step=trainer.state.step,
+            **summary,
+        )
     s = trainer.state
     if outcome == "interrupted":
         return result(

@@ -61,8 +61,18 @@ def test_hybrid_job_matches_plain_and_records_its_phases(tmp_path: Path, embedde
         assert jumps and all(isinstance(j["accepted"], bool) and "probe_after" in j for j in jumps)
         assert len([m for m in train if m["predicted"]]) == len([j for j in jumps if j["advanced"] > 0])
 
+        assert all({"backward_skipped", "time_saved_s", "speedup_estimate"} <= m.keys() for m in train)
         events = db.events(job_id=jobs["hybrid.jsonl"])
         assert len([e for e in events if e.kind == "hybrid_jump"]) == len(jumps)
+        # the run's record: jumps tried and accepted, backward passes skipped, estimated time saved (or lost)
+        [summary] = [e.data for e in events if e.kind == "hybrid_summary"]
+        assert summary["attempts"] == len(jumps) and summary["accepted"] == len([j for j in jumps if j["accepted"]])
+        assert summary["backward_skipped"] == train[-1]["backward_skipped"]
+        assert summary["advanced_steps"] == sum(j["advanced"] for j in jumps)
+        assert summary["time_saved_s"] == pytest.approx(train[-1]["time_saved_s"], abs=0.5)
+        assert summary["overhead_s"] > 0  # probes ran; with no accepted jump the time saved is minus that
+        if summary["advanced_steps"] == 0:
+            assert summary["time_saved_s"] == pytest.approx(-summary["overhead_s"], abs=1e-3)
         assert [e.data["engine_phase"] for e in events if e.kind == "phase_change"][:2] == ["warmup", "full"]
         assert not [e for e in db.events(job_id=jobs["plain.jsonl"]) if e.kind.startswith(("hybrid", "phase"))]
     finally:
@@ -71,4 +81,6 @@ def test_hybrid_job_matches_plain_and_records_its_phases(tmp_path: Path, embedde
     status = read_status(home.status / "training.json", TrainingStatus)  # the last job's: the hybrid one
     assert status is not None and status.engine == "hybrid" and status.engine_phase
     assert status.speedup_estimate is not None and status.speedup_estimate > 0
-    assert "engine hybrid: " in _engine_note(status.model_dump(mode="json"))
+    assert status.time_saved_s is not None
+    note = _engine_note(status.model_dump(mode="json"))
+    assert "engine hybrid: " in note and "time saved " in note

@@ -123,9 +123,11 @@ def _engine_note(job: dict[str, Any]) -> str:
     """The hybrid engine's phase and running speedup estimate, for the job line."""
     if job.get("engine") != "hybrid":
         return ""
-    speedup = job.get("speedup_estimate")
-    return f"  engine hybrid: {job.get('engine_phase') or '-'}, speedup {_fmt(speedup, '.2f')}x" + (
-        f", {job['backward_skipped']} backward passes skipped" if job.get("backward_skipped") else ""
+    speedup, saved = job.get("speedup_estimate"), job.get("time_saved_s")
+    return (
+        f"  engine hybrid: {job.get('engine_phase') or '-'}, speedup {_fmt(speedup, '.2f')}x"
+        + (f", {job['backward_skipped']} backward passes skipped" if job.get("backward_skipped") else "")
+        + ("" if saved is None else f", time saved {saved:+.1f} s")
     )
 
 

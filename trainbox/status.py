@@ -59,6 +59,7 @@ class TrainingStatus(_Status):
     engine_phase: str = ""  # hybrid: warmup, full, predict, plain
     speedup_estimate: float | None = None  # hybrid: running estimate over plain steps
     backward_skipped: int = 0  # hybrid: backward passes skipped by accepted jumps
+    time_saved_s: float | None = None  # hybrid: estimated seconds saved so far (negative: lost to its overhead)
     message: str = ""
 
 

@@ -89,9 +89,6 @@ class Counters:
     overhead_s: float = 0.0  # probes, snapshots, predictions, restores, freezing checks
     frozen: list[str] = field(default_factory=list)
 
-    def est_saved_s(self, step_time: float) -> float:
-        return self.earned_steps * step_time - self.overhead_s
-
 
 class HybridEngine:
     def __init__(self, trainer: TrainerView, cfg: HybridConfig, probe: Sequence[Example]) -> None:
@@ -253,6 +250,30 @@ class HybridEngine:
             return None
         step_s = c.real_step_s / c.real_steps
         return (c.real_steps + c.advanced_steps) * step_s / (c.real_step_s + c.overhead_s)
+
+    def time_saved_s(self) -> float | None:
+        """Seconds saved so far: the schedule steps jumps advanced, at the mean real step's time, less everything
+        the engine spent (probes, copies, restores). Negative when it cost time, the usual case (BENCHMARKS.md)."""
+        c = self.counters
+        if c.real_steps == 0:
+            return None
+        return c.advanced_steps * c.real_step_s / c.real_steps - c.overhead_s
+
+    def summary(self) -> dict[str, Any]:
+        """The engine's record of a run, for the job's DB event at its end."""
+        c = self.counters
+        return {
+            "attempts": c.attempts,
+            "accepted": c.accepted,
+            "rolled_back": c.rolled_back,
+            "divergence_rollbacks": c.divergence_rollbacks,
+            "real_steps": c.real_steps,
+            "advanced_steps": c.advanced_steps,
+            "backward_skipped": c.backward_skipped,
+            "overhead_s": round(c.overhead_s, 3),
+            "time_saved_s": self.time_saved_s(),
+            "speedup_estimate": self.speedup_estimate(),
+        }
 
     # --- pieces -----------------------------------------------------------------------------------
 
