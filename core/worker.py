@@ -60,6 +60,7 @@ from core.encode import Example, encode_all, prepare_tokenizer
 from core.errors import DataError, DiskFull, JobFailure, PreflightError, TrainingDiverged
 from core.faults import Faults
 from core.folders import publish_folder
+from core.hybrid.engine import HybridEngine
 from core.hybrid.events import JumpEvent, RollbackEvent
 from core.metrics import METRICS, MetricsLog, truncate_to_step
 from core.microbatch import CACHE_FILE, MicroBatchCache, cache_key
@@ -746,17 +747,8 @@ def train_job(
             )
     finally:
         metrics.close()
-    if trainer.hybrid is not None:  # what the engine did and cost, also for an interrupted run's stretch
-        summary = trainer.hybrid.summary()
-        saved = summary["time_saved_s"]
-        db.event(
-            "hybrid_summary",
-            f"hybrid engine: {summary['accepted']}/{summary['attempts']} jumps accepted, "
-            f"{summary['backward_skipped']} backward passes skipped, "
-            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s"),
-            step=trainer.state.step,
-            **summary,
-        )
+        if trainer.hybrid is not None:
+            record_hybrid_summary(trainer.hybrid, trainer.state.step, db)
     s = trainer.state
     if outcome == "interrupted":
         return result(
@@ -769,6 +761,23 @@ def train_job(
     if s.stop_reason:
         extra = {"message": s.stop_reason, "evidence": {"stopped_early": s.stop_reason, "step": s.step}}
     return result(WorkerOutcome.COMPLETED, final_model=str(final), **extra)
+
+
+def record_hybrid_summary(engine: HybridEngine, step: int, db: JobDB) -> None:
+    """What the hybrid engine did and cost, as a DB event whenever a worker's run ends (completed, paused,
+    interrupted, failed). Its counters ride in checkpoints, so each event holds the job's totals so far: the
+    last one is the job's."""
+    summary = engine.summary()
+    saved = summary["time_saved_s"]
+    message = (
+        f"hybrid engine: {summary['accepted']}/{summary['attempts']} jumps accepted, "
+        f"{summary['backward_skipped']} backward passes skipped, "
+        + ("time saved -" if saved is None else f"time saved {saved:+.1f} s")
+    )
+    try:
+        db.event("hybrid_summary", message, step=step, **summary)
+    except Exception as e:  # a lost summary must not hide how the run ended
+        log.warning("could not record the hybrid summary: %s", e)
 
 
 def classify(e: BaseException) -> tuple[str, dict[str, Any], str]:

@@ -13,7 +13,7 @@ validation loss of:
 - the current weights moved ``H`` steps along that drift (``cur+drift``).
 In brackets: the plain steps each candidate is worth (the first later evaluation of the same run, every 5 steps,
 whose loss is at or below the candidate's), or "worse".
-Then two more runs continue training after the best candidate was written into the model (AdamW state kept):
+Then two more runs continue training after the EMA 0.95 weights were written into the model (AdamW state kept):
 once at step 140, and every 30 steps from 80, to see whether the gain persists.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_averaging.py [--seed 0] [--write]

@@ -14,6 +14,7 @@ from core import lora
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.preflight import (
+    FIT_COPIES,
     check_memory,
     check_settings,
     estimate_memory,
@@ -115,19 +116,26 @@ def test_preflight_refuses_hybrid_with_several_processes() -> None:
 
 
 def test_preflight_counts_the_hybrid_engines_copies() -> None:
-    """The hybrid engine keeps ``history`` weight snapshots and a good point (weights + AdamW moments) of the
-    trainable parameters: a full fine-tune that fits plain can need a smaller micro-batch, or not fit, with it."""
+    """During a jump the hybrid engine holds ``history`` weight snapshots, a good point (weights + AdamW moments)
+    and the predicted weights, plus the linear fit's buffers for the largest tensor: a full fine-tune that fits
+    plain can need a smaller micro-batch with it, or not fit at all (and the fix then names the engine)."""
     plain_cfg = TrainingConfig()
     hybrid_cfg = TrainingConfig(engine="hybrid")
-    assert hybrid_copies(plain_cfg) == 0
-    assert hybrid_copies(hybrid_cfg) == hybrid_cfg.hybrid.history + 3
+    copies = hybrid_copies(hybrid_cfg)
+    assert hybrid_copies(plain_cfg) == 0 and copies == hybrid_cfg.hybrid.history + 4
     plain = estimate_memory(SHAPE, 8, 1024, True, True)
-    hybrid = estimate_memory(SHAPE, 8, 1024, True, True, engine_copies=hybrid_copies(hybrid_cfg))
-    assert hybrid.total - plain.total == hybrid.engine == SHAPE.trainable * 4 * hybrid_copies(hybrid_cfg)
+    hybrid = estimate_memory(SHAPE, 8, 1024, True, True, engine_copies=copies)
+    largest = min(SHAPE.trainable, SHAPE.vocab * SHAPE.hidden)
+    assert hybrid.engine == SHAPE.trainable * 4 * copies + FIT_COPIES * 4 * largest
+    assert hybrid.total - plain.total == hybrid.engine and plain.engine == 0
     room = int(plain.total / 0.9) + 1
     assert pick_micro_batch(SHAPE, 8, 1024, True, True, room)[0] == 8
-    assert pick_micro_batch(SHAPE, 8, 1024, True, True, room, engine_copies=hybrid_copies(hybrid_cfg))[0] != 8
-    _, problems = check_memory(SHAPE, hybrid_cfg, True, True, int(plain.total * 0.5), "GPU 0")
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, room, engine_copies=copies)[0] != 8
+    # memory where micro-batch 1 fits plain but not hybrid
+    one_plain = estimate_memory(SHAPE, 1, 1024, True, True).total
+    one_hybrid = estimate_memory(SHAPE, 1, 1024, True, True, engine_copies=copies).total
+    between = int((one_plain + one_hybrid) / 2 / 0.9)
+    _, problems = check_memory(SHAPE, hybrid_cfg, True, True, between, "GPU 0")
     assert problems and problems[0].fatal and "engine = 'plain'" in problems[0].fix
-    _, plain_problems = check_memory(SHAPE, plain_cfg, True, True, int(plain.total * 0.5), "GPU 0")
-    assert plain_problems and "engine" not in plain_problems[0].fix
+    _, plain_problems = check_memory(SHAPE, plain_cfg, True, True, between, "GPU 0")
+    assert not any(p.fatal for p in plain_problems)

@@ -101,14 +101,29 @@ def test_rejected_jumps_leave_training_bitwise_plain(model_dir: Path, data: Any)
 
 
 def test_no_copies_of_the_weights_before_they_can_be_needed(model_dir: Path, data: Any) -> None:
-    """Until a jump is tried there is nothing to roll back to (a divergence before any accepted jump is the
-    Trainer's business): the engine copies neither weights nor AdamW state, which on a full fine-tune would cost
-    3 x the weights every ``snapshot_every`` steps."""
+    """Until a jump is accepted a divergence is the Trainer's business (the weights are plain training's): the
+    engine copies weights and AdamW state only right before each attempt, not every ``snapshot_every`` steps,
+    which on a full fine-tune would cost 3 x the weights each time."""
     tr = trainer(model_dir, data, steps=12, hybrid=small_cfg(warmup_steps=10**9))
     tr.run(lambda e: None, NEVER, NOWHERE)
     eng = engine(tr)
     assert eng.counters.real_steps == 12 and eng.counters.attempts == 0
     assert eng._good is None and len(eng.predictor) == 0
+    # every attempt rejected: one copy per attempt, none in the full phase's snapshots between them
+    tr = trainer(model_dir, data, steps=30, hybrid=small_cfg(min_earned=1e9, fallback_after=100))
+    eng = engine(tr)
+    saves = 0
+    save_good = eng._save_good
+
+    def counting() -> None:
+        nonlocal saves
+        saves += 1
+        save_good()
+
+    eng._save_good = counting  # type: ignore[method-assign]
+    tr.run(lambda e: None, NEVER, NOWHERE)
+    assert eng.counters.attempts >= 3 and eng.counters.accepted == 0
+    assert saves == eng.counters.attempts
 
 
 def test_the_overhead_budget_gates_attempts(model_dir: Path, data: Any) -> None:

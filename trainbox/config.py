@@ -87,7 +87,9 @@ class HybridConfig(_Strict):
         1e-3, description="A jump must lower the probe loss by more than this share (the probe's noise level)."
     )
     min_earned: float = Field(
-        1.0, description="A jump must be worth at least this many plain steps more than its own cost (probes, copies)."
+        1.0,
+        description="A jump must be worth at least this many plain steps more than its own cost (probes, copies). "
+        "Negative accepts jumps that cost more than they earn (for experiments and tests).",
     )
     advance_schedule: bool = Field(
         True, description="Accepted jumps advance the step counter (and the learning rate) by the steps earned."

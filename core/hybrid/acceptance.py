@@ -13,10 +13,10 @@ Accepted: the probe loss is finite and lower by more than ``min_rel_gain`` (rela
 jump's net value is at least ``min_earned`` steps. Otherwise the caller rolls back.
 The net value of an attempt (for the bandit and the fallback) is ``earned - cost`` in step units,
 where ``cost`` is the attempt's overhead (probes, snapshot, prediction) divided by a plain step's time.
-A jump must pay for its own probes: one that earned less than it cost would change the trajectory for
-nothing, and a changed trajectory ends anywhere in the run-to-run spread of the final loss (in the CPU
-benchmark a jump worth 2 steps, about its cost, was followed by a final loss 2.1% worse than plain's; plain
-runs from the same weights in five data orders ended 0.6961-0.7372).
+A jump must pay for its own probes: one that earned less than it cost changes the trajectory for nothing,
+and a changed trajectory can end far from plain's (in the CPU benchmark one jump worth 2 steps, against about
+1.4 steps of probes, was followed by a final loss 2.1% worse than plain's, above all of five plain runs from
+the same weights in other data orders, 0.6961-0.7372).
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ calls three hooks (``TrainerView`` is everything the engine uses of it):
   non-finite steps never get here: the Trainer skips them);
 - ``reset_trajectory()`` after the Trainer rolled back (the snapshots no longer lead to the weights).
 The bandit picks (H, scale) per attempt from the net steps saved. An attempt starts only while the engine's
-overhead, that attempt's expected cost included, stays within ``max_overhead`` of the time in real steps (every
-measured jump at a tuned lr was rejected: this bounds what turning the engine on can cost a job).
+overhead, that attempt's expected cost included, stays within ``max_overhead`` of the time in real steps: jumps
+at a tuned lr have not paid in any measurement (docs/BENCHMARKS.md), so this bounds what the attempts can cost a
+job. Outside the budget: one probe when the first trajectory starts (it also times an attempt) and the weight
+snapshots (1.8 % on the SmolLM2 LoRA profile, where no attempt fitted in 100 steps).
 
 Optional cheap alternative (off by default, measured in scripts/bench_hybrid.py):
 - ``freeze``: AutoFreeze-style freezing of converged leading blocks (relative weight change over
@@ -136,7 +138,7 @@ class HybridEngine:
         self._divergences_in_row = 0
         self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
 
-        t1 = time.time()
+        t1 = self.clock()
         if (c.real_steps - self._traj_start) % self.cfg.snapshot_every == 0:
             if c.accepted > 0:  # only then can a divergence roll back (until then the weights are plain's)
                 self._save_good()  # kept recent, so a divergence never rolls back far
@@ -151,11 +153,11 @@ class HybridEngine:
             self.predictor.add(c.real_steps, self.params)
             self._traj_start = c.real_steps
             if self.last_probe is None:
-                t_probe = time.time()
+                t_probe = self.clock()
                 self.last_probe = (self.probe_loss(), c.real_steps)  # the first point of the progress rate
                 if self.attempt_s is None:  # an attempt runs the probe twice
-                    self.attempt_s = 2 * (time.time() - t_probe)
-        c.overhead_s += time.time() - t1
+                    self.attempt_s = 2 * (self.clock() - t_probe)
+        c.overhead_s += self.clock() - t1
 
     def within_budget(self) -> bool:
         """Whether one more attempt keeps the engine's time within ``max_overhead`` of the real steps' time."""
@@ -167,7 +169,7 @@ class HybridEngine:
         advances its step counter by ``advanced`` (0 when rejected: weights and AdamW state restored)."""
         tr, c, cfg = self.trainer, self.counters, self.cfg
         step = tr.state.step
-        t0 = time.time()
+        t0 = self.clock()
         self.machine.on_jump()
         before = self.probe_loss()
         if self.last_probe is not None:
@@ -182,7 +184,7 @@ class HybridEngine:
                 p.copy_(new)
         after = self.probe_loss()
         step_time = self.step_time or 1.0
-        cost_s = time.time() - t0
+        cost_s = self.clock() - t0
         # a jump may claim at most its own horizon, or the snapshot window it averaged over (H = 0 is LAWA)
         cap = max(horizon * scale, cfg.snapshot_every * (cfg.history - 1))
         verdict = judge(
@@ -212,7 +214,7 @@ class HybridEngine:
         self.accept_ema = 0.7 * self.accept_ema + 0.3 * float(verdict.accepted)
         self.bandit.update(arm, context, verdict.net_steps / max(max(cfg.horizons) * max(cfg.scales), 1.0))
         self.machine.on_verdict(verdict.accepted, verdict.net_steps)
-        cost_s = time.time() - t0
+        cost_s = self.clock() - t0
         c.overhead_s += cost_s
         self.attempt_s = cost_s if self.attempt_s is None else 0.5 * (self.attempt_s + cost_s)
         event = JumpEvent(
@@ -276,6 +278,13 @@ class HybridEngine:
         }
 
     # --- pieces -----------------------------------------------------------------------------------
+
+    def clock(self) -> float:
+        """Seconds, after the device finished its queued work: on a GPU the engine's copies and probes run
+        asynchronously, and their time would otherwise land in the next real step's instead of the overhead."""
+        if self.trainer.device.type == "cuda":
+            torch.cuda.synchronize(self.trainer.device)
+        return time.time()
 
     def probe_loss(self) -> float:
         """Mean loss per trained token on the fixed probe examples (no gradient)."""

@@ -22,7 +22,11 @@ Method = Literal["linear", "exponential"]
 
 
 def linear_fit(steps: Sequence[float], snaps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(value of the fitted line at the last step, slope per step), elementwise least squares."""
+    """(value of the fitted line at the last step, slope per step), elementwise least squares.
+
+    Accumulated snapshot by snapshot into two float64 buffers (the mean and the slope; the centred step weights
+    sum to zero, so the slope needs no centred copy of each snapshot): the fit of the largest tensor, the
+    embedding of a full fine-tune, costs a few copies of it, not a stack of all its snapshots."""
     if len(steps) != len(snaps) or len(snaps) < 2:
         raise ValueError("need two or more snapshots with one step each")
     t = torch.tensor([float(s) for s in steps], dtype=torch.float64)
@@ -30,11 +34,12 @@ def linear_fit(steps: Sequence[float], snaps: Sequence[torch.Tensor]) -> tuple[t
     denom = float((tc * tc).sum())
     if denom <= 0:
         raise ValueError("snapshot steps must differ")
-    mean = torch.stack([s.to(torch.float64) for s in snaps]).mean(0)
+    mean = torch.zeros_like(snaps[-1], dtype=torch.float64)
     slope = torch.zeros_like(mean)
     for w, s in zip(tc.tolist(), snaps, strict=True):
-        slope.add_(s.to(torch.float64) - mean, alpha=w / denom)
-    at_last = mean + slope * float(tc[-1])
+        mean.add_(s)
+        slope.add_(s, alpha=w / denom)
+    at_last = mean.div_(len(snaps)).add_(slope, alpha=float(tc[-1]))
     dtype = snaps[-1].dtype
     return at_last.to(dtype), slope.to(dtype)
 
