@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_hybrid as bh
 import torch
 
-from core.data import collate, split_heldout
-from core.encode import encode_all
+from core.data import collate
 from core.train import EvalEvent, StepEvent, Trainer
 from trainbox.config import TrainingConfig
 
@@ -126,19 +125,9 @@ def main() -> None:
     t0 = time.time()
     tmp = tempfile.TemporaryDirectory()
     prof = bh.Profile("tiny", Path(tmp.name))
-    train_recs, val_recs = split_heldout(bh.make_records(2400), 128 / 2400, 128, seed=5)
-    train = encode_all(prof.tok, train_recs, 96).examples
-    val = encode_all(prof.tok, val_recs, 96).examples
+    train, val = bh.dataset(prof.tok, 2400, 128, 96)  # the tiny profile's defaults (bh.PROFILE_DEFAULTS)
     val_batches = [collate(val[i : i + 16], prof.tok.pad_token_id) for i in range(0, len(val), 16)]
-    cfg = TrainingConfig(
-        max_steps=args.steps,
-        batch_size=8,
-        learning_rate=args.lr,
-        eval_every=5,
-        checkpoint_every=0,
-        seed=args.seed,
-        warmup_ratio=0.05,
-    )
+    cfg = bh.train_config(args.steps, 8, args.lr, 5, args.seed)
 
     # 1. candidates along one plain run
     rows: list[tuple[int, float, dict[str, float]]] = []

@@ -268,6 +268,26 @@ class Profile:
         return lora.load_causal_lm(self.folder, dtype=torch.float32)
 
 
+def dataset(tok: Any, examples: int, n_val: int, max_length: int) -> tuple[list[Example], list[Example]]:
+    """The benchmark's (train, val) examples: ``make_records(examples)`` with ``n_val`` held out."""
+    records = make_records(examples)
+    train_recs, val_recs = split_heldout(records, n_val / len(records), n_val, seed=5)
+    return encode_all(tok, train_recs, max_length).examples, encode_all(tok, val_recs, max_length).examples
+
+
+def train_config(steps: int, batch_size: int, lr: float, eval_every: int, seed: int) -> TrainingConfig:
+    """The settings of every benchmark run: no checkpoints, 5 % warmup, cosine decay (the Trainer's schedule)."""
+    return TrainingConfig(
+        max_steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        eval_every=eval_every,
+        checkpoint_every=0,
+        seed=seed,
+        warmup_ratio=0.05,
+    )
+
+
 def make_trainer(
     prof: Profile,
     init: dict[str, torch.Tensor],
@@ -384,28 +404,14 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     prof = Profile(args.profile, Path(tmp.name) if args.profile == "tiny" else args.cache)
     tok = prof.tok
-    records = make_records(args.examples)
-    train_recs, val_recs = split_heldout(records, args.val / len(records), args.val, seed=5)
-    train = encode_all(tok, train_recs, args.max_length).examples
-    val = encode_all(tok, val_recs, args.max_length).examples
-    data = (train, val)
+    data = dataset(tok, args.examples, args.val, args.max_length)
+    train, val = data
 
     def cfg_for(seed: int, lr: float) -> TrainingConfig:
-        return TrainingConfig(
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=lr,
-            eval_every=args.eval_every,
-            checkpoint_every=0,
-            seed=seed,
-            warmup_ratio=0.05,
-        )
-
-    def init_for(seed: int) -> dict[str, torch.Tensor]:
-        return prof.init(seed)
+        return train_config(args.steps, args.batch_size, lr, args.eval_every, seed)
 
     # 1. lr sweep on the first seed
-    sweep = [run_plain(prof, init_for(seeds[0]), data, cfg_for(seeds[0], lr), "plain", device) for lr in lrs]
+    sweep = [run_plain(prof, prof.init(seeds[0]), data, cfg_for(seeds[0], lr), "plain", device) for lr in lrs]
     for r in sweep:
         print(f"sweep lr {r.lr:.0e}: final val {r.final:.4f}, best {min(v for *_, v in r.evals):.4f}", flush=True)
     best = min(sweep, key=lambda r: r.final)
@@ -416,7 +422,7 @@ def main() -> None:
     # 2. per seed: plain and variants, alternating; order rotates per seed
     runs: dict[str, list[RunResult]] = {"plain": [], **{v: [] for v in variants}}
     for i, seed in enumerate(seeds):
-        init = init_for(seed)
+        init = prof.init(seed)
         order = ["plain", *variants]
         order = order[i % len(order) :] + order[: i % len(order)]
         for name in order:

@@ -104,8 +104,8 @@ class HybridConfig(_Strict):
         0.03,
         ge=0,
         description="A jump is attempted only while the engine's time (probes, snapshots, rollbacks), the "
-        "attempt's expected cost included, stays within this share of the time spent in real steps: the most a "
-        "job whose jumps never pay can lose to plain training.",
+        "attempt's expected cost included, stays within this share of the time spent in real steps: what the "
+        "attempts of a job whose jumps never pay can cost it (one starting probe and the snapshots come on top).",
     )
     rate_smoothing: float = Field(
         0.5, ge=0, lt=1, description="EMA weight of the plain progress rate (probe loss per step)."

@@ -86,7 +86,6 @@ class Counters:
     divergence_rollbacks: int = 0
     advanced_steps: int = 0  # schedule steps advanced by accepted jumps
     backward_skipped: int = 0
-    earned_steps: float = 0.0
     real_step_s: float = 0.0  # time in real steps
     overhead_s: float = 0.0  # probes, snapshots, predictions, restores, freezing checks
     frozen: list[str] = field(default_factory=list)
@@ -197,7 +196,6 @@ class HybridEngine:
         advanced = 0
         if verdict.accepted:
             c.accepted += 1
-            c.earned_steps += verdict.earned_steps
             if cfg.advance_schedule:
                 advanced = min(int(verdict.earned_steps), tr.total_steps - step)
             c.advanced_steps += advanced
