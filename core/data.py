@@ -9,15 +9,34 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from core.encode import IGNORE, Example
+from core.errors import DataError
+from trainbox.records import LineError, Record, iter_lines
 
 T = TypeVar("T")
+
+
+def read_records(path: Path, tick: Callable[[], None] | None = None) -> list[Record]:
+    """Every record of a file that must be valid (admission checked it; the worker re-checks it while
+    streaming, by the same rules): the first bad line raises, named. ``tick`` is called after each
+    record, so reading millions of them keeps the worker's heartbeat (core.reporting.Progress)."""
+    out = []
+    for _n, item in iter_lines(path):
+        if isinstance(item, LineError):  # a line that no longer validates
+            raise DataError(
+                f"{Path(path).name}: {item}", fix="fix or remove the line named, then submit the file again"
+            )
+        out.append(item)
+        if tick is not None:
+            tick()
+    return out
 
 
 def heldout_count(n: int, fraction: float, cap: int) -> int:

@@ -13,7 +13,7 @@ label at position 0 is never trained. Examples longer than ``max_length`` are tr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,8 +137,12 @@ def truncate(example: Example, max_length: int) -> Example:
     return Example(example.input_ids[:max_length], example.labels[:max_length])
 
 
-def encode_all(tokenizer: Any, records: Sequence[Record], max_length: int) -> Encoded:
-    """Encode and truncate every record; drop (and count) those left with nothing to train."""
+def encode_all(
+    tokenizer: Any, records: Sequence[Record], max_length: int, tick: Callable[[], None] | None = None
+) -> Encoded:
+    """Encode and truncate every record; drop (and count) those left with nothing to train. ``tick``
+    is called after each record: millions of them take minutes, and the worker must keep its
+    heartbeat meanwhile (core.reporting.Progress)."""
     kept, dropped = [], 0
     for record in records:
         ex = truncate(encode_record(tokenizer, record), max_length)
@@ -146,4 +150,6 @@ def encode_all(tokenizer: Any, records: Sequence[Record], max_length: int) -> En
             dropped += 1
         else:
             kept.append(ex)
+        if tick is not None:
+            tick()
     return Encoded(kept, dropped)

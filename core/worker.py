@@ -53,7 +53,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from core import checkpoint, distributed, lora, rng, sharding
-from core.data import split_heldout
+from core.data import read_records, split_heldout
 from core.disk import DiskGuard, estimate_checkpoint_bytes, weights_bytes
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all, prepare_tokenizer
@@ -65,7 +65,7 @@ from core.hybrid.events import JumpEvent, RollbackEvent
 from core.metrics import METRICS, MetricsLog, truncate_to_step
 from core.microbatch import CACHE_FILE, MicroBatchCache, cache_key
 from core.preflight import check_lora_setup, check_lora_targets, check_sharding, raise_fatal, run_preflight
-from core.reporting import JobDB, StatusReporter
+from core.reporting import JobDB, LoadingBeat, Progress, StatusReporter
 from core.train import (
     CheckpointEvent,
     EvalEvent,
@@ -78,7 +78,6 @@ from core.train import (
 )
 from trainbox.config import TrainingConfig, auto_learning_rate
 from trainbox.jobspec import JobSpec, WorkerResult
-from trainbox.records import Record, load_records
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, WorkerOutcome
 
 log = logging.getLogger("core.worker")
@@ -225,22 +224,22 @@ class DataSets:
     val: list[Example]
 
 
-def read_records(path: Path) -> list[Record]:
-    try:
-        return load_records(path)
-    except ValueError as e:  # a line that no longer validates (admission checked it once)
-        raise DataError(str(e), fix="fix or remove the line named, then submit the file again") from e
-
-
-def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any) -> DataSets:
-    records = read_records(Path(spec.data_file))
+def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Progress | None = None) -> DataSets:
+    """Read, re-validate and encode the job's data. ``progress`` reports each stage with a heartbeat at
+    a bounded interval: a file of millions of lines takes minutes here, longer than the watchdog's
+    loading floor, and a worker that advances must not be judged hung."""
+    progress = progress if progress is not None else Progress(None)
+    progress.stage(f"reading {Path(spec.data_file).name}")
+    records = read_records(Path(spec.data_file), progress.tick)
     if spec.eval_file:
         train_records = records
-        val_records = read_records(Path(spec.eval_file))[: cfg.eval_max_examples]
+        progress.stage(f"reading {Path(spec.eval_file).name}")
+        val_records = read_records(Path(spec.eval_file), progress.tick)[: cfg.eval_max_examples]
     else:
         train_records, val_records = split_heldout(records, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
-    train = encode_all(tokenizer, train_records, cfg.max_length)
-    val = encode_all(tokenizer, val_records, cfg.max_length)
+    progress.stage("encoding", len(train_records) + len(val_records))
+    train = encode_all(tokenizer, train_records, cfg.max_length, progress.tick)
+    val = encode_all(tokenizer, val_records, cfg.max_length, progress.tick)
     if train.dropped or val.dropped:
         log.warning(
             "dropped %d training and %d validation examples with nothing to train within max_length=%d",
@@ -300,6 +299,23 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return publish_folder(run_dir / FINAL, fill, tmp_prefix=".tmp-")
+
+
+def load_job_model(
+    cfg: TrainingConfig, base: Path, source: Path, resuming: bool, device: torch.device, shard: bool
+) -> tuple[Any, Any, dict[str, torch.Tensor] | None]:
+    """(model, tokenizer, a LoRA run's initial adapter: its rollback target at step 0) of a job: from
+    ``source`` (the base, or the checkpoint a resumed run continues from). One opaque stretch of
+    loading: the caller keeps the heartbeat (LoadingBeat)."""
+    if not cfg.lora:  # sharded: the full weights go to the CPU; wrapping moves each rank's shard to the device
+        model, tokenizer = load_model(source, torch.device("cpu") if shard else device)
+        return model, tokenizer, None
+    raise_fatal(check_lora_setup(cfg, device.type == "cuda", lora.bitsandbytes_available()))
+    model, tokenizer = load_model(base, device, four_bit=cfg.lora_4bit)
+    model, initial_adapter = apply_lora(model, cfg, base)
+    if resuming:
+        lora.load_adapter_folder(model, source)
+    return model, tokenizer, initial_adapter
 
 
 def apply_lora(model: Any, cfg: TrainingConfig, base: Path) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -547,7 +563,10 @@ def train_job(
     if main_rank:
         checkpoint.remove_partial(run_dir)
     latest = checkpoint.latest_complete(run_dir)
-    saved = checkpoint.load_state(latest.path) if latest else None
+    saved = None
+    if latest is not None:
+        with LoadingBeat(status, f"loading the training state of {latest.path.name}"):
+            saved = checkpoint.load_state(latest.path)
     cfg = resolve_config(spec.training, saved["config"] if saved else None)
 
     threads = thread_count(cfg.threads)
@@ -568,15 +587,8 @@ def train_job(
     # source: where the weights come from now
     source = latest.path / checkpoint.MODEL if latest else base
     log.info("job %d (%s): model %s on %s", spec.job_id, spec.job_name, source, status.status.device)
-    initial_adapter: dict[str, torch.Tensor] | None = None  # a LoRA run's rollback target at step 0
-    if cfg.lora:
-        raise_fatal(check_lora_setup(cfg, device.type == "cuda", lora.bitsandbytes_available()))
-        model, tokenizer = load_model(base, device, four_bit=cfg.lora_4bit)
-        model, initial_adapter = apply_lora(model, cfg, base)
-        if latest:
-            lora.load_adapter_folder(model, source)
-    else:  # sharded: the full weights go to the CPU; wrapping moves each rank's shard to the device
-        model, tokenizer = load_model(source, torch.device("cpu") if shard else device)
+    with LoadingBeat(status, f"loading the model {source.name or source}"):
+        model, tokenizer, initial_adapter = load_job_model(cfg, base, source, bool(latest), device, shard)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
         log.info("gradient checkpointing on (activations recomputed in the backward pass)")
@@ -585,7 +597,7 @@ def train_job(
         adapted = sum(p.numel() for p in model.parameters() if not p.requires_grad) if cfg.lora else 0
         cfg = cfg.model_copy(update={"learning_rate": auto_learning_rate(trainable, adapted)})
         log.info("learning rate: %.1e (automatic for %d trainable parameters)", cfg.learning_rate, trainable)
-    data = load_data(spec, cfg, tokenizer)
+    data = load_data(spec, cfg, tokenizer, Progress(status))
     if shard:  # after the weights, before the optimizer; every rank read the same files, so no broadcast
         layers = sharding.wrap(model, device, ranks.world)
         log.info("fsdp: %d decoder layers and the root sharded across %d ranks", layers, ranks.world)
@@ -616,7 +628,7 @@ def train_job(
     s = trainer.state
     if main_rank:
         truncate_to_step(run_dir / METRICS, s.step if latest else -1)
-    status.update(force=True, step=s.step, total_steps=trainer.total_steps, val_loss=s.last_val_loss)
+    status.update(force=True, step=s.step, total_steps=trainer.total_steps, val_loss=s.last_val_loss, message="")
 
     def result(outcome: WorkerOutcome, **fields: Any) -> WorkerResult:
         st = trainer.state

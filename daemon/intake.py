@@ -9,6 +9,8 @@ from the same filesystem, and everything under the polling observer, which sees 
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from daemon.spool import SIDECAR_SUFFIXES, is_ignored
+from daemon.inbox_scan import InboxListing, is_sidecar_name, scan_inbox
+from daemon.spool import is_ignored
 
 CLOSED_QUIET = 0.2  # seconds without events after a close or rename before a file counts as done
 
@@ -85,13 +88,17 @@ class Readiness:
                 self._get(p, now)
 
     def ready(self, now: float) -> list[Path]:
-        """Complete files, oldest event first. Forgets files that have disappeared."""
+        """Complete regular files, oldest event first. Forgets paths that are gone or not regular
+        files (``lstat``: a symlink or a loop is never followed here)."""
         out: list[tuple[float, Path]] = []
         with self._lock:
             for path, seen in list(self._seen.items()):
                 try:
-                    st = path.stat()
-                except FileNotFoundError:
+                    st = os.lstat(path)
+                except OSError:  # gone, or a path that cannot be looked at: the scan reports it
+                    del self._seen[path]
+                    continue
+                if not stat.S_ISREG(st.st_mode):
                     del self._seen[path]
                     continue
                 if (st.st_size, st.st_mtime) != (seen.size, seen.mtime):
@@ -114,22 +121,14 @@ class Readiness:
 
 
 def inbox_files(inbox: Path) -> list[Path]:
-    """Candidate files: the inbox and its priority subfolders, minus ignored names and sidecars."""
-    out = []
-    for folder in (inbox, *(d for d in inbox.iterdir() if d.is_dir())) if inbox.is_dir() else ():
-        for f in folder.iterdir():
-            if f.is_file() and is_candidate(f):
-                out.append(f)
-    return out
+    """Candidate files: regular files in the inbox and its priority folders, minus ignored names
+    and sidecars (see ``daemon.inbox_scan``)."""
+    return scan_inbox(inbox).candidates
 
 
 def is_candidate(path: Path) -> bool:
-    """A file that is (or will be) a job, not a sidecar waiting for its data file."""
-    if is_ignored(path.name):
-        return False
-    if path.suffix in SIDECAR_SUFFIXES and path.with_suffix(".jsonl").exists():
-        return False
-    return path.suffix not in SIDECAR_SUFFIXES
+    """A name that is (or will be) a job, not a sidecar waiting for its data file."""
+    return not is_ignored(path.name) and not is_sidecar_name(path.name)
 
 
 _KINDS: dict[type[FileSystemEvent], str] = {
@@ -179,8 +178,11 @@ class InboxWatcher:
         self._observer.start()
         self.rescan()
 
-    def rescan(self) -> None:
-        self.readiness.scan(inbox_files(self.inbox), self._clock())
+    def rescan(self) -> InboxListing:
+        """List the inbox (events are only hints) and track every candidate found."""
+        listing = scan_inbox(self.inbox)
+        self.readiness.scan(listing.candidates, self._clock())
+        return listing
 
     def ready(self) -> list[Path]:
         return self.readiness.ready(self._clock())

@@ -14,13 +14,29 @@ from daemon.spool import Spool, job_id_of, move
 from daemon.worker_process import LOG_NAME, WorkerProcess, describe_exit, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import gate_version, keepalive_for_daemon, starting_version
-from safety.markers import read_kill_marker
+from safety.markers import kills_of
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
 from trainbox.states import JobState, Priority
-from trainbox.status import TRAINING_STATUS
+from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
+
+WORKING_PHASES = ("loading", "training", "evaluating", "checkpointing")  # a worker's phases before its end
+VERDICT_STATE = {
+    Verdict.DONE: JobState.DONE,
+    Verdict.PAUSED: JobState.PAUSED,
+    Verdict.DISK_FULL: JobState.PAUSED,
+    Verdict.RETRY: JobState.QUEUED,
+    Verdict.FAILED: JobState.FAILED,
+    Verdict.CANCELLED: JobState.CANCELLED,
+}
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete checkpoint folder of a run (what a cancelled job keeps), without torch."""
+    done = sorted(p.parent for p in (run_dir / "checkpoints").glob("step-*/COMPLETE"))
+    return str(done[-1]) if done else None
 
 
 class JobRunner:
@@ -85,14 +101,23 @@ class JobRunner:
             training=training,
         )
 
-    def finish(self, worker: WorkerProcess, returncode: int, stop_was_requested: bool) -> Decision:
-        """Decide the job's fate from the worker's result file and exit status, and move its file."""
+    def worker_phase(self, worker: WorkerProcess) -> str:
+        """The working phase this worker's status file last showed; "" if none (not written yet, another
+        process's, or already finished)."""
+        status = read_status(self.home.status / TRAINING_STATUS, TrainingStatus)
+        if status is None or status.pid != worker.pid or status.phase not in WORKING_PHASES:
+            return ""
+        return status.phase
+
+    def finish(
+        self, worker: WorkerProcess, returncode: int, stop_was_requested: bool, cancelled_in: str = ""
+    ) -> Decision:
+        """Decide the job's fate from the worker's result file and exit status, and move its file.
+        ``cancelled_in``: the phase the worker was in when a control request cancelled its job."""
         job_id = worker.job_id
         job = self.db.job(job_id)
         result = WorkerResult.load(worker.run_dir)
         exit_status = describe_exit(returncode)
-        if read_kill_marker(worker.run_dir, worker.pid) is not None:
-            stop_was_requested = True  # the watchdog killed it as hung: resume it, do not count a failure
         final_exists = result is not None and result.final_model is not None and Path(result.final_model).is_dir()
         decision = decide(
             result,
@@ -101,15 +126,12 @@ class JobRunner:
             final_exists,
             attempts=job.attempts if job else 0,
             max_retries=self.settings.daemon.max_retries,
+            kills=kills_of(worker.run_dir, worker.pid),  # a hang counts as an attempt, like a crash
+            cancelled_in=cancelled_in,
+            phase=self.worker_phase(worker),
         )
         processing_file = self.spool.find_job(job_id, [self.home.processing])
-        state = {
-            Verdict.DONE: JobState.DONE,
-            Verdict.PAUSED: JobState.PAUSED,
-            Verdict.DISK_FULL: JobState.PAUSED,
-            Verdict.RETRY: JobState.QUEUED,
-            Verdict.FAILED: JobState.FAILED,
-        }[decision.verdict]
+        state = VERDICT_STATE[decision.verdict]
         # the run's end first: once the file shows up in done/ or failed/, its rows are already final
         with self.db.session() as s:
             run = s.query(Run).filter(Run.job_id == job_id).order_by(Run.id.desc()).first()
@@ -117,6 +139,8 @@ class JobRunner:
                 run.ended_at = time.time()
                 run.exit_status = exit_status
                 run.outcome = result.outcome.value if result else "crashed"
+                if decision.verdict == Verdict.CANCELLED:
+                    run.outcome = Verdict.CANCELLED.value
                 run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None
@@ -128,29 +152,41 @@ class JobRunner:
             retry_at = time.time() + self.settings.daemon.retry_backoff * 2 ** (attempts - 1)
             if processing_file is not None:
                 move(processing_file, self.home.waiting(Priority(job.priority if job else "normal")))
-        elif decision.verdict == Verdict.FAILED and processing_file is not None:
+        elif decision.verdict in (Verdict.FAILED, Verdict.CANCELLED) and processing_file is not None:
+            evidence = dict(decision.evidence)
+            if decision.verdict == Verdict.CANCELLED:
+                evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
             failed = move(processing_file, self.home.failed)
             write_error(
                 failed,
                 job_id,
                 decision.failure_class.value if decision.failure_class else "crash",
                 decision.reason,
-                evidence=decision.evidence,
+                evidence=evidence,
                 fix=decision.fix,
                 exit_status=exit_status,
                 error_type=result.error_type if result else "",
                 log_tail=log_tail(worker.run_dir / LOG_NAME, self.settings.daemon.log_tail_lines),
             )
+        self._record(job_id, decision, state, message, retry_at, exit_status)
+        return decision
+
+    def _record(
+        self, job_id: int, decision: Decision, state: JobState, message: str, retry_at: float | None, exit_status: str
+    ) -> None:
+        """The job row and a DB event for a decision; failed attempts (crashes, hangs) count toward retries."""
         with self.db.session() as s:
             row = s.get(Job, job_id)
             if row is not None:
                 row.state = state.value
-                if state in (JobState.DONE, JobState.FAILED):
+                if state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
                     row.finished_at = time.time()
                 if decision.verdict in (Verdict.RETRY, Verdict.FAILED):
                     row.attempts += 1
                     row.error = message
                     row.failure_class = decision.failure_class.value if decision.failure_class else None
+                if decision.verdict == Verdict.CANCELLED:
+                    row.error = message
                 row.retry_at = retry_at
         self.db.event(
             "job_" + decision.verdict.value,
@@ -160,10 +196,13 @@ class JobRunner:
             failure_class=decision.failure_class.value if decision.failure_class else None,
             evidence=decision.evidence,
         )
-        return decision
 
     def change_waiting(self, job_id: int, action: Action, priority: Priority | None) -> str:
-        """Cancel or reprioritise a job that is still waiting; anything else is refused, saying why."""
+        """Cancel or reprioritise a job that is still waiting, or cancel one in processing/ that no
+        worker runs (paused, interrupted, waiting for disk space); anything else is refused, saying why.
+        A job whose worker runs is the daemon's to stop first (``Daemon.job_control``)."""
+        if action == Action.CANCEL and self.spool.find_job(job_id, [self.home.processing]) is not None:
+            return self.cancel_idle(job_id)
         waiting = self.spool.find_job(job_id, [self.home.waiting(p) for p in Priority])
         if waiting is None:
             where = self.spool.find_job(job_id)
@@ -185,17 +224,49 @@ class JobRunner:
                 row.error = "cancelled while waiting"
         return "cancelled"
 
+    def cancel_idle(self, job_id: int) -> str:
+        """A job in processing/ with no worker: filed as cancelled at once, its checkpoints kept, any run
+        a crashed daemon left open closed."""
+        processing = self.spool.find_job(job_id, [self.home.processing])
+        assert processing is not None
+        runs = self.db.runs(job_id)
+        last_step = next((r.end_step for r in reversed(runs) if r.end_step is not None), None)
+        job = self.db.job(job_id)
+        state = job.state if job is not None and job.state else JobState.PAUSED.value
+        reason = f"cancelled while {state}" + (f" at step {last_step}" if last_step is not None else "")
+        reason += ", by a control request"
+        failed = move(processing, self.home.failed)
+        checkpoint = latest_checkpoint(self.home.run_dir(job_id))
+        write_error(
+            failed,
+            job_id,
+            "cancelled",
+            reason,
+            evidence={"phase": state, "step": last_step, "checkpoint": checkpoint},
+            fix="nothing to fix; submit the file again to train it (its checkpoints stay in the run folder)",
+        )
+        now = time.time()
+        with self.db.session() as s:
+            for run in s.query(Run).filter(Run.job_id == job_id, Run.ended_at.is_(None)):
+                run.ended_at, run.outcome = now, Verdict.CANCELLED.value
+            row = s.get(Job, job_id)
+            if row is not None:
+                row.state = JobState.CANCELLED.value
+                row.finished_at = now
+                row.error = reason
+        return "cancelled"
+
     def complete(self, job_id: int, result: WorkerResult, processing_file: Path | None) -> int:
         """Register the model version (once, even if a crash makes this run twice), then file the job."""
         existing = self.db.version_of_job(job_id)
         version = existing.id if existing is not None else self._register_version(job_id, result)
-        if processing_file is not None:
-            move(processing_file, self.home.done)
-        with self.db.session() as s:
+        with self.db.session() as s:  # the row first: a reader who sees the file in done/ sees it final
             row = s.get(Job, job_id)
             if row is not None:
                 row.state = JobState.DONE.value
                 row.finished_at = row.finished_at or time.time()
+        if processing_file is not None:
+            move(processing_file, self.home.done)
         return version
 
     def _register_version(self, job_id: int, result: WorkerResult) -> int:

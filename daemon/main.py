@@ -18,7 +18,9 @@ from types import FrameType
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.admission import Admission
+from daemon.inbox_report import InboxHousekeeping
 from daemon.intake import InboxWatcher
+from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
 from daemon.outcome import Verdict
@@ -53,6 +55,9 @@ class Daemon:
         self.last_rescan = 0.0
         self.message = ""
         self.disk_full_needs: int | None = None  # set while paused for lack of disk space
+        # a cancel of the running job: its request (consumed once the worker is reaped, so a daemon that
+        # dies meanwhile still cancels the job on its next start) and the phase the worker was in
+        self.cancelling: tuple[control.ControlRequest, str] | None = None
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -85,7 +90,10 @@ class Daemon:
         self.db = ModelDB(self.home.db_url)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.paused = bool(previous and previous.paused)
-        self.admission = Admission(self.home, self.spool, self.db, self.settings.daemon)
+        self.admission = Admission(
+            self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=visible_gpus()
+        )
+        self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
@@ -159,6 +167,10 @@ class Daemon:
     def handle_controls(self, now: float) -> None:
         for request in control.pending(self.home.control):
             assert self.db is not None
+            if request.job_id is not None:
+                if self.job_control(request, now):
+                    control.consume(request)
+                continue
             if request.action == control.Action.PAUSE:
                 self.paused = True
                 if self.worker is not None:
@@ -167,15 +179,46 @@ class Daemon:
                 self.paused = False
             elif request.action == control.Action.STOP:
                 self.begin_stop(now)
-            elif request.job_id is not None:
-                outcome = self.runner.change_waiting(request.job_id, request.action, request.priority)
-                self.db.event("control", f"{request.action.value} job {request.job_id}: {outcome}", request.job_id)
-                log.info("control request %s job %d: %s", request.action.value, request.job_id, outcome)
-                control.consume(request)
-                continue
             self.db.event("control", f"{request.action.value} applied")
             log.info("control request applied: %s", request.action.value)
             control.consume(request)
+
+    def job_control(self, request: control.ControlRequest, now: float) -> bool:
+        """Apply a request about one job; False while it waits for the job's worker to stop. Cancelling
+        the running job stops its worker the way pause does (SIGTERM: it checkpoints at its next step
+        boundary); the reap then files it as cancelled instead of resuming it."""
+        assert self.db is not None and request.job_id is not None
+        worker = self.worker
+        if request.action == control.Action.CANCEL and worker is not None and worker.job_id == request.job_id:
+            if self.cancelling is None:
+                phase = self.runner.worker_phase(worker) or "starting"
+                self.cancelling = (request, phase)
+                worker.request_stop(now)
+                self.db.event("control", f"cancel job {request.job_id}: stopping its worker ({phase})", request.job_id)
+                log.info("control request cancel job %d: stopping its worker (%s)", request.job_id, phase)
+            return False
+        outcome = self.runner.change_waiting(request.job_id, request.action, request.priority)
+        self.db.event("control", f"{request.action.value} job {request.job_id}: {outcome}", request.job_id)
+        log.info("control request %s job %d: %s", request.action.value, request.job_id, outcome)
+        return True
+
+    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> Verdict:
+        """The reap's decision, with a pending cancel of this worker's job applied (and its request
+        consumed: the job is filed by now)."""
+        assert self.db is not None
+        cancel, self.cancelling = self.cancelling, None
+        decision = self.runner.finish(worker, rc, stop_was_requested, cancelled_in=cancel[1] if cancel else "")
+        if cancel is not None:
+            late = "" if decision.verdict == Verdict.CANCELLED else "came too late: "  # it had just completed
+            self.db.event("control", f"cancel job {worker.job_id}: {late}{decision.reason}", worker.job_id)
+            control.consume(cancel[0])
+        log.info("job %d: %s: %s", worker.job_id, decision.verdict.value, decision.reason)
+        if decision.verdict == Verdict.DISK_FULL:
+            needed = int(decision.evidence.get("needed_bytes", 0) * 1.1)
+            self.disk_full_needs = max(needed, self.settings.daemon.disk_resume_free_bytes)
+            self.message = f"disk full: {decision.reason}; waiting for {self.disk_full_needs} bytes free"
+            log.warning(self.message)
+        return decision.verdict
 
     def check_disk(self, now: float) -> None:
         """After a disk-full pause, resume intake and training once there is room again."""
@@ -190,17 +233,31 @@ class Daemon:
             self.message = ""
 
     def admit_ready(self, now: float) -> None:
+        """Admit what is complete, within the tick's admission budget; when work is left the loop does
+        not sleep, so 10,000 dropped files are taken at full speed while controls are still served."""
         if self.disk_full_needs is not None:
             return  # intake waits too: admitting copies nothing, but the job could not be trained
         if now - self.last_rescan >= self.settings.daemon.rescan_interval:
-            self.watcher.rescan()
             self.last_rescan = now
-        for path in self.watcher.ready():
-            self.watcher.readiness.forget(path)
-            if not path.exists():
-                continue
-            result = self.admission.admit(path)
+            try:
+                self.housekeeping.on_listing(self.watcher.rescan(), now)
+            except Exception:  # boundary: reporting the inbox never stops admission
+                log.exception("inbox housekeeping failed; admission goes on")
+        ready = self.watcher.ready()
+        if not ready and not self.admission.busy:
+            return
+        try:
+            held = self.housekeeping.held(ready) if ready else set()
+        except Exception:  # boundary: without the holds an eval file is at worst admitted as a job
+            log.exception("could not list the sidecars' eval files")
+            held = set()
+        ready = [p for p in ready if p not in held]
+        for result in self.admission.work(ready, self.settings.daemon.admission_budget):
             log.info("job %d %s: %s %s", result.job_id, result.state.value, result.path.name, result.reason)
+        for path in self.admission.handled:
+            self.watcher.readiness.forget(path)
+        if self.admission.busy or len(self.admission.handled) < len(ready):
+            self.wake.set()
 
     def reap_worker(self, now: float) -> None:
         worker = self.worker
@@ -213,13 +270,7 @@ class Daemon:
                 log.warning("worker did not stop within %.0fs: killing it", timeout)
                 worker.kill()
             return
-        decision = self.runner.finish(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
-        log.info("job %d: %s: %s", worker.job_id, decision.verdict.value, decision.reason)
-        if decision.verdict == Verdict.DISK_FULL:
-            needed = int(decision.evidence.get("needed_bytes", 0) * 1.1)
-            self.disk_full_needs = max(needed, self.settings.daemon.disk_resume_free_bytes)
-            self.message = f"disk full: {decision.reason}; waiting for {self.disk_full_needs} bytes free"
-            log.warning(self.message)
+        self._finish_worker(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
         self.worker = None
         if self.stopping:
             self.finished = True
@@ -268,6 +319,7 @@ class Daemon:
                 queue=self.spool.counts(),
                 pending_controls=[r.describe() for r in control.pending(self.home.control)],
                 message=self.message,
+                inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
             ),
         )
 
@@ -279,7 +331,7 @@ class Daemon:
             if rc is None:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
-            self.runner.finish(worker, rc, stop_was_requested=True)  # the job is paused, not lost
+            self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

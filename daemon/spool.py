@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainbox.atomic import fsync_dir
 from trainbox.home import Home
+from trainbox.safefs import check_regular
 from trainbox.states import Priority
 
 JOB_SUFFIX = ".jsonl"
@@ -36,7 +37,12 @@ def sanitize(name: str) -> str:
 
 
 def spool_name(job_id: int, name: str) -> str:
-    return f"{job_id:06d}__{sanitize(name)}"
+    """``<id>__<safe name>``; a ``.JSONL`` suffix in any case becomes ``.jsonl`` (the spool's
+    listings look for that one)."""
+    safe = sanitize(name)
+    if safe.lower().endswith(JOB_SUFFIX) and not safe.endswith(JOB_SUFFIX):
+        safe = safe[: -len(JOB_SUFFIX)] + JOB_SUFFIX
+    return f"{job_id:06d}__{safe}"
 
 
 def job_id_of(spool_file: str) -> int | None:
@@ -57,19 +63,44 @@ def sidecar_for(data_file: Path) -> Path | None:
     return None
 
 
-def move(src: Path, dst_dir: Path, name: str | None = None) -> Path:
+def move(src: Path, dst_dir: Path, name: str | None = None, sync: bool = True) -> Path:
     """Rename ``src`` into ``dst_dir``, never over an existing file (a numeric suffix is added)."""
     dst_dir.mkdir(parents=True, exist_ok=True)
-    target = dst_dir / (name or src.name)
+    target = _free_name(dst_dir, name or src.name)
+    os.rename(src, target)
+    if sync:  # a batch of moves (admission of many files) fsyncs each folder once at its end instead
+        fsync_dir(dst_dir)
+        if src.parent != dst_dir:
+            fsync_dir(src.parent)
+    return target
+
+
+def claim(src: Path, dst_dir: Path, name: str, sync: bool = True) -> Path:
+    """Move a file out of the inbox without following a symlink anywhere a stranger could have put
+    one: the source's folder is opened with ``O_NOFOLLOW`` and the file renamed relative to it, only
+    if ``lstat`` says it is a regular file. Raises ``NotRegularFile`` otherwise."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(src.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        check_regular(os.stat(src.name, dir_fd=fd, follow_symlinks=False))
+        target = _free_name(dst_dir, name)
+        os.rename(src.name, target, src_dir_fd=fd)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if sync:
+        fsync_dir(dst_dir)
+    return target
+
+
+def _free_name(dst_dir: Path, name: str) -> Path:
+    target = dst_dir / name
     stem, suffix = target.stem, target.suffix
     n = 1
-    while target.exists():
+    while os.path.lexists(target):
         target = dst_dir / f"{stem}.{n}{suffix}"
         n += 1
-    os.rename(src, target)
-    fsync_dir(dst_dir)
-    if src.parent != dst_dir:
-        fsync_dir(src.parent)
     return target
 
 
@@ -99,7 +130,8 @@ class Spool:
             for f in self.home.waiting(p).glob(f"*{JOB_SUFFIX}")
             if job_id_of(f.name) is not None
         ]
-        return sorted(items, key=lambda w: (w.priority.rank, w.path.name))
+        # by the id as a number: past job 999,999 the name's 6-digit prefix grows to 7 digits
+        return sorted(items, key=lambda w: (w.priority.rank, w.job_id or 0, w.path.name))
 
     def processing(self) -> list[Path]:
         return sorted(f for f in self.home.processing.glob(f"*{JOB_SUFFIX}") if job_id_of(f.name) is not None)

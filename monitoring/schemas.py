@@ -74,11 +74,18 @@ class DoneItem(BaseModel):
 
 
 class QueueResponse(BaseModel):
-    waiting: list[QueueItem] = Field(description="in dispatch order: priority, then admission")
+    waiting: list[QueueItem] = Field(
+        description="in dispatch order (priority, then admission): at most `limit` jobs of each priority queue "
+        "listed; `counts` has every queue's total"
+    )
+    next: dict[str, str | None] = Field(
+        description="for each priority queue listed, the cursor to pass as after= for the rest of it; "
+        "null when this response lists it to its end"
+    )
     processing: list[QueueItem]
-    failed: list[FailedItem] = Field(description="newest first")
-    done: list[DoneItem] = Field(description="newest first")
-    counts: dict[str, int]
+    failed: list[FailedItem] = Field(description="the newest `recent`, newest first")
+    done: list[DoneItem] = Field(description="the newest `recent`, newest first")
+    counts: dict[str, int] = Field(description="files per spool folder, counted now (all of them, not a page)")
 
 
 class JobSummary(BaseModel):
@@ -95,6 +102,11 @@ class JobSummary(BaseModel):
     duplicate_of: int | None = None
     init_version: int | None = None
     version: int | None = Field(None, description="the model version this job produced")
+
+
+class JobsPage(BaseModel):
+    items: list[JobSummary] = Field(description="newest first")
+    next: int | None = Field(description="pass as before= for the next (older) page; null after the oldest job")
 
 
 class RunView(BaseModel):
@@ -128,6 +140,14 @@ class EventView(BaseModel):
     kind: str
     message: str
     data: dict[str, Any]
+
+
+class EventsPage(BaseModel):
+    items: list[EventView] = Field(description="oldest first")
+    newer: int | None = Field(
+        description="pass as since_id= for the events after this page; null when none are there yet"
+    )
+    older: int | None = Field(description="pass as before_id= for the events before this page; null at the first")
 
 
 class VersionView(BaseModel):

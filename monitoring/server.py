@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import socket
 import sys
 from collections.abc import Sequence
@@ -47,9 +48,41 @@ def url_of(sock: socket.socket) -> str:
     return f"http://{shown}:{port}/"
 
 
+def is_loopback(sock: socket.socket) -> bool:
+    """Whether only this machine can reach the bound address (judged on the address actually bound,
+    so a host name that resolves to a public address counts as public)."""
+    host = sock.getsockname()[0]
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(sock: socket.socket, settings: Settings) -> str | None:
+    """The warning for a server others can reach whose reads need no token, else None.
+
+    Control and upload always need the token; what is open is everything a read shows (job and
+    file names, losses, events, host metrics), so say so and name the setting that closes it."""
+    if is_loopback(sock) or settings.server.read_requires_token:
+        return None
+    host = sock.getsockname()[0]
+    return (
+        f"trainbox serve: WARNING: listening on {host}, which other machines can reach, and reads need no "
+        "token: anyone who can connect sees the status, queue, jobs, metrics and events. Set "
+        "server.read_requires_token = true in trainbox.toml to require the API token for reads too "
+        "(control and upload always require it)."
+    )
+
+
 def serve(home: Home, settings: Settings, log_level: str = "warning", max_upload_bytes: int | None = None) -> None:
-    """Run the server for ``home`` in the foreground until SIGINT/SIGTERM."""
+    """Run the server for ``home`` in the foreground until SIGINT/SIGTERM.
+
+    The exposure warning goes to stderr before the URL line, so it lands wherever the server's
+    output goes (the terminal, ``logs/server.log`` under ``trainbox up``, the journal under systemd)."""
     sock = bind(settings.server.host, settings.server.port)
+    warning = exposure_warning(sock, settings)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
     server: uvicorn.Server | None = None
 
     def stopping() -> bool:

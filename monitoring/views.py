@@ -16,14 +16,13 @@ from monitoring.metrics_log import MetricsCache
 from monitoring.schemas import (
     CheckpointView,
     DaemonView,
-    DoneItem,
+    EventsPage,
     EventView,
     FailedItem,
     JobDetail,
+    JobsPage,
     JobSummary,
     MetricsSummary,
-    QueueItem,
-    QueueResponse,
     RunView,
     StatusResponse,
     TrainingView,
@@ -33,7 +32,6 @@ from trainbox import control
 from trainbox.atomic import read_json
 from trainbox.home import Home
 from trainbox.jobspec import JOB_SPEC, RESULT
-from trainbox.states import JobState
 from trainbox.status import (
     DAEMON_STATUS,
     TRAINING_STATUS,
@@ -97,72 +95,6 @@ def status(home: Home, spool: Spool, poll_interval: float) -> StatusResponse:
     )
 
 
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _original_name(spool_file: str) -> str:
-    _, sep, rest = spool_file.partition("__")
-    return rest if sep else spool_file
-
-
-def queue(home: Home, spool: Spool, db: ModelDB, recent: int) -> QueueResponse:
-    waiting = spool.waiting()
-    processing = spool.processing()
-    ids = [w.job_id for w in waiting if w.job_id is not None] + [
-        i for i in (job_id_of(p.name) for p in processing) if i is not None
-    ]
-    rows = queries.jobs_by_id(db, ids)
-
-    def item(job_id: int, path: Path, priority: str, state: str, position: int | None) -> QueueItem:
-        row = rows.get(job_id)
-        return QueueItem(
-            job_id=job_id,
-            name=row.name if row else _original_name(path.name),
-            file=path.name,
-            priority=row.priority if row else priority,
-            position=position,
-            state=row.state if row and state != JobState.QUEUED else state,
-            size_bytes=_size(path),
-            admitted_at=row.admitted_at if row else None,
-            n_records=row.n_records if row else None,
-            data_format=row.data_format if row else None,
-        )
-
-    waiting_items = [
-        item(w.job_id, w.path, w.priority.value, JobState.QUEUED.value, n)
-        for n, w in enumerate((w for w in waiting if w.job_id is not None), start=1)
-        if w.job_id is not None
-    ]
-    processing_items = [
-        item(jid, p, "", JobState.RUNNING.value, None) for p in processing if (jid := job_id_of(p.name)) is not None
-    ]
-    done_jobs = queries.jobs(db, JobState.DONE.value, recent)
-    done_jobs.sort(key=lambda j: (j.finished_at or 0, j.id), reverse=True)
-    versions = queries.versions_by_job(db, [j.id for j in done_jobs])
-    done = [
-        DoneItem(
-            job_id=j.id,
-            name=j.name,
-            finished_at=j.finished_at,
-            version=versions[j.id].id if j.id in versions else None,
-            train_loss=versions[j.id].train_loss if j.id in versions else None,
-            val_loss=versions[j.id].val_loss if j.id in versions else None,
-        )
-        for j in done_jobs
-    ]
-    return QueueResponse(
-        waiting=waiting_items,
-        processing=processing_items,
-        failed=failed_items(home, recent),
-        done=done,
-        counts=spool.counts(),
-    )
-
-
 def _read_error(path: Path) -> dict[str, Any] | None:
     try:
         data = read_json(path)
@@ -171,30 +103,23 @@ def _read_error(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def failed_items(home: Home, limit: int) -> list[FailedItem]:
-    """Each ``failed/<name>.error.json``, newest first."""
-    if not home.failed.is_dir():
-        return []
-    out = []
-    for path in home.failed.glob(f"*{ERROR_SUFFIX}"):
-        data = _read_error(path)
-        if data is None:
-            data = {"reason": "unreadable error file"}
-        file = str(data.get("file") or path.name[: -len(ERROR_SUFFIX)])
-        job_id = data.get("job_id")
-        out.append(
-            FailedItem(
-                job_id=job_id if isinstance(job_id, int) else job_id_of(file),
-                name=_original_name(file),
-                file=file,
-                error_class=str(data.get("class", "")),
-                reason=str(data.get("reason", "")),
-                time=data.get("time") if isinstance(data.get("time"), int | float) else path.stat().st_mtime,
-                error=data,
-            )
-        )
-    out.sort(key=lambda f: (f.time or 0, f.job_id or 0), reverse=True)
-    return out[:limit]
+def failed_item(path: Path, mtime: float) -> FailedItem:
+    """One ``failed/<name>.error.json`` as the queue lists it; an unreadable one still shows, as such."""
+    data = _read_error(path)
+    if data is None:
+        data = {"reason": "unreadable error file"}
+    file = str(data.get("file") or path.name[: -len(ERROR_SUFFIX)])
+    job_id = data.get("job_id")
+    recorded = data.get("time")
+    return FailedItem(
+        job_id=job_id if isinstance(job_id, int) and not isinstance(job_id, bool) else job_id_of(file),
+        name=file.partition("__")[2] or file,
+        file=file,
+        error_class=str(data.get("class", "")),
+        reason=str(data.get("reason", "")),
+        time=recorded if isinstance(recorded, int | float) and not isinstance(recorded, bool) else mtime,
+        error=data,
+    )
 
 
 def error_of_job(home: Home, job_id: int) -> dict[str, Any] | None:
@@ -221,10 +146,26 @@ def job_summary(job: Job, version: ModelVersion | None) -> JobSummary:
     )
 
 
-def jobs(db: ModelDB, state: str | None, limit: int) -> list[JobSummary]:
-    rows = queries.jobs(db, state, limit)
+def jobs(db: ModelDB, state: str | None, limit: int, before: int | None) -> JobsPage:
+    """One page, newest first; one row more than asked for tells whether there is a next page."""
+    rows = queries.jobs(db, state, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
     versions = queries.versions_by_job(db, [j.id for j in rows])
-    return [job_summary(j, versions.get(j.id)) for j in rows]
+    return JobsPage(items=[job_summary(j, versions.get(j.id)) for j in rows], next=rows[-1].id if more else None)
+
+
+def events(db: ModelDB, since_id: int | None, before_id: int | None, job_id: int | None, limit: int) -> EventsPage:
+    """A page of events, oldest first, with the cursors to either side of it."""
+    items = [event_view(e) for e in queries.events(db, since_id, limit, job_id, before_id)]
+    if items:
+        first, last = items[0].id, items[-1].id
+        newer = last if queries.event_exists(db, job_id, above=last) else None
+        older = first if queries.event_exists(db, job_id, below=first) else None
+    else:
+        newer = None
+        older = before_id if before_id is not None and queries.event_exists(db, job_id, below=before_id) else None
+    return EventsPage(items=items, newer=newer, older=older)
 
 
 def event_view(e: Event) -> EventView:

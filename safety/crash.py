@@ -53,7 +53,8 @@ ACTIONS: dict[CrashClass, str] = {
     "retention.max_total_gb), then resume",
     CrashClass.KILLED_BY_USER: "none: it was stopped on request and resumes from its last checkpoint",
     CrashClass.KILLED_BY_WATCHDOG: "the worker hung and the watchdog killed it; the job resumes from its last "
-    "checkpoint. If it repeats in the same phase, look at the worker log around the phase start",
+    "checkpoint while daemon.max_retries allows, then fails as 'hang'. If it repeats in the same phase, look at "
+    "the worker log around the phase start",
     CrashClass.KILLED: "killed by a signal nobody in trainbox sent (an admin, a cluster manager, an OOM killer "
     "whose trace was not readable): check the kernel log, then retry",
     CrashClass.NATIVE_CRASH: "the interpreter or a native library crashed: check the log tail; update torch or "

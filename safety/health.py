@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from daemon.spool import Spool
 from trainbox.atomic import read_json
 from trainbox.config import Settings
 from trainbox.home import Home
@@ -223,6 +224,9 @@ def check_queue(home: Home, settings: Settings, now: float) -> list[Check]:
         out.append(Check("queue", Level.WARNING, f"left in queue/admitting/: {stuck[:5]} (recovered at daemon start)"))
     if not out:
         counts = {k: sum(1 for w in places.values() if k in w) for k, _ in folders}
+        # failed jobs counted as the API, the dashboard and `trainbox status` count them (one error
+        # file each), not by data files: a rejected non-.jsonl drop has an error file but no .jsonl
+        counts["failed"] = Spool(home).counts()["failed"]
         out.append(Check("queue", Level.OK, ", ".join(f"{k} {v}" for k, v in counts.items())))
     return out
 

@@ -220,120 +220,136 @@ def populate(home: Home, step: int = 120) -> None:
     db = ModelDB(home.db_url)
     try:
         now = time.time()
-        specs = [
-            (1, "first.jsonl", "normal", JobState.DONE),
-            (2, "second.jsonl", "high", JobState.DONE),
-            (3, "crash.jsonl", "normal", JobState.FAILED),
-            (4, "bad.jsonl", "normal", JobState.REJECTED),
-            (5, "current.jsonl", "normal", JobState.RUNNING),
-            (6, "normal-wait.jsonl", "normal", JobState.QUEUED),
-            (7, "low-wait.jsonl", "low", JobState.QUEUED),
-            (8, "urgent.jsonl", "high", JobState.QUEUED),
-        ]
-        with db.session() as s:
-            for jid, name, prio, state in specs:
-                s.add(
-                    Job(
-                        id=jid,
-                        name=name,
-                        spool_name=spool_name(jid, name),
-                        sha256=f"{jid:064x}",
-                        priority=prio,
-                        state=state.value,
-                        admitted_at=now - 1000 + jid,
-                        n_records=3,
-                        data_format="text",
-                        started_at=now - 900 + jid if jid <= 5 else None,
-                        finished_at=now - 800 + jid * 10 if jid <= 4 else None,
-                        error="worker exited with code 1: RuntimeError: boom" if jid == 3 else None,
-                        settings={"max_steps": 300} if jid == 5 else {},
-                    )
-                )
-        with db.session() as s:
-            s.add(
-                ModelVersion(
-                    id=1,
-                    path=str(home.models / "v1"),
-                    parent_id=None,
-                    job_id=1,
-                    base_model="embedded",
-                    data_sha256=f"{1:064x}",
-                    train_loss=1.5,
-                    val_loss=1.7,
-                    steps=30,
-                    created_at=now - 790,
-                )
-            )
-            s.add(
-                ModelVersion(
-                    id=2,
-                    path=str(home.models / "v2"),
-                    parent_id=1,
-                    job_id=2,
-                    base_model="embedded",
-                    data_sha256=f"{2:064x}",
-                    train_loss=1.2,
-                    val_loss=1.4,
-                    steps=30,
-                    created_at=now - 780,
-                )
-            )
-            s.add(
-                Run(
-                    job_id=1,
-                    attempt=1,
-                    pid=111,
-                    started_at=now - 899,
-                    ended_at=now - 790,
-                    outcome="completed",
-                    exit_status="exit code 0",
-                    start_step=0,
-                    end_step=30,
-                )
-            )
-            s.add(
-                Run(
-                    job_id=5,
-                    attempt=1,
-                    pid=555,
-                    started_at=now - 895,
-                    ended_at=now - 600,
-                    outcome="interrupted",
-                    exit_status="exit code 75",
-                    start_step=0,
-                    end_step=50,
-                )
-            )
-            s.add(Run(job_id=5, attempt=2, pid=os.getpid(), started_at=now - 500, start_step=50))
-            s.add(
-                Checkpoint(
-                    job_id=5,
-                    step=50,
-                    path=str(home.run_dir(5) / "ckpt-000050"),
-                    train_loss=train_loss(50),
-                    val_loss=train_loss(50) + 0.1,
-                    size_bytes=12345,
-                )
-            )
-            s.add(
-                Checkpoint(
-                    job_id=5,
-                    step=100,
-                    path=str(home.run_dir(5) / "ckpt-000100"),
-                    train_loss=train_loss(100),
-                    val_loss=train_loss(100) + 0.1,
-                    size_bytes=12345,
-                )
-            )
-        db.event("admitted", "admitted first.jsonl", job_id=1)
-        db.event("done", "first.jsonl trained: v1", job_id=1, version=1)
-        db.event("rejected", "bad.jsonl: 1 invalid line(s)", job_id=4)
-        db.event("failed", "crash.jsonl: worker exited with code 1", job_id=3)
-        db.event("started", "training current.jsonl", job_id=5)
-        db.event("warning", "loss spiked at step 40", job_id=5, step=40)
-        db.event("phase", "phase: predict", job_id=5, phase="predict")
+        _add_jobs(db, now)
+        _add_versions_runs_checkpoints(home, db, now)
+        _add_events(db)
     finally:
         db.close()
+    _write_files(home, step)
+
+
+def _add_jobs(db: ModelDB, now: float) -> None:
+    specs = [
+        (1, "first.jsonl", "normal", JobState.DONE),
+        (2, "second.jsonl", "high", JobState.DONE),
+        (3, "crash.jsonl", "normal", JobState.FAILED),
+        (4, "bad.jsonl", "normal", JobState.REJECTED),
+        (5, "current.jsonl", "normal", JobState.RUNNING),
+        (6, "normal-wait.jsonl", "normal", JobState.QUEUED),
+        (7, "low-wait.jsonl", "low", JobState.QUEUED),
+        (8, "urgent.jsonl", "high", JobState.QUEUED),
+    ]
+    with db.session() as s:
+        for jid, name, prio, state in specs:
+            s.add(
+                Job(
+                    id=jid,
+                    name=name,
+                    spool_name=spool_name(jid, name),
+                    sha256=f"{jid:064x}",
+                    priority=prio,
+                    state=state.value,
+                    admitted_at=now - 1000 + jid,
+                    n_records=3,
+                    data_format="text",
+                    started_at=now - 900 + jid if jid <= 5 else None,
+                    finished_at=now - 800 + jid * 10 if jid <= 4 else None,
+                    error="worker exited with code 1: RuntimeError: boom" if jid == 3 else None,
+                    settings={"max_steps": 300} if jid == 5 else {},
+                )
+            )
+
+
+def _add_versions_runs_checkpoints(home: Home, db: ModelDB, now: float) -> None:
+    with db.session() as s:
+        s.add(
+            ModelVersion(
+                id=1,
+                path=str(home.models / "v1"),
+                parent_id=None,
+                job_id=1,
+                base_model="embedded",
+                data_sha256=f"{1:064x}",
+                train_loss=1.5,
+                val_loss=1.7,
+                steps=30,
+                created_at=now - 790,
+            )
+        )
+        s.add(
+            ModelVersion(
+                id=2,
+                path=str(home.models / "v2"),
+                parent_id=1,
+                job_id=2,
+                base_model="embedded",
+                data_sha256=f"{2:064x}",
+                train_loss=1.2,
+                val_loss=1.4,
+                steps=30,
+                created_at=now - 780,
+            )
+        )
+        s.add(
+            Run(
+                job_id=1,
+                attempt=1,
+                pid=111,
+                started_at=now - 899,
+                ended_at=now - 790,
+                outcome="completed",
+                exit_status="exit code 0",
+                start_step=0,
+                end_step=30,
+            )
+        )
+        s.add(
+            Run(
+                job_id=5,
+                attempt=1,
+                pid=555,
+                started_at=now - 895,
+                ended_at=now - 600,
+                outcome="interrupted",
+                exit_status="exit code 75",
+                start_step=0,
+                end_step=50,
+            )
+        )
+        s.add(Run(job_id=5, attempt=2, pid=os.getpid(), started_at=now - 500, start_step=50))
+        s.add(
+            Checkpoint(
+                job_id=5,
+                step=50,
+                path=str(home.run_dir(5) / "ckpt-000050"),
+                train_loss=train_loss(50),
+                val_loss=train_loss(50) + 0.1,
+                size_bytes=12345,
+            )
+        )
+        s.add(
+            Checkpoint(
+                job_id=5,
+                step=100,
+                path=str(home.run_dir(5) / "ckpt-000100"),
+                train_loss=train_loss(100),
+                val_loss=train_loss(100) + 0.1,
+                size_bytes=12345,
+            )
+        )
+
+
+def _add_events(db: ModelDB) -> None:
+    db.event("admitted", "admitted first.jsonl", job_id=1)
+    db.event("done", "first.jsonl trained: v1", job_id=1, version=1)
+    db.event("rejected", "bad.jsonl: 1 invalid line(s)", job_id=4)
+    db.event("failed", "crash.jsonl: worker exited with code 1", job_id=3)
+    db.event("started", "training current.jsonl", job_id=5)
+    db.event("warning", "loss spiked at step 40", job_id=5, step=40)
+    db.event("phase", "phase: predict", job_id=5, phase="predict")
+
+
+def _write_files(home: Home, step: int) -> None:
 
     _spool_file(home.done, 1, "first.jsonl")
     _spool_file(home.done, 2, "second.jsonl")
@@ -370,3 +386,63 @@ def populate(home: Home, step: int = 120) -> None:
     append_metrics(home, 1, step)
     write_training_status(home, step)
     write_daemon_status(home)
+
+
+# ---------- hostile and large homes: names with bidi controls, thousands of waiting jobs ----------
+
+RTL_NAME = "invoice\u202egnp.exe.jsonl"  # with the override obeyed it reads "invoicelnosj.exe.png"
+
+
+def add_waiting(home: Home, job_id: int, name: str, priority: Priority = Priority.NORMAL) -> Path:
+    """One waiting job as admission leaves it: a DB row under the name as dropped, a spool file."""
+    db = ModelDB(home.db_url)
+    try:
+        with db.session() as s:
+            s.add(
+                Job(
+                    id=job_id,
+                    name=name,
+                    spool_name=spool_name(job_id, name),
+                    sha256=f"{job_id:064x}",
+                    priority=priority.value,
+                    state=JobState.QUEUED.value,
+                    n_records=3,
+                    data_format="text",
+                )
+            )
+    finally:
+        db.close()
+    return _spool_file(home.waiting(priority), job_id, name)
+
+
+def add_many_waiting(home: Home, first_id: int, n: int, priority: Priority = Priority.NORMAL) -> list[int]:
+    """``n`` waiting jobs (ids ``first_id``...), written directly: one bulk insert and ``n`` small files,
+    no daemon, so a 10,000-job queue takes about a second to build."""
+    home.ensure()
+    ids = list(range(first_id, first_id + n))
+    rows = [
+        {
+            "id": i,
+            "name": f"bulk-{i}.jsonl",
+            "spool_name": spool_name(i, f"bulk-{i}.jsonl"),
+            "sha256": f"{i:064x}",
+            "priority": priority.value,
+            "state": JobState.QUEUED.value,
+            "n_records": 1,
+            "data_format": "text",
+            "settings": {},
+        }
+        for i in ids
+    ]
+    db = ModelDB(home.db_url)
+    try:
+        with db.session() as s:
+            s.execute(Job.__table__.insert(), rows)
+    finally:
+        db.close()
+    folder = home.waiting(priority)
+    folder.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"text": "example"}) + "\n"
+    for i in ids:
+        (folder / spool_name(i, f"bulk-{i}.jsonl")).write_text(line)
+    return ids

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
+import annotated_types
 import pytest
 
 from trainbox.config import (
     ConfigError,
     DaemonConfig,
     HybridConfig,
+    ModelsConfig,
+    RetentionConfig,
     ServerConfig,
     Settings,
     TrainingConfig,
+    WatchdogConfig,
     defaults_toml,
     job_training_config,
     load_settings,
@@ -101,3 +107,87 @@ def test_hybrid_settings_layer_per_key(tmp_path: Path) -> None:
     side.write_text('[hybrid]\nmethod = "exponential"\nhistory = 2\n')
     with pytest.raises(ConfigError, match="history >= 3"):
         load_sidecar(side)
+
+
+NUMBER_MODELS = (
+    DaemonConfig,
+    TrainingConfig,
+    HybridConfig,
+    ServerConfig,
+    WatchdogConfig,
+    RetentionConfig,
+    ModelsConfig,
+)
+
+
+def _bounds(metadata: list[Any]) -> tuple[bool, bool]:
+    return (
+        any(isinstance(m, annotated_types.Ge | annotated_types.Gt) for m in metadata),
+        any(isinstance(m, annotated_types.Le | annotated_types.Lt) for m in metadata),
+    )
+
+
+def test_every_number_is_bounded_both_ways() -> None:
+    """A value with no upper bound ran forever (max_steps), looped (disk_margin_mb) or crashed the worker (seed)."""
+    for model in NUMBER_MODELS:
+        for name, field in model.model_fields.items():
+            if field.annotation in (int, float):
+                assert _bounds(field.metadata) == (True, True), f"{model.__name__}.{name}"
+            elif get_origin(field.annotation) is tuple:  # hybrid horizons / scales: each element and the count
+                (element, _) = get_args(field.annotation)
+                assert _bounds(get_args(element)[1].metadata) == (True, True), f"{model.__name__}.{name}"
+                assert any(isinstance(m, annotated_types.MaxLen) for m in field.metadata), f"{model.__name__}.{name}"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("max_steps = 1000000000000\n", "max_steps"),
+        ("disk_margin_mb = 100000000\n", "disk_margin_mb"),
+        ("nproc = 1024\n", "nproc"),
+        (f"seed = {2**70}\n", "seed"),
+        (f"seed = {2**32}\n", "seed"),
+        ("seed = -1\n", "seed"),
+        ("epochs = inf\n", "epochs"),
+        ("nan_max_skips = 26\n", "nan_max_skips"),
+        ("[hybrid]\nmin_rel_gain = nan\n", "hybrid.min_rel_gain"),
+        ("[hybrid]\nhorizons = [0]\n", "hybrid.horizons.0"),
+        ("[hybrid]\nscales = [1.0, -2.0]\n", "hybrid.scales.1"),
+        (f"[hybrid]\nhorizons = {list(range(1, 34))}\n", "hybrid.horizons"),
+    ],
+)
+def test_sidecar_values_out_of_bounds_are_refused_by_name(tmp_path: Path, text: str, key: str) -> None:
+    sidecar = tmp_path / "job.toml"
+    sidecar.write_text(text)
+    with pytest.raises(ConfigError, match=rf"job\.toml: {re.escape(key)}: "):
+        load_sidecar(sidecar)
+
+
+def test_json_sidecar_with_a_huge_seed(tmp_path: Path) -> None:
+    sidecar = tmp_path / "job.json"
+    sidecar.write_text(f'{{"seed": {2**70}, "max_steps": 5}}')
+    with pytest.raises(ConfigError, match=r"job\.json: seed: .*less than 4294967296"):
+        load_sidecar(sidecar)
+
+
+def test_bounds_keep_their_limits_and_the_config_file_valid(tmp_path: Path) -> None:
+    cfg = TrainingConfig(max_steps=10_000_000, seed=2**32 - 1, nproc=256, disk_margin_mb=1_000_000, nan_max_skips=25)
+    assert (cfg.max_steps, cfg.seed) == (10_000_000, 2**32 - 1)
+    assert HybridConfig(max_overhead=1e6, min_earned=-1e9, prediction_tol=10.0).max_overhead == 1e6  # test settings
+    path = tmp_path / "trainbox.toml"
+    path.write_text("[daemon]\nworker_stop_timeout = 3601\n")
+    with pytest.raises(ConfigError, match=r"daemon\.worker_stop_timeout: .*less than or equal to 3600"):
+        load_settings(path)
+
+
+def test_the_largest_seed_seeds_every_generator() -> None:
+    """What the worker does with the seed (core/rng.py seed_all, data order, split) works at the bound."""
+    pytest.importorskip("torch")
+    from core.data import Batches, split_heldout
+    from core.rng import seed_all
+
+    largest = TrainingConfig(seed=2**32 - 1).seed
+    seed_all(largest)
+    seed_all(0)
+    assert split_heldout(list(range(20)), 0.2, 256, largest)[1]
+    assert sorted(Batches(10, 4, largest).order(3)) == list(range(10))

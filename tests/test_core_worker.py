@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from core import checkpoint, worker
 from core.embedded import ensure_embedded_model
 from core.errors import DataError
 from core.metrics import read_metrics
+from core.reporting import LOADING_BEAT_ENV, LoadingBeat
 from management.db import Job, ModelDB
 from trainbox.config import TrainingConfig
 from trainbox.jobspec import JobSpec, WorkerResult
@@ -263,3 +265,56 @@ def test_nothing_left_to_train_is_a_clear_error(tmp_path: Path, model_dir: Path)
     _, tok = worker.load_model(model_dir, torch.device("cpu"))
     with pytest.raises(DataError, match="max_length=64"):
         worker.load_data(spec, spec.training, tok)
+
+
+class RecordingStatus(worker.StatusReporter):
+    """The real status writer, also keeping (heartbeat, phase, message) of every write it made."""
+
+    def __init__(self, path: Path, job_id: int, job_name: str) -> None:
+        super().__init__(path, job_id, job_name)
+        self.written: list[tuple[float, str, str]] = []
+
+    def _write(self, now: float) -> None:
+        super()._write(now)
+        self.written.append((self.status.heartbeat, self.status.phase, self.status.message))
+
+
+def test_loading_heartbeats_advance_while_encoding(
+    tmp_path: Path, data_file: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big file takes minutes to read and encode: the heartbeat must advance through it. With the
+    interval set near zero, every record is an interval, so 60 records show it without timing."""
+    monkeypatch.setenv(LOADING_BEAT_ENV, "0.000001")
+    spec = make_job(tmp_path / "run", data_file, model_dir, max_steps=1, eval_every=0, checkpoint_every=0)
+    status = RecordingStatus(Path(spec.status_file), spec.job_id, spec.job_name)
+    db = worker.JobDB(spec.db_url, spec.job_id)
+    result = worker.train_job(spec, worker.StopFlag(), status, db)
+    db.close()
+    assert result.outcome == WorkerOutcome.COMPLETED
+    encoding = [(hb, msg) for hb, phase, msg in status.written if phase == "loading" and msg.startswith("encoding")]
+    done = [int(msg.split()[1].split("/")[0].replace(",", "")) for _, msg in encoding]
+    assert len({hb for hb, _ in encoding}) >= 10  # many distinct heartbeats while encoding ran
+    assert [hb for hb, _ in encoding] == sorted(hb for hb, _ in encoding)
+    assert done == sorted(done) and done[0] < done[-1] == 60 and encoding[-1][1] == "encoding 60/60 records"
+    reading = [msg for _, phase, msg in status.written if phase == "loading" and msg.startswith("reading job.jsonl")]
+    assert reading[-1] == "reading job.jsonl: 60 records" and len(reading) > 10
+    on_disk = read_status(Path(spec.status_file), TrainingStatus)
+    assert on_disk is not None and on_disk.heartbeat == status.written[-1][0]
+
+
+def test_loading_beat_needs_the_loading_thread_to_advance(tmp_path: Path) -> None:
+    """Through one opaque call (a model load) a helper thread beats while the loading thread uses CPU,
+    and not while it is blocked: a load stuck for good must still look hung to the watchdog."""
+    status = worker.StatusReporter(tmp_path / "training.json", 1, "j")
+    with LoadingBeat(status, "loading the model", every=0.02) as beat:
+        deadline = time.monotonic() + 30
+        x = 0
+        while beat.beats < 3 and time.monotonic() < deadline:  # computing, as a load does
+            x += 1
+        assert beat.beats >= 3
+    blocked = threading.Event()
+    with LoadingBeat(status, "loading the model", every=0.05) as stuck:
+        blocked.wait(0.5)  # 10 intervals without using the CPU, as a deadlocked load
+        assert stuck.beats == 0
+    on_disk = read_status(tmp_path / "training.json", TrainingStatus)
+    assert on_disk is not None and on_disk.message.startswith("loading the model")

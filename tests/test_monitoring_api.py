@@ -76,10 +76,15 @@ def test_queue(client: httpx.Client) -> None:
 
 
 def test_jobs_and_job_detail(client: httpx.Client) -> None:
-    jobs = client.get("/api/jobs").json()
-    assert [j["id"] for j in jobs] == [8, 7, 6, 5, 4, 3, 2, 1]
+    page = client.get("/api/jobs").json()
+    jobs = page["items"]
+    assert [j["id"] for j in jobs] == [8, 7, 6, 5, 4, 3, 2, 1] and page["next"] is None
     assert {j["id"]: j["state"] for j in jobs}[4] == "rejected"
-    assert client.get("/api/jobs?state=done").json()[0]["version"] == 2
+    assert client.get("/api/jobs?state=done").json()["items"][0]["version"] == 2
+    first = client.get("/api/jobs?limit=3").json()
+    assert [j["id"] for j in first["items"]] == [8, 7, 6] and first["next"] == 6
+    rest = client.get(f"/api/jobs?limit=5&before={first['next']}").json()
+    assert [j["id"] for j in rest["items"]] == [5, 4, 3, 2, 1] and rest["next"] is None
 
     d = client.get(f"/api/jobs/{FAKE_JOB}").json()
     assert d["job"]["name"] == "current.jsonl" and d["settings"] == {"max_steps": 300}
@@ -149,14 +154,23 @@ def test_system(client: httpx.Client) -> None:
 
 
 def test_events(client: httpx.Client) -> None:
-    events = client.get("/api/events").json()
+    page = client.get("/api/events").json()
+    events = page["items"]
     assert [e["kind"] for e in events][:3] == ["admitted", "done", "rejected"]
+    assert page["newer"] is None and page["older"] is None  # all of them, in one page
     ids = [e["id"] for e in events]
     assert ids == sorted(ids)
     later = client.get(f"/api/events?since_id={ids[4]}").json()
-    assert [e["id"] for e in later] == ids[5:]
-    assert [e["kind"] for e in client.get("/api/events?limit=2").json()] == ["warning", "phase"]
-    assert all(e["job_id"] == FAKE_JOB for e in client.get(f"/api/events?job_id={FAKE_JOB}").json())
+    assert [e["id"] for e in later["items"]] == ids[5:]
+    newest = client.get("/api/events?limit=2").json()
+    assert [e["kind"] for e in newest["items"]] == ["warning", "phase"]
+    assert newest["older"] == ids[-2] and newest["newer"] is None
+    back = client.get(f"/api/events?limit=2&before_id={newest['older']}").json()
+    assert [e["id"] for e in back["items"]] == ids[-4:-2] and back["newer"] == ids[-3]
+    forward = client.get(f"/api/events?limit=2&since_id={ids[0]}").json()
+    assert [e["id"] for e in forward["items"]] == ids[1:3] and forward["newer"] == ids[2]
+    mine = client.get(f"/api/events?job_id={FAKE_JOB}").json()["items"]
+    assert mine and all(e["job_id"] == FAKE_JOB for e in mine)
 
 
 def test_prometheus(home: Home, client: httpx.Client) -> None:

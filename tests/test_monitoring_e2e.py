@@ -86,7 +86,7 @@ def test_api_follows_and_steers_a_real_daemon(tmp_path: Path, embedded: Path) ->
             assert api_versions[vid]["job_id"] == v.job_id and api_versions[vid]["parent_id"] == v.parent_id
             assert api_versions[vid]["val_loss"] == pytest.approx(v.val_loss)
         assert len(_get(srv, f"/api/jobs/{job_id}")["runs"]) == 2
-        api_jobs = {j["id"]: j["state"] for j in _get(srv, "/api/jobs")}
+        api_jobs = {j["id"]: j["state"] for j in _get(srv, "/api/jobs")["items"]}
         assert api_jobs == {j.id: j.state for j in db.jobs()}
         db.close()
     finally:

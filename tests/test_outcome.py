@@ -58,3 +58,65 @@ def test_worker_failure_classes() -> None:
     assert d.evidence["error_type"] == "RuntimeError"
     silent = _decide(None, 3)
     assert silent.failure_class == FailureClass.CRASH and "without a result" in silent.reason
+
+
+def _kill(pid: int, t: float, phase: str = "loading", age: float = 130.0) -> dict[str, object]:
+    return {"pid": pid, "time": t, "phase": phase, "step": 0, "heartbeat_age_s": age, "limit_s": 120.0}
+
+
+def test_watchdog_kill_counts_as_an_attempt_then_fails_as_hang() -> None:
+    first = [_kill(11, 1000.0)]
+    d = decide(None, -signal.SIGKILL, False, False, attempts=0, max_retries=2, kills=first)
+    assert d.verdict == Verdict.RETRY and d.failure_class == FailureClass.HANG
+    assert "hung in loading" in d.reason and "130 s" in d.reason and "attempt 1 of 3" in d.reason
+    # a hung worker that did answer the SIGTERM (exit 75, "interrupted") hung all the same: not a pause
+    interrupted = WorkerResult(outcome=WorkerOutcome.INTERRUPTED, step=0)
+    d = decide(interrupted, EXIT_INTERRUPTED, True, False, attempts=1, max_retries=2, kills=first)
+    assert d.verdict == Verdict.RETRY and d.failure_class == FailureClass.HANG
+    three = [_kill(11, 1000.0), _kill(12, 1200.0), _kill(13, 1400.0, age=125.0)]
+    d = decide(None, -signal.SIGKILL, False, False, attempts=2, max_retries=2, kills=three)
+    assert d.verdict == Verdict.FAILED and d.failure_class == FailureClass.HANG
+    assert "gave up after 3 attempts" in d.reason and "killed as hung 3 times" in d.reason
+    assert d.evidence["phase"] == "loading" and d.evidence["heartbeat_age_s"] == 125.0
+    assert [k["time"] for k in d.evidence["kills"]] == [1000.0, 1200.0, 1400.0]
+    assert "floor" in d.fix
+
+
+def test_hang_attempts_share_the_limit_with_crashes() -> None:
+    """attempts counts every failed attempt: two crashes, then a hang, with max_retries=2 is the end."""
+    d = decide(None, -signal.SIGKILL, False, False, attempts=2, max_retries=2, kills=[_kill(5, 1.0, "training")])
+    assert d.verdict == Verdict.FAILED and d.failure_class == FailureClass.HANG and "hung in training" in d.reason
+
+
+def test_a_hung_worker_that_completed_anyway_is_done() -> None:
+    ok = WorkerResult(outcome=WorkerOutcome.COMPLETED, step=30, final_model="/x")
+    assert decide(ok, 0, False, True, attempts=0, max_retries=0, kills=[_kill(5, 1.0)]).verdict == Verdict.DONE
+
+
+def test_repeated_deaths_while_loading_without_a_result_fail_saying_where() -> None:
+    for rc in (-signal.SIGKILL, 1):
+        for attempts in (0, 1):
+            d = decide(None, rc, False, False, attempts=attempts, max_retries=2, phase="loading")
+            assert d.verdict == Verdict.RETRY and "while loading" in d.reason
+        d = decide(None, rc, False, False, attempts=2, max_retries=2, phase="loading")
+        assert d.verdict == Verdict.FAILED and "while loading" in d.reason and "gave up after 3" in d.reason
+        assert d.evidence["phase"] == "loading"
+        assert d.failure_class == (FailureClass.KILLED if rc < 0 else FailureClass.CRASH)
+
+
+def test_cancel_files_the_job_whatever_the_exit() -> None:
+    stopped = WorkerResult(outcome=WorkerOutcome.INTERRUPTED, step=12)
+    d = decide(stopped, EXIT_INTERRUPTED, True, False, attempts=0, max_retries=2, cancelled_in="training")
+    assert d.verdict == Verdict.CANCELLED and d.failure_class == FailureClass.CANCELLED
+    assert d.reason == "cancelled while training at step 12, by a control request"
+    assert d.evidence == {"phase": "training", "step": 12}
+    # killed after the stop timeout, or before it wrote anything: cancelled, never retried or paused
+    d = decide(None, -signal.SIGKILL, True, False, attempts=5, max_retries=2, cancelled_in="loading")
+    assert d.verdict == Verdict.CANCELLED and d.reason == "cancelled while loading, by a control request"
+    hung = decide(
+        None, -signal.SIGKILL, True, False, attempts=0, max_retries=2, cancelled_in="loading", kills=[_kill(1, 1.0)]
+    )
+    assert hung.verdict == Verdict.CANCELLED
+    # the run finished before the cancel reached it: the model exists, the job is done
+    ok = WorkerResult(outcome=WorkerOutcome.COMPLETED, step=30, final_model="/x")
+    assert decide(ok, 0, True, True, attempts=0, max_retries=2, cancelled_in="training").verdict == Verdict.DONE

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from management.db import ModelDB
-from safety.markers import read_kill_marker
+from safety.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
 from safety.watchdog import PhaseClock, Watchdog, is_worker
 from tests.e2e_helpers import DaemonProc, cli, make_home, metrics, wait_for, write_jsonl
 from trainbox.config import Settings, WatchdogConfig
@@ -23,6 +23,8 @@ from trainbox.home import Home
 from trainbox.states import DaemonState
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
 
+# Loading is not what these tests hang, and a kill counts as an attempt: a worker's imports alone can
+# take 20 s on a busy 2-core machine, so the loading limit stays well above that.
 WATCHDOG_CONFIG = """
 retry_backoff = 0
 
@@ -32,7 +34,7 @@ restart_backoff = 0.5
 startup_grace = 30
 kill_grace = 2
 hang_factor = 3
-loading_floor = 10
+loading_floor = 60
 loading_ceiling = 60
 training_floor = 2
 training_ceiling = 8
@@ -101,6 +103,19 @@ def test_phase_clock_limits() -> None:
     assert clock.limit("loading") == 12  # 3 x 4 s
     clock.observe(8, "training", 514.0)
     assert clock.limit("training") == 4  # 3 x 10 s capped at the ceiling
+
+
+def test_kill_history_keeps_every_kill_of_a_job(tmp_path: Path) -> None:
+    """The marker speaks for one pid; the history keeps each kill, so a job failed as hung shows them all."""
+    write_kill_marker(tmp_path, {"pid": 10, "time": 1.0, "phase": "loading"})
+    write_kill_marker(tmp_path, {"pid": 11, "time": 2.0, "phase": "training"})
+    assert [k["pid"] for k in kills_of(tmp_path, 11)] == [10, 11]
+    assert kills_of(tmp_path, 12) == []  # not killed by the watchdog: no hang, whatever the history says
+    (tmp_path / KILL_HISTORY).unlink()  # a marker from a watchdog that kept no history still counts
+    assert kills_of(tmp_path, 11) == [{"pid": 11, "time": 2.0, "phase": "training"}]
+    (tmp_path / KILL_HISTORY).write_text("{not json")
+    assert [k["pid"] for k in kills_of(tmp_path, 11)] == [11]
+    assert (tmp_path / KILL_MARKER).exists()
 
 
 def test_idle_daemon_with_stale_training_file_is_not_judged(tmp_path: Path) -> None:
@@ -196,3 +211,37 @@ def test_killed_daemon_is_restarted_and_idle_daemon_left_alone(tmp_path: Path, e
         pid = _daemon_status(home).get("pid")
         if pid and _daemon_status(home)["state"] != "stopped":
             os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.e2e
+def test_a_job_that_hangs_every_time_fails_as_hang(tmp_path: Path, embedded: Path) -> None:
+    """Each watchdog kill is an attempt: with max_retries = 1 the second kill files the job in failed/
+    with class hang and both kills as evidence, instead of resuming it forever. The workers hang while
+    loading (killed at the 2 s limit, during their imports or in the injected hang, whichever comes)."""
+    home = make_home(tmp_path / "home", embedded, max_steps=5)
+    text = home.config_file.read_text().replace("[daemon]\n", "[daemon]\nmax_retries = 1\nretry_backoff = 0\n", 1)
+    home.config_file.write_text(
+        text + "\n[watchdog]\ninterval = 0.2\nkill_grace = 1\nloading_floor = 1\nloading_ceiling = 2\n"
+    )
+    daemon = DaemonProc(home, env={"TRAINBOX_TEST_FAULT": "hang@loading"})
+    watchdog = WatchdogProc(home)
+    try:
+        write_jsonl(home.inbox / "stuck.jsonl", [{"text": f"it never loads {i}"} for i in range(20)])
+        error_file = wait_for(lambda: next(home.failed.glob("*.error.json"), None), 120, "the job filed as failed")
+        error = json.loads(error_file.read_text())
+        assert error["class"] == "hang" and "hung in loading" in error["reason"], error
+        assert "gave up after 2 attempts" in error["reason"] and "killed as hung 2 times" in error["reason"]
+        kills = error["evidence"]["kills"]
+        assert len(kills) == 2 and kills[0]["time"] < kills[1]["time"]
+        assert all(k["phase"] == "loading" and k["heartbeat_age_s"] > k["limit_s"] for k in kills)
+        db = ModelDB(home.db_url)
+        job = db.jobs()[0]
+        assert job.state == "failed" and job.failure_class == "hang" and job.attempts == 2
+        assert len(db.runs(job.id)) == 2  # retried once from its checkpoint (none yet), then no more
+        db.close()
+        time.sleep(1.0)
+        assert not list(home.processing.iterdir()) and _daemon_status(home)["worker_pid"] is None
+    finally:
+        watchdog_rc = watchdog.stop()
+        assert daemon.stop() == 0, daemon.log_text()
+        assert watchdog_rc == 0

@@ -173,30 +173,99 @@ def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         console.print(f"pending: {', '.join(data['pending_controls'])} (applied when the daemon runs)")
 
 
-@app.command("queue")
-def queue_cmd(home: HomeOpt = None, recent: int = 10, as_json: JsonOpt = False) -> None:
-    """Waiting jobs in dispatch order, the one in processing, then failed and recent done ones."""
+_QUEUE_LIMIT = 20
+# Characters a terminal would obey rather than show (Unicode categories Cc, Cf, Cs, Zl, Zp): control
+# characters and escape sequences, and the bidirectional overrides and isolates that make
+# `invoice<U+202E>lmth.exe` read as something else.
+_UNSHOWABLE_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
+def _showable(text: object) -> str:
+    """``text`` with every character a terminal would act on written as ``<U+XXXX>``."""
+    import unicodedata
+
+    return "".join(f"<U+{ord(c):04X}>" if unicodedata.category(c) in _UNSHOWABLE_CATEGORIES else c for c in str(text))
+
+
+def _queue_rows(h: Home, limit: int | None, recent: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Rows in dispatch order, at most ``limit`` per priority queue (all with None), then processing,
+    failed and done; and how many waiting jobs each queue holds beyond the rows shown."""
     from daemon.spool import Spool, job_id_of
 
-    h = _home(home)
     spool = Spool(h)
     rows: list[dict[str, Any]] = []
-    for w in spool.waiting():
-        rows.append({"job": w.job_id, "where": w.priority.value, "file": w.path.name, "note": ""})
-    for p in spool.processing():
-        rows.append({"job": job_id_of(p.name), "where": "processing", "file": p.name, "note": ""})
-    for f in sorted(h.failed.glob("*.error.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:recent]:
-        err = json.loads(f.read_text())
+    more: dict[str, int] = {}
+    waiting = spool.waiting()  # one listing per folder, no stat per file: 10,000 files stay cheap
+    for p in Priority:
+        mine = [w for w in waiting if w.priority is p]
+        shown = mine if limit is None else mine[:limit]
+        more[p.value] = len(mine) - len(shown)
+        rows += [{"job": w.job_id, "where": p.value, "file": w.path.name, "note": ""} for w in shown]
+    for path in spool.processing():
+        rows.append({"job": job_id_of(path.name), "where": "processing", "file": path.name, "note": ""})
+    errors = sorted(h.failed.glob("*.error.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for f in errors[:recent]:
+        err = _error_file(f)
         rows.append({"job": err.get("job_id"), "where": "failed", "file": err.get("file"), "note": err.get("reason")})
-    for p in sorted(h.done.glob("*.jsonl"), key=lambda p: p.stat().st_mtime, reverse=True)[:recent]:
-        rows.append({"job": job_id_of(p.name), "where": "done", "file": p.name, "note": ""})
+    for path in sorted(h.done.glob("*.jsonl"), key=lambda f: f.stat().st_mtime, reverse=True)[:recent]:
+        rows.append({"job": job_id_of(path.name), "where": "done", "file": path.name, "note": ""})
+    return rows, more
+
+
+def _error_file(path: Path) -> dict[str, Any]:
+    """An error file's fields; one that cannot be read is listed as such rather than ending the listing."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        return {"file": path.name.removesuffix(".error.json"), "reason": "unreadable error file"}
+    return data
+
+
+@app.command("queue")
+def queue_cmd(
+    home: HomeOpt = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many waiting jobs per priority queue.")] = (
+        _QUEUE_LIMIT
+    ),
+    show_all: Annotated[bool, typer.Option("--all", help="Show every waiting job.")] = False,
+    recent: Annotated[int, typer.Option(min=0, help="How many failed and done jobs to show.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Waiting jobs in dispatch order (the first --limit per queue, with counts), the one in processing,
+    then failed and recent done ones."""
+    from rich.text import Text
+
+    from daemon.spool import Spool
+
+    h = _home(home)
+    rows, more = _queue_rows(h, None if show_all else limit, recent)
+    counts = Spool(h).counts()
+    daemon_status = read_status(h.status / DAEMON_STATUS, DaemonStatus)
+    refused = daemon_status.inbox_refused if daemon_status else []
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"counts": counts, "more": more, "rows": rows, "inbox_refused": refused}, indent=2))
         return
+    console.print(
+        "waiting: "
+        + ", ".join(f"{p.value} {counts[p.value]}" for p in Priority)
+        + f"; processing {counts['processing']}, done {counts['done']}, failed {counts['failed']}",
+        markup=False,
+    )
     table = Table("job", "where", "file", "note")
-    for r in rows:
-        table.add_row(str(r["job"]), r["where"], r["file"], (r["note"] or "")[:100])
+    for i, r in enumerate(rows):
+        # Text, not str: a name or reason containing [brackets] is not rich markup
+        cells = (str(r["job"]), r["where"], _showable(r["file"] or ""), _showable(r["note"] or "")[:100])
+        table.add_row(*(Text(c) for c in cells))
+        ends_queue = i + 1 == len(rows) or rows[i + 1]["where"] != r["where"]
+        if ends_queue and more.get(r["where"]):
+            table.add_row(Text(""), Text(r["where"]), Text(f"... {more[r['where']]} more (--all to list them)"))
     console.print(table)
+    if refused:
+        console.print("left in the inbox, never opened or moved:", markup=False)
+        for line in refused:
+            console.print(Text("  " + _showable(line)))
 
 
 def _control(
@@ -255,7 +324,8 @@ def token(home: HomeOpt = None) -> None:
 
 @app.command()
 def cancel(job: Annotated[int, typer.Argument(help="Job id (see `trainbox queue`).")], home: HomeOpt = None) -> None:
-    """Cancel a waiting job: its file goes to queue/failed/ marked cancelled."""
+    """Cancel a job that is waiting, training or paused: its file goes to queue/failed/ marked cancelled
+    (a training job's worker checkpoints and stops first; its checkpoints are kept)."""
     _control(control.Action.CANCEL, home, job_id=job)
 
 

@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
 import typer
 from rich.table import Table
@@ -99,13 +99,55 @@ def install_systemd(
     home: HomeOpt = None,
     user: Annotated[bool, typer.Option("--user", help="User units (~/.config/systemd/user), not system.")] = False,
     directory: Annotated[Path | None, typer.Option("--dir", help="Write the units here instead.")] = None,
+    run_as: Annotated[
+        str | None, typer.Option("--run-as", help="Account system units run as (default: the home's owner).")
+    ] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", help="Group system units run as (default: that account's group).")
+    ] = None,
+    allow_root: Annotated[bool, typer.Option("--allow-root", help="Accept system units that run as root.")] = False,
+    protect_home: Annotated[
+        str,
+        typer.Option(
+            "--protect-home",
+            help="auto: hide /home, /root, /run/user unless the install or home lives there (then read-only); "
+            "read-only: e.g. for model folders under /home; yes: hide them.",
+        ),
+    ] = "auto",
 ) -> None:
-    """Write systemd units (daemon, watchdog, retention, status server, trainbox.target) for this install and home."""
-    from trainbox.systemd import install
+    """Write systemd units (daemon, watchdog, retention, status server, trainbox.target) for this install and home.
+
+    System units run as the home's owner (never root unless --allow-root), sandboxed: read-only system,
+    private /tmp, writable home only."""
+    from trainbox.systemd import UnitError, install, ownership_note, resolve_run_as
 
     h = Home.resolve(home)
-    for path in install(h.root, user, directory):
-        console.print(f"wrote {path}")
+    settings = settings_or_exit(h)
+    try:
+        if protect_home not in ("auto", "yes", "read-only"):
+            raise UnitError(f"--protect-home must be auto, yes or read-only, not {protect_home!r}")
+        if user and (run_as or group or allow_root):
+            raise UnitError("user units (--user) run as you: --run-as, --group and --allow-root are for system units")
+        account = None if user else resolve_run_as(h.root, run_as, group, allow_root)
+        written = install(
+            h.root,
+            user,
+            directory,
+            run_as=account,
+            protect_home=cast(Literal["auto", "yes", "read-only"], protect_home),  # checked above
+            worker_stop_timeout=settings.daemon.worker_stop_timeout,
+            extra_paths=[settings.training.model, settings.models.eval_file],
+        )
+    except UnitError as e:
+        console.print(f"install-systemd: {e}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    for path in written:
+        console.print(f"wrote {path}", markup=False, highlight=False)
+    if account is not None:
+        console.print(f"the services run as {account.user}:{account.group}", markup=False, highlight=False)
+        note = ownership_note(h.root, account)
+        if note:
+            console.print(note, style="yellow", markup=False, highlight=False)
     ctl = "systemctl --user" if user else "systemctl"
     console.print(f"then: {ctl} daemon-reload && {ctl} enable --now trainbox.target")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -43,23 +43,63 @@ class DaemonConfig(_Strict):
         False, description="Use watchdog's polling observer (for network filesystems) instead of inotify."
     )
     worker_stop_timeout: float = Field(
-        120.0, gt=0, description="Seconds a worker gets to checkpoint and exit after SIGTERM before SIGKILL."
+        120.0,
+        gt=0,
+        le=3600,
+        description="Seconds a worker gets to checkpoint and exit after SIGTERM before SIGKILL (at most an "
+        "hour; units from install-systemd give the daemon this plus 180 s, at least 300 s, to stop).",
     )
     log_tail_lines: int = Field(40, ge=0, le=10000, description="Worker log lines copied into an error file.")
     max_retries: int = Field(
         2, ge=0, le=100, description="Retries of a job whose worker crashed or was killed (transient failures)."
     )
     retry_backoff: float = Field(
-        30.0, ge=0, description="Seconds before the first retry; doubled for each further one."
+        30.0,
+        ge=0,
+        le=86400,
+        description="Seconds before the first retry (at most a day); doubled for each further one.",
     )
     disk_resume_free_bytes: int = Field(
         1024**3,
         ge=0,
+        le=10**12,
         description="After a disk-full pause, resume once this much is free in the home (or what the "
-        "worker said it needs, if more).",
+        "worker said it needs, if more); at most 1 TB, or intake could wait for good.",
     )
     max_file_bytes: int = Field(
-        2 * 1024**3, gt=0, description="Largest JSONL admitted, in bytes (bigger files are rejected)."
+        2 * 1024**3,
+        gt=0,
+        le=10**11,
+        description="Largest JSONL admitted, in bytes (bigger files are rejected); at most 100 GB: the worker "
+        "holds every record in memory.",
+    )
+    max_line_bytes: int = Field(
+        16 * 1024**2,
+        ge=1024,
+        le=1024**3,
+        description="Longest line of a JSONL file, in bytes; a longer line is a bad line (named in the error).",
+    )
+    max_json_depth: int = Field(
+        64, ge=4, le=1000, description="Deepest nesting of brackets on one line; deeper is a bad line."
+    )
+    eval_dirs: list[str] = Field(
+        default_factory=list,
+        description="Folders outside the home from which a sidecar's eval_file may be read (absolute paths). "
+        "Empty: sidecars may only name files inside the home.",
+    )
+    sidecar_wait_seconds: float = Field(
+        600.0,
+        ge=0,
+        le=86400 * 7,
+        description="A sidecar with no data file beside it waits this long for its file, then goes to "
+        "queue/failed/ saying why (a sidecar must be dropped before its file).",
+    )
+    admission_budget: float = Field(
+        1.0,
+        gt=0,
+        le=30,
+        description="Seconds of admission work per main-loop tick; a bigger file is validated over several "
+        "ticks, so the daemon keeps answering controls and its heartbeat.",
     )
 
 
@@ -67,62 +107,94 @@ class HybridConfig(_Strict):
     """The hybrid-predict engine's knobs (``core/hybrid/``): ``[training.hybrid]`` in trainbox.toml, ``[hybrid]``
     in a sidecar. Defaults are the ones docs/BENCHMARKS.md measured."""
 
-    warmup_steps: int = Field(20, ge=0, description="Real steps before the first weight snapshot.")
-    full_steps: int = Field(10, ge=1, description="Real steps between jump attempts (at least).")
-    snapshot_every: int = Field(5, ge=1, description="Real steps between weight snapshots (the fitted trajectory).")
+    warmup_steps: int = Field(
+        20,
+        ge=0,
+        le=10**9,
+        description="Real steps before the first weight snapshot (at most 1e9; more than the job's steps: never).",
+    )
+    full_steps: int = Field(10, ge=1, le=1_000_000, description="Real steps between jump attempts (at least).")
+    snapshot_every: int = Field(
+        5, ge=1, le=1_000_000, description="Real steps between weight snapshots (the fitted trajectory)."
+    )
     history: int = Field(3, ge=2, le=100, description="Snapshots the extrapolation fits.")
     method: Literal["linear", "exponential"] = Field(
         "linear", description="Per-weight extrapolation: least-squares line, or geometric (Aitken) convergence."
     )
-    horizons: tuple[int, ...] = Field(
-        (5, 10, 20), min_length=1, description="Bandit arms: real steps a jump predicts ahead."
+    horizons: tuple[Annotated[int, Field(ge=1, le=100_000)], ...] = Field(
+        (5, 10, 20),
+        min_length=1,
+        max_length=32,
+        description="Bandit arms: real steps a jump predicts ahead (1 to 100,000 each, at most 32 of them).",
     )
-    scales: tuple[float, ...] = Field(
-        (1.0,), min_length=1, description="Bandit arms: multipliers on the predicted displacement."
+    scales: tuple[Annotated[float, Field(gt=0, le=100)], ...] = Field(
+        (1.0,),
+        min_length=1,
+        max_length=32,
+        description="Bandit arms: multipliers on the predicted displacement (above 0 and at most 100 each, at "
+        "most 32 of them).",
     )
     probe_examples: int = Field(
-        16, ge=1, description="Training examples (a seeded sample) every jump is verified on, before and after."
+        16,
+        ge=1,
+        le=10_000,
+        description="Training examples (a seeded sample) every jump is verified on, before and after.",
     )
     min_rel_gain: float = Field(
-        1e-3, description="A jump must lower the probe loss by more than this share (the probe's noise level)."
+        1e-3,
+        ge=-1,
+        le=1,
+        description="A jump must lower the probe loss by more than this share (the probe's noise level).",
     )
     min_earned: float = Field(
         1.0,
+        ge=-1e9,
+        le=1e9,
         description="A jump must be worth at least this many plain steps more than its own cost (probes, copies). "
-        "Negative accepts jumps that cost more than they earn (for experiments and tests).",
+        "Negative accepts jumps that cost more than they earn (for experiments and tests); +-1e9 at most.",
     )
     advance_schedule: bool = Field(
         True, description="Accepted jumps advance the step counter (and the learning rate) by the steps earned."
     )
-    bandit_alpha: float = Field(0.5, ge=0, description="LinUCB exploration weight over (horizon, scale) arms.")
+    bandit_alpha: float = Field(0.5, ge=0, le=100, description="LinUCB exploration weight over (horizon, scale) arms.")
     fallback_after: int = Field(
-        2, ge=1, description="Rejected (or time-losing) attempts in a row before falling back to plain steps."
+        2, ge=1, le=1000, description="Rejected (or time-losing) attempts in a row before falling back to plain steps."
     )
-    cooldown_steps: int = Field(50, ge=1, description="First plain stretch after a fallback; doubles each time.")
-    max_cooldown_steps: int = Field(640, ge=1, description="Longest plain stretch after a fallback.")
+    cooldown_steps: int = Field(
+        50, ge=1, le=10_000_000, description="First plain stretch after a fallback; doubles each time."
+    )
+    max_cooldown_steps: int = Field(640, ge=1, le=10_000_000, description="Longest plain stretch after a fallback.")
     max_overhead: float = Field(
         0.03,
         ge=0,
+        le=1e6,
         description="A jump is attempted only while the engine's time (probes, snapshots, rollbacks), the "
         "attempt's expected cost included, stays within this share of the time spent in real steps: what the "
-        "attempts of a job whose jumps never pay can cost it (one starting probe and the snapshots come on top).",
+        "attempts of a job whose jumps never pay can cost it (one starting probe and the snapshots come on top); "
+        "at most 1e6, which lifts the budget (for tests).",
     )
     rate_smoothing: float = Field(
         0.5, ge=0, lt=1, description="EMA weight of the plain progress rate (probe loss per step)."
     )
     prediction_tol: float = Field(
-        0.05, ge=0, description="Probe loss this much worse (relative) after a jump counts as a prediction error."
+        0.05,
+        ge=0,
+        le=10,
+        description="Probe loss this much worse (relative) after a jump counts as a prediction error.",
     )
     spike_factor: float = Field(
         2.0,
         ge=1,
+        le=1000,
         description="Once a jump was accepted, a loss above this times its running mean (and 6 sigma) restores "
         "the last good weights and optimizer state.",
     )
     freeze: bool = Field(False, description="Freeze converged leading blocks (AutoFreeze-style).")
-    freeze_window: int = Field(50, ge=1, description="Real steps over which a block's relative change is measured.")
+    freeze_window: int = Field(
+        50, ge=1, le=1_000_000, description="Real steps over which a block's relative change is measured."
+    )
     freeze_threshold: float = Field(
-        2e-3, ge=0, description="A block whose weights moved less than this share over the window is frozen."
+        2e-3, ge=0, le=1, description="A block whose weights moved less than this share over the window is frozen."
     )
 
     @model_validator(mode="after")
@@ -139,7 +211,9 @@ class TrainingConfig(_Strict):
         "current model version, or the embedded tiny model if there is none yet.",
     )
     epochs: float = Field(3.0, gt=0, le=1000, description="Passes over the data (used when max_steps is 0).")
-    max_steps: int = Field(0, ge=0, description="Optimizer steps to train; 0 means derive from epochs.")
+    max_steps: int = Field(
+        0, ge=0, le=10_000_000, description="Optimizer steps to train (at most 10 million); 0 means derive from epochs."
+    )
     learning_rate: float = Field(
         0.0,
         ge=0,
@@ -153,7 +227,9 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay.")
     beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1.")
     beta2: float = Field(0.95, gt=0, lt=1, description="AdamW beta2.")
-    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 disables clipping.")
+    grad_clip: float = Field(
+        1.0, ge=0, le=10_000, description="Max global gradient norm (at most 10,000); 0 disables clipping."
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     max_length: int = Field(256, ge=8, le=1_000_000, description="Tokens per example; longer ones are truncated.")
@@ -167,14 +243,24 @@ class TrainingConfig(_Strict):
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of examples held out for validation when no eval_file is given."
     )
-    eval_max_examples: int = Field(256, ge=1, description="Cap on the held-out validation set.")
-    eval_every: int = Field(25, ge=0, description="Evaluate every N steps (and at the end); 0: only at the end.")
-    checkpoint_every: int = Field(
-        50, ge=0, description="Checkpoint every N steps (and at the end); 0: only at the end."
+    eval_max_examples: int = Field(256, ge=1, le=100_000, description="Cap on the held-out validation set.")
+    eval_every: int = Field(
+        25, ge=0, le=10_000_000, description="Evaluate every N steps (and at the end); 0: only at the end."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints of a run kept by the worker (newest first).")
-    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    seed: int = Field(1234, description="Seed for shuffling, the validation split and initialisation.")
+    checkpoint_every: int = Field(
+        50, ge=0, le=10_000_000, description="Checkpoint every N steps (and at the end); 0: only at the end."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, le=1000, description="Checkpoints of a run kept by the worker (newest first)."
+    )
+    log_every: int = Field(1, ge=1, le=10_000_000, description="Write a metrics line every N steps.")
+    seed: int = Field(
+        1234,
+        ge=0,
+        lt=2**32,
+        description="Seed for shuffling, the validation split and initialisation: 0 to 2**32 - 1, what python's "
+        "random, numpy and torch all accept.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -195,8 +281,9 @@ class TrainingConfig(_Strict):
     nproc: int = Field(
         1,
         ge=0,
-        le=1024,
-        description="Processes per job. Above 1 the worker runs under 'torchrun --nproc-per-node N' (DDP): on "
+        le=256,
+        description="Processes per job (at most 256, and no more than the visible GPUs on CUDA or the CPUs on "
+        "the CPU). Above 1 the worker runs under 'torchrun --nproc-per-node N' (DDP): on "
         "the CPU with the gloo backend, on CUDA one process per GPU with nccl. 0: one per visible GPU, or 1 "
         "without GPUs. batch_size x grad_accum stays the global batch per optimizer step, split across the "
         "processes, so results match a one-process run with the same settings (up to summation order); rank "
@@ -222,21 +309,27 @@ class TrainingConfig(_Strict):
     nan_max_skips: int = Field(
         3,
         ge=1,
-        description="Steps skipped for a NaN/Inf loss or gradient (within 25 steps) that trigger a rollback "
-        "to the last good checkpoint with a lower learning rate.",
+        le=25,
+        description="Steps skipped for a NaN/Inf loss or gradient (within 25 steps, so at most 25) that trigger a "
+        "rollback to the last good checkpoint with a lower learning rate.",
     )
     nan_lr_factor: float = Field(
         0.5, gt=0, le=1, description="Learning-rate multiplier applied at each NaN/Inf rollback."
     )
     nan_max_rollbacks: int = Field(
-        2, ge=0, description="NaN/Inf rollbacks allowed; one more fails the job with failure class 'nan'."
+        2, ge=0, le=100, description="NaN/Inf rollbacks allowed; one more fails the job with failure class 'nan'."
     )
     disk_margin_mb: int = Field(
-        256, ge=0, description="Free space (MB) to keep beyond a checkpoint's expected size before saving it."
+        256,
+        ge=0,
+        le=1_000_000,
+        description="Free space (MB) to keep beyond a checkpoint's expected size before saving it; at most "
+        "1,000,000 (1 TB), or the job could wait for room that never comes.",
     )
     overfit_patience: int = Field(
         3,
         ge=1,
+        le=1000,
         description="Evaluations in a row with rising validation loss (and falling train loss) that "
         "count as overfitting (a warning).",
     )
@@ -249,7 +342,9 @@ class TrainingConfig(_Strict):
         "holds the adapter and records its base; 'trainbox models export V' writes the merged model.",
     )
     lora_r: int = Field(8, ge=1, le=4096, description="LoRA rank.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is scaled by lora_alpha / lora_r.")
+    lora_alpha: float = Field(
+        16.0, gt=0, le=16384, description="LoRA alpha; the update is scaled by lora_alpha / lora_r."
+    )
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_targets: list[str] | Literal["auto", "all-linear"] = Field(
         "auto",
@@ -270,7 +365,9 @@ class ServerConfig(_Strict):
     read_requires_token: bool = Field(
         False, description="Require the API token for read endpoints too (the page itself stays open)."
     )
-    max_upload_bytes: int = Field(64 * 1024**2, gt=0, description="Largest upload to POST /api/upload, in bytes.")
+    max_upload_bytes: int = Field(
+        64 * 1024**2, gt=0, le=10**11, description="Largest upload to POST /api/upload, in bytes (at most 100 GB)."
+    )
 
 
 class WatchdogConfig(_Strict):
@@ -293,14 +390,28 @@ class WatchdogConfig(_Strict):
         description="A worker phase is hung after this many times the longest heartbeat interval measured in "
         "that phase (clamped to the phase's floor and ceiling; the ceiling until one is measured).",
     )
-    loading_floor: float = Field(120.0, gt=0, description="Seconds: least time allowed for loading.")
-    loading_ceiling: float = Field(1800.0, gt=0, description="Seconds: most time allowed for loading a model and data.")
-    training_floor: float = Field(60.0, gt=0, description="Seconds: least time allowed between heartbeats in training.")
-    training_ceiling: float = Field(1800.0, gt=0, description="Seconds: most time allowed between training heartbeats.")
-    evaluating_floor: float = Field(120.0, gt=0, description="Seconds: least time allowed for one evaluation.")
-    evaluating_ceiling: float = Field(3600.0, gt=0, description="Seconds: most time allowed for one evaluation.")
-    checkpointing_floor: float = Field(120.0, gt=0, description="Seconds: least time allowed for one checkpoint save.")
-    checkpointing_ceiling: float = Field(1800.0, gt=0, description="Seconds: most time allowed for a checkpoint save.")
+    loading_floor: float = Field(120.0, gt=0, le=86400, description="Seconds: least time allowed for loading.")
+    loading_ceiling: float = Field(
+        1800.0, gt=0, le=86400, description="Seconds: most time allowed for loading a model and data."
+    )
+    training_floor: float = Field(
+        60.0, gt=0, le=86400, description="Seconds: least time allowed between heartbeats in training."
+    )
+    training_ceiling: float = Field(
+        1800.0, gt=0, le=86400, description="Seconds: most time allowed between training heartbeats."
+    )
+    evaluating_floor: float = Field(
+        120.0, gt=0, le=86400, description="Seconds: least time allowed for one evaluation."
+    )
+    evaluating_ceiling: float = Field(
+        3600.0, gt=0, le=86400, description="Seconds: most time allowed for one evaluation."
+    )
+    checkpointing_floor: float = Field(
+        120.0, gt=0, le=86400, description="Seconds: least time allowed for one checkpoint save."
+    )
+    checkpointing_ceiling: float = Field(
+        1800.0, gt=0, le=86400, description="Seconds: most time allowed for a checkpoint save."
+    )
     kill_grace: float = Field(
         30.0, gt=0, le=3600, description="Seconds between SIGTERM and SIGKILL for a hung worker or daemon."
     )
@@ -308,12 +419,23 @@ class WatchdogConfig(_Strict):
 
 class RetentionConfig(_Strict):
     interval: float = Field(60.0, gt=0, le=86400, description="Seconds between retention passes.")
-    keep_last: int = Field(2, ge=0, description="Newest checkpoints kept per run.")
-    keep_best: int = Field(1, ge=0, description="Checkpoints with the lowest validation loss kept per run.")
-    milestone_every: int = Field(0, ge=0, description="Keep checkpoints whose step is a multiple of this; 0: none.")
-    min_age: float = Field(3600.0, ge=0, description="Seconds: checkpoints younger than this are never deleted.")
+    keep_last: int = Field(2, ge=0, le=10_000, description="Newest checkpoints kept per run.")
+    keep_best: int = Field(1, ge=0, le=10_000, description="Checkpoints with the lowest validation loss kept per run.")
+    milestone_every: int = Field(
+        0, ge=0, le=10_000_000, description="Keep checkpoints whose step is a multiple of this; 0: none."
+    )
+    min_age: float = Field(
+        3600.0,
+        ge=0,
+        le=31_536_000,
+        description="Seconds (at most a year): checkpoints younger than this are never deleted.",
+    )
     max_total_gb: float = Field(
-        0.0, ge=0, description="Cap on all checkpoints together, in GB (1e9 bytes); 0: no cap. Lowest value goes first."
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="Cap on all checkpoints together, in GB (1e9 bytes, at most 1,000,000); 0: no cap. Lowest value "
+        "goes first.",
     )
     min_free_share: float = Field(
         0.1,
@@ -335,10 +457,15 @@ class ModelsConfig(_Strict):
         le=10,
         description="Promote a new version only if its eval loss is at most (1 + this) times the current one's.",
     )
-    eval_max_examples: int = Field(256, ge=1, description="Cap on the frozen evaluation set.")
-    eval_max_length: int = Field(0, ge=0, description="Tokens per evaluated example; 0: the job's max_length.")
+    eval_max_examples: int = Field(256, ge=1, le=100_000, description="Cap on the frozen evaluation set.")
+    eval_max_length: int = Field(
+        0, ge=0, le=1_000_000, description="Tokens per evaluated example; 0: the job's max_length."
+    )
     eval_timeout: float = Field(
-        1800.0, gt=0, description="Seconds the gate evaluation may take; on timeout the version is not promoted."
+        1800.0,
+        gt=0,
+        le=86400,
+        description="Seconds (at most a day) the gate evaluation may take; on timeout the version is not promoted.",
     )
 
 
@@ -383,13 +510,27 @@ def load_settings(path: Path) -> Settings:
         raise ConfigError(_describe(e, str(path))) from e
 
 
+MAX_SIDECAR_BYTES = 64 * 1024
+
+
 def load_sidecar(path: Path) -> JobOverrides:
     """Parse a per-job sidecar; only the keys it sets count as overrides (``model_fields_set``)."""
+    from trainbox.safefs import open_regular  # the sidecar comes from the inbox: never follow a link
+
     try:
-        text = path.read_text(encoding="utf-8")
-        data: Any = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        with open_regular(path) as f:
+            raw = f.read(MAX_SIDECAR_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path.name}: cannot read sidecar: {e}") from e
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise ConfigError(f"{path.name}: sidecar larger than {MAX_SIDECAR_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+        data: Any = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path.name}: cannot parse sidecar: {e}") from e
+    except (ValueError, RecursionError, MemoryError) as e:  # 100,000 nested brackets, huge integers
+        raise ConfigError(f"{path.name}: cannot parse sidecar: {type(e).__name__}: {str(e)[:120]}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: a sidecar must be a table/object of settings")
     if isinstance(data.get("training"), dict) and len(data) == 1:

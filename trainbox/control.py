@@ -19,7 +19,7 @@ class Action(StrEnum):
     PAUSE = "pause"  # checkpoint the running job, dispatch nothing until resume
     RESUME = "resume"  # undo pause; the paused job continues first
     STOP = "stop"  # checkpoint the running job, then the daemon exits
-    CANCEL = "cancel"  # a waiting job goes to failed/ as cancelled (job_id)
+    CANCEL = "cancel"  # a waiting, training or paused job goes to failed/ as cancelled (job_id)
     PRIORITIZE = "prioritize"  # a waiting job moves to another priority queue (job_id, priority)
 
 

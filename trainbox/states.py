@@ -23,7 +23,7 @@ class JobState(StrEnum):
     DONE = "done"  # in queue/done/, a model version exists
     FAILED = "failed"  # in queue/failed/ with an error file (training failed)
     REJECTED = "rejected"  # in queue/failed/ with an error file (never admitted: bad input, duplicate)
-    CANCELLED = "cancelled"  # in queue/failed/ with an error file: cancelled while waiting
+    CANCELLED = "cancelled"  # in queue/failed/ with an error file: cancelled by a control request
 
 
 class DaemonState(StrEnum):
@@ -61,7 +61,12 @@ class FailureClass(StrEnum):
     DISK = "disk"  # not enough free space for a checkpoint
     KILLED = "killed"  # killed by a signal nobody asked for
     CRASH = "crash"  # any other exception
+    # judged by the daemon, never reported by a worker: a hung worker cannot report its own hang, a
+    # cancelled one does not know why it was stopped, and admission errors happen before any worker
+    HANG = "hang"  # killed by the watchdog for a stale heartbeat, as many times as retries allow
+    CANCELLED = "cancelled"  # cancelled by a control request (trainbox cancel, the API)
+    INTERNAL = "internal"  # admission itself failed on this file (a bug, or a file built to break it)
 
     @property
     def retryable(self) -> bool:
-        return self in (FailureClass.KILLED, FailureClass.CRASH, FailureClass.DISK)
+        return self in (FailureClass.KILLED, FailureClass.CRASH, FailureClass.DISK, FailureClass.HANG)

@@ -36,6 +36,7 @@ class DaemonStatus(_Status):
     queue: dict[str, int] = {}
     pending_controls: list[str] = []
     message: str = ""
+    inbox_refused: list[str] = []  # inbox entries never opened or moved (symlinks, FIFOs, folders), and why
 
 
 class TrainingStatus(_Status):

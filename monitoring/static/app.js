@@ -6,6 +6,8 @@
 
 const TOKEN_KEY = "trainbox-token";
 const MAX_CLIENT_POINTS = 6000; // beyond this the page asks the server for a downsampled history again
+const QUEUE_ROWS = 20; // waiting jobs shown per priority queue; the rest are counted, not listed
+const PRIORITIES = ["high", "normal", "low"];
 const $ = (id) => document.getElementById(id);
 
 const S = {
@@ -38,8 +40,17 @@ async function api(path, opts = {}) {
   return res.json();
 }
 
+// Names and messages come from whoever dropped a file: a bidi override (U+202E) would show
+// "invoice\u202Egnp.exe" as "invoiceexe.png", and control characters are invisible. Every such
+// character is shown as its code point instead, so what is displayed is what is there.
+// (Unicode categories Cc, Cf, Cs, Zl, Zp: controls, format characters such as the bidi overrides and
+// isolates and zero-width ones, lone surrogates, line and paragraph separators.)
+const UNSHOWABLE = /[\p{Cc}\p{Cf}\p{Cs}\p{Zl}\p{Zp}]/gu;
+function clean(s) {
+  return String(s ?? "").replace(UNSHOWABLE, (c) => `[U+${c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")}]`);
+}
 function esc(s) {
-  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  return clean(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 function num(v, digits = 4) {
   if (v === null || v === undefined || Number.isNaN(v)) return "—";
@@ -67,7 +78,7 @@ function when(t) {
 let toastTimer = null;
 function toast(msg, error = false) {
   const t = $("toast");
-  t.textContent = msg;
+  t.textContent = clean(msg);
   t.className = "show" + (error ? " error" : "");
   clearTimeout(toastTimer);
   toastTimer = setTimeout(() => { t.className = ""; }, 3500);
@@ -76,62 +87,7 @@ function rows(tbody, html, cols, emptyText) {
   tbody.innerHTML = html || `<tr class="empty"><td colspan="${cols}">${emptyText}</td></tr>`;
 }
 
-// ---------- chart (canvas, drawn by hand) ----------
-
-function drawChart(canvas, series) {
-  const dpr = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth, h = canvas.clientHeight;
-  if (canvas.width !== Math.round(w * dpr) || canvas.height !== Math.round(h * dpr)) {
-    canvas.width = Math.round(w * dpr);
-    canvas.height = Math.round(h * dpr);
-  }
-  const ctx = canvas.getContext("2d");
-  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.clearRect(0, 0, w, h);
-  const all = series.flatMap((s) => s.points).filter((p) => Number.isFinite(p[1]));
-  canvas.dataset.points = String(series.reduce((n, s) => n + s.points.length, 0));
-  const pad = { l: 54, r: 10, t: 10, b: 22 };
-  ctx.font = "11px system-ui, sans-serif";
-  ctx.fillStyle = "#8a96a5";
-  if (!all.length) {
-    ctx.fillText("no data yet", w / 2 - 30, h / 2);
-    return;
-  }
-  let x0 = Math.min(...all.map((p) => p[0])), x1 = Math.max(...all.map((p) => p[0]));
-  let y0 = Math.min(...all.map((p) => p[1])), y1 = Math.max(...all.map((p) => p[1]));
-  if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) { y1 += Math.abs(y1) * 0.05 || 1; y0 -= Math.abs(y0) * 0.05 || 1; }
-  const m = (y1 - y0) * 0.05; y0 -= m; y1 += m;
-  const X = (x) => pad.l + ((x - x0) / (x1 - x0)) * (w - pad.l - pad.r);
-  const Y = (y) => pad.t + (1 - (y - y0) / (y1 - y0)) * (h - pad.t - pad.b);
-  ctx.strokeStyle = "#232b35";
-  ctx.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
-    const yv = y0 + ((y1 - y0) * i) / 4, yy = Y(yv);
-    ctx.beginPath(); ctx.moveTo(pad.l, yy); ctx.lineTo(w - pad.r, yy); ctx.stroke();
-    ctx.fillText(num(yv, 3), 4, yy + 4);
-  }
-  for (let i = 0; i <= 4; i++) {
-    const xv = x0 + ((x1 - x0) * i) / 4;
-    ctx.fillText(String(Math.round(xv)), Math.min(X(xv) - 8, w - pad.r - 30), h - 6);
-  }
-  for (const s of series) {
-    const pts = s.points.filter((p) => Number.isFinite(p[1]));
-    if (!pts.length) continue;
-    ctx.strokeStyle = s.color;
-    ctx.fillStyle = s.color;
-    ctx.lineWidth = 1.5;
-    ctx.beginPath();
-    pts.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
-    ctx.stroke();
-    if (s.dots || pts.length < 40) {
-      for (const p of pts) { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), s.dots ? 2.5 : 1.5, 0, 7); ctx.fill(); }
-    }
-    for (const p of pts) {
-      if (p[2]) { ctx.fillStyle = "#b197fc"; ctx.fillRect(X(p[0]) - 2, Y(p[1]) - 2, 4, 4); ctx.fillStyle = s.color; }
-    }
-  }
-}
+// ---------- charts (drawChart: chart.js) ----------
 
 function drawCharts() {
   const pt = (key) => S.train.filter((p) => p[key] !== undefined && p[key] !== null).map((p) => [p.step, p[key], p.predicted]);
@@ -178,68 +134,109 @@ function appendMetrics(msg) {
 
 // ---------- panels ----------
 
-function renderStatus(st) {
+function renderDaemon(st) {
   const d = st.daemon, ds = d.status;
   const badge = $("daemon-state");
-  const state = d.liveness === "up" && ds ? ds.state : d.liveness;
   badge.textContent = d.liveness === "up" && ds ? `daemon ${ds.state}` : `daemon ${d.liveness}`;
-  badge.dataset.state = state;
+  badge.dataset.state = d.liveness === "up" && ds ? ds.state : d.liveness;
   const detail = [];
   if (ds && ds.pid) detail.push(`pid ${ds.pid}`);
   if (d.heartbeat_age_s !== null && d.heartbeat_age_s !== undefined) detail.push(`heartbeat ${d.heartbeat_age_s.toFixed(1)}s ago`);
   if (st.pending_controls.length) detail.push(`pending: ${st.pending_controls.join(", ")}`);
   if (ds && ds.message) detail.push(ds.message);
-  $("daemon-detail").textContent = detail.join(" · ");
+  $("daemon-detail").textContent = clean(detail.join(" · "));
+  // inbox entries the daemon never opens or moves (symlinks, FIFOs, folders): said, not hidden
+  const refused = (ds && ds.inbox_refused) || [];
+  const list = $("inbox-refused");
+  list.hidden = !refused.length;
+  list.innerHTML = refused.length
+    ? `<li class="muted">left in the inbox, never opened or moved:</li>` + refused.map((r) => `<li><bdi>${esc(r)}</bdi></li>`).join("")
+    : "";
   $("btn-pause").disabled = !!(ds && ds.paused && d.alive);
   $("btn-resume").disabled = !!(ds && !ds.paused && d.alive);
+}
 
-  const tv = st.training;
-  const t = tv ? tv.status : null;
+// Which job the card shows, and whether training.json is about it. The daemon names its current job
+// before the new worker writes its first status, so for a moment training.json still holds the
+// previous job ("finished 5 / 5"): that must not be shown as the new job's progress.
+function jobShown(st) {
+  const ds = st.daemon.status, tv = st.training, t = tv ? tv.status : null;
+  const current = ds && ds.current_job !== null && ds.current_job !== undefined ? ds.current_job : null;
+  if (current !== null && (!t || t.job_id !== current)) {
+    return { id: current, name: `#${current} ${ds.current_job_name || ""}`, t: null, tv: null, loading: true };
+  }
+  if (t) return { id: t.job_id, name: `#${t.job_id} ${t.job_name}`, t, tv, loading: false };
+  return { id: null, name: "no job yet", t: null, tv: null, loading: false };
+}
+
+function renderJob(st) {
+  const job = jobShown(st), t = job.t, tv = job.tv;
   const live = tv && (tv.current || tv.active);
-  const currentId = ds && ds.current_job !== null && ds.current_job !== undefined ? ds.current_job : t ? t.job_id : null;
-  $("job-name").textContent = ds && ds.current_job_name ? `#${ds.current_job} ${ds.current_job_name}` : t ? `#${t.job_id} ${t.job_name}` : "no job yet";
+  $("job-name").textContent = clean(job.name);
   const phase = $("job-phase");
-  phase.textContent = t ? (live ? t.phase : `${t.phase} (last job)`) : "idle";
-  phase.dataset.state = t ? t.phase : "none";
+  phase.textContent = job.loading ? "loading" : t ? (live ? t.phase : `${t.phase} (last job)`) : "idle";
+  phase.dataset.state = job.loading ? "loading" : t ? t.phase : "none";
   const pct = tv && tv.progress !== null ? tv.progress * 100 : 0;
   $("job-progress-bar").style.width = `${pct.toFixed(1)}%`;
-  $("job-step").textContent = t ? `${t.step} / ${t.total_steps || "?"}` : "—";
+  $("job-step").textContent = job.loading ? "starting…" : t ? `${t.step} / ${t.total_steps || "?"}` : "—";
   $("job-eta").textContent = t && live ? duration(t.eta_s) : "—";
   $("job-tps").textContent = t && t.tokens_per_s ? Math.round(t.tokens_per_s).toLocaleString() : "—";
   $("job-loss").textContent = t ? num(t.loss) : "—";
   $("job-val-loss").textContent = t ? num(t.val_loss) : "—";
   $("job-lr").textContent = t ? num(t.learning_rate) : "—";
   $("job-grad-norm").textContent = t ? num(t.grad_norm, 3) : "—";
-  $("job-device").textContent = t ? `${t.device || "?"} · ${t.engine} · epoch ${t.epoch}` : "—";
-  $("job-message").textContent = t && t.message ? t.message : "";
-  if (currentId !== null && currentId !== S.job) showJob(currentId);
+  $("job-device").textContent = t ? clean(`${t.device || "?"} · ${t.engine} · epoch ${t.epoch}`) : "—";
+  $("job-message").textContent = job.loading ? "loading the model and data…" : t && t.message ? clean(t.message) : "";
+  if (job.id !== null && job.id !== S.job) showJob(job.id);
+}
 
+function renderStatus(st) {
+  renderDaemon(st);
+  renderJob(st);
   const key = JSON.stringify(st.queue);
   if (key !== S.queueKey) { S.queueKey = key; refreshLists(); }
 }
 
+function queueRow(j) {
+  const waiting = j.position !== null && j.position !== undefined;
+  const prio = waiting
+    ? `<select class="job-priority" aria-label="priority of job ${j.job_id}">${PRIORITIES.map(
+        (p) => `<option${p === j.priority ? " selected" : ""}>${p}</option>`).join("")}</select>`
+    : esc(j.priority);
+  const cancel = waiting ? `<button class="job-cancel" title="cancel this waiting job" aria-label="cancel job ${j.job_id}">✕</button>` : "";
+  return `<tr data-job="${j.job_id}"><td class="num">${waiting ? j.position : "▶"}</td>
+    <td class="name" title="${esc(j.name)}"><bdi>#${j.job_id} ${esc(j.name)}</bdi></td><td>${prio}</td>
+    <td class="outcome-${esc(j.state)}">${esc(j.state)}</td><td class="num">${j.n_records ?? "—"}</td>
+    <td class="actions">${cancel}</td></tr>`;
+}
+
+// The first QUEUE_ROWS of each priority queue, each under a heading with its count: 10,000 waiting
+// jobs are 3 x QUEUE_ROWS rows and a "N more" line, never 10,000 rows.
 async function refreshQueue() {
-  const q = await api("/api/queue");
+  const q = await api(`/api/queue?limit=${QUEUE_ROWS}`);
   const c = q.counts;
-  $("queue-counts").textContent = `high ${c.high} · normal ${c.normal} · low ${c.low} · done ${c.done} · failed ${c.failed}`;
-  const actions = (j) => (j.position == null ? "" : `<select class="job-priority" aria-label="priority of job ${j.job_id}">
-      ${["high", "normal", "low"].map((p) => `<option${p === j.priority ? " selected" : ""}>${p}</option>`).join("")}</select>
-      <button class="job-cancel" title="cancel this waiting job">✕</button>`);
-  const html = [...q.processing, ...q.waiting].map((j) => `<tr data-job="${j.job_id}">
-      <td class="num">${j.position ?? "▶"}</td><td class="name" title="${esc(j.name)}">#${j.job_id} ${esc(j.name)}</td><td>${esc(j.priority)}</td>
-      <td class="outcome-${esc(j.state)}">${esc(j.state)}</td><td class="num">${j.n_records ?? "—"}</td>
-      <td class="actions">${actions(j)}</td></tr>`).join("");
+  const n = (k) => (c[k] ?? 0).toLocaleString();
+  $("queue-counts").textContent = `high ${n("high")} · normal ${n("normal")} · low ${n("low")} · done ${n("done")} · failed ${n("failed")}`;
+  let html = q.processing.map(queueRow).join("");
+  for (const p of PRIORITIES) {
+    const mine = q.waiting.filter((j) => j.priority === p);
+    if (!c[p] && !mine.length) continue;
+    html += `<tr class="group" data-queue="${p}"><td colspan="6">${p} · ${c[p].toLocaleString()} waiting</td></tr>`;
+    html += mine.map(queueRow).join("");
+    const rest = c[p] - mine.length;
+    if (rest > 0) html += `<tr class="more" data-queue="${p}"><td colspan="6">… and ${rest.toLocaleString()} more in ${p} (\`trainbox queue --all\` lists them)</td></tr>`;
+  }
   rows($("queue-table").tBodies[0], html, 6, "nothing waiting");
   return q;
 }
 
 async function refreshJobs(q) {
-  const jobs = await api("/api/jobs?limit=30");
+  const jobs = (await api("/api/jobs?limit=30")).items;
   const reasons = {};
   for (const f of (q ? q.failed : [])) if (f.job_id !== null) reasons[f.job_id] = f.reason;
   const html = jobs.map((j) => {
     const reason = reasons[j.id] || j.error || "";
-    return `<tr data-job="${j.id}"><td class="num">${j.id}</td><td class="name" title="${esc(j.name)}">${esc(j.name)}</td>
+    return `<tr data-job="${j.id}"><td class="num">${j.id}</td><td class="name" title="${esc(j.name)}"><bdi>${esc(j.name)}</bdi></td>
       <td class="outcome-${esc(j.state)}">${esc(j.state)}${reason ? `<span class="reason">${esc(reason)}</span>` : ""}</td>
       <td>${j.version ? "v" + j.version : "—"}</td><td>${when(j.finished_at)}</td></tr>`;
   }).join("");
@@ -250,7 +247,7 @@ async function refreshModels() {
   const models = await api("/api/models");
   const html = models.map((v) => `<tr><td>v${v.id}${v.current ? '<span class="tag">current</span>' : ""}</td>
       <td>${v.parent_id ? "v" + v.parent_id : esc(v.base_model ? "base" : "—")}</td>
-      <td>${v.job_id ? "#" + v.job_id + " " + esc(v.job_name || "") : "—"}</td><td class="num">${v.steps}</td>
+      <td class="name" title="${esc(v.job_name || "")}">${v.job_id ? `<bdi>#${v.job_id} ${esc(v.job_name || "")}</bdi>` : "—"}</td><td class="num">${v.steps}</td>
       <td class="num">${num(v.train_loss)}</td><td class="num">${num(v.val_loss)}</td></tr>`).join("");
   rows($("models-table").tBodies[0], html, 6, "no model versions yet");
 }
@@ -278,14 +275,14 @@ function renderEvents(events, replace) {
     const warn = /warn|fail|error/i.test(e.kind);
     li.innerHTML = `<span class="muted">${new Date(e.time * 1000).toLocaleTimeString()}</span>
       <span class="${warn ? "warn" : "kind"}">${esc(e.kind)}</span><span class="muted">${e.job_id ? "#" + e.job_id : ""}</span>
-      <span>${esc(e.message)}</span>`;
+      <span class="msg"><bdi>${esc(e.message)}</bdi></span>`;
     list.prepend(li);
   }
   while (list.children.length > 200) list.lastChild.remove();
 }
 
 async function refreshEvents() {
-  const events = await api("/api/events?limit=100");
+  const events = (await api("/api/events?limit=100")).items;
   S.lastEventId = 0;
   renderEvents(events, true);
 }
