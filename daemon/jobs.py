@@ -11,7 +11,7 @@ from pathlib import Path
 from daemon.admission import write_error
 from daemon.outcome import Decision, Verdict, decide
 from daemon.spool import Spool, job_id_of, move
-from daemon.worker_process import LOG_NAME, WorkerProcess, describe_exit, log_tail
+from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import gate_version, keepalive_for_daemon, starting_version
 from safety.markers import kills_of
@@ -19,6 +19,7 @@ from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
+from trainbox.processes import describe_exit, exit_parts
 from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
 
@@ -40,8 +41,11 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 
 class JobRunner:
-    def __init__(self, home: Home, spool: Spool, db: ModelDB, settings: Settings) -> None:
+    def __init__(
+        self, home: Home, spool: Spool, db: ModelDB, settings: Settings, worker_command: WorkerCommand | None = None
+    ) -> None:
         self.home, self.spool, self.db, self.settings = home, spool, db, settings
+        self.worker_command = worker_command  # None: the real worker; tests pass a stub (WorkerProcess.spawn)
 
     def start(self, processing_file: Path) -> WorkerProcess:
         """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes."""
@@ -62,7 +66,7 @@ class JobRunner:
             spec = self._new_spec(job, processing_file, run_dir)
         spec.save()
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
-        worker = WorkerProcess.spawn(job_id, run_dir)
+        worker = WorkerProcess.spawn(job_id, run_dir, self.worker_command)
         attempt = len(self.db.runs(job_id)) + 1
         with self.db.session() as s:
             row = s.get(Job, job_id)
@@ -138,6 +142,7 @@ class JobRunner:
             if run is not None:
                 run.ended_at = time.time()
                 run.exit_status = exit_status
+                run.exit_code, run.exit_signal = exit_parts(returncode)
                 run.outcome = result.outcome.value if result else "crashed"
                 if decision.verdict == Verdict.CANCELLED:
                     run.outcome = Verdict.CANCELLED.value

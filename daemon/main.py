@@ -25,12 +25,13 @@ from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
 from daemon.outcome import Verdict
 from daemon.spool import Spool, job_id_of, move
-from daemon.worker_process import WorkerProcess, is_worker_process, stop_process
+from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
 from trainbox import control, sdnotify
 from trainbox.config import Settings
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
+from trainbox.processes import is_worker_pid
 from trainbox.states import DaemonState, JobState, WorkerOutcome
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
 
@@ -39,9 +40,12 @@ MAX_TICK_FAILURES = 100  # consecutive OSError ticks (about a minute) before the
 
 
 class Daemon:
-    def __init__(self, home: Home, settings: Settings) -> None:
+    def __init__(self, home: Home, settings: Settings, worker_command: WorkerCommand | None = None) -> None:
+        """``worker_command``: None runs the real worker; tests pass a stub's argv for a run folder,
+        so ``tick`` is tested without training (tests/test_daemon_tick.py)."""
         self.home = home.ensure()
         self.settings = settings
+        self.worker_command = worker_command
         self.lock = InstanceLock(home.root / "trainbox.lock")
         self.spool = Spool(home)
         self.db: ModelDB | None = None
@@ -94,7 +98,7 @@ class Daemon:
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=visible_gpus()
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
-        self.runner = JobRunner(self.home, self.spool, self.db, self.settings)
+        self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
@@ -114,7 +118,7 @@ class Daemon:
         assert self.db is not None
         for job in self.db.jobs([JobState.RUNNING, JobState.PAUSED]):
             for run in self.db.runs(job.id):
-                if run.ended_at is None and run.pid and is_worker_process(run.pid, self.home.run_dir(job.id)):
+                if run.ended_at is None and run.pid and is_worker_pid(run.pid, self.home.run_dir(job.id)):
                     log.warning("job %d: stopping worker pid %d left by a previous daemon", job.id, run.pid)
                     code = stop_process(run.pid, self.settings.daemon.worker_stop_timeout)
                     self.db.event("orphan_stopped", f"worker pid {run.pid} of a previous daemon: {code}", job.id)

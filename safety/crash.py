@@ -11,7 +11,6 @@ and the watchdog's kill marker. ``analyse_run`` gathers those for one run, write
 from __future__ import annotations
 
 import re
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from trainbox.atomic import atomic_write_json, read_json
+from trainbox.processes import describe_exit, signal_name
 
 CRASH_REPORT = "crash-report.json"
 LOG_NAME = "worker.log"
@@ -112,29 +112,6 @@ class CrashReport:
         return data
 
 
-def describe_returncode(returncode: int | None) -> tuple[str, str | None]:
-    if returncode is None:
-        return "unknown exit", None
-    if returncode < 0:
-        try:
-            name: str | None = signal.Signals(-returncode).name
-        except ValueError:
-            name = None
-        return f"killed by signal {-returncode} ({name or 'unknown'})", name
-    return f"exit code {returncode}", None
-
-
-def parse_exit_status(text: str | None) -> int | None:
-    """The return code back from the daemon's ``describe_exit`` text ('killed by signal 9 (SIGKILL)')."""
-    if not text:
-        return None
-    m = re.match(r"killed by signal (\d+)", text)
-    if m:
-        return -int(m.group(1))
-    m = re.match(r"exit code (-?\d+)", text)
-    return int(m.group(1)) if m else None
-
-
 def last_traceback(lines: list[str]) -> list[str]:
     """The last Python traceback in ``lines``: from its header through the exception line."""
     starts = [i for i, line in enumerate(lines) if line.strip().startswith(_TRACEBACK_START)]
@@ -169,7 +146,8 @@ def classify(
 ) -> CrashReport:
     """Why a worker ended abnormally. Pure: everything it looks at is passed in."""
     lines = list(log_lines or [])
-    exit_status, sig = describe_returncode(returncode)
+    exit_status = describe_exit(returncode)
+    sig = signal_name(-returncode) if returncode is not None and returncode < 0 else None
     tb = last_traceback(lines)
     evidence: dict[str, Any] = {}
     result = result or {}

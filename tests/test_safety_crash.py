@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safety.crash import CrashClass, analyse_run, classify, last_traceback, parse_exit_status
+from safety.crash import CrashClass, analyse_run, classify, last_traceback
+from trainbox.processes import describe_exit, exit_parts, returncode_of
 
 CUDA_OOM = """\
 2025-01-01 10:00:00 core.worker INFO step 40/200 loss 2.1
@@ -66,7 +67,7 @@ def test_nan_cuda_error_disk_and_python_exception() -> None:
     assert classify(1, None, ENOSPC).crash_class == CrashClass.DISK_FULL
     r = classify(1, None, PY_EXC)
     assert r.crash_class == CrashClass.PYTHON_EXCEPTION
-    assert "config.json" in r.summary and r.exit_status == "exit code 1"
+    assert "config.json" in r.summary and r.exit_status == "exit code 1 (failed)"
 
 
 def test_host_oom_kill_needs_evidence() -> None:
@@ -90,10 +91,11 @@ def test_stop_requests_watchdog_and_worker_classes() -> None:
     assert classify(3, None, []).crash_class == CrashClass.UNKNOWN
 
 
-def test_exit_status_round_trip_and_traceback_extraction() -> None:
-    assert parse_exit_status("killed by signal 9 (SIGKILL)") == -9
-    assert parse_exit_status("exit code 1 (failed)") == 1
-    assert parse_exit_status(None) is None
+def test_exit_status_integers_round_trip_and_traceback_extraction() -> None:
+    assert exit_parts(-9) == (None, 9) and returncode_of(*exit_parts(-9)) == -9
+    assert exit_parts(1) == (1, None) and returncode_of(*exit_parts(1)) == 1
+    assert exit_parts(None) == (None, None) and returncode_of(None, None) is None
+    assert describe_exit(-9) == "killed by signal 9 (SIGKILL)" and describe_exit(1) == "exit code 1 (failed)"
     assert last_traceback(["no traceback here"]) == []
 
 

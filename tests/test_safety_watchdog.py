@@ -16,10 +16,11 @@ import pytest
 
 from management.db import ModelDB
 from safety.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
-from safety.watchdog import PhaseClock, Watchdog, is_worker
+from safety.watchdog import PhaseClock, Watchdog
 from tests.e2e_helpers import DaemonProc, cli, make_home, metrics, wait_for, write_jsonl
 from trainbox.config import Settings, WatchdogConfig
 from trainbox.home import Home
+from trainbox.processes import is_worker_pid
 from trainbox.states import DaemonState
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
 
@@ -172,7 +173,7 @@ def test_hung_worker_is_killed_within_its_phase_limit_and_resumes(tmp_path: Path
         stopped = None
     finally:
         watchdog_rc = watchdog.stop()
-        if stopped is not None and is_worker(stopped):  # never leave a stopped worker behind a failure
+        if stopped is not None and is_worker_pid(stopped):  # never leave a stopped worker behind a failure
             os.kill(stopped, signal.SIGKILL)
         assert daemon.stop() == 0, daemon.log_text()
         assert watchdog_rc == 0
