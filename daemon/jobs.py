@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 from daemon.admission import write_error
+from daemon.gate import GATE_PENDING, GateRequest, request_gate
 from daemon.outcome import Decision, Verdict, decide
 from daemon.spool import Spool, job_id_of, move
 from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
-from management.versions import gate_version, keepalive_for_daemon, starting_version
+from management.versions import starting_version
 from safety.markers import kills_of
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
@@ -262,9 +263,14 @@ class JobRunner:
         return "cancelled"
 
     def complete(self, job_id: int, result: WorkerResult, processing_file: Path | None) -> int:
-        """Register the model version (once, even if a crash makes this run twice), then file the job."""
+        """Register the model version (once, even if a crash makes this run twice) and request its gate,
+        then file the job in done/: a job is done once its version exists; the gate that decides whether
+        the version becomes current runs afterwards (``daemon/gate.py``), before the next job starts."""
         existing = self.db.version_of_job(job_id)
         version = existing.id if existing is not None else self._register_version(job_id, result)
+        if existing is not None and not self.db.gates(version):  # a daemon died between the two
+            job = self.db.job(job_id)
+            self._request_gate(job_id, version, job.init_version if job else None, None)
         with self.db.session() as s:  # the row first: a reader who sees the file in done/ sees it final
             row = s.get(Job, job_id)
             if row is not None:
@@ -273,6 +279,22 @@ class JobRunner:
         if processing_file is not None:
             move(processing_file, self.home.done)
         return version
+
+    def _request_gate(
+        self, job_id: int, version_id: int, init_version: int | None, result: WorkerResult | None
+    ) -> None:
+        run_dir = self.home.run_dir(job_id)
+        if (run_dir / GATE_PENDING).exists():
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        request = GateRequest(
+            version_id=version_id,
+            job_id=job_id,
+            init_version=init_version,
+            own_val_loss=result.val_loss if result else None,
+            own_first_val_loss=result.first_val_loss if result else None,
+        )
+        request_gate(run_dir, request)
 
     def _register_version(self, job_id: int, result: WorkerResult) -> int:
         """The final model becomes the next version: its folder is renamed under models/."""
@@ -296,17 +318,6 @@ class JobRunner:
             target = move(Path(result.final_model), self.home.models, f"v{version.id:04d}")
             version.path = str(target)
             version_id = version.id
-        # the eval gate: promoted to models/current only if it does not regress (management/versions.py)
-        gate_version(
-            self.home,
-            self.db,
-            self.settings,
-            version_id,
-            job_id=job_id,
-            run_dir=self.home.run_dir(job_id),
-            init_version=job.init_version,
-            own_val_loss=result.val_loss,
-            own_first_val_loss=result.first_val_loss,
-            keepalive=keepalive_for_daemon(self.home),
-        )
+        # the eval gate runs as a child the daemon reaps in its tick (daemon/gate.py): only requested here
+        self._request_gate(job_id, version_id, job.init_version, result)
         return version_id

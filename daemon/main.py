@@ -18,6 +18,7 @@ from types import FrameType
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.admission import Admission
+from daemon.gate import Gates
 from daemon.inbox_report import InboxHousekeeping
 from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
@@ -40,12 +41,20 @@ MAX_TICK_FAILURES = 100  # consecutive OSError ticks (about a minute) before the
 
 
 class Daemon:
-    def __init__(self, home: Home, settings: Settings, worker_command: WorkerCommand | None = None) -> None:
-        """``worker_command``: None runs the real worker; tests pass a stub's argv for a run folder,
-        so ``tick`` is tested without training (tests/test_daemon_tick.py)."""
+    def __init__(
+        self,
+        home: Home,
+        settings: Settings,
+        worker_command: WorkerCommand | None = None,
+        evaluate_program: list[str] | None = None,
+    ) -> None:
+        """``worker_command`` (argv for a run folder) and ``evaluate_program`` (replacing ``python -m
+        core.evaluate``): None runs the real ones; tests pass stubs, so ``tick`` is tested without
+        training (tests/test_daemon_tick.py)."""
         self.home = home.ensure()
         self.settings = settings
         self.worker_command = worker_command
+        self.evaluate_program = evaluate_program
         self.lock = InstanceLock(home.root / "trainbox.lock")
         self.spool = Spool(home)
         self.db: ModelDB | None = None
@@ -99,6 +108,7 @@ class Daemon:
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command)
+        self.gates = Gates(self.home, self.db, self.settings, self.evaluate_program)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
@@ -148,6 +158,7 @@ class Daemon:
         self.check_disk(now)
         self.admit_ready(now)
         self.reap_worker(now)
+        self.gates.tick(now)  # the eval gate of a finished job's version: a child, reaped like a worker
         self.maybe_dispatch(now)
         self.write_status(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
@@ -163,6 +174,8 @@ class Daemon:
         if not self.stopping:
             log.info("stopping: the current job checkpoints first")
         self.stopping = True
+        if hasattr(self, "gates"):
+            self.gates.stop()  # an interrupted gate runs again at the next start
         if self.worker is not None:
             self.worker.request_stop(now)
         else:
@@ -282,6 +295,8 @@ class Daemon:
     def maybe_dispatch(self, now: float) -> None:
         if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
             return
+        if self.gates.busy:
+            return  # the next job starts from the models/current the pending gate decides
         assert self.db is not None
         processing = self.spool.processing()
         if processing:
@@ -322,7 +337,7 @@ class Daemon:
                 worker_pid=self.worker.pid if self.worker else None,
                 queue=self.spool.counts(),
                 pending_controls=[r.describe() for r in control.pending(self.home.control)],
-                message=self.message,
+                message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
                 inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
             ),
         )
@@ -336,6 +351,9 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
+        gates = getattr(self, "gates", None)
+        if gates is not None:
+            gates.stop()
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

@@ -16,7 +16,7 @@ from management.versions import (
     CURRENT,
     VersionError,
     current_id,
-    decide,
+    decide_promotion,
     promote,
     rollback,
     set_current,
@@ -28,12 +28,12 @@ from trainbox.home import Home
 
 
 def test_decide() -> None:
-    assert decide(5.0, None, 0.02, None).promoted  # nothing to beat
-    assert decide(1.01, 1.0, 0.02, 3).promoted
-    v = decide(1.05, 1.0, 0.02, 3)
+    assert decide_promotion(5.0, None, 0.02, None).promoted  # nothing to beat
+    assert decide_promotion(1.01, 1.0, 0.02, 3).promoted
+    v = decide_promotion(1.05, 1.0, 0.02, 3)
     assert not v.promoted and "regression" in v.reason
-    assert not decide(float("nan"), 1.0, 0.02, 3).promoted
-    assert decide(2.0, None, 0.02, 3).promoted  # current could not be scored
+    assert not decide_promotion(float("nan"), 1.0, 0.02, 3).promoted
+    assert decide_promotion(2.0, None, 0.02, 3).promoted  # current could not be scored
 
 
 def _fake_versions(home: Home, db: ModelDB, n: int) -> list[ModelVersion]:
