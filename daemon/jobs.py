@@ -20,7 +20,7 @@ from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
-from trainbox.processes import describe_exit, exit_parts
+from trainbox.processes import describe_exit, exit_parts, last_start_lines
 from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
 
@@ -134,6 +134,7 @@ class JobRunner:
             kills=kills_of(worker.run_dir, worker.pid),  # a hang counts as an attempt, like a crash
             cancelled_in=cancelled_in,
             phase=self.worker_phase(worker),
+            log_lines=last_start_lines(worker.run_dir / LOG_NAME),
         )
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         state = VERDICT_STATE[decision.verdict]

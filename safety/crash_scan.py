@@ -76,7 +76,7 @@ class CrashScanner:
         data.pop("log_tail", None)
         self._event(
             "crash_report",
-            f"{report.crash_class.value}: {report.summary} -> {report.action}",
+            f"{report.label}: {report.summary} -> {report.action}",
             run.job_id,
             data,
             count=False,

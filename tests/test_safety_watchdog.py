@@ -167,9 +167,9 @@ def test_hung_worker_is_killed_within_its_phase_limit_and_resumes(tmp_path: Path
         steps = [m["step"] for m in metrics(home.run_dir(job_id)) if m["kind"] == "train"]
         assert steps == list(range(1, 41))  # resumed from its last checkpoint: nothing repeated or missing
         report = wait_for(lambda: _events(home, "crash_report"), 20, "crash report")[0]
-        assert report["crash_class"] == "killed_by_watchdog"
+        assert report["failure_class"] == "hang" and report["detail"] == "killed_by_watchdog"
         saved = json.loads((home.run_dir(job_id) / "crash-report.json").read_text())
-        assert saved["crash_class"] == "killed_by_watchdog"
+        assert saved["failure_class"] == "hang" and saved["detail"] == "killed_by_watchdog"
         stopped = None
     finally:
         watchdog_rc = watchdog.stop()

@@ -95,3 +95,20 @@ def spawn_logged(
             start_new_session=True,
             env={**(defaults or {}), **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
         )
+
+
+def last_start_lines(path: Path, lines: int = 120) -> list[str]:
+    """The last ``lines`` of a child's log written since its last ``--- ... start`` line (only the last
+    start's output speaks for that run); [] if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    marker = text.rfind("--- worker start")
+    if marker >= 0:
+        text = text[marker:]
+    return text.splitlines()[-lines:]
