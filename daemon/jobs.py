@@ -10,7 +10,7 @@ from pathlib import Path
 
 from daemon.admission import write_error
 from daemon.gate import GATE_PENDING, GateRequest, request_gate
-from daemon.outcome import Decision, Verdict, decide
+from daemon.outcome import Decision, JobVerdict, decide
 from daemon.spool import Spool, job_id_of, move
 from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
@@ -26,12 +26,12 @@ from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
 
 WORKING_PHASES = ("loading", "training", "evaluating", "checkpointing")  # a worker's phases before its end
 VERDICT_STATE = {
-    Verdict.DONE: JobState.DONE,
-    Verdict.PAUSED: JobState.PAUSED,
-    Verdict.DISK_FULL: JobState.PAUSED,
-    Verdict.RETRY: JobState.QUEUED,
-    Verdict.FAILED: JobState.FAILED,
-    Verdict.CANCELLED: JobState.CANCELLED,
+    JobVerdict.DONE: JobState.DONE,
+    JobVerdict.PAUSED: JobState.PAUSED,
+    JobVerdict.DISK_FULL: JobState.PAUSED,
+    JobVerdict.RETRY: JobState.QUEUED,
+    JobVerdict.FAILED: JobState.FAILED,
+    JobVerdict.CANCELLED: JobState.CANCELLED,
 }
 
 
@@ -146,22 +146,22 @@ class JobRunner:
                 run.exit_status = exit_status
                 run.exit_code, run.exit_signal = exit_parts(returncode)
                 run.outcome = result.outcome.value if result else "crashed"
-                if decision.verdict == Verdict.CANCELLED:
-                    run.outcome = Verdict.CANCELLED.value
+                if decision.verdict == JobVerdict.CANCELLED:
+                    run.outcome = JobVerdict.CANCELLED.value
                 run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None
-        if decision.verdict == Verdict.DONE and result is not None:
+        if decision.verdict == JobVerdict.DONE and result is not None:
             version = self.complete(job_id, result, processing_file)
             message = f"done: model version {version}, val loss {result.val_loss}"
-        elif decision.verdict == Verdict.RETRY:
+        elif decision.verdict == JobVerdict.RETRY:
             attempts = (job.attempts if job else 0) + 1
             retry_at = time.time() + self.settings.daemon.retry_backoff * 2 ** (attempts - 1)
             if processing_file is not None:
                 move(processing_file, self.home.waiting(Priority(job.priority if job else "normal")))
-        elif decision.verdict in (Verdict.FAILED, Verdict.CANCELLED) and processing_file is not None:
+        elif decision.verdict in (JobVerdict.FAILED, JobVerdict.CANCELLED) and processing_file is not None:
             evidence = dict(decision.evidence)
-            if decision.verdict == Verdict.CANCELLED:
+            if decision.verdict == JobVerdict.CANCELLED:
                 evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
             failed = move(processing_file, self.home.failed)
             write_error(
@@ -188,11 +188,11 @@ class JobRunner:
                 row.state = state.value
                 if state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
                     row.finished_at = time.time()
-                if decision.verdict in (Verdict.RETRY, Verdict.FAILED):
+                if decision.verdict in (JobVerdict.RETRY, JobVerdict.FAILED):
                     row.attempts += 1
                     row.error = message
                     row.failure_class = decision.failure_class.value if decision.failure_class else None
-                if decision.verdict == Verdict.CANCELLED:
+                if decision.verdict == JobVerdict.CANCELLED:
                     row.error = message
                 row.retry_at = retry_at
         self.db.event(
@@ -255,7 +255,7 @@ class JobRunner:
         now = time.time()
         with self.db.session() as s:
             for run in s.query(Run).filter(Run.job_id == job_id, Run.ended_at.is_(None)):
-                run.ended_at, run.outcome = now, Verdict.CANCELLED.value
+                run.ended_at, run.outcome = now, JobVerdict.CANCELLED.value
             row = s.get(Job, job_id)
             if row is not None:
                 row.state = JobState.CANCELLED.value

@@ -24,7 +24,7 @@ from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
-from daemon.outcome import Verdict
+from daemon.outcome import JobVerdict
 from daemon.spool import Spool, job_id_of, move
 from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
@@ -219,18 +219,18 @@ class Daemon:
         log.info("control request %s job %d: %s", request.action.value, request.job_id, outcome)
         return True
 
-    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> Verdict:
+    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> JobVerdict:
         """The reap's decision, with a pending cancel of this worker's job applied (and its request
         consumed: the job is filed by now)."""
         assert self.db is not None
         cancel, self.cancelling = self.cancelling, None
         decision = self.runner.finish(worker, rc, stop_was_requested, cancelled_in=cancel[1] if cancel else "")
         if cancel is not None:
-            late = "" if decision.verdict == Verdict.CANCELLED else "came too late: "  # it had just completed
+            late = "" if decision.verdict == JobVerdict.CANCELLED else "came too late: "  # it had just completed
             self.db.event("control", f"cancel job {worker.job_id}: {late}{decision.reason}", worker.job_id)
             control.consume(cancel[0])
         log.info("job %d: %s: %s", worker.job_id, decision.verdict.value, decision.reason)
-        if decision.verdict == Verdict.DISK_FULL:
+        if decision.verdict == JobVerdict.DISK_FULL:
             needed = int(decision.evidence.get("needed_bytes", 0) * 1.1)
             self.disk_full_needs = max(needed, self.settings.daemon.disk_resume_free_bytes)
             self.message = f"disk full: {decision.reason}; waiting for {self.disk_full_needs} bytes free"

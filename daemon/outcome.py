@@ -25,7 +25,7 @@ from trainbox.states import EXIT_INTERRUPTED, FailureClass, WorkerOutcome
 DISK_FULL = "disk full"
 
 
-class Verdict(StrEnum):
+class JobVerdict(StrEnum):
     DONE = "done"  # all steps ran, a final model exists
     PAUSED = "paused"  # checkpointed on request (pause/stop); stays in processing/
     DISK_FULL = "disk_full"  # the worker stopped itself before a save that would not fit
@@ -36,7 +36,7 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True)
 class Decision:
-    verdict: Verdict
+    verdict: JobVerdict
     reason: str
     failure_class: FailureClass | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
@@ -63,25 +63,27 @@ def decide(
     ``log_lines``: its log since its start. Why a run failed is ``trainbox.outcomes.classify_end``, the
     classification crash reports use too."""
     if result is not None and result.outcome == WorkerOutcome.COMPLETED and returncode == 0 and final_model_exists:
-        return Decision(Verdict.DONE, f"completed {result.step} steps")
+        return Decision(JobVerdict.DONE, f"completed {result.step} steps")
     if cancelled_in:
         return _cancelled(result, cancelled_in)
     interrupted = (result is not None and result.outcome == WorkerOutcome.INTERRUPTED) or returncode == EXIT_INTERRUPTED
     if interrupted and not kills and result is not None and result.pause_reason == DISK_FULL:
         return Decision(
-            Verdict.DISK_FULL,
+            JobVerdict.DISK_FULL,
             result.message or DISK_FULL,
             FailureClass.DISK,
             dict(result.evidence),
             result.fix or CLASS_FIXES[FailureClass.DISK],
         )
     if interrupted and not kills:
-        return Decision(Verdict.PAUSED, f"paused at step {result.step if result is not None else '?'}")
+        return Decision(JobVerdict.PAUSED, f"paused at step {result.step if result is not None else '?'}")
     end = RunEnd(returncode, result, stop_requested, kills, phase, None, log_lines)
     c = classify_end(end)
     if c.failure_class is None:  # stopped on request: its checkpoint holds the progress
-        return Decision(Verdict.PAUSED, f"paused at step {result.step if result is not None else '?'}")
-    return _with_retries(Decision(Verdict.FAILED, c.reason, c.failure_class, c.evidence, c.fix), attempts, max_retries)
+        return Decision(JobVerdict.PAUSED, f"paused at step {result.step if result is not None else '?'}")
+    return _with_retries(
+        Decision(JobVerdict.FAILED, c.reason, c.failure_class, c.evidence, c.fix), attempts, max_retries
+    )
 
 
 def _with_retries(failure: Decision, attempts: int, max_retries: int) -> Decision:
@@ -91,14 +93,14 @@ def _with_retries(failure: Decision, attempts: int, max_retries: int) -> Decisio
         return failure
     if attempts < max_retries:
         return Decision(
-            Verdict.RETRY,
+            JobVerdict.RETRY,
             f"{failure.reason} (attempt {attempts + 1} of {max_retries + 1}; it will be retried)",
             failure.failure_class,
             failure.evidence,
             failure.fix,
         )
     return Decision(
-        Verdict.FAILED,
+        JobVerdict.FAILED,
         f"{failure.reason} (gave up after {attempts + 1} attempts)",
         failure.failure_class,
         failure.evidence,
@@ -111,7 +113,7 @@ def _cancelled(result: WorkerResult | None, cancelled_in: str) -> Decision:
     at = f" at step {result.step}" if result is not None else ""
     evidence: dict[str, Any] = {"phase": cancelled_in, "step": result.step if result is not None else None}
     return Decision(
-        Verdict.CANCELLED,
+        JobVerdict.CANCELLED,
         f"cancelled while {cancelled_in}{at}, by a control request",
         FailureClass.CANCELLED,
         evidence,
