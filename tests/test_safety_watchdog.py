@@ -234,7 +234,7 @@ def test_a_job_that_hangs_every_time_fails_as_hang(tmp_path: Path, embedded: Pat
         assert "gave up after 2 attempts" in error["reason"] and "killed as hung 2 times" in error["reason"]
         kills = error["evidence"]["kills"]
         assert len(kills) == 2 and kills[0]["time"] < kills[1]["time"]
-        assert all(k["phase"] == "loading" and k["heartbeat_age_s"] > k["limit_s"] for k in kills)
+        assert all(k["phase"] == "loading" and k["heartbeat_age_s"] > k["limit_s"] for k in kills), kills
         db = ModelDB(home.db_url)
         job = db.jobs()[0]
         assert job.state == "failed" and job.failure_class == "hang" and job.attempts == 2
