@@ -158,7 +158,7 @@ class Daemon:
         self.check_disk(now)
         self.admit_ready(now)
         self.reap_worker(now)
-        self.gates.tick(now)  # the eval gate of a finished job's version: a child, reaped like a worker
+        self.reap_gate(now)
         self.maybe_dispatch(now)
         self.write_status(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
@@ -291,6 +291,12 @@ class Daemon:
         self.worker = None
         if self.stopping:
             self.finished = True
+
+    def reap_gate(self, now: float) -> None:
+        """The eval gate of a finished job's version: a child reaped like a worker (``daemon/gate.py``).
+        Not while stopping: an interrupted gate runs again at the next start."""
+        if not self.stopping:
+            self.gates.tick(now)
 
     def maybe_dispatch(self, now: float) -> None:
         if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
