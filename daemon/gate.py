@@ -69,9 +69,20 @@ class Gates:
     def __init__(self, home: Home, db: ModelDB, settings: Settings, program: list[str] | None = None) -> None:
         self.home, self.db, self.settings, self.program = home, db, settings, program
         self.child: GateChild | None = None
+        self._pending: list[tuple[Path, GateRequest]] | None = None  # None: read the disk again
+
+    def refresh(self) -> None:
+        """A job was reaped (it may have requested a gate): list the requests again when next asked."""
+        self._pending = None
 
     def pending(self) -> list[tuple[Path, GateRequest]]:
-        """Requests on disk, oldest version first (a restart finds an interrupted gate here)."""
+        """Requests on disk, oldest version first (a restart finds an interrupted gate here); listed once
+        per ``refresh``, not every tick."""
+        if self._pending is None:
+            self._pending = self._scan()
+        return self._pending
+
+    def _scan(self) -> list[tuple[Path, GateRequest]]:
         found = []
         for path in self.home.runs.glob(f"*/{GATE_PENDING}"):
             data = read_json(path)
@@ -150,6 +161,7 @@ class Gates:
         except VersionError as e:  # boundary: a gate that cannot be applied must not block the queue
             log.error("model version %d: gate could not be applied: %s", request.version_id, e)
         (run_dir / GATE_PENDING).unlink(missing_ok=True)
+        self._pending = [(d, r) for d, r in self.pending() if r.version_id != request.version_id]
 
     @staticmethod
     def _kill(child: GateChild) -> None:

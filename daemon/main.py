@@ -288,6 +288,7 @@ class Daemon:
                 worker.kill()
             return
         self._finish_worker(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
+        self.gates.refresh()  # a completed job has requested its version's gate
         self.worker = None
         if self.stopping:
             self.finished = True
