@@ -29,7 +29,7 @@ from management.versions import GatePlan, GateVerdict, VersionError, apply_gate,
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
 from trainbox.home import Home
-from trainbox.processes import describe_exit, spawn_logged
+from trainbox.processes import cmdline, describe_exit, spawn_logged
 
 log = logging.getLogger("trainbox.daemon")
 
@@ -47,6 +47,7 @@ class GateRequest(BaseModel):
     init_version: int | None = None
     own_val_loss: float | None = None
     own_first_val_loss: float | None = None
+    pid: int | None = None  # its evaluation child, once started (stopped if a new daemon finds it alive)
 
 
 def request_gate(run_dir: Path, request: GateRequest) -> None:
@@ -127,6 +128,7 @@ class Gates:
         (run_dir / GATE_RESULT).unlink(missing_ok=True)  # a stale result must never speak for this gate
         argv = [*plan.argv, "--out", str(run_dir / GATE_RESULT)]
         popen = spawn_logged(argv, run_dir / GATE_LOG, label="gate", defaults=QUIET_OFFLINE_ENV)
+        request_gate(run_dir, request.model_copy(update={"pid": popen.pid}))
         self.child = GateChild(request, run_dir, plan, popen, now)
         log.info("model version %d: eval gate started (pid %d)", request.version_id, popen.pid)
 
@@ -169,6 +171,20 @@ class Gates:
             os.killpg(child.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(10)
+
+    def stop_orphans(self) -> None:
+        """An evaluation child outlives a daemon killed with -9 (its own session): kill it before the
+        gate runs again, so two never hold the GPU at once. Its argv names its result file: never a
+        stranger that reuses the pid."""
+        for run_dir, request in self.pending():
+            if request.pid and str(run_dir / GATE_RESULT) in cmdline(request.pid):
+                log.warning(
+                    "model version %d: killing eval gate pid %d left by a previous daemon",
+                    request.version_id,
+                    request.pid,
+                )
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(request.pid, signal.SIGKILL)
 
     def stop(self) -> None:
         """The daemon stops: the child is killed, its request stays for the next daemon."""

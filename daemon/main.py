@@ -112,6 +112,7 @@ class Daemon:
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
+        self.gates.stop_orphans()
         self._reconcile()
         self.watcher = InboxWatcher(
             self.home.inbox, self.settings.daemon.settle_seconds, self.settings.daemon.polling_observer, time.time

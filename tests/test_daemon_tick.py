@@ -186,6 +186,7 @@ def test_an_interrupted_gate_runs_again_after_a_restart(home: Home, make_daemon:
     tick_until(d, lambda: d.gates.child is not None, "the gate child")
     child = d.gates.child
     assert child is not None
+    assert json.loads((home.run_dir(2) / GATE_PENDING).read_text())["pid"] == child.popen.pid
     d.shutdown()
     assert child.popen.poll() is not None and (home.run_dir(2) / GATE_PENDING).exists()
     (home.root / "stub-gate-hold").unlink()
