@@ -93,7 +93,8 @@ def test_harmful_job_not_promoted_rollback_and_next_job_starts_from_current(tmp_
     def run_job(name: str, rows: list[dict[str, str]], n_done: int) -> None:
         write_jsonl(home.inbox / name, rows)
         wait_for(lambda: len(list(home.done.glob("*.jsonl"))) == n_done, 120, f"{name} done")
-        wait_for(lambda: len(db.gates()) == n_done, 30, f"{name} gated")
+        # a job is filed in done/ once its version exists; the gate (an evaluation child) follows
+        wait_for(lambda: len(db.gates()) == n_done, 180, f"{name} gated")
 
     try:
         run_job("good1.jsonl", [{"text": t} for t in GOOD], 1)
