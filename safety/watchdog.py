@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -285,8 +286,9 @@ class Watchdog:
             "phase": phase,
             "step": training.step if training else None,
             "heartbeat": since,
-            "heartbeat_age_s": round(age, 1),
-            "limit_s": round(limit, 1),
+            # to 0.1 s, age rounded up and limit down: the evidence shows age > limit, as judged
+            "heartbeat_age_s": math.ceil(age * 10) / 10,
+            "limit_s": math.floor(limit * 10) / 10,
             "longest_interval_s": self.clock.longest.get(phase),
             "floor_s": self.clock.bounds(phase)[0],
             "ceiling_s": self.clock.bounds(phase)[1],
