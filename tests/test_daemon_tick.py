@@ -194,3 +194,19 @@ def test_an_interrupted_gate_runs_again_after_a_restart(home: Home, make_daemon:
     assert again.db is not None
     tick_until(again, lambda: again.db.gates(2), "the gate run again")  # type: ignore[union-attr]
     assert current_id(home) == 2 and len(again.db.gates()) == 2
+
+
+def test_a_gate_past_eval_timeout_is_killed_and_the_version_kept_unpromoted(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    (home.root / "frozen.jsonl").write_text('{"text": "frozen"}\n')
+    d = make_daemon(_settings(eval_file="frozen.jsonl", eval_timeout=0.5))
+    assert d.db is not None
+    drop(home, "first.jsonl")
+    tick_until(d, lambda: current_id(home) == 1, "v1 current")
+    (home.root / "stub-gate-hold").touch()  # never released: the evaluation overruns its limit
+    drop(home, "second.jsonl")
+    tick_until(d, lambda: d.db.gates(2), "the overdue gate judged")  # type: ignore[union-attr]
+    gate = d.db.gates(2)[0]
+    assert not gate.promoted and "eval_timeout" in gate.reason and current_id(home) == 1
+    assert not (home.run_dir(2) / GATE_PENDING).exists() and d.gates.child is None
