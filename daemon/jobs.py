@@ -9,27 +9,29 @@ import time
 from pathlib import Path
 
 from daemon.admission import write_error
-from daemon.outcome import Decision, Verdict, decide
+from daemon.gate import GATE_PENDING, GateRequest, request_gate
+from daemon.outcome import Decision, JobVerdict, decide
 from daemon.spool import Spool, job_id_of, move
-from daemon.worker_process import LOG_NAME, WorkerProcess, describe_exit, log_tail
+from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
-from management.versions import gate_version, keepalive_for_daemon, starting_version
+from management.versions import starting_version
 from safety.markers import kills_of
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
+from trainbox.processes import describe_exit, exit_parts, last_start_lines
 from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
 
 WORKING_PHASES = ("loading", "training", "evaluating", "checkpointing")  # a worker's phases before its end
 VERDICT_STATE = {
-    Verdict.DONE: JobState.DONE,
-    Verdict.PAUSED: JobState.PAUSED,
-    Verdict.DISK_FULL: JobState.PAUSED,
-    Verdict.RETRY: JobState.QUEUED,
-    Verdict.FAILED: JobState.FAILED,
-    Verdict.CANCELLED: JobState.CANCELLED,
+    JobVerdict.DONE: JobState.DONE,
+    JobVerdict.PAUSED: JobState.PAUSED,
+    JobVerdict.DISK_FULL: JobState.PAUSED,
+    JobVerdict.RETRY: JobState.QUEUED,
+    JobVerdict.FAILED: JobState.FAILED,
+    JobVerdict.CANCELLED: JobState.CANCELLED,
 }
 
 
@@ -40,8 +42,11 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 
 class JobRunner:
-    def __init__(self, home: Home, spool: Spool, db: ModelDB, settings: Settings) -> None:
+    def __init__(
+        self, home: Home, spool: Spool, db: ModelDB, settings: Settings, worker_command: WorkerCommand | None = None
+    ) -> None:
         self.home, self.spool, self.db, self.settings = home, spool, db, settings
+        self.worker_command = worker_command  # None: the real worker; tests pass a stub (WorkerProcess.spawn)
 
     def start(self, processing_file: Path) -> WorkerProcess:
         """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes."""
@@ -62,7 +67,7 @@ class JobRunner:
             spec = self._new_spec(job, processing_file, run_dir)
         spec.save()
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
-        worker = WorkerProcess.spawn(job_id, run_dir)
+        worker = WorkerProcess.spawn(job_id, run_dir, self.worker_command)
         attempt = len(self.db.runs(job_id)) + 1
         with self.db.session() as s:
             row = s.get(Job, job_id)
@@ -129,6 +134,7 @@ class JobRunner:
             kills=kills_of(worker.run_dir, worker.pid),  # a hang counts as an attempt, like a crash
             cancelled_in=cancelled_in,
             phase=self.worker_phase(worker),
+            log_lines=last_start_lines(worker.run_dir / LOG_NAME),
         )
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         state = VERDICT_STATE[decision.verdict]
@@ -138,23 +144,24 @@ class JobRunner:
             if run is not None:
                 run.ended_at = time.time()
                 run.exit_status = exit_status
+                run.exit_code, run.exit_signal = exit_parts(returncode)
                 run.outcome = result.outcome.value if result else "crashed"
-                if decision.verdict == Verdict.CANCELLED:
-                    run.outcome = Verdict.CANCELLED.value
+                if decision.verdict == JobVerdict.CANCELLED:
+                    run.outcome = JobVerdict.CANCELLED.value
                 run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None
-        if decision.verdict == Verdict.DONE and result is not None:
+        if decision.verdict == JobVerdict.DONE and result is not None:
             version = self.complete(job_id, result, processing_file)
             message = f"done: model version {version}, val loss {result.val_loss}"
-        elif decision.verdict == Verdict.RETRY:
+        elif decision.verdict == JobVerdict.RETRY:
             attempts = (job.attempts if job else 0) + 1
             retry_at = time.time() + self.settings.daemon.retry_backoff * 2 ** (attempts - 1)
             if processing_file is not None:
                 move(processing_file, self.home.waiting(Priority(job.priority if job else "normal")))
-        elif decision.verdict in (Verdict.FAILED, Verdict.CANCELLED) and processing_file is not None:
+        elif decision.verdict in (JobVerdict.FAILED, JobVerdict.CANCELLED) and processing_file is not None:
             evidence = dict(decision.evidence)
-            if decision.verdict == Verdict.CANCELLED:
+            if decision.verdict == JobVerdict.CANCELLED:
                 evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
             failed = move(processing_file, self.home.failed)
             write_error(
@@ -181,11 +188,11 @@ class JobRunner:
                 row.state = state.value
                 if state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
                     row.finished_at = time.time()
-                if decision.verdict in (Verdict.RETRY, Verdict.FAILED):
+                if decision.verdict in (JobVerdict.RETRY, JobVerdict.FAILED):
                     row.attempts += 1
                     row.error = message
                     row.failure_class = decision.failure_class.value if decision.failure_class else None
-                if decision.verdict == Verdict.CANCELLED:
+                if decision.verdict == JobVerdict.CANCELLED:
                     row.error = message
                 row.retry_at = retry_at
         self.db.event(
@@ -248,7 +255,7 @@ class JobRunner:
         now = time.time()
         with self.db.session() as s:
             for run in s.query(Run).filter(Run.job_id == job_id, Run.ended_at.is_(None)):
-                run.ended_at, run.outcome = now, Verdict.CANCELLED.value
+                run.ended_at, run.outcome = now, JobVerdict.CANCELLED.value
             row = s.get(Job, job_id)
             if row is not None:
                 row.state = JobState.CANCELLED.value
@@ -257,9 +264,14 @@ class JobRunner:
         return "cancelled"
 
     def complete(self, job_id: int, result: WorkerResult, processing_file: Path | None) -> int:
-        """Register the model version (once, even if a crash makes this run twice), then file the job."""
+        """Register the model version (once, even if a crash makes this run twice) and request its gate,
+        then file the job in done/: a job is done once its version exists; the gate that decides whether
+        the version becomes current runs afterwards (``daemon/gate.py``), before the next job starts."""
         existing = self.db.version_of_job(job_id)
         version = existing.id if existing is not None else self._register_version(job_id, result)
+        if existing is not None and not self.db.gates(version):  # a daemon died between the two
+            job = self.db.job(job_id)
+            self._request_gate(job_id, version, job.init_version if job else None, None)
         with self.db.session() as s:  # the row first: a reader who sees the file in done/ sees it final
             row = s.get(Job, job_id)
             if row is not None:
@@ -268,6 +280,22 @@ class JobRunner:
         if processing_file is not None:
             move(processing_file, self.home.done)
         return version
+
+    def _request_gate(
+        self, job_id: int, version_id: int, init_version: int | None, result: WorkerResult | None
+    ) -> None:
+        run_dir = self.home.run_dir(job_id)
+        if (run_dir / GATE_PENDING).exists():
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        request = GateRequest(
+            version_id=version_id,
+            job_id=job_id,
+            init_version=init_version,
+            own_val_loss=result.val_loss if result else None,
+            own_first_val_loss=result.first_val_loss if result else None,
+        )
+        request_gate(run_dir, request)
 
     def _register_version(self, job_id: int, result: WorkerResult) -> int:
         """The final model becomes the next version: its folder is renamed under models/."""
@@ -291,17 +319,6 @@ class JobRunner:
             target = move(Path(result.final_model), self.home.models, f"v{version.id:04d}")
             version.path = str(target)
             version_id = version.id
-        # the eval gate: promoted to models/current only if it does not regress (management/versions.py)
-        gate_version(
-            self.home,
-            self.db,
-            self.settings,
-            version_id,
-            job_id=job_id,
-            run_dir=self.home.run_dir(job_id),
-            init_version=job.init_version,
-            own_val_loss=result.val_loss,
-            own_first_val_loss=result.first_val_loss,
-            keepalive=keepalive_for_daemon(self.home),
-        )
+        # the eval gate runs as a child the daemon reaps in its tick (daemon/gate.py): only requested here
+        self._request_gate(job_id, version_id, job.init_version, result)
         return version_id

@@ -18,19 +18,21 @@ from types import FrameType
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.admission import Admission
+from daemon.gate import Gates
 from daemon.inbox_report import InboxHousekeeping
 from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
-from daemon.outcome import Verdict
+from daemon.outcome import JobVerdict
 from daemon.spool import Spool, job_id_of, move
-from daemon.worker_process import WorkerProcess, is_worker_process, stop_process
+from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
 from trainbox import control, sdnotify
 from trainbox.config import Settings
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
+from trainbox.processes import is_worker_pid
 from trainbox.states import DaemonState, JobState, WorkerOutcome
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
 
@@ -39,9 +41,20 @@ MAX_TICK_FAILURES = 100  # consecutive OSError ticks (about a minute) before the
 
 
 class Daemon:
-    def __init__(self, home: Home, settings: Settings) -> None:
+    def __init__(
+        self,
+        home: Home,
+        settings: Settings,
+        worker_command: WorkerCommand | None = None,
+        evaluate_program: list[str] | None = None,
+    ) -> None:
+        """``worker_command`` (argv for a run folder) and ``evaluate_program`` (replacing ``python -m
+        core.evaluate``): None runs the real ones; tests pass stubs, so ``tick`` is tested without
+        training (tests/test_daemon_tick.py)."""
         self.home = home.ensure()
         self.settings = settings
+        self.worker_command = worker_command
+        self.evaluate_program = evaluate_program
         self.lock = InstanceLock(home.root / "trainbox.lock")
         self.spool = Spool(home)
         self.db: ModelDB | None = None
@@ -94,10 +107,12 @@ class Daemon:
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=visible_gpus()
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
-        self.runner = JobRunner(self.home, self.spool, self.db, self.settings)
+        self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command)
+        self.gates = Gates(self.home, self.db, self.settings, self.evaluate_program)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
+        self.gates.stop_orphans()
         self._reconcile()
         self.watcher = InboxWatcher(
             self.home.inbox, self.settings.daemon.settle_seconds, self.settings.daemon.polling_observer, time.time
@@ -114,7 +129,7 @@ class Daemon:
         assert self.db is not None
         for job in self.db.jobs([JobState.RUNNING, JobState.PAUSED]):
             for run in self.db.runs(job.id):
-                if run.ended_at is None and run.pid and is_worker_process(run.pid, self.home.run_dir(job.id)):
+                if run.ended_at is None and run.pid and is_worker_pid(run.pid, self.home.run_dir(job.id)):
                     log.warning("job %d: stopping worker pid %d left by a previous daemon", job.id, run.pid)
                     code = stop_process(run.pid, self.settings.daemon.worker_stop_timeout)
                     self.db.event("orphan_stopped", f"worker pid {run.pid} of a previous daemon: {code}", job.id)
@@ -144,6 +159,7 @@ class Daemon:
         self.check_disk(now)
         self.admit_ready(now)
         self.reap_worker(now)
+        self.reap_gate(now)
         self.maybe_dispatch(now)
         self.write_status(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
@@ -159,6 +175,8 @@ class Daemon:
         if not self.stopping:
             log.info("stopping: the current job checkpoints first")
         self.stopping = True
+        if hasattr(self, "gates"):
+            self.gates.stop()  # an interrupted gate runs again at the next start
         if self.worker is not None:
             self.worker.request_stop(now)
         else:
@@ -202,18 +220,18 @@ class Daemon:
         log.info("control request %s job %d: %s", request.action.value, request.job_id, outcome)
         return True
 
-    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> Verdict:
+    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> JobVerdict:
         """The reap's decision, with a pending cancel of this worker's job applied (and its request
         consumed: the job is filed by now)."""
         assert self.db is not None
         cancel, self.cancelling = self.cancelling, None
         decision = self.runner.finish(worker, rc, stop_was_requested, cancelled_in=cancel[1] if cancel else "")
         if cancel is not None:
-            late = "" if decision.verdict == Verdict.CANCELLED else "came too late: "  # it had just completed
+            late = "" if decision.verdict == JobVerdict.CANCELLED else "came too late: "  # it had just completed
             self.db.event("control", f"cancel job {worker.job_id}: {late}{decision.reason}", worker.job_id)
             control.consume(cancel[0])
         log.info("job %d: %s: %s", worker.job_id, decision.verdict.value, decision.reason)
-        if decision.verdict == Verdict.DISK_FULL:
+        if decision.verdict == JobVerdict.DISK_FULL:
             needed = int(decision.evidence.get("needed_bytes", 0) * 1.1)
             self.disk_full_needs = max(needed, self.settings.daemon.disk_resume_free_bytes)
             self.message = f"disk full: {decision.reason}; waiting for {self.disk_full_needs} bytes free"
@@ -271,13 +289,22 @@ class Daemon:
                 worker.kill()
             return
         self._finish_worker(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
+        self.gates.refresh()  # a completed job has requested its version's gate
         self.worker = None
         if self.stopping:
             self.finished = True
 
+    def reap_gate(self, now: float) -> None:
+        """The eval gate of a finished job's version: a child reaped like a worker (``daemon/gate.py``).
+        Not while stopping: an interrupted gate runs again at the next start."""
+        if not self.stopping:
+            self.gates.tick(now)
+
     def maybe_dispatch(self, now: float) -> None:
         if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
             return
+        if self.gates.busy:
+            return  # the next job starts from the models/current the pending gate decides
         assert self.db is not None
         processing = self.spool.processing()
         if processing:
@@ -318,7 +345,7 @@ class Daemon:
                 worker_pid=self.worker.pid if self.worker else None,
                 queue=self.spool.counts(),
                 pending_controls=[r.describe() for r in control.pending(self.home.control)],
-                message=self.message,
+                message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
                 inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
             ),
         )
@@ -332,6 +359,9 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
+        gates = getattr(self, "gates", None)
+        if gates is not None:
+            gates.stop()
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

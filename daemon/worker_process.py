@@ -15,30 +15,21 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from trainbox.jobspec import JOB_SPEC
-from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
+from trainbox.processes import spawn_logged
 
 LOG_NAME = "worker.log"
+# argv of a worker for a run folder and a process count (the seam tests use for a stub worker)
+WorkerCommand = Callable[[Path, int], list[str]]
 # Models load from local folders only, and progress bars would fill the log: defaults a user's
 # own environment can still override.
 QUIET_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
-
-
-def describe_exit(returncode: int) -> str:
-    """A person-readable exit status: 'killed by signal 9 (SIGKILL)' is not 'exit code 1'."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {-returncode} ({name})"
-    meaning = {EXIT_COMPLETED: "completed", EXIT_FAILED: "failed", EXIT_INTERRUPTED: "interrupted"}
-    return f"exit code {returncode}" + (f" ({meaning[returncode]})" if returncode in meaning else "")
 
 
 def log_tail(path: Path, lines: int) -> list[str]:
@@ -94,19 +85,13 @@ class WorkerProcess:
     stop_requested_at: float | None = None
 
     @classmethod
-    def spawn(cls, job_id: int, run_dir: Path) -> WorkerProcess:
+    def spawn(cls, job_id: int, run_dir: Path, command: WorkerCommand | None = None) -> WorkerProcess:
+        """``command``: the argv for a run folder and a process count; None: the real worker
+        (``worker_command``). Tests pass a stub that writes a result and exits (``Daemon``'s
+        ``worker_command`` argument), so queue decisions are tested without training."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / LOG_NAME, "ab") as log:
-            log.write(f"\n--- worker start {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
-            log.flush()
-            popen = subprocess.Popen(
-                worker_command(run_dir, job_nproc(run_dir)),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env={**QUIET_OFFLINE_ENV, **os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        argv = (command or worker_command)(run_dir, job_nproc(run_dir))
+        popen = spawn_logged(argv, run_dir / LOG_NAME, label="worker", defaults=QUIET_OFFLINE_ENV)
         return cls(job_id, run_dir, popen, time.time())
 
     @property
@@ -133,15 +118,6 @@ class WorkerProcess:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
-
-
-def is_worker_process(pid: int, run_dir: Path) -> bool:
-    """Whether ``pid`` is a trainbox worker for ``run_dir`` (pids are reused; never kill a stranger)."""
-    try:
-        cmdline = psutil.Process(pid).cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    return "core.worker" in cmdline and str(run_dir) in cmdline
 
 
 def stop_process(pid: int, timeout: float) -> str:

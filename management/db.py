@@ -75,7 +75,9 @@ class Run(Base):
     started_at: Mapped[float] = mapped_column(Float, default=time.time)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String, nullable=True)
-    exit_status: Mapped[str | None] = mapped_column(String, nullable=True)
+    exit_status: Mapped[str | None] = mapped_column(String, nullable=True)  # readable, for display
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None when killed by a signal
+    exit_signal: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the signal that killed it
     start_step: Mapped[int] = mapped_column(Integer, default=0)
     end_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     init_model: Mapped[str] = mapped_column(String, default="")

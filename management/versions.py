@@ -8,9 +8,12 @@ job starts from it (``starting_version``); from an adapter version, it starts fr
 adapter merged (``core.lora.load_causal_lm``), and a LoRA job's new adapter records that version as
 its base.
 
-The gate (``gate_version``), run when the daemon registers a version:
+The gate, when the daemon registers a version: ``plan_version_gate`` says how the version is judged,
+the daemon runs the plan's evaluation child and applies ``apply_gate`` when it reaps it
+(``daemon/gate.py``: the tick never waits on an evaluation, and neither the daemon nor this package
+loads torch):
 - with ``models.eval_file``: the new version and the current one are scored on that frozen set by a
-  ``python -m management.evaluate`` subprocess (the daemon never loads torch);
+  ``python -m core.evaluate`` child;
 - without it: the new version's final validation loss against the loss of the model it started
   from on the same held-out set (the job's step-0 evaluation) when it started from the current
   version, else both scored on the job's held-out set by the subprocess.
@@ -30,8 +33,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from management.db import ModelDB, ModelVersion, Promotion, VersionGate
@@ -102,7 +104,7 @@ def starting_version(home: Home, db: ModelDB) -> ModelVersion | None:
 
 
 @dataclass
-class Verdict:
+class GateVerdict:
     promoted: bool
     reason: str
     new_loss: float | None = None
@@ -111,24 +113,26 @@ class Verdict:
     eval_set: str = ""
 
 
-def decide(new_loss: float | None, current_loss: float | None, tolerance: float, current: int | None) -> Verdict:
+def decide_promotion(
+    new_loss: float | None, current_loss: float | None, tolerance: float, current: int | None
+) -> GateVerdict:
     """Pure: promote when there is nothing to beat or the new loss does not regress beyond tolerance."""
     if current is None:
-        return Verdict(True, "no current version: the first becomes current", new_loss, current_loss, current)
+        return GateVerdict(True, "no current version: the first becomes current", new_loss, current_loss, current)
     if new_loss is None or not math.isfinite(new_loss):
-        return Verdict(False, f"new version has no finite eval loss ({new_loss})", new_loss, current_loss, current)
+        return GateVerdict(False, f"new version has no finite eval loss ({new_loss})", new_loss, current_loss, current)
     if current_loss is None or not math.isfinite(current_loss):
-        return Verdict(True, f"current version {current} could not be scored", new_loss, current_loss, current)
+        return GateVerdict(True, f"current version {current} could not be scored", new_loss, current_loss, current)
     bound = current_loss * (1 + tolerance)
     if new_loss <= bound:
-        return Verdict(
+        return GateVerdict(
             True,
             f"eval loss {new_loss:.4f} <= {bound:.4f} (current v{current} {current_loss:.4f}, tolerance {tolerance})",
             new_loss,
             current_loss,
             current,
         )
-    return Verdict(
+    return GateVerdict(
         False,
         f"regression: eval loss {new_loss:.4f} > {bound:.4f} (current v{current} {current_loss:.4f} "
         f"+{tolerance:.0%} tolerance)",
@@ -145,49 +149,169 @@ def eval_file(home: Home, settings: Settings) -> Path | None:
     return p if p.is_absolute() else home.root / p
 
 
-def run_evaluate(
+def evaluate_argv(
     models: list[Path],
     settings: Settings,
-    eval_path: Path | None = None,
-    run_dir: Path | None = None,
+    eval_path: Path | None,
+    run_dir: Path | None,
     max_length: int = 0,
-    keepalive: Callable[[], None] | None = None,
-) -> dict[str, float | None]:
-    """Score ``models`` in a ``management.evaluate`` subprocess; ``keepalive`` runs about once a second."""
-    argv = [sys.executable, "-m", "management.evaluate"]
+    program: list[str] | None = None,
+) -> list[str]:
+    """The gate's evaluation child: ``python -m core.evaluate`` (``program`` replaces that prefix in
+    tests) scoring ``models`` on a frozen file or a job's held-out set."""
+    argv = list(program or [sys.executable, "-m", "core.evaluate"])
     for m in models:
         argv += ["--model", str(m)]
     argv += ["--eval", str(eval_path)] if eval_path is not None else ["--run-dir", str(run_dir)]
     argv += ["--max-examples", str(settings.models.eval_max_examples)]
     argv += ["--max-length", str(settings.models.eval_max_length or max_length)]
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**QUIET_OFFLINE_ENV, **os.environ},
-    )
-    deadline = time.monotonic() + settings.models.eval_timeout
-    while True:
-        try:
-            out, err = proc.communicate(timeout=1.0)
-            break
-        except subprocess.TimeoutExpired:
-            if keepalive is not None:
-                keepalive()
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.communicate()
-                limit = settings.models.eval_timeout
-                raise VersionError(f"evaluation took longer than models.eval_timeout ({limit}s)") from None
+    return argv
+
+
+def run_evaluate(argv: list[str], timeout: float) -> dict[str, float | None]:
+    """Run an evaluation child to its end (``trainbox models promote``: a person waits; the daemon
+    never calls this, it starts and reaps the child in its tick: ``daemon/gate.py``)."""
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            env={**QUIET_OFFLINE_ENV, **os.environ},
+        )
+    except subprocess.TimeoutExpired:
+        raise VersionError(f"evaluation took longer than models.eval_timeout ({timeout}s)") from None
     if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise VersionError(f"evaluation failed (exit {proc.returncode}): {' | '.join(tail)}")
-    losses: dict[str, float | None] = json.loads(out.decode().strip().splitlines()[-1])["losses"]
+    return parse_losses(proc.stdout.decode().strip().splitlines()[-1])
+
+
+def parse_losses(text: str) -> dict[str, float | None]:
+    """The losses out of ``core.evaluate``'s JSON object."""
+    losses: dict[str, float | None] = json.loads(text)["losses"]
     return losses
 
 
-def _record(db: ModelDB, version_id: int, verdict: Verdict, tolerance: float) -> None:
+@dataclass
+class GatePlan:
+    """How a new version is judged: decided at once (``verdict``), or by scoring ``new`` and
+    ``current`` with the evaluation child ``argv`` (then ``judge`` turns its losses into a verdict)."""
+
+    version_id: int
+    verdict: GateVerdict | None = None
+    argv: list[str] = field(default_factory=list)
+    new_path: str = ""
+    current_path: str = ""
+    current_id: int | None = None
+    eval_set: str = ""
+
+    def judge(self, losses: dict[str, float | None] | None, error: str, tolerance: float) -> GateVerdict:
+        """The verdict from the child's losses, or ``error`` (why it gave none)."""
+        if self.verdict is not None:
+            return self.verdict
+        if losses is None:
+            return GateVerdict(False, f"not evaluated: {error}", current_id=self.current_id, eval_set=self.eval_set)
+        v = decide_promotion(losses.get(self.new_path), losses.get(self.current_path), tolerance, self.current_id)
+        v.eval_set = self.eval_set
+        return v
+
+
+def plan_gate(
+    home: Home,
+    db: ModelDB,
+    settings: Settings,
+    new: ModelVersion,
+    current: ModelVersion | None,
+    *,
+    run_dir: Path | None = None,
+    init_version: int | None = None,
+    own_val_loss: float | None = None,
+    own_first_val_loss: float | None = None,
+    max_length: int = 0,
+    program: list[str] | None = None,
+) -> GatePlan:
+    """What judging ``new`` against ``current`` takes (no process is started here)."""
+    tolerance = settings.models.regression_tolerance
+    plan = GatePlan(new.id, new_path=new.path)
+    if current is None or current.id == new.id:
+        plan.verdict = decide_promotion(None, None, tolerance, None)
+        plan.verdict.eval_set = "none"
+        return plan
+    plan.current_path, plan.current_id = current.path, current.id
+    models = [Path(new.path), Path(current.path)]
+    frozen = eval_file(home, settings)
+    if frozen is not None:
+        plan.argv = evaluate_argv(models, settings, frozen, None, max_length, program)
+        plan.eval_set = str(frozen)
+    elif run_dir is not None and init_version == current.id and own_first_val_loss is not None:
+        plan.verdict = decide_promotion(own_val_loss, own_first_val_loss, tolerance, current.id)
+        plan.verdict.eval_set = "the job's held-out set (step-0 loss of the version it started from)"
+    elif run_dir is not None:
+        plan.argv = evaluate_argv(models, settings, None, run_dir, max_length, program)
+        plan.eval_set = f"the held-out set of job run {run_dir.name}"
+    else:
+        plan.verdict = GateVerdict(
+            True, "no models.eval_file and no job held-out set to compare on", current_id=current.id, eval_set="none"
+        )
+    return plan
+
+
+def score_against_current(
+    home: Home, db: ModelDB, settings: Settings, new: ModelVersion, current: ModelVersion | None
+) -> GateVerdict:
+    """Judge ``new`` against ``current`` now, waiting for any evaluation (a manual promote)."""
+    plan = plan_gate(home, db, settings, new, current)
+    if plan.verdict is not None or not plan.argv:
+        return plan.judge(None, "nothing to evaluate", settings.models.regression_tolerance)
+    try:
+        losses = run_evaluate(plan.argv, settings.models.eval_timeout)
+    except VersionError as e:
+        return plan.judge(None, str(e), settings.models.regression_tolerance)
+    return plan.judge(losses, "", settings.models.regression_tolerance)
+
+
+def plan_version_gate(
+    home: Home,
+    db: ModelDB,
+    settings: Settings,
+    version_id: int,
+    *,
+    run_dir: Path | None,
+    init_version: int | None,
+    own_val_loss: float | None,
+    own_first_val_loss: float | None,
+    program: list[str] | None = None,
+) -> GatePlan:
+    """The gate of a version a job just registered: against ``models/current`` (for a home from
+    before the pointer, the version the job started from), at the job's max_length."""
+    new = db.version(version_id)
+    assert new is not None
+    max_length = 0
+    if run_dir is not None:
+        with contextlib.suppress(Exception):  # an unreadable spec only loses the job's max_length
+            from trainbox.jobspec import JobSpec
+
+            max_length = JobSpec.load(run_dir).training.max_length
+    current = current_version(home, db)
+    if current is None and not (home.models / CURRENT).is_symlink() and init_version is not None:
+        current = db.version(init_version)
+    return plan_gate(
+        home,
+        db,
+        settings,
+        new,
+        current,
+        run_dir=run_dir,
+        init_version=init_version,
+        own_val_loss=own_val_loss,
+        own_first_val_loss=own_first_val_loss,
+        max_length=max_length,
+        program=program,
+    )
+
+
+def _record(db: ModelDB, version_id: int, verdict: GateVerdict, tolerance: float) -> None:
     with db.session() as s:
         s.add(
             VersionGate(
@@ -210,90 +334,18 @@ def _switch(home: Home, db: ModelDB, version: ModelVersion, action: str, reason:
         s.add(Promotion(version_id=version.id, previous_id=previous, action=action, reason=reason))
 
 
-def score_against_current(
-    home: Home,
-    db: ModelDB,
-    settings: Settings,
-    new: ModelVersion,
-    current: ModelVersion | None,
-    *,
-    run_dir: Path | None = None,
-    init_version: int | None = None,
-    own_val_loss: float | None = None,
-    own_first_val_loss: float | None = None,
-    max_length: int = 0,
-    keepalive: Callable[[], None] | None = None,
-) -> Verdict:
-    tolerance = settings.models.regression_tolerance
-    if current is None or current.id == new.id:
-        v = decide(None, None, tolerance, None)
-        v.eval_set = "none"
-        return v
-    frozen = eval_file(home, settings)
-    try:
-        if frozen is not None:
-            losses = run_evaluate([Path(new.path), Path(current.path)], settings, frozen, None, max_length, keepalive)
-            v = decide(losses.get(new.path), losses.get(current.path), tolerance, current.id)
-            v.eval_set = str(frozen)
-        elif run_dir is not None and init_version == current.id and own_first_val_loss is not None:
-            v = decide(own_val_loss, own_first_val_loss, tolerance, current.id)
-            v.eval_set = "the job's held-out set (step-0 loss of the version it started from)"
-        elif run_dir is not None:
-            losses = run_evaluate([Path(new.path), Path(current.path)], settings, None, run_dir, max_length, keepalive)
-            v = decide(losses.get(new.path), losses.get(current.path), tolerance, current.id)
-            v.eval_set = f"the held-out set of job run {run_dir.name}"
-        else:
-            v = Verdict(True, "no models.eval_file and no job held-out set to compare on", current_id=current.id)
-            v.eval_set = "none"
-    except VersionError as e:
-        v = Verdict(False, f"not evaluated: {e}", current_id=current.id, eval_set=str(frozen or run_dir or ""))
-    return v
-
-
-def gate_version(
-    home: Home,
-    db: ModelDB,
-    settings: Settings,
-    version_id: int,
-    *,
-    job_id: int | None,
-    run_dir: Path | None,
-    init_version: int | None,
-    own_val_loss: float | None,
-    own_first_val_loss: float | None,
-    max_length: int = 0,
-    keepalive: Callable[[], None] | None = None,
-) -> Verdict:
-    """Decide whether a newly registered version becomes current; record the verdict either way."""
+def apply_gate(
+    home: Home, db: ModelDB, settings: Settings, version_id: int, job_id: int | None, verdict: GateVerdict
+) -> GateVerdict:
+    """Record a gate's verdict (``version_gates`` row, event) and promote the version if it passed."""
     new = db.version(version_id)
     assert new is not None
-    if not max_length and run_dir is not None:
-        with contextlib.suppress(Exception):  # an unreadable spec only loses the job's max_length
-            from trainbox.jobspec import JobSpec
-
-            max_length = JobSpec.load(run_dir).training.max_length
-    current = current_version(home, db)
-    if current is None and not (home.models / CURRENT).is_symlink() and init_version is not None:
-        current = db.version(init_version)  # a home from before the pointer: the version it started from
-    verdict = score_against_current(
-        home,
-        db,
-        settings,
-        new,
-        current,
-        run_dir=run_dir,
-        init_version=init_version,
-        own_val_loss=own_val_loss,
-        own_first_val_loss=own_first_val_loss,
-        max_length=max_length,
-        keepalive=keepalive,
-    )
     _record(db, version_id, verdict, settings.models.regression_tolerance)
     if verdict.promoted:
         try:
             _switch(home, db, new, "gate", verdict.reason)
         except VersionError as e:
-            verdict = Verdict(False, str(e), verdict.new_loss, verdict.current_loss, verdict.current_id)
+            verdict = GateVerdict(False, str(e), verdict.new_loss, verdict.current_loss, verdict.current_id)
     kind = "version_promoted" if verdict.promoted else "version_not_promoted"
     db.event(
         kind,
@@ -313,7 +365,7 @@ def gate_version(
 # --- manual promote / rollback ---------------------------------------------------------------------
 
 
-def promote(home: Home, db: ModelDB, settings: Settings, version_id: int, force: bool = False) -> Verdict:
+def promote(home: Home, db: ModelDB, settings: Settings, version_id: int, force: bool = False) -> GateVerdict:
     """Make ``version_id`` current if it passes the gate against the current one (or ``force``)."""
     new = db.version(version_id)
     if new is None:
@@ -323,9 +375,9 @@ def promote(home: Home, db: ModelDB, settings: Settings, version_id: int, force:
     current = current_version(home, db)
     cid = current.id if current else None
     if force:
-        verdict = Verdict(True, "promoted by hand with --force (gate skipped)", current_id=cid)
+        verdict = GateVerdict(True, "promoted by hand with --force (gate skipped)", current_id=cid)
     elif eval_file(home, settings) is None:
-        verdict = Verdict(
+        verdict = GateVerdict(
             True,
             "promoted by hand (no models.eval_file: versions of different jobs have no common set to compare on)",
             current_id=cid,
@@ -354,23 +406,3 @@ def rollback(home: Home, db: ModelDB) -> ModelVersion:
     _switch(home, db, previous, "rollback", f"rolled back from version {cur}")
     db.event("version_rollback", f"current version {cur} -> {previous_id}", previous.job_id, version=previous_id)
     return previous
-
-
-def keepalive_for_daemon(home: Home) -> Callable[[], None]:
-    """While the daemon waits on an evaluation, keep its heartbeat (and systemd's watchdog) fresh."""
-    from trainbox import sdnotify
-    from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
-
-    def ping() -> None:
-        path = home.status / DAEMON_STATUS
-        status = read_status(path, DaemonStatus)
-        if status is not None and status.pid == os.getpid():
-            status.heartbeat = time.time()
-            status.message = "evaluating a new model version"
-            try:
-                write_status(path, status)
-            except OSError as e:
-                log.warning("could not refresh the daemon heartbeat: %s", e)
-        sdnotify.watchdog_ping()
-
-    return ping

@@ -1,6 +1,7 @@
-"""The few DB reads the server needs beyond ``management.db.ModelDB``'s: paged events, counts by state.
+"""The status server's own DB reads beyond ``management.db.ModelDB``'s: paged events, counts by state.
 
-Kept here, read-only, until they move into ``ModelDB`` (the one module meant to hold SQL).
+Read-only queries that only the API's paging needs, so they live with the server; every write and
+every query another process shares stays in ``ModelDB``.
 """
 
 from __future__ import annotations

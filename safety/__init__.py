@@ -1,1 +1,3 @@
-"""The watchdog process (heartbeat and progress checks, crash classification): not built yet."""
+"""Safety: the watchdog process (``watchdog.py``: daemon restarts, hung-worker kills by per-phase
+limits, ``phase_clock.py``), crash reports (``crash.py``, ``crash_scan.py``), the kill markers the
+daemon reads (``markers.py``) and ``trainbox health``'s checks (``checkup.py``)."""

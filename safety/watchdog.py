@@ -26,23 +26,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from management.db import Event, ModelDB, Run, schema_ready
-from safety import crash
+from management.db import Event, ModelDB, schema_ready
+from safety.crash_scan import CrashScanner
 from safety.markers import write_kill_marker
+from safety.phase_clock import ACTIVE_PHASES, PhaseClock
 from trainbox.atomic import atomic_write_json, read_json
-from trainbox.config import Settings, WatchdogConfig
+from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.processes import cmdline, is_worker_pid, spawn_logged
 from trainbox.sdnotify import under_systemd
-from trainbox.states import JobState
 from trainbox.status import (
     DAEMON_STATUS,
     TRAINING_STATUS,
@@ -57,57 +58,14 @@ log = logging.getLogger("trainbox.watchdog")
 
 WATCHDOG_STATUS = "watchdog.json"
 SUPERVISED_ENV = "TRAINBOX_SUPERVISED"
-ACTIVE_PHASES = ("loading", "training", "evaluating", "checkpointing")
 CRASH_SCAN_EVERY = 5.0
-
-
-# --- phase limits (pure) ---------------------------------------------------------------------------
-
-
-class PhaseClock:
-    """Learns, per phase, the longest interval between consecutive worker heartbeats, and the limit."""
-
-    def __init__(self, cfg: WatchdogConfig, longest: dict[str, float] | None = None) -> None:
-        self.cfg = cfg
-        self.longest: dict[str, float] = dict(longest or {})
-        self._last: tuple[int, str, float] | None = None  # (pid, phase, heartbeat)
-
-    def observe(self, pid: int, phase: str, heartbeat: float) -> None:
-        """A heartbeat seen: the interval since the previous one belongs to the previous one's phase."""
-        last = self._last
-        if last is not None and last[0] == pid and heartbeat > last[2] and last[1] in ACTIVE_PHASES:
-            interval = heartbeat - last[2]
-            self.longest[last[1]] = max(self.longest.get(last[1], 0.0), interval)
-        if last is None or last[0] != pid or heartbeat >= last[2]:
-            self._last = (pid, phase, heartbeat)
-
-    def bounds(self, phase: str) -> tuple[float, float]:
-        return getattr(self.cfg, f"{phase}_floor"), getattr(self.cfg, f"{phase}_ceiling")
-
-    def limit(self, phase: str) -> float:
-        floor, ceiling = self.bounds(phase)
-        measured = self.longest.get(phase)
-        if measured is None:
-            return ceiling
-        return min(ceiling, max(floor, self.cfg.hang_factor * measured))
 
 
 # --- process helpers -------------------------------------------------------------------------------
 
 
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def is_worker(pid: int | None) -> bool:
-    return bool(pid) and pid_alive(pid) and "core.worker" in cmdline(pid or 0)
-
-
 def is_daemon(pid: int | None) -> bool:
-    text = cmdline(pid or 0) if pid else ""
+    text = " ".join(cmdline(pid or 0)) if pid else ""
     return bool(pid) and pid_alive(pid) and "trainbox" in text and " daemon" in text
 
 
@@ -133,22 +91,6 @@ def _signal(pid: int, sig: signal.Signals, group: bool = False) -> bool:
 
 def daemon_command(home: Home) -> list[str]:
     return [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(home.root)]
-
-
-def spawn_logged(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """A child in its own session (a Ctrl-C meant for us does not reach it), output appended to a log."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        out.write(f"\n--- start {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)} ---\n".encode())
-        out.flush()
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-        )
 
 
 # --- the watchdog ----------------------------------------------------------------------------------
@@ -186,8 +128,7 @@ class Watchdog:
         self.left_alone_reported = False
         self.interventions = 0
         self.last_intervention = ""
-        self.oom_baseline: dict[int, int | None] = {}
-        self.analysed_runs: set[int] | None = None  # loaded with the DB
+        self.crashes = CrashScanner(home, self.db_ready, lambda: self.db, self._event)
         self.last_crash_scan = 0.0
         self.started_at = time.time()
 
@@ -222,7 +163,7 @@ class Watchdog:
         self.check_worker(daemon, now)
         if now - self.last_crash_scan >= CRASH_SCAN_EVERY:
             self.last_crash_scan = now
-            self.scan_crashes(now)
+            self.crashes.scan(now)
         self.write_status(now)
 
     # --- the daemon ---
@@ -261,7 +202,7 @@ class Watchdog:
             _signal(status.pid, signal.SIGTERM)
             self.daemon_kill = Kill(status.pid, now, status.heartbeat, evidence)
             return
-        if status.worker_pid and is_worker(status.worker_pid):
+        if status.worker_pid and is_worker_pid(status.worker_pid):
             self._stop_orphan(status.worker_pid, status.current_job, now, evidence)
             return
         if now >= self.next_restart_at:
@@ -323,10 +264,9 @@ class Watchdog:
         if daemon is None or not daemon.worker_pid or daemon.state.value == "stopped":
             return
         pid = daemon.worker_pid
-        if not is_worker(pid):
+        if not is_worker_pid(pid):
             return
-        if pid not in self.oom_baseline:
-            self.oom_baseline[pid] = crash.oom_kill_count()
+        self.crashes.watch(pid)
         training = read_status(self.home.status / TRAINING_STATUS, TrainingStatus)
         if training is not None and training.pid == pid:
             self.clock.observe(pid, training.phase, training.heartbeat)
@@ -346,8 +286,9 @@ class Watchdog:
             "phase": phase,
             "step": training.step if training else None,
             "heartbeat": since,
-            "heartbeat_age_s": round(age, 1),
-            "limit_s": round(limit, 1),
+            # to 0.1 s, age rounded up and limit down: the evidence shows age > limit, as judged
+            "heartbeat_age_s": math.ceil(age * 10) / 10,
+            "limit_s": math.floor(limit * 10) / 10,
             "longest_interval_s": self.clock.longest.get(phase),
             "floor_s": self.clock.bounds(phase)[0],
             "ceiling_s": self.clock.bounds(phase)[1],
@@ -365,7 +306,7 @@ class Watchdog:
         )
 
     def _continue_worker_kill(self, k: Kill, now: float) -> None:
-        if not is_worker(k.pid):
+        if not is_worker_pid(k.pid):
             self.worker_kill = None
             return
         training = read_status(self.home.status / TRAINING_STATUS, TrainingStatus)
@@ -381,53 +322,6 @@ class Watchdog:
             )
 
     # --- crash reports ---
-    def _analysed_runs(self) -> set[int]:
-        done = set()
-        for ev in self.db.events(kind="crash_report"):
-            run_id = (ev.data or {}).get("run_id")
-            if isinstance(run_id, int):
-                done.add(run_id)
-        return done
-
-    def scan_crashes(self, now: float) -> None:
-        if not self.db_ready():
-            return
-        if self.analysed_runs is None:
-            self.analysed_runs = self._analysed_runs()
-        with self.db.session() as s:
-            runs = list(
-                s.query(Run).filter(Run.ended_at.is_not(None), Run.outcome.in_(["failed", "crashed"])).order_by(Run.id)
-            )
-        for run in runs:
-            if run.id in self.analysed_runs:
-                continue
-            self.analysed_runs.add(run.id)
-            job = self.db.job(run.job_id)
-            baseline = self.oom_baseline.get(run.pid or -1)
-            current = crash.oom_kill_count()
-            oom = current - baseline if (baseline is not None and current is not None) else None
-            stop_requested = job is not None and job.state == JobState.PAUSED.value
-            report = crash.analyse_run(
-                self.home.run_dir(run.job_id),
-                crash.parse_exit_status(run.exit_status),
-                job_id=run.job_id,
-                run_id=run.id,
-                attempt=run.attempt,
-                host_oom_kills=oom,
-                stop_requested=stop_requested,
-                worker_pid=run.pid,
-                now=now,
-            )
-            data = report.to_json()
-            data.pop("log_tail", None)
-            self._event(
-                "crash_report",
-                f"{report.crash_class.value}: {report.summary} -> {report.action}",
-                run.job_id,
-                data,
-                count=False,
-            )
-
     # --- bookkeeping ---
     def _event(
         self, kind: str, message: str, job_id: int | None, data: dict[str, Any] | None = None, count: bool = True

@@ -22,7 +22,7 @@ import pytest
 
 from daemon.admission import write_error
 from monitoring.server import URL_PREFIX
-from safety.health import Check, Level, run_checks
+from safety.checkup import Check, Level, run_checks
 from tests.monitoring_helpers import FAKE_JOB, ServerProc, populate
 from trainbox.config import Settings
 from trainbox.home import Home

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from daemon.jobs import JobRunner
-from daemon.outcome import Verdict
+from daemon.outcome import JobVerdict
 from daemon.spool import Spool, move
 from daemon.worker_process import WorkerProcess
 from management.db import Job, ModelDB, Run
@@ -62,10 +62,10 @@ def test_watchdog_kills_are_retried_then_filed_as_hang(tmp_path: Path) -> None:
         job = db.job(JOB)
         assert job is not None and job.attempts == attempt + 1 and job.failure_class == "hang"
         if attempt < max_retries:  # back to its queue, resumed from its checkpoint after the back-off
-            assert decision.verdict == Verdict.RETRY and job.state == JobState.QUEUED.value
+            assert decision.verdict == JobVerdict.RETRY and job.state == JobState.QUEUED.value
             (waiting,) = home.waiting(Priority.NORMAL).glob("*.jsonl")
             move(waiting, home.processing)  # what dispatch does
-    assert decision.verdict == Verdict.FAILED
+    assert decision.verdict == JobVerdict.FAILED
     assert db.job(JOB).state == JobState.FAILED.value  # type: ignore[union-attr]
     assert not list(home.processing.iterdir()) and not list(home.waiting(Priority.NORMAL).iterdir())
     error = json.loads((home.failed / f"{JOB:06d}__big.jsonl.error.json").read_text())
@@ -85,7 +85,7 @@ def test_a_death_while_loading_names_the_phase(tmp_path: Path) -> None:
     popen.send_signal(signal.SIGKILL)
     rc = popen.wait(10)
     decision = runner.finish(WorkerProcess(JOB, home.run_dir(JOB), popen, time.time()), rc, stop_was_requested=False)
-    assert decision.verdict == Verdict.RETRY and "while loading" in decision.reason  # no marker: not a hang
+    assert decision.verdict == JobVerdict.RETRY and "while loading" in decision.reason  # no marker: not a hang
     assert decision.evidence["phase"] == "loading"
     db.close()
 

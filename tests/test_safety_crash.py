@@ -5,7 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safety.crash import CrashClass, analyse_run, classify, last_traceback, parse_exit_status
+from daemon.outcome import decide
+from safety.crash import analyse_run
+from safety.crash import crash_report as classify
+from trainbox.jobspec import WorkerResult
+from trainbox.outcomes import last_traceback
+from trainbox.processes import describe_exit, exit_parts, returncode_of
+from trainbox.states import FailureClass
 
 CUDA_OOM = """\
 2025-01-01 10:00:00 core.worker INFO step 40/200 loss 2.1
@@ -55,45 +61,71 @@ OSError: /models/v0002 does not appear to have a file named config.json
 
 def test_cuda_oom_from_traceback() -> None:
     r = classify(1, None, CUDA_OOM)
-    assert r.crash_class == CrashClass.CUDA_OOM
-    assert "batch_size" in r.action
+    assert (r.failure_class, r.detail) == (FailureClass.CRASH, "cuda_oom")  # no result: the log names the cause
+    assert "batch_size" in r.action and "CUDA out of memory" in r.summary
     assert r.traceback[0].startswith("Traceback") and r.traceback[-1].startswith("torch.OutOfMemoryError")
 
 
 def test_nan_cuda_error_disk_and_python_exception() -> None:
-    assert classify(1, None, NAN).crash_class == CrashClass.NAN
-    assert classify(1, None, CUDA_ERR).crash_class == CrashClass.CUDA_ERROR
-    assert classify(1, None, ENOSPC).crash_class == CrashClass.DISK_FULL
+    assert classify(1, None, NAN).detail == "nan"
+    assert classify(1, None, CUDA_ERR).detail == "cuda_error"
+    assert classify(1, None, ENOSPC).detail == "disk_full"
     r = classify(1, None, PY_EXC)
-    assert r.crash_class == CrashClass.PYTHON_EXCEPTION
-    assert "config.json" in r.summary and r.exit_status == "exit code 1"
+    assert (r.failure_class, r.detail) == (FailureClass.CRASH, "python_exception")
+    assert "config.json" in r.summary and r.exit_status == "exit code 1 (failed)"
 
 
 def test_host_oom_kill_needs_evidence() -> None:
     tail = ["2025-01-01 core.worker INFO step 5/100 loss 3.0"]
-    assert classify(-9, None, tail, host_oom_kills=1).crash_class == CrashClass.HOST_OOM
+    r = classify(-9, None, tail, host_oom_kills=1)
+    assert (r.failure_class, r.detail) == (FailureClass.KILLED, "host_oom") and "out-of-memory killer" in r.summary
     kernel = [*tail, "Out of memory: Killed process 4242 (python) total-vm:20000000kB"]
-    assert classify(-9, None, kernel).crash_class == CrashClass.HOST_OOM
+    assert classify(-9, None, kernel).detail == "host_oom"
     plain = classify(-9, None, tail)
-    assert plain.crash_class == CrashClass.KILLED and plain.signal_name == "SIGKILL"
+    assert plain.failure_class == FailureClass.KILLED and plain.detail == "" and plain.signal_name == "SIGKILL"
 
 
 def test_stop_requests_watchdog_and_worker_classes() -> None:
-    assert classify(-9, None, [], stop_requested=True).crash_class == CrashClass.KILLED_BY_USER
+    stopped = classify(-9, None, [], stop_requested=True)
+    assert stopped.failure_class is None and stopped.detail == "stopped_on_request"
     marker = {"pid": 1, "phase": "evaluating", "heartbeat_age_s": 31.0, "limit_s": 30.0}
     r = classify(-9, None, [], watchdog_kill=marker)
-    assert r.crash_class == CrashClass.KILLED_BY_WATCHDOG and "evaluating" in r.summary
-    worker = {"failure_class": "oom", "message": "OOM at micro-batch 1", "fix": "use a smaller model"}
+    assert (r.failure_class, r.detail) == (FailureClass.HANG, "killed_by_watchdog") and "evaluating" in r.summary
+    worker = {
+        "outcome": "failed",
+        "failure_class": "oom",
+        "message": "OOM at micro-batch 1",
+        "fix": "use a smaller model",
+    }
     r = classify(1, worker, CUDA_OOM)
-    assert r.crash_class == CrashClass.CUDA_OOM and r.action == "use a smaller model"
-    assert classify(-11, None, ["Fatal Python error: Segmentation fault"]).crash_class == CrashClass.NATIVE_CRASH
-    assert classify(3, None, []).crash_class == CrashClass.UNKNOWN
+    assert r.failure_class == FailureClass.OOM and r.action == "use a smaller model"
+    segv = classify(-11, None, ["Fatal Python error: Segmentation fault"])
+    assert (segv.failure_class, segv.detail) == (FailureClass.KILLED, "native_crash")
+    assert classify(3, None, []).failure_class == FailureClass.CRASH
 
 
-def test_exit_status_round_trip_and_traceback_extraction() -> None:
-    assert parse_exit_status("killed by signal 9 (SIGKILL)") == -9
-    assert parse_exit_status("exit code 1 (failed)") == 1
-    assert parse_exit_status(None) is None
+def test_the_daemon_and_crash_reports_say_the_same_thing() -> None:
+    """One classification: the daemon's decision and the crash report agree on class and reason."""
+    cases: list[tuple[int, dict[str, object] | None, list[str]]] = [
+        (1, None, CUDA_OOM),
+        (-9, None, []),
+        (-11, None, ["Fatal Python error: Segmentation fault"]),
+        (1, {"outcome": "failed", "failure_class": "nan", "message": "diverged"}, NAN),
+        (3, None, PY_EXC),
+    ]
+    for rc, result, lines in cases:
+        parsed = WorkerResult.model_validate(result) if result else None
+        decision = decide(parsed, rc, False, False, attempts=9, max_retries=0, log_lines=lines)
+        report = classify(rc, result, lines)
+        assert decision.failure_class == report.failure_class, (rc, result)
+        assert decision.reason.startswith(report.summary), (decision.reason, report.summary)
+
+
+def test_exit_status_integers_round_trip_and_traceback_extraction() -> None:
+    assert exit_parts(-9) == (None, 9) and returncode_of(*exit_parts(-9)) == -9
+    assert exit_parts(1) == (1, None) and returncode_of(*exit_parts(1)) == 1
+    assert exit_parts(None) == (None, None) and returncode_of(None, None) is None
+    assert describe_exit(-9) == "killed by signal 9 (SIGKILL)" and describe_exit(1) == "exit code 1 (failed)"
     assert last_traceback(["no traceback here"]) == []
 
 
@@ -104,5 +136,5 @@ def test_analyse_run_writes_report_for_the_last_start_only(tmp_path: Path) -> No
     (run / "worker.log").write_text(f"--- worker start 1 ---\n{older}\n--- worker start 2 ---\n" + "\n".join(NAN))
     report = analyse_run(run, 1, job_id=7, run_id=3, attempt=2)
     data = json.loads((run / "crash-report.json").read_text())
-    assert report.crash_class == CrashClass.NAN and data["crash_class"] == "nan"
+    assert report.detail == "nan" and data["failure_class"] == "crash" and data["detail"] == "nan"
     assert data["job_id"] == 7 and data["run_id"] == 3 and data["action"]

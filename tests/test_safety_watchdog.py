@@ -16,10 +16,11 @@ import pytest
 
 from management.db import ModelDB
 from safety.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
-from safety.watchdog import PhaseClock, Watchdog, is_worker
+from safety.watchdog import PhaseClock, Watchdog
 from tests.e2e_helpers import DaemonProc, cli, make_home, metrics, wait_for, write_jsonl
 from trainbox.config import Settings, WatchdogConfig
 from trainbox.home import Home
+from trainbox.processes import is_worker_pid
 from trainbox.states import DaemonState
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
 
@@ -166,13 +167,13 @@ def test_hung_worker_is_killed_within_its_phase_limit_and_resumes(tmp_path: Path
         steps = [m["step"] for m in metrics(home.run_dir(job_id)) if m["kind"] == "train"]
         assert steps == list(range(1, 41))  # resumed from its last checkpoint: nothing repeated or missing
         report = wait_for(lambda: _events(home, "crash_report"), 20, "crash report")[0]
-        assert report["crash_class"] == "killed_by_watchdog"
+        assert report["failure_class"] == "hang" and report["detail"] == "killed_by_watchdog"
         saved = json.loads((home.run_dir(job_id) / "crash-report.json").read_text())
-        assert saved["crash_class"] == "killed_by_watchdog"
+        assert saved["failure_class"] == "hang" and saved["detail"] == "killed_by_watchdog"
         stopped = None
     finally:
         watchdog_rc = watchdog.stop()
-        if stopped is not None and is_worker(stopped):  # never leave a stopped worker behind a failure
+        if stopped is not None and is_worker_pid(stopped):  # never leave a stopped worker behind a failure
             os.kill(stopped, signal.SIGKILL)
         assert daemon.stop() == 0, daemon.log_text()
         assert watchdog_rc == 0
@@ -233,7 +234,7 @@ def test_a_job_that_hangs_every_time_fails_as_hang(tmp_path: Path, embedded: Pat
         assert "gave up after 2 attempts" in error["reason"] and "killed as hung 2 times" in error["reason"]
         kills = error["evidence"]["kills"]
         assert len(kills) == 2 and kills[0]["time"] < kills[1]["time"]
-        assert all(k["phase"] == "loading" and k["heartbeat_age_s"] > k["limit_s"] for k in kills)
+        assert all(k["phase"] == "loading" and k["heartbeat_age_s"] > k["limit_s"] for k in kills), kills
         db = ModelDB(home.db_url)
         job = db.jobs()[0]
         assert job.state == "failed" and job.failure_class == "hang" and job.attempts == 2

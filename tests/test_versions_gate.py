@@ -16,7 +16,7 @@ from management.versions import (
     CURRENT,
     VersionError,
     current_id,
-    decide,
+    decide_promotion,
     promote,
     rollback,
     set_current,
@@ -28,12 +28,12 @@ from trainbox.home import Home
 
 
 def test_decide() -> None:
-    assert decide(5.0, None, 0.02, None).promoted  # nothing to beat
-    assert decide(1.01, 1.0, 0.02, 3).promoted
-    v = decide(1.05, 1.0, 0.02, 3)
+    assert decide_promotion(5.0, None, 0.02, None).promoted  # nothing to beat
+    assert decide_promotion(1.01, 1.0, 0.02, 3).promoted
+    v = decide_promotion(1.05, 1.0, 0.02, 3)
     assert not v.promoted and "regression" in v.reason
-    assert not decide(float("nan"), 1.0, 0.02, 3).promoted
-    assert decide(2.0, None, 0.02, 3).promoted  # current could not be scored
+    assert not decide_promotion(float("nan"), 1.0, 0.02, 3).promoted
+    assert decide_promotion(2.0, None, 0.02, 3).promoted  # current could not be scored
 
 
 def _fake_versions(home: Home, db: ModelDB, n: int) -> list[ModelVersion]:
@@ -93,7 +93,8 @@ def test_harmful_job_not_promoted_rollback_and_next_job_starts_from_current(tmp_
     def run_job(name: str, rows: list[dict[str, str]], n_done: int) -> None:
         write_jsonl(home.inbox / name, rows)
         wait_for(lambda: len(list(home.done.glob("*.jsonl"))) == n_done, 120, f"{name} done")
-        wait_for(lambda: len(db.gates()) == n_done, 30, f"{name} gated")
+        # a job is filed in done/ once its version exists; the gate (an evaluation child) follows
+        wait_for(lambda: len(db.gates()) == n_done, 180, f"{name} gated")
 
     try:
         run_job("good1.jsonl", [{"text": t} for t in GOOD], 1)

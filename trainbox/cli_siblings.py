@@ -64,7 +64,7 @@ def retention(
 
 def health(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Check processes, heartbeats, lock, disk, GPU, DB and queue; exit 0 ok, 1 warning, 2 critical."""
-    from safety.health import Level, overall, run_checks
+    from safety.checkup import Level, overall, run_checks
 
     h = Home.resolve(home)
     settings = settings_or_exit(h)

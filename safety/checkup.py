@@ -241,17 +241,21 @@ def recent_crashes(home: Home, now: float, window: float = RECENT_CRASH_S) -> li
     return sorted(found, key=lambda r: float(r.get("time") or 0))  # type: ignore[arg-type]
 
 
+def _crash_label(report: dict[str, object]) -> str:
+    cls, detail = report.get("failure_class") or "stopped", report.get("detail")
+    return f"{cls} ({detail})" if detail else str(cls)
+
+
 def check_crashes(home: Home, now: float) -> Check:
     crashes = recent_crashes(home, now)
     if not crashes:
         return Check("crashes", Level.OK, "none in the last 24 h")
     last = crashes[-1]
-    benign = {"killed_by_user"}
-    level = Level.OK if all(c.get("crash_class") in benign for c in crashes) else Level.WARNING
+    level = Level.OK if all(c.get("detail") == "stopped_on_request" for c in crashes) else Level.WARNING
     return Check(
         "crashes",
         level,
-        f"{len(crashes)} in 24 h; latest job {last.get('job_id')}: {last.get('crash_class')}: "
+        f"{len(crashes)} in 24 h; latest job {last.get('job_id')}: {_crash_label(last)}: "
         f"{last.get('summary')} -> {last.get('action')}",
     )
 

@@ -1,11 +1,14 @@
-"""Score models on a frozen evaluation set: ``python -m management.evaluate --model DIR ... --eval FILE``.
+"""Score models on a frozen evaluation set: ``python -m core.evaluate --model DIR ... --eval FILE``.
 
-A separate process, so the daemon never loads torch: the eval gate (``management/versions.py``)
-runs it when a version is registered. It uses the trainer's own encoding, collation and loss
-(``core.encode``, ``core.data``, ``core.train``, read-only), so its number is the same quantity as
-the worker's validation loss: mean loss per trained token. ``--run-dir R`` instead of ``--eval``
+The eval gate's program: a child process the daemon starts and reaps like a worker
+(``daemon/gate.py``), so neither the daemon nor ``management/`` ever loads torch. It uses the
+trainer's own encoding, collation and loss (``core.encode``, ``core.data``, ``core.train``,
+read-only), so its number is the same quantity as the worker's validation loss: mean loss per
+trained token. ``--run-dir R`` instead of ``--eval``
 rebuilds the job's own held-out set from ``R/job.json`` exactly as the worker chose it.
-Prints one JSON object: ``{"losses": {DIR: loss, ...}, "examples": N, "eval_set": ...}``.
+Prints one JSON object: ``{"losses": {DIR: loss, ...}, "examples": N, "eval_set": ...}`` (and, with
+``--out FILE``, writes it there atomically). ``$TRAINBOX_TEST_EVAL_SLEEP`` (tests only) sleeps that
+many seconds first, to hold a gate open.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +66,7 @@ def score(model_dir: Path, records: list[Any], max_length: int, batch_size: int)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m management.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, type=Path, help="model folder (repeatable)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--eval", type=Path, help="frozen evaluation JSONL")
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-examples", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=0, help="0: the job's max_length (or 256)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, help="also write the JSON object to this file")
     args = parser.parse_args(argv)
+    time.sleep(float(os.environ.get("TRAINBOX_TEST_EVAL_SLEEP", "0") or 0))  # tests only: a slow gate
 
     import torch
 
@@ -88,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         eval_set = f"held-out set of {args.run_dir}"
     max_length = args.max_length or job_len
     losses = {str(m): score(m, records, max_length, args.batch_size) for m in args.model}
-    print(json.dumps({"losses": losses, "examples": len(records), "eval_set": eval_set}), flush=True)
+    report = {"losses": losses, "examples": len(records), "eval_set": eval_set}
+    if args.out is not None:
+        from trainbox.atomic import atomic_write_json
+
+        atomic_write_json(args.out, report)
+    print(json.dumps(report), flush=True)
     return 0
 
 

@@ -1,0 +1,196 @@
+"""The eval gate as a child of the daemon, started and reaped in its tick like a worker.
+
+When a job's model version is registered (``JobRunner.complete``) the daemon writes the gate's
+request, ``runs/job-N/gate-pending.json`` (version, job, the job's own losses), before the job is
+filed in ``done/``. ``Gates.tick`` then plans the gate (``management/versions.plan_version_gate``):
+a verdict needing no evaluation is applied at once; otherwise ``python -m core.evaluate`` is started
+(its output in ``runs/job-N/gate.log``, its losses in ``runs/job-N/gate-result.json``), and a later
+tick reaps it and applies the verdict (``apply_gate``: a ``version_gates`` row, promote or not, an
+event); only then is the request deleted. The tick meanwhile keeps serving controls, admissions and
+signals. The daemon dispatches no job while a gate is pending, so the next job starts from the
+``models/current`` the gate chose. A daemon that stops or dies mid-gate leaves the request behind:
+the next daemon runs that gate again instead of forgetting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from management.db import ModelDB
+from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, parse_losses, plan_version_gate
+from trainbox.atomic import atomic_write_json, read_json
+from trainbox.config import Settings
+from trainbox.home import Home
+from trainbox.processes import cmdline, describe_exit, spawn_logged
+
+log = logging.getLogger("trainbox.daemon")
+
+GATE_PENDING = "gate-pending.json"
+GATE_RESULT = "gate-result.json"
+GATE_LOG = "gate.log"
+QUIET_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
+
+
+class GateRequest(BaseModel):
+    """A registered version waiting for its gate (``runs/job-N/gate-pending.json``)."""
+
+    version_id: int
+    job_id: int
+    init_version: int | None = None
+    own_val_loss: float | None = None
+    own_first_val_loss: float | None = None
+    pid: int | None = None  # its evaluation child, once started (stopped if a new daemon finds it alive)
+
+
+def request_gate(run_dir: Path, request: GateRequest) -> None:
+    atomic_write_json(run_dir / GATE_PENDING, request.model_dump())
+
+
+@dataclass
+class GateChild:
+    request: GateRequest
+    run_dir: Path
+    plan: GatePlan
+    popen: subprocess.Popen[bytes]
+    started_at: float
+
+
+class Gates:
+    """Pending gates, one evaluation child at a time. ``program`` replaces ``python -m core.evaluate``
+    (tests: a stub that scores slowly without torch)."""
+
+    def __init__(self, home: Home, db: ModelDB, settings: Settings, program: list[str] | None = None) -> None:
+        self.home, self.db, self.settings, self.program = home, db, settings, program
+        self.child: GateChild | None = None
+        self._pending: list[tuple[Path, GateRequest]] | None = None  # None: read the disk again
+
+    def refresh(self) -> None:
+        """A job was reaped (it may have requested a gate): list the requests again when next asked."""
+        self._pending = None
+
+    def pending(self) -> list[tuple[Path, GateRequest]]:
+        """Requests on disk, oldest version first (a restart finds an interrupted gate here); listed once
+        per ``refresh``, not every tick."""
+        if self._pending is None:
+            self._pending = self._scan()
+        return self._pending
+
+    def _scan(self) -> list[tuple[Path, GateRequest]]:
+        found = []
+        for path in self.home.runs.glob(f"*/{GATE_PENDING}"):
+            data = read_json(path)
+            try:
+                found.append((path.parent, GateRequest.model_validate(data)))
+            except ValueError:
+                log.warning("unreadable gate request %s: ignored", path)
+        return sorted(found, key=lambda item: item[1].version_id)
+
+    @property
+    def busy(self) -> bool:
+        return self.child is not None or bool(self.pending())
+
+    def describe(self) -> str:
+        if self.child is None:
+            return ""
+        return f"evaluating model version {self.child.request.version_id} (eval gate)"
+
+    def tick(self, now: float) -> None:
+        """Reap a finished (or overdue) child and apply its verdict; else start the next gate."""
+        if self.child is not None:
+            self._check_child(self.child, now)
+            return
+        for run_dir, request in self.pending()[:1]:
+            self._start(run_dir, request, now)
+
+    def _start(self, run_dir: Path, request: GateRequest, now: float) -> None:
+        plan = plan_version_gate(
+            self.home,
+            self.db,
+            self.settings,
+            request.version_id,
+            run_dir=run_dir,
+            init_version=request.init_version,
+            own_val_loss=request.own_val_loss,
+            own_first_val_loss=request.own_first_val_loss,
+            program=self.program,
+        )
+        if plan.verdict is not None or not plan.argv:
+            self._apply(run_dir, request, plan.judge(None, "nothing to evaluate", self._tolerance))
+            return
+        (run_dir / GATE_RESULT).unlink(missing_ok=True)  # a stale result must never speak for this gate
+        argv = [*plan.argv, "--out", str(run_dir / GATE_RESULT)]
+        popen = spawn_logged(argv, run_dir / GATE_LOG, label="gate", defaults=QUIET_OFFLINE_ENV)
+        request_gate(run_dir, request.model_copy(update={"pid": popen.pid}))
+        self.child = GateChild(request, run_dir, plan, popen, now)
+        log.info("model version %d: eval gate started (pid %d)", request.version_id, popen.pid)
+
+    def _check_child(self, child: GateChild, now: float) -> None:
+        rc = child.popen.poll()
+        if rc is None:
+            limit = self.settings.models.eval_timeout
+            if now - child.started_at <= limit:
+                return
+            self._kill(child)
+            verdict = child.plan.judge(None, f"evaluation took longer than models.eval_timeout ({limit}s)", 0)
+        else:
+            verdict = child.plan.judge(*self._losses(child, rc), self._tolerance)
+        self.child = None
+        self._apply(child.run_dir, child.request, verdict)
+
+    def _losses(self, child: GateChild, rc: int) -> tuple[dict[str, float | None] | None, str]:
+        if rc != 0:
+            return None, f"evaluation failed ({describe_exit(rc)}): see {child.run_dir / GATE_LOG}"
+        try:
+            return parse_losses((child.run_dir / GATE_RESULT).read_text(encoding="utf-8")), ""
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return None, f"evaluation gave no result ({e})"
+
+    @property
+    def _tolerance(self) -> float:
+        return self.settings.models.regression_tolerance
+
+    def _apply(self, run_dir: Path, request: GateRequest, verdict: GateVerdict) -> None:
+        try:
+            apply_gate(self.home, self.db, self.settings, request.version_id, request.job_id, verdict)
+        except VersionError as e:  # boundary: a gate that cannot be applied must not block the queue
+            log.error("model version %d: gate could not be applied: %s", request.version_id, e)
+        (run_dir / GATE_PENDING).unlink(missing_ok=True)
+        self._pending = [(d, r) for d, r in self.pending() if r.version_id != request.version_id]
+
+    @staticmethod
+    def _kill(child: GateChild) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(10)
+
+    def stop_orphans(self) -> None:
+        """An evaluation child outlives a daemon killed with -9 (its own session): kill it before the
+        gate runs again, so two never hold the GPU at once. Its argv names its result file: never a
+        stranger that reuses the pid."""
+        for run_dir, request in self.pending():
+            if request.pid and str(run_dir / GATE_RESULT) in cmdline(request.pid):
+                log.warning(
+                    "model version %d: killing eval gate pid %d left by a previous daemon",
+                    request.version_id,
+                    request.pid,
+                )
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(request.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """The daemon stops: the child is killed, its request stays for the next daemon."""
+        child, self.child = self.child, None
+        if child is not None:
+            log.info(
+                "model version %d: eval gate interrupted; it runs again at the next start", child.request.version_id
+            )
+            self._kill(child)

@@ -1,0 +1,82 @@
+"""Stand-ins for the daemon's children, so ``Daemon.tick`` is tested without torch (STYLE 14).
+
+``python tests/daemon_stubs.py worker RUN_DIR``: a worker that does what ``<home>/stub-plan.json``
+says for its job's name, one entry per start (``{"a.jsonl": ["crash", "complete"]}``; none left or no
+entry: complete), and appends ``<job name> <outcome>`` to ``<home>/stub-starts.txt``:
+- ``complete``: a tiny "model" folder and a completed result.json, exit 0;
+- ``crash``: a failed result (class crash: retried with back-off), exit 1;
+- ``wait``: runs until SIGTERM (pause, cancel, stop), then an interrupted result, exit 75.
+``python tests/daemon_stubs.py evaluate ... --out FILE``: the eval gate's program; waits while
+``<home>/stub-gate-hold`` exists (found from ``--out``), then scores every ``--model`` 1.0.
+Only the standard library: each starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+STUB = Path(__file__).resolve()
+
+
+def worker_command(run_dir: Path, nproc: int) -> list[str]:
+    """The ``Daemon(worker_command=...)`` seam."""
+    return [sys.executable, str(STUB), "worker", str(run_dir)]
+
+
+EVALUATE_PROGRAM = [sys.executable, str(STUB), "evaluate"]
+
+
+def _write(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def worker(run_dir: Path) -> int:
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    home = run_dir.parent.parent
+    name = json.loads((run_dir / "job.json").read_text())["job_name"]
+    plan_file = home / "stub-plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+    steps = plan.get(name) or ["complete"]
+    outcome = steps.pop(0)
+    plan[name] = steps
+    _write(plan_file, plan)
+    with open(home / "stub-starts.txt", "a") as f:
+        f.write(f"{name} {outcome}\n")
+    if outcome == "crash":
+        _write(run_dir / "result.json", {"outcome": "failed", "failure_class": "crash", "message": "stub crash"})
+        return 1
+    if outcome == "wait":
+        deadline = time.monotonic() + 60
+        while not stop and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _write(run_dir / "result.json", {"outcome": "interrupted", "step": 1, "total_steps": 3})
+        return 75
+    final = run_dir / "final"
+    final.mkdir(exist_ok=True)
+    (final / "config.json").write_text("{}")
+    (final / "model.safetensors").write_bytes(b"w")
+    result = {"outcome": "completed", "step": 3, "total_steps": 3, "final_model": str(final), "val_loss": 1.0}
+    _write(run_dir / "result.json", result)
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    out = Path(argv[argv.index("--out") + 1])
+    hold = out.parent.parent.parent / "stub-gate-hold"
+    deadline = time.monotonic() + 60
+    while hold.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    models = [argv[i + 1] for i, a in enumerate(argv) if a == "--model"]
+    _write(out, {"losses": {m: 1.0 for m in models}, "examples": 1, "eval_set": "stub"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker(Path(sys.argv[2])) if sys.argv[1] == "worker" else evaluate(sys.argv[2:]))

@@ -1,0 +1,212 @@
+"""The daemon's queue decisions, driven through ``Daemon.tick(now)`` in this process with stub
+children (``tests/daemon_stubs.py``, through the ``worker_command`` / ``evaluate_program`` seams):
+priority order, retry with back-off, pause and resume, cancel, and the eval gate as a child the tick
+reaps while it keeps serving controls and admissions. No torch, no training: each test takes about a
+second."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.gate import GATE_PENDING
+from daemon.main import Daemon
+from management.db import ModelDB
+from management.versions import current_id
+from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from trainbox import control
+from trainbox.config import Settings
+from trainbox.home import Home
+from trainbox.states import DaemonState, JobState
+
+FAST = {"settle_seconds": 0.05, "rescan_interval": 0.05, "retry_backoff": 30.0, "poll_interval": 0.05}
+
+
+def _settings(**models: object) -> Settings:
+    return Settings.model_validate({"daemon": FAST, "models": models})
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    return Home(tmp_path / "home").ensure()
+
+
+@pytest.fixture
+def make_daemon(home: Home) -> Iterator[Callable[..., Daemon]]:
+    made: list[Daemon] = []
+
+    def make(settings: Settings | None = None) -> Daemon:
+        d = Daemon(home, settings or _settings(), worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
+        d.start()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if not d.finished:
+            d.shutdown()
+
+
+def drop(home: Home, name: str, folder: str = "") -> None:
+    target = home.inbox / folder / name if folder else home.inbox / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"text": f"an example for {name} {folder}"}) + "\n")
+
+
+def plan(home: Home, steps: dict[str, list[str]]) -> None:
+    (home.root / "stub-plan.json").write_text(json.dumps(steps))
+
+
+def starts(home: Home) -> list[str]:
+    path = home.root / "stub-starts.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def tick_until(d: Daemon, cond: Callable[[], object], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d.tick(time.time())
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def state_of(db: ModelDB, name: str) -> str | None:
+    job = next((j for j in db.jobs() if j.name == name), None)
+    return job.state if job else None
+
+
+def test_priority_order_and_pause_resume(home: Home, make_daemon: Callable[..., Daemon]) -> None:
+    control.submit(home.control, control.Action.PAUSE)
+    for name, folder in (("a.jsonl", "low"), ("b.jsonl", "normal"), ("c.jsonl", "high")):
+        drop(home, name, folder)
+    d = make_daemon()
+    assert d.db is not None
+    tick_until(d, lambda: sum(1 for j in d.db.jobs() if j.state == JobState.QUEUED) == 3, "three queued")  # type: ignore[union-attr]
+    assert d.paused and d.state() == DaemonState.PAUSED and starts(home) == []
+    control.submit(home.control, control.Action.RESUME)
+    tick_until(d, lambda: len(list(home.done.glob("*.jsonl"))) == 3, "three done")
+    assert starts(home) == ["c.jsonl complete", "b.jsonl complete", "a.jsonl complete"]
+
+
+def test_pause_stops_the_worker_and_resume_restarts_its_job(home: Home, make_daemon: Callable[..., Daemon]) -> None:
+    plan(home, {"a.jsonl": ["wait", "complete"]})
+    drop(home, "a.jsonl")
+    d = make_daemon()
+    assert d.db is not None
+    tick_until(d, lambda: d.worker is not None and starts(home), "the worker")
+    control.submit(home.control, control.Action.PAUSE)
+    tick_until(d, lambda: d.worker is None, "the worker to stop")
+    assert state_of(d.db, "a.jsonl") == JobState.PAUSED and len(d.spool.processing()) == 1
+    for _ in range(5):
+        d.tick(time.time())
+    assert len(starts(home)) == 1  # paused: nothing dispatched
+    control.submit(home.control, control.Action.RESUME)
+    tick_until(d, lambda: state_of(d.db, "a.jsonl") == JobState.DONE, "done")  # type: ignore[arg-type]
+    assert starts(home) == ["a.jsonl wait", "a.jsonl complete"]
+
+
+def test_a_crash_is_retried_after_its_back_off(home: Home, make_daemon: Callable[..., Daemon]) -> None:
+    plan(home, {"a.jsonl": ["crash", "complete"]})
+    drop(home, "a.jsonl")
+    d = make_daemon()
+    assert d.db is not None
+    tick_until(d, lambda: state_of(d.db, "a.jsonl") == JobState.QUEUED and starts(home), "the crash reaped")  # type: ignore[arg-type]
+    job = d.db.jobs()[0]
+    assert job.attempts == 1 and job.retry_at is not None and job.failure_class == "crash"
+    run = d.db.runs(job.id)[0]
+    assert (run.exit_code, run.exit_signal, run.exit_status) == (1, None, "exit code 1 (failed)")
+    for _ in range(5):  # before its back-off ends: not dispatched
+        d.tick(time.time())
+    assert len(starts(home)) == 1
+    d.tick(job.retry_at + 0.01)  # the tick's clock is its argument
+    tick_until(d, lambda: state_of(d.db, "a.jsonl") == JobState.DONE, "done after the retry")  # type: ignore[arg-type]
+    assert starts(home) == ["a.jsonl crash", "a.jsonl complete"]
+
+
+def test_cancel_the_running_and_a_waiting_job(home: Home, make_daemon: Callable[..., Daemon]) -> None:
+    plan(home, {"a.jsonl": ["wait"]})
+    drop(home, "a.jsonl", "high")
+    drop(home, "b.jsonl", "low")
+    d = make_daemon()
+    assert d.db is not None
+    tick_until(d, lambda: starts(home) and state_of(d.db, "b.jsonl") == JobState.QUEUED, "a running")  # type: ignore[arg-type]
+    ids = {j.name: j.id for j in d.db.jobs()}
+    control.submit(home.control, control.Action.CANCEL, ids["b.jsonl"])
+    control.submit(home.control, control.Action.CANCEL, ids["a.jsonl"])
+    cancelled = JobState.CANCELLED
+    tick_until(d, lambda: state_of(d.db, "a.jsonl") == cancelled == state_of(d.db, "b.jsonl"), "both cancelled")  # type: ignore[arg-type]
+    assert starts(home) == ["a.jsonl wait"] and len(list(home.failed.glob("*.error.json"))) == 2
+    assert control.pending(home.control) == []
+
+
+def test_a_slow_gate_runs_as_a_child_while_the_tick_serves_controls_and_drops(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    (home.root / "frozen.jsonl").write_text('{"text": "frozen"}\n')
+    d = make_daemon(_settings(eval_file="frozen.jsonl"))
+    assert d.db is not None
+    drop(home, "first.jsonl")
+    tick_until(d, lambda: current_id(home) == 1, "v1 current (nothing to beat: no child)")
+    (home.root / "stub-gate-hold").touch()  # the next gate's evaluation runs until this goes
+    drop(home, "second.jsonl")
+    tick_until(d, lambda: d.gates.child is not None, "the gate child")
+    assert len(list(home.done.glob("*.jsonl"))) == 2  # filed once its version is registered
+    assert not d.db.gates(2) and (home.run_dir(2) / GATE_PENDING).exists()
+    control.submit(home.control, control.Action.PAUSE)
+    drop(home, "third.jsonl")
+    tick_until(d, lambda: d.paused and state_of(d.db, "third.jsonl") == JobState.QUEUED, "pause and admission")  # type: ignore[arg-type]
+    assert d.gates.child is not None and d.gates.child.popen.poll() is None  # still evaluating
+    control.submit(home.control, control.Action.RESUME)
+    for _ in range(5):
+        d.tick(time.time())
+    assert not d.paused and d.worker is None and len(starts(home)) == 2  # no dispatch during the gate
+    (home.root / "stub-gate-hold").unlink()
+    tick_until(d, lambda: d.db.gates(2), "the gate reaped")  # type: ignore[union-attr]
+    assert d.db.gates(2)[0].promoted and current_id(home) == 2
+    assert not (home.run_dir(2) / GATE_PENDING).exists()
+    tick_until(d, lambda: state_of(d.db, "third.jsonl") == JobState.DONE, "the next job")  # type: ignore[arg-type]
+    assert d.db.job(3).init_version == 2  # type: ignore[union-attr]  # started from the gate's choice
+
+
+def test_an_interrupted_gate_runs_again_after_a_restart(home: Home, make_daemon: Callable[..., Daemon]) -> None:
+    (home.root / "frozen.jsonl").write_text('{"text": "frozen"}\n')
+    settings = _settings(eval_file="frozen.jsonl")
+    d = make_daemon(settings)
+    assert d.db is not None
+    drop(home, "first.jsonl")
+    tick_until(d, lambda: current_id(home) == 1, "v1 current")
+    (home.root / "stub-gate-hold").touch()
+    drop(home, "second.jsonl")
+    tick_until(d, lambda: d.gates.child is not None, "the gate child")
+    child = d.gates.child
+    assert child is not None
+    assert json.loads((home.run_dir(2) / GATE_PENDING).read_text())["pid"] == child.popen.pid
+    d.shutdown()
+    assert child.popen.poll() is not None and (home.run_dir(2) / GATE_PENDING).exists()
+    (home.root / "stub-gate-hold").unlink()
+    again = make_daemon(settings)
+    assert again.db is not None
+    tick_until(again, lambda: again.db.gates(2), "the gate run again")  # type: ignore[union-attr]
+    assert current_id(home) == 2 and len(again.db.gates()) == 2
+
+
+def test_a_gate_past_eval_timeout_is_killed_and_the_version_kept_unpromoted(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    (home.root / "frozen.jsonl").write_text('{"text": "frozen"}\n')
+    d = make_daemon(_settings(eval_file="frozen.jsonl", eval_timeout=0.5))
+    assert d.db is not None
+    drop(home, "first.jsonl")
+    tick_until(d, lambda: current_id(home) == 1, "v1 current")
+    (home.root / "stub-gate-hold").touch()  # never released: the evaluation overruns its limit
+    drop(home, "second.jsonl")
+    tick_until(d, lambda: d.db.gates(2), "the overdue gate judged")  # type: ignore[union-attr]
+    gate = d.db.gates(2)[0]
+    assert not gate.promoted and "eval_timeout" in gate.reason and current_id(home) == 1
+    assert not (home.run_dir(2) / GATE_PENDING).exists() and d.gates.child is None
