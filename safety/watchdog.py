@@ -132,7 +132,7 @@ def _signal(pid: int, sig: signal.Signals, group: bool = False) -> bool:
 
 
 def daemon_command(home: Home) -> list[str]:
-    return [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(home.root)]
+    return [sys.executable, "-m", "cli", "daemon", "--home", str(home.root)]
 
 
 def spawn_logged(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -164,7 +164,7 @@ def test_the_events_cursors_walk_every_event_once_both_ways(client: httpx.Client
 
 def cli(home: Home, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "trainbox.cli", "queue", "--home", str(home.root), *args],
+        [sys.executable, "-m", "cli", "queue", "--home", str(home.root), *args],
         capture_output=True,
         text=True,
         timeout=120,

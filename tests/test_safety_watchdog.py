@@ -49,7 +49,7 @@ class WatchdogProc:
     def __init__(self, home: Home) -> None:
         self.log = open(home.root / "watchdog-test.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainbox.cli", "watchdog", "--home", str(home.root)],
+            [sys.executable, "-m", "cli", "watchdog", "--home", str(home.root)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -14,10 +14,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
+from cli.siblings import models_list
+from cli.siblings import register as register_siblings
 from trainbox import control
-from trainbox.cli_common import HomeOpt, JsonOpt, console, settings_or_exit
-from trainbox.cli_siblings import models_list
-from trainbox.cli_siblings import register as register_siblings
 from trainbox.config import Settings, defaults_toml
 from trainbox.home import Home
 from trainbox.states import Priority
