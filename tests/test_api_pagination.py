@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import func, select
 
 from daemon.admission import write_error
-from daemon.spool import Spool
 from management.db import Event, Job, ModelDB
 from tests.monitoring_helpers import ServerProc, add_many_waiting, add_waiting, populate
 from trainbox.home import Home
+from trainbox.spool import Spool
 from trainbox.states import Priority
 
 BULK = 10_000
