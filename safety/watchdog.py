@@ -37,10 +37,10 @@ from typing import Any
 
 from management.db import Event, ModelDB, Run, schema_ready
 from safety import crash
-from safety.markers import write_kill_marker
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings, WatchdogConfig
 from trainbox.home import Home
+from trainbox.markers import write_kill_marker
 from trainbox.sdnotify import under_systemd
 from trainbox.states import JobState
 from trainbox.status import (

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from management.db import ModelDB
-from safety.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
 from safety.watchdog import PhaseClock, Watchdog, is_worker
 from tests.e2e_helpers import DaemonProc, cli, make_home, metrics, wait_for, write_jsonl
 from trainbox.config import Settings, WatchdogConfig
 from trainbox.home import Home
+from trainbox.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
 from trainbox.states import DaemonState
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
 
