@@ -208,3 +208,12 @@ def test_status_server_and_watchdog_never_load_torch(tmp_path: Path) -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(code == 200 for code in result["codes"].values()), result["codes"]
     assert result["heavy"] == [], f"the status server or the watchdog loaded {result['heavy'][:5]}"
+
+
+def test_the_command_line_loads_no_process_package_until_a_command_needs_it() -> None:
+    probe = "import sys, cli.main; print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))"
+    others = [p for p in packages() if p not in ("cli", "trainbox")] + ["torch"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", probe, *others], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
