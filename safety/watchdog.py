@@ -13,7 +13,7 @@ Each ``loop(now)`` (STYLE 1) reads the two heartbeats, ``status/daemon.json`` an
   never judged). The limit of each phase (loading, training, evaluating, checkpointing) is
   ``hang_factor`` times the longest heartbeat interval measured in that phase, clamped to the
   phase's floor and ceiling; the ceiling until something is measured. Measurements persist in
-  ``status/watchdog.json``. A hung worker gets the kill marker (``safety/markers.py``, so the daemon
+  ``status/watchdog.json``. A hung worker gets the kill marker (``trainbox/markers.py``, so the daemon
   resumes its job from the last checkpoint), SIGTERM, then SIGKILL of its process group after
   ``kill_grace`` without a heartbeat.
 - **crashes**: every run the daemon recorded as ended abnormally gets a crash report
