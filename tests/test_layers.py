@@ -12,6 +12,7 @@ The status server and the watchdog also never load torch or transformers: checke
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -217,3 +218,10 @@ def test_the_command_line_loads_no_process_package_until_a_command_needs_it() ->
     proc = subprocess.run([sys.executable, "-c", probe, *others], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_entry_point_names_the_command_line() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    module, _, function = config["project"]["scripts"]["trainbox"].partition(":")
+    assert module.split(".")[0] == "cli"
+    assert callable(getattr(importlib.import_module(module), function))
