@@ -15,11 +15,11 @@ from daemon.spool import Spool, job_id_of, move
 from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import starting_version
-from safety.markers import kills_of
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
+from trainbox.markers import kills_of
 from trainbox.processes import describe_exit, exit_parts, last_start_lines
 from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status

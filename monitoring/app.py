@@ -18,7 +18,6 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from daemon.spool import Spool
 from management.db import ModelDB
 from monitoring import control_routes, read_routes
 from monitoring.state import ServerState
@@ -26,6 +25,7 @@ from monitoring.system import Gpus, prime_cpu_percent
 from monitoring.token import load_or_create_token
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.spool import Spool
 
 STATIC = Path(__file__).parent / "static"
 

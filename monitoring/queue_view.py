@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.spool import JOB_SUFFIX, Spool, job_id_of
 from management.db import Job, ModelDB
 from monitoring import queries
 from monitoring.schemas import DoneItem, FailedItem, QueueItem, QueueResponse
 from monitoring.views import ERROR_SUFFIX, failed_item
 from trainbox.home import Home
+from trainbox.spool import JOB_SUFFIX, Spool, job_id_of
 from trainbox.states import JobState, Priority
 
 CURSOR_PATTERN = r"^(high|normal|low):[A-Za-z0-9._-]{1,200}$"

@@ -8,12 +8,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from daemon.spool import Spool
 from management.db import ModelDB
 from monitoring.metrics_log import MetricsCache
 from monitoring.system import Gpus
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.spool import Spool
 
 
 @dataclass

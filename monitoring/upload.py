@@ -14,8 +14,8 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from daemon.spool import JOB_SUFFIX, sanitize
 from trainbox.atomic import fsync_dir
+from trainbox.spool import JOB_SUFFIX, sanitize
 
 
 class UploadError(ValueError):

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.spool import Spool, job_id_of
 from management.db import Event, Job, ModelDB, ModelVersion
 from monitoring import queries
 from monitoring.metrics_log import MetricsCache
@@ -32,6 +31,7 @@ from trainbox import control
 from trainbox.atomic import read_json
 from trainbox.home import Home
 from trainbox.jobspec import JOB_SPEC, RESULT
+from trainbox.spool import Spool, job_id_of
 from trainbox.status import (
     DAEMON_STATUS,
     TRAINING_STATUS,

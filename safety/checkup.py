@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from daemon.spool import Spool
 from trainbox.atomic import read_json
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.spool import Spool
 from trainbox.states import DaemonState, Priority
 from trainbox.status import (
     DAEMON_STATUS,

@@ -154,7 +154,7 @@ def analyse_run(
     now: float | None = None,
 ) -> CrashReport:
     """Classify one ended run from its folder and write ``crash-report.json``."""
-    from safety.markers import read_kill_marker
+    from trainbox.markers import read_kill_marker
 
     result = read_json(Path(run_dir) / "result.json")
     marker = read_kill_marker(run_dir, worker_pid)

@@ -13,7 +13,7 @@ Each ``loop(now)`` (STYLE 1) reads the two heartbeats, ``status/daemon.json`` an
   never judged). The limit of each phase (loading, training, evaluating, checkpointing) is
   ``hang_factor`` times the longest heartbeat interval measured in that phase, clamped to the
   phase's floor and ceiling; the ceiling until something is measured. Measurements persist in
-  ``status/watchdog.json``. A hung worker gets the kill marker (``safety/markers.py``, so the daemon
+  ``status/watchdog.json``. A hung worker gets the kill marker (``trainbox/markers.py``, so the daemon
   resumes its job from the last checkpoint), SIGTERM, then SIGKILL of its process group after
   ``kill_grace`` without a heartbeat.
 - **crashes**: every run the daemon recorded as ended abnormally gets a crash report
@@ -37,11 +37,11 @@ from typing import Any
 
 from management.db import Event, ModelDB, schema_ready
 from safety.crash_scan import CrashScanner
-from safety.markers import write_kill_marker
 from safety.phase_clock import ACTIVE_PHASES, PhaseClock
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.markers import write_kill_marker
 from trainbox.processes import cmdline, is_worker_pid, spawn_logged
 from trainbox.sdnotify import under_systemd
 from trainbox.status import (
@@ -90,7 +90,7 @@ def _signal(pid: int, sig: signal.Signals, group: bool = False) -> bool:
 
 
 def daemon_command(home: Home) -> list[str]:
-    return [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(home.root)]
+    return [sys.executable, "-m", "cli", "daemon", "--home", str(home.root)]
 
 
 # --- the watchdog ----------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def run(n_files: int) -> dict[str, float | int | str]:
         for i in range(n_files):
             (staging / f"job-{i:05d}.jsonl").write_text(f'{{"text": "example number {i}"}}\n')
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "trainbox.cli"]
+        cmd = [sys.executable, "-m", "cli"]
         daemon = subprocess.Popen([*cmd, "daemon", "--home", str(home)], env=env, cwd=ROOT,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

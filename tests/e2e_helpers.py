@@ -54,7 +54,7 @@ def make_home(root: Path, embedded: Path, max_steps: int = 30, lr: float = 3e-3,
 
 def cli(home: Home, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "trainbox.cli", *args, "--home", str(home.root)],
+        [sys.executable, "-m", "cli", *args, "--home", str(home.root)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -67,7 +67,7 @@ class DaemonProc:
         self.home = home
         self.log = open(home.root / "daemon-test.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(home.root)],
+            [sys.executable, "-m", "cli", "daemon", "--home", str(home.root)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

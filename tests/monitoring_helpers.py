@@ -20,12 +20,12 @@ from types import TracebackType
 from typing import Any
 
 from daemon.admission import write_error
-from daemon.spool import Spool, spool_name
 from management.db import Checkpoint, Job, ModelDB, ModelVersion, Run
 from monitoring.server import URL_PREFIX
 from monitoring.token import read_token
 from trainbox.atomic import atomic_write_json
 from trainbox.home import Home
+from trainbox.spool import Spool, spool_name
 from trainbox.states import DaemonState, JobState, Priority
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from daemon.admission import Admission
-from daemon.spool import Spool
 from management.db import ModelDB
 from trainbox.config import DaemonConfig
 from trainbox.home import Home
+from trainbox.spool import Spool
 from trainbox.states import JobState, Priority
 
 

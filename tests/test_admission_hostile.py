@@ -18,12 +18,12 @@ from daemon.admission import Admission
 from daemon.admission_recovery import MAX_DECIDE_ATTEMPTS
 from daemon.inbox_report import InboxHousekeeping
 from daemon.inbox_scan import scan_inbox
-from daemon.spool import Spool
 from daemon.staging import Intent
 from management.db import ModelDB
 from trainbox.config import DaemonConfig
 from trainbox.home import Home
 from trainbox.safefs import NotRegularFile, display_name
+from trainbox.spool import Spool
 from trainbox.states import JobState, Priority
 
 GOOD = '{"text": "hello"}\n{"text": "world"}\n'

@@ -172,7 +172,7 @@ def test_a_public_bind_warns_when_reads_need_no_token(tmp_path: Path) -> None:
 def serve_cli_output(home: Home, host: str) -> str:
     """Everything ``trainbox serve --host HOST --port 0`` prints until its URL line, then stops it."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainbox.cli", "serve", "--home", str(home.root), "--host", host, "--port", "0"],
+        [sys.executable, "-m", "cli", "serve", "--home", str(home.root), "--host", host, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

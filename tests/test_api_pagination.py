@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import func, select
 
 from daemon.admission import write_error
-from daemon.spool import Spool
 from management.db import Event, Job, ModelDB
 from tests.monitoring_helpers import ServerProc, add_many_waiting, add_waiting, populate
 from trainbox.home import Home
+from trainbox.spool import Spool
 from trainbox.states import Priority
 
 BULK = 10_000
@@ -164,7 +164,7 @@ def test_the_events_cursors_walk_every_event_once_both_ways(client: httpx.Client
 
 def cli(home: Home, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "trainbox.cli", "queue", "--home", str(home.root), *args],
+        [sys.executable, "-m", "cli", "queue", "--home", str(home.root), *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from daemon.spool import job_id_of
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, cli, make_home, wait_for, write_jsonl
 from trainbox.atomic import read_json
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
+from trainbox.spool import job_id_of
 from trainbox.states import Priority
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, pid_alive
 

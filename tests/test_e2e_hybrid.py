@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import _engine_note
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for
-from trainbox.cli import _engine_note
 from trainbox.status import TrainingStatus, read_status
 
 pytestmark = pytest.mark.e2e

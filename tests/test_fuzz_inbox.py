@@ -330,7 +330,7 @@ class Harness:
         else:
             out = open(self.tmp / "up.out", "ab")  # noqa: SIM115 - the child holds it
             self.up = subprocess.Popen(
-                [sys.executable, "-m", "trainbox.cli", "up", "--home", str(self.home.root)],
+                [sys.executable, "-m", "cli", "up", "--home", str(self.home.root)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -344,7 +344,7 @@ class Harness:
             log.write(f"\n--- test: daemon start at t={self.now()} ---\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(self.home.root)],
+                [sys.executable, "-m", "cli", "daemon", "--home", str(self.home.root)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -14,13 +14,14 @@ from pathlib import Path
 
 from daemon.jobs import JobRunner
 from daemon.outcome import JobVerdict
-from daemon.spool import Spool, move
+from daemon.spool import move
 from daemon.worker_process import WorkerProcess
 from management.db import Job, ModelDB, Run
-from safety.markers import KILL_HISTORY, write_kill_marker
 from trainbox.config import Settings
 from trainbox.control import Action
 from trainbox.home import Home
+from trainbox.markers import KILL_HISTORY, write_kill_marker
+from trainbox.spool import Spool
 from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS, TrainingStatus, write_status
 

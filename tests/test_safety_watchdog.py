@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from management.db import ModelDB
-from safety.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
 from safety.watchdog import PhaseClock, Watchdog
 from tests.e2e_helpers import DaemonProc, cli, make_home, metrics, wait_for, write_jsonl
 from trainbox.config import Settings, WatchdogConfig
 from trainbox.home import Home
+from trainbox.markers import KILL_HISTORY, KILL_MARKER, kills_of, read_kill_marker, write_kill_marker
 from trainbox.processes import is_worker_pid
 from trainbox.states import DaemonState
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, write_status
@@ -50,7 +50,7 @@ class WatchdogProc:
     def __init__(self, home: Home) -> None:
         self.log = open(home.root / "watchdog-test.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainbox.cli", "watchdog", "--home", str(home.root)],
+            [sys.executable, "-m", "cli", "watchdog", "--home", str(home.root)],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from daemon.spool import Spool, is_ignored, job_id_of, move, sanitize, spool_name
+from daemon.spool import move
 from trainbox.home import Home
+from trainbox.spool import Spool, is_ignored, job_id_of, sanitize, spool_name
 from trainbox.states import Priority
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.systemd import UNITS, RunAs, UnitError, choose_protect_home, install, render, resolve_run_as
 from trainbox import sdnotify
-from trainbox.systemd import UNITS, RunAs, UnitError, choose_protect_home, install, render, resolve_run_as
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_daemon_sends_ready_and_watchdog_pings(tmp_path: Path) -> None:
         sock.bind(str(path))
         sock.settimeout(30)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trainbox.cli", "daemon", "--home", str(home)],
+            [sys.executable, "-m", "cli", "daemon", "--home", str(home)],
             env={**os.environ, "NOTIFY_SOCKET": str(path)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -122,7 +122,7 @@ def test_paths_are_escaped_for_each_setting() -> None:
     units = render("/opt/my tb/bin/python", home, False, RunAs("svc", "svc"))
     text = units["trainbox-daemon.service"]
     assert _service(text, "ExecStart") == [
-        '"/opt/my tb/bin/python" -m trainbox.cli daemon --home "/srv/tb home 100%%$$x"'  # $ expands in arguments only
+        '"/opt/my tb/bin/python" -m cli daemon --home "/srv/tb home 100%%$$x"'  # $ expands in arguments only
     ]
     assert _service(text, "WorkingDirectory") == ["/srv/tb home 100%%$x"]  # a single path: no quotes
     assert _service(text, "ReadWritePaths") == ['"/srv/tb home 100%%$x"']  # a list: quoted
@@ -183,7 +183,7 @@ def test_run_as_the_home_owner_when_root_installs(tmp_path: Path) -> None:
 
 
 def _cli(*args: str, home: Path | str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "trainbox.cli", "install-systemd", "--home", str(home), *args]
+    cmd = [sys.executable, "-m", "cli", "install-systemd", "--home", str(home), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
 
 

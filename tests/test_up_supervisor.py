@@ -40,7 +40,7 @@ def test_up_runs_restarts_and_stops_in_order(tmp_path: Path) -> None:
     out_path = tmp_path / "up.out"
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "trainbox.cli", "up", "--home", str(home.root)],
+            [sys.executable, "-m", "cli", "up", "--home", str(home.root)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

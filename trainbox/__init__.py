@@ -1,7 +1,9 @@
-"""trainbox: shared foundations (home layout, config, atomic files, status, control) and the CLI.
+"""trainbox: the shared foundations (home layout, config, atomic files, status, control and job-spec
+formats, the spool's naming and layout, role loop contract).
 
-The process packages (daemon, core, safety, management, monitoring) import from here; nothing here
-imports from them, so every process can start without pulling in the others.
+Foundations only: every process package (daemon, core, safety, management, monitoring, cli) imports
+from here; nothing here imports from them (tests/test_layers.py), so every process can start without
+pulling in the others.
 """
 
 __version__ = "0.1.0"

@@ -36,9 +36,9 @@ ORDER = ("daemon", "watchdog", "retention", "server")
 def child_commands(home: Home) -> dict[str, list[str]]:
     py, h = sys.executable, str(home.root)
     return {
-        "daemon": [py, "-m", "trainbox.cli", "daemon", "--home", h],
-        "watchdog": [py, "-m", "trainbox.cli", "watchdog", "--home", h],
-        "retention": [py, "-m", "trainbox.cli", "retention", "--home", h],
+        "daemon": [py, "-m", "cli", "daemon", "--home", h],
+        "watchdog": [py, "-m", "cli", "watchdog", "--home", h],
+        "retention": [py, "-m", "cli", "retention", "--home", h],
         "server": [py, "-m", "monitoring.server", "--home", h],
     }
 

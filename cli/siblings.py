@@ -1,6 +1,6 @@
 """The sibling processes' commands: watchdog, retention, health, up, install-systemd, models list|promote|rollback.
 
-Registered on the main ``trainbox`` app by ``register(app, models_app)`` (called from ``trainbox/cli.py``).
+Registered on the main ``trainbox`` app by ``register(app, models_app)`` (called from ``cli/main.py``).
 Process packages are imported inside each command, so ``trainbox status`` never loads them.
 """
 
@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, cast
 import typer
 from rich.table import Table
 
-from trainbox.cli_common import HomeOpt, JsonOpt, console, settings_or_exit
+from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
 from trainbox.home import Home
 
 
@@ -84,8 +84,8 @@ def health(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 def up(home: HomeOpt = None) -> None:
     """Run daemon, watchdog, retention and status server under one foreground supervisor (Ctrl-C stops all)."""
+    from cli.supervisor import Supervisor
     from trainbox.config import defaults_toml
-    from trainbox.supervisor import Supervisor
 
     h = Home.resolve(home)
     settings_or_exit(h)  # a bad config fails here, before any child starts
@@ -119,7 +119,7 @@ def install_systemd(
 
     System units run as the home's owner (never root unless --allow-root), sandboxed: read-only system,
     private /tmp, writable home only."""
-    from trainbox.systemd import UnitError, install, ownership_note, resolve_run_as
+    from cli.systemd import UnitError, install, ownership_note, resolve_run_as
 
     h = Home.resolve(home)
     settings = settings_or_exit(h)

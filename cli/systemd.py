@@ -96,7 +96,7 @@ WantedBy={wanted_by}
 # module, description, type, watchdog seconds, stop timeout, kill mode, after
 _SPECS = {
     "trainbox-daemon.service": (
-        "trainbox.cli daemon",
+        "cli daemon",
         "trainbox daemon: admits JSONL files from the inbox and trains them",
         "notify",
         120,
@@ -105,7 +105,7 @@ _SPECS = {
         "",
     ),
     "trainbox-watchdog.service": (
-        "trainbox.cli watchdog",
+        "cli watchdog",
         "trainbox watchdog: unhangs workers, writes crash reports",
         "notify",
         60,
@@ -114,7 +114,7 @@ _SPECS = {
         " trainbox-daemon.service",
     ),
     "trainbox-retention.service": (
-        "trainbox.cli retention",
+        "cli retention",
         "trainbox retention: deletes checkpoints by policy",
         "notify",
         900,

@@ -14,12 +14,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
+from cli.siblings import models_list
+from cli.siblings import register as register_siblings
 from trainbox import control
-from trainbox.cli_common import HomeOpt, JsonOpt, console, settings_or_exit
-from trainbox.cli_siblings import models_list
-from trainbox.cli_siblings import register as register_siblings
 from trainbox.config import Settings, defaults_toml
 from trainbox.home import Home
+from trainbox.spool import Spool, job_id_of
 from trainbox.states import Priority
 from trainbox.status import (
     DAEMON_STATUS,
@@ -93,8 +94,6 @@ def _daemon_alive(status: DaemonStatus | None, settings: Settings) -> bool:
 
 
 def _status_data(h: Home) -> dict[str, Any]:
-    from daemon.spool import Spool
-
     settings = settings_or_exit(h)
     d = read_status(h.status / DAEMON_STATUS, DaemonStatus)
     t = read_status(h.status / TRAINING_STATUS, TrainingStatus)
@@ -190,8 +189,6 @@ def _showable(text: object) -> str:
 def _queue_rows(h: Home, limit: int | None, recent: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Rows in dispatch order, at most ``limit`` per priority queue (all with None), then processing,
     failed and done; and how many waiting jobs each queue holds beyond the rows shown."""
-    from daemon.spool import Spool, job_id_of
-
     spool = Spool(h)
     rows: list[dict[str, Any]] = []
     more: dict[str, int] = {}
@@ -236,8 +233,6 @@ def queue_cmd(
     """Waiting jobs in dispatch order (the first --limit per queue, with counts), the one in processing,
     then failed and recent done ones."""
     from rich.text import Text
-
-    from daemon.spool import Spool
 
     h = _home(home)
     rows, more = _queue_rows(h, None if show_all else limit, recent)
