@@ -26,7 +26,7 @@ T = TypeVar("T")
 def read_records(path: Path, tick: Callable[[], None] | None = None) -> list[Record]:
     """Every record of a file that must be valid (admission checked it; the worker re-checks it while
     streaming, by the same rules): the first bad line raises, named. ``tick`` is called after each
-    record, so reading millions of them keeps the worker's heartbeat (core.reporting.Progress)."""
+    record, so reading millions of them keeps the worker's heartbeat (core.heartbeat.Progress)."""
     out = []
     for _n, item in iter_lines(path):
         if isinstance(item, LineError):  # a line that no longer validates

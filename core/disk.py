@@ -8,6 +8,7 @@ still short, ``DiskFull`` is raised before any byte is written.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ from core import checkpoint
 from core.errors import DiskFull
 from core.faults import Faults
 from core.folders import folder_size
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # an OSError that means the disk is full, not a fault of the run
 
 
 def weights_bytes(model: Any) -> int:

@@ -1,6 +1,7 @@
 """Several processes per job: ``training.nproc > 1`` runs the worker under ``torchrun`` (DDP, or FSDP below).
 
-How it stays one run (core.train splits the data, core.worker does the rank-0-only writing):
+How it stays one run (``Lockstep`` below splits each step's data and takes the decisions the ranks share; the
+worker does the rank-0-only writing):
 - The global batch is the configured one (``batch_size x grad_accum`` examples per optimizer step); every
   rank reads the same data position and takes every ``world``-th example of each configured micro-batch.
   The loss is normalised by the trained tokens of the whole global step, and the gradients are summed across
@@ -35,13 +36,20 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from core import sharding
+from core.data import Batches, DataPosition
+from core.encode import Example
+from core.loss import example_trained, trained_positions
+
 INIT_TIMEOUT_S = 300
+ANOTHER_RANK_OOM = "out of memory on another rank"
 
 
 @dataclass(frozen=True)
@@ -133,3 +141,109 @@ def resolve_nproc(configured: int) -> int:
     if configured > 0:
         return configured
     return max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+# --- one global step on every rank ----------------------------------------------------------------
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+@dataclass
+class StepPlan:
+    """One optimizer step's forward passes on this rank."""
+
+    passes: list[dict[str, torch.Tensor]]
+    padding: int  # the last `padding` passes are zero-loss ones (sharded: see core.sharding)
+    n_trained: int  # trained tokens the step's loss is divided by
+    end: DataPosition  # the data position once the step is applied
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """How this process takes part in one global step, so the trainer's step reads the same for one process,
+    replicated ranks and sharded ones (FSDP): its share of the data, the zero-loss passes it pads with, the
+    sums after the accumulation, and the decisions every rank must take together."""
+
+    dist: Dist = Dist()
+    sharded: bool = False
+
+    @property
+    def can_back_off(self) -> bool:
+        """Sharded, one rank cannot retry a step alone: the others wait inside FSDP's collectives."""
+        return not self.sharded
+
+    @property
+    def defers_oom(self) -> bool:
+        """Replicated ranks finish the accumulation after an out-of-memory error and agree on it at the sum;
+        one process (nothing to agree) and a sharded rank (the others wait in a collective) raise at once."""
+        return self.dist.active and not self.sharded
+
+    def plan(
+        self,
+        batches: Batches,
+        pos: DataPosition,
+        examples: list[Example],
+        grad_accum: int,
+        micro: int,
+        collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+    ) -> StepPlan:
+        """This rank's passes over ``grad_accum`` configured micro-batches from ``pos``: its share of each
+        (``Dist.shard``) in passes of ``micro`` examples. With several ranks the loss is divided by the whole
+        global step's trained tokens, so their summed gradients equal one process's."""
+        passes: list[dict[str, torch.Tensor]] = []
+        padding = n_trained = 0
+        indices: list[int] = []
+        for _ in range(grad_accum):
+            indices, pos = batches.take(pos)
+            if self.dist.active:
+                n_trained += sum(example_trained(examples[i]) for i in indices)
+            for part in chunks(self.dist.shard(indices), micro):
+                passes.append(collate([examples[i] for i in part]))
+            if self.sharded:  # FSDP's collectives need the same forward passes on every rank
+                padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro)
+        if padding:  # real forward+backward passes (FSDP's gathers and reduce-scatters run in them) on one of the
+            # step's examples with every label ignored: they add nothing to the loss, gradients or token count
+            passes += [sharding.zero_loss(collate([examples[indices[0]]]))] * padding
+        if not self.dist.active:
+            n_trained = sum(trained_positions(b["labels"]) for b in passes)
+        return StepPlan(passes, padding, n_trained, pos)
+
+    def reduce(
+        self, oom: str, loss_sum: torch.Tensor, tokens: int, params: Iterable[torch.nn.Parameter]
+    ) -> tuple[torch.Tensor, int]:
+        """After the accumulation, one all-reduce per optimizer step: any rank's out-of-memory error is raised
+        on every rank, then the gradients are summed (FSDP already did: reduce-scatter after each backward)
+        and so are the step's loss and tokens."""
+        if not self.dist.active:
+            return loss_sum, tokens
+        if self.dist.any_flag(bool(oom)):
+            raise torch.cuda.OutOfMemoryError(oom or ANOTHER_RANK_OOM)
+        if not self.sharded:
+            self.dist.sum_grads(params)
+        loss_total, tokens_total = self.dist.sum_values([float(loss_sum), float(tokens)])
+        return torch.tensor(loss_total, device=loss_sum.device), int(tokens_total)
+
+    def agree_oom(self, oom: str) -> str:
+        """An out-of-memory error in the update on any rank, as every rank's message ('' when none)."""
+        if self.dist.any_flag(bool(oom)) and not oom:
+            return ANOTHER_RANK_OOM
+        return oom
+
+    def agree_finite(self, finite: bool) -> bool:
+        """Sharded, each rank checked only its shards: the weights are finite when they are on every rank."""
+        return not self.dist.any_flag(not finite) if self.sharded else finite
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Sharded, the full state is gathered (the unsharded format; a collective: every rank calls it)."""
+        return sharding.full_optimizer_state(model, optimizer) if self.sharded else optimizer.state_dict()
+
+    def load_optimizer_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """Sharded, every rank gets the full (unsharded-format) state and keeps its shard."""
+        if self.sharded:
+            sharding.load_optimizer_state(model, optimizer, state)
+        else:
+            optimizer.load_state_dict(state)

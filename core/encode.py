@@ -142,7 +142,7 @@ def encode_all(
 ) -> Encoded:
     """Encode and truncate every record; drop (and count) those left with nothing to train. ``tick``
     is called after each record: millions of them take minutes, and the worker must keep its
-    heartbeat meanwhile (core.reporting.Progress)."""
+    heartbeat meanwhile (core.heartbeat.Progress)."""
     kept, dropped = [], 0
     for record in records:
         ex = truncate(encode_record(tokenizer, record), max_length)

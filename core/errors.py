@@ -1,7 +1,8 @@
 """The engine's exception types, in one place so the worker can name them in result.json.
 
 A ``JobFailure`` carries what the daemon's error file needs: the failure class (see
-``trainbox.states.FailureClass``), the evidence (numbers) and the fix a person can apply.
+``trainbox.states.FailureClass``), the evidence (numbers) and the fix a person can apply. ``short_error``
+is how the best-effort writers (status file, DB) log the errors they swallow.
 """
 
 from __future__ import annotations
@@ -82,3 +83,8 @@ class DiskFull(Exception):
             "free_bytes": self.free,
             "path": self.path,
         }
+
+
+def short_error(e: Exception) -> str:
+    """An error for a log line that must stay one line: SQLAlchemy's messages append the SQL and parameters."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -2,7 +2,7 @@
 
 The eval gate's program: a child process the daemon starts and reaps like a worker
 (``daemon/gate.py``), so neither the daemon nor ``management/`` ever loads torch. It uses the
-trainer's own encoding, collation and loss (``core.encode``, ``core.data``, ``core.train``,
+trainer's own encoding, collation and loss (``core.encode``, ``core.data``, ``core.loss``,
 read-only), so its number is the same quantity as the worker's validation loss: mean loss per
 trained token. ``--run-dir R`` instead of ``--eval``
 rebuilds the job's own held-out set from ``R/job.json`` exactly as the worker chose it.
@@ -41,10 +41,10 @@ def score(model_dir: Path, records: list[Any], max_length: int, batch_size: int)
     import torch
     from transformers import AutoTokenizer
 
-    from core.data import collate, model_inputs
+    from core.data import collate
     from core.encode import encode_all, prepare_tokenizer
     from core.lora import load_causal_lm
-    from core.train import token_loss_sum, trained_positions
+    from core.loss import mean_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -54,14 +54,9 @@ def score(model_dir: Path, records: list[Any], max_length: int, batch_size: int)
     examples = encode_all(tokenizer, records, max_length).examples
     if not examples:
         return None
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = collate(examples[i : i + batch_size], tokenizer.pad_token_id)
-            logits = model(**model_inputs(batch, device)).logits
-            total += float(token_loss_sum(logits, batch["labels"].to(device)))
-            count += trained_positions(batch["labels"])
-    loss = total / max(count, 1)
+    pad = tokenizer.pad_token_id
+    batches = (collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size))
+    loss = mean_loss(model, batches, device)
     return loss if math.isfinite(loss) else None
 
 

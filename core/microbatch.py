@@ -65,3 +65,25 @@ class MicroBatchCache:
             atomic_write_json(self.path, {"version": 1, "entries": entries})
         except OSError as e:  # a hint only; never a reason to fail a job
             log.warning("could not record micro-batch in %s: %s", self.path, e)
+
+
+class MicroBatchMemory:
+    """The cache seen from one job: where a fresh run starts (``start``), and, on rank 0, recording a smaller
+    micro-batch once one trained (``worked``: the OOM back-off found it), so the next job on this device,
+    model and length starts there instead of failing its way down again."""
+
+    def __init__(self, cache: MicroBatchCache, key: str, writes: bool, **info: Any) -> None:
+        self.cache, self.key, self.writes, self.info = cache, key, writes, info
+        self.recorded = 0  # the micro-batch training started with, then the last one recorded
+
+    def start(self, configured: int, estimated: int) -> tuple[int, str]:
+        """(micro-batch, why): the smallest of the configured one, the memory estimate's and the cached one."""
+        cached = self.cache.get(self.key)
+        start = min(configured, estimated, cached or configured)
+        why = "it worked before for this model and max_length" if start == cached else "the memory estimate"
+        return start, why
+
+    def worked(self, micro: int) -> None:
+        if self.writes and micro != self.recorded:
+            self.recorded = micro
+            self.cache.record(self.key, micro, **self.info)

@@ -1,235 +1,342 @@
-"""Where the worker reports besides stdout: the status file and the model DB. Both best-effort.
+"""Where a job's training is reported besides stdout: the status file, the model DB and ``metrics.jsonl``.
 
-Reporting must never fail a job (a full disk for the status file, a locked DB): every write here
-catches, logs and carries on. Training progress is safe in checkpoints regardless.
+``Reporter`` is the one object rank 0 reports through, over three sinks: the status file and its loading
+heartbeats (core.heartbeat), DB rows and events (core.jobdb) and, once training starts, metrics lines
+(core.metrics); each of the engine's events becomes a metrics line, a status update, a DB event and a log line
+as it calls for. Any other rank gets a ``NullReporter``: the same methods doing nothing, since rank 0 reports
+for the whole job.
+
+Reporting must never fail a job (a full disk for the status file, a locked DB): every write catches, logs and
+carries on. Training progress is safe in checkpoints regardless.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import threading
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
-from sqlalchemy import update
-
-from management.db import Checkpoint, ModelDB
-from trainbox.status import TrainingStatus, write_status
+from core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, WarningEvent
+from core.heartbeat import LoadingBeat, Progress, StatusFile
+from core.hybrid.engine import HybridEngine
+from core.hybrid.events import JumpEvent, RollbackEvent
+from core.jobdb import JobDB
+from core.metrics import MetricsLog, truncate_to_step
+from trainbox.jobspec import WorkerResult
+from trainbox.states import WorkerOutcome
 
 log = logging.getLogger("core.worker")
 
-# Seconds between loading heartbeats (reading, validating and encoding the data; loading the model).
-# Far below the watchdog's loading floor, so a loading worker that advances is never judged hung.
-LOADING_BEAT_ENV = "TRAINBOX_LOADING_HEARTBEAT_S"
-DEFAULT_LOADING_BEAT_S = 5.0
+LOG_PROGRESS_EVERY_S = 10.0
 
 
-def loading_beat_interval() -> float:
-    """``$TRAINBOX_LOADING_HEARTBEAT_S`` when set to a positive number (tests make it short), else 5 s."""
-    try:
-        value = float(os.environ.get(LOADING_BEAT_ENV) or DEFAULT_LOADING_BEAT_S)
-    except ValueError:
-        return DEFAULT_LOADING_BEAT_S
-    return value if value > 0 else DEFAULT_LOADING_BEAT_S
+def json_safe(data: dict[str, Any]) -> dict[str, Any]:
+    """NaN/Inf are not JSON: they become strings (the API and the dashboard parse these lines)."""
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {str(k): fix(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [fix(x) for x in v]
+        return v
+
+    return {k: fix(v) for k, v in data.items()}
 
 
-def _short(e: Exception) -> str:
-    """First line only: SQLAlchemy errors append the SQL and parameters."""
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+class Reporter:
+    """Rank 0's reports on one job (see the module docstring). Built before the job's settings are known
+    (``main``); ``start`` adds what the engine's events need once training is about to begin."""
 
+    def __init__(self, status: StatusFile, db: JobDB, metrics_path: Path) -> None:
+        self.status, self.db, self.metrics_path = status, db, metrics_path
+        self.metrics: MetricsLog | None = None  # open from start() to close_metrics()
+        self.log_every = 1
+        self.start_step = 0
+        self.smoothed: float | None = None
+        self._last_log = 0.0
+        self.on_micro_batch: Callable[[int], None] | None = None  # the micro-batch of each step that trained
+        self.engine_phase = ""  # the hybrid engine's phase of the last real step
 
-class StatusReporter:
-    """``status/training.json``, rewritten atomically: at most every ``interval`` s, plus every
-    phase change. Each write refreshes ``heartbeat``, which is what the watchdog judges."""
-
-    def __init__(self, path: Path, job_id: int, job_name: str, interval: float = 0.5) -> None:
-        self.path = Path(path)
-        self.interval = interval
-        now = time.time()
-        self.status = TrainingStatus(job_id=job_id, job_name=job_name, pid=os.getpid(), started_at=now)
-        self._last_write = 0.0
-        self._lock = threading.Lock()  # a loading heartbeat thread (LoadingBeat) may write too
-
-    def update(self, force: bool = False, **fields: Any) -> None:
-        with self._lock:
-            for key, value in fields.items():
-                setattr(self.status, key, value)
-            now = time.time()
-            if force or now - self._last_write >= self.interval:
-                self._write(now)
+    # --- the status file --------------------------------------------------------------------------
 
     def phase(self, phase: str, message: str = "") -> None:
-        self.update(force=True, phase=phase, message=message)
+        self.status.phase(phase, message)
 
-    def _write(self, now: float) -> None:
-        self.status.heartbeat = now
-        try:
-            write_status(self.path, self.status)
-            self._last_write = now
-        except Exception as e:  # boundary: status is a hint, never a reason to fail
-            log.warning("could not write status %s: %s", self.path, _short(e))
+    def update(self, force: bool = False, **fields: Any) -> None:
+        self.status.update(force, **fields)
 
+    def loading(self, what: str) -> contextlib.AbstractContextManager[Any]:
+        """Heartbeats through one long call that reports nothing itself (a model load)."""
+        return LoadingBeat(self.status, what)
 
-class Progress:
-    """Progress through a long loading stage (reading, encoding millions of records), reported as the
-    status message with a heartbeat at most every ``every`` seconds: the watchdog judges a loading
-    worker by its heartbeat, so one that advances must keep beating, and one that stops advancing must
-    stop beating. ``tick`` is cheap (a clock read), so it is called for every record."""
+    def progress(self) -> Progress:
+        return Progress(self.status)
 
-    def __init__(self, status: StatusReporter | None, every: float | None = None) -> None:
-        self.status = status
-        self.every = every if every is not None else loading_beat_interval()
-        self.what, self.total, self.done = "", 0, 0
-        self._next = 0.0
+    def reached(self) -> tuple[int, int] | None:
+        """(step, total steps) as last reported: how far a failed run got."""
+        return self.status.status.step, self.status.status.total_steps
 
-    def stage(self, what: str, total: int = 0) -> None:
-        """A new stage ("reading job.jsonl", "encoding"); reported at once."""
-        self.what, self.total, self.done = what, total, 0
-        self._beat(time.monotonic())
-
-    def tick(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now >= self._next:
-            self._beat(now)
-
-    def message(self) -> str:
-        """'encoding 1,200,000/6,000,000 records', or without a total 'reading x.jsonl: 1,200,000 records'."""
-        if self.total:
-            return f"{self.what} {self.done:,}/{self.total:,} records"
-        return f"{self.what}: {self.done:,} records"
-
-    def _beat(self, now: float) -> None:
-        self._next = now + self.every
-        if self.status is not None:
-            self.status.update(force=True, message=self.message())
-
-
-def thread_cpu_clock() -> Callable[[], float]:
-    """A clock of the calling thread's CPU seconds that another thread can read (Linux, most Unixes);
-    the whole process's CPU time where there is none."""
-    try:
-        clock_id = time.pthread_getcpuclockid(threading.get_ident())
-    except (AttributeError, OSError):
-        return time.process_time
-    return lambda: time.clock_gettime(clock_id)
-
-
-class LoadingBeat:
-    """Heartbeats through one long call that reports nothing itself (``from_pretrained`` of a large
-    model, ``torch.load`` of a large optimizer state): a helper thread rewrites the status every
-    ``every`` seconds, but only while the calling thread used CPU since the last beat. A load that
-    reads and computes keeps its heartbeat; one blocked for good (a deadlock, a dead filesystem) uses
-    no CPU, stops beating, and the watchdog still kills it.
-
-    ``progressing`` replaces the CPU test (tests)."""
-
-    MIN_BUSY = 0.01  # share of the interval the calling thread must have run to count as progressing
-
-    def __init__(
-        self,
-        status: StatusReporter,
-        what: str,
-        every: float | None = None,
-        progressing: Callable[[], bool] | None = None,
-    ) -> None:
-        self.status, self.what = status, what
-        self.every = every if every is not None else loading_beat_interval()
-        self.progressing = progressing
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.beats = 0
-
-    def __enter__(self) -> LoadingBeat:
-        self.status.update(force=True, message=self.what)
-        if self.progressing is None:
-            clock = thread_cpu_clock()  # of the calling thread: made here, read by the helper
-            last = [clock()]
-
-            def busy() -> bool:
-                now, before = clock(), last[0]
-                last[0] = now
-                return now - before >= self.MIN_BUSY * self.every
-
-            self.progressing = busy
-        self._thread = threading.Thread(target=self._run, name="loading-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        started = time.monotonic()
-        while not self._stop.wait(self.every):
-            assert self.progressing is not None
-            if self.progressing():
-                self.beats += 1
-                self.status.update(force=True, message=f"{self.what} ({time.monotonic() - started:.0f} s)")
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class JobDB:
-    """The worker's few DB writes (checkpoint rows, events) for one job."""
-
-    def __init__(self, url: str, job_id: int) -> None:
-        self.job_id = job_id
-        self.db: ModelDB | None = None
-        try:
-            self.db = ModelDB(url)
-        except Exception as e:  # boundary
-            log.warning("DB unavailable (%s); continuing without DB records", _short(e))
+    # --- the DB -----------------------------------------------------------------------------------
 
     def event(self, kind: str, message: str, **data: Any) -> None:
-        if self.db is None:
-            return
-        try:
-            self.db.event(kind, message, job_id=self.job_id, **data)
-        except Exception as e:  # boundary
-            log.warning("could not record event %s: %s", kind, _short(e))
+        self.db.event(kind, message, **data)
 
     def checkpoint_saved(self, step: int, path: Path, meta: dict[str, Any]) -> None:
-        if self.db is None:
-            return
-        try:
-            with self.db.session() as s:
-                s.add(
-                    Checkpoint(
-                        job_id=self.job_id,
-                        step=step,
-                        path=str(path),
-                        train_loss=meta.get("train_loss"),
-                        val_loss=meta.get("val_loss"),
-                        size_bytes=int(meta.get("size_bytes", 0)),
-                    )
-                )
-        except Exception as e:  # boundary
-            log.warning("could not record checkpoint %s: %s", path, _short(e))
+        self.db.checkpoint_saved(step, path, meta)
+        self.db.event("checkpoint", f"checkpoint at step {step}", step=step, path=str(path))
 
     def checkpoints_deleted(self, paths: list[Path]) -> None:
-        if self.db is None or not paths:
-            return
-        try:
-            with self.db.session() as s:
-                s.execute(
-                    update(Checkpoint)
-                    .where(Checkpoint.job_id == self.job_id, Checkpoint.path.in_([str(p) for p in paths]))
-                    .where(Checkpoint.deleted_at.is_(None))
-                    .values(deleted_at=time.time())
-                )
-        except Exception as e:  # boundary
-            log.warning("could not mark deleted checkpoints: %s", _short(e))
+        self.db.checkpoints_deleted(paths)
 
-    def close(self) -> None:
-        if self.db is not None:
-            try:
-                self.db.close()
-            except Exception as e:  # boundary
-                log.warning("closing the DB: %s", _short(e))
+    def hybrid_summary(self, engine: HybridEngine, step: int) -> None:
+        """What the hybrid engine did and cost, as a DB event whenever a worker's run ends (completed, paused,
+        interrupted, failed). Its counters ride in checkpoints, so each event holds the job's totals so far: the
+        last one is the job's."""
+        summary = engine.summary()
+        saved = summary["time_saved_s"]
+        message = (
+            f"hybrid engine: {summary['accepted']}/{summary['attempts']} jumps accepted, "
+            f"{summary['backward_skipped']} backward passes skipped, "
+            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s")
+        )
+        try:
+            self.db.event("hybrid_summary", message, step=step, **summary)
+        except Exception as e:  # a lost summary must not hide how the run ended
+            log.warning("could not record the hybrid summary: %s", e)
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def resumed_at(self, step: int, total_steps: int, val_loss: float | None, resumed: bool) -> None:
+        """Where training (re)starts: the metrics file cut back to the checkpoint's step (all of it on a fresh
+        start), so no step appears twice; the status says the same."""
+        truncate_to_step(self.metrics_path, step if resumed else -1)
+        self.status.update(force=True, step=step, total_steps=total_steps, val_loss=val_loss, message="")
+
+    def start(self, log_every: int, start_step: int, on_micro_batch: Callable[[int], None] | None = None) -> None:
+        self.metrics = MetricsLog(self.metrics_path)
+        self.log_every, self.start_step, self.on_micro_batch = log_every, start_step, on_micro_batch
+
+    def rolled_back(self, step: int, val_loss: float | None, to_checkpoint: bool) -> None:
+        """The trainer went back to a checkpoint (or the start): the steps after it will be trained again."""
+        if self.metrics is not None:
+            self.metrics.truncate(step if to_checkpoint else -1)
+        self.smoothed = None
+        self.status.update(force=True, step=step, val_loss=val_loss)
+
+    def close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def finish(self, result: WorkerResult) -> None:
+        """How the run ended, in the status file and the DB; the DB is closed."""
+        phase = {
+            WorkerOutcome.COMPLETED: "finished",
+            WorkerOutcome.INTERRUPTED: "interrupted",
+            WorkerOutcome.FAILED: "failed",
+        }[result.outcome]
+        self.status.update(force=True, phase=phase, message=result.message, step=result.step or self.status.status.step)
+        self.db.event(
+            f"training_{result.outcome.value}",
+            result.message or phase,
+            step=result.step,
+            train_loss=result.train_loss,
+            val_loss=result.val_loss,
+        )
+        self.db.close()
+
+    # --- the engine's events ----------------------------------------------------------------------
+
+    def __call__(self, ev: Event) -> None:
+        try:
+            self._dispatch(ev)
+        except Exception as e:  # boundary: reporting never fails a job; checkpoints hold the progress
+            log.warning("could not report %s: %s", type(ev).__name__, e)
+
+    def _dispatch(self, ev: Event) -> None:
+        now = time.time()
+        if isinstance(ev, StepEvent):
+            self._on_step(ev, now)
+        elif isinstance(ev, EvalEvent):
+            self._line({"kind": "eval", "step": ev.step, "val_loss": ev.val_loss, "time": now})
+            self.status.update(force=True, val_loss=ev.val_loss)
+            log.info("eval step %d: val_loss %.4f", ev.step, ev.val_loss)
+        elif isinstance(ev, CheckpointEvent):
+            self.status.update(force=True, message=f"checkpoint at step {ev.step}")
+            log.info("checkpoint step %d: %s", ev.step, ev.path)
+        elif isinstance(ev, PhaseEvent):
+            self.status.phase(ev.phase)
+            log.info("phase %s at step %d", ev.phase, ev.step)
+        elif isinstance(ev, WarningEvent):
+            self.warning(ev)
+        elif isinstance(ev, JumpEvent):
+            self._on_jump(ev, now)
+        elif isinstance(ev, RollbackEvent):
+            self._on_hybrid_rollback(ev)
+
+    def _line(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def warning(self, ev: WarningEvent) -> None:
+        """An early warning or a repair: a metrics line, a DB event, the status message, the log."""
+        data = json_safe(ev.data)
+        self._line(
+            {**data, "kind": "warning", "step": ev.step, "warning": ev.kind, "message": ev.message, "time": time.time()}
+        )
+        self.db.event("warning", ev.message, step=ev.step, warning=ev.kind, **data)
+        self.status.update(force=True, message=ev.message)
+        log.warning("%s: %s", ev.kind, ev.message)
+
+    def _on_step(self, ev: StepEvent, now: float) -> None:
+        engine = self._on_engine(ev) if ev.phase else {}
+        if ev.predicted or ev.skipped:  # a hybrid jump (every one gets a line) or a skipped update
+            if ev.predicted or ev.step % self.log_every == 0:
+                self._line(self._train_line(ev, now, engine))
+            self.status.update(step=ev.step, total_steps=ev.total_steps, learning_rate=ev.lr)
+            return
+        if self.on_micro_batch is not None and ev.micro_batch:
+            self.on_micro_batch(ev.micro_batch)
+        self.smoothed = ev.loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * ev.loss
+        if ev.step % self.log_every == 0:
+            self._line(self._train_line(ev, now, engine))
+        done_here = ev.step - self.start_step
+        eta = (ev.total_steps - ev.step) * ev.elapsed / done_here if done_here > 0 else None
+        self.status.update(
+            step=ev.step,
+            total_steps=ev.total_steps,
+            epoch=int(ev.epoch),
+            loss=self.smoothed,
+            learning_rate=ev.lr,
+            grad_norm=ev.grad_norm,
+            tokens_per_s=ev.tokens_per_s,
+            eta_s=eta,
+        )
+        if now - self._last_log >= LOG_PROGRESS_EVERY_S or ev.step == ev.total_steps:
+            self._last_log = now
+            log.info(
+                "step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tok/s",
+                ev.step,
+                ev.total_steps,
+                ev.loss,
+                ev.lr,
+                ev.grad_norm,
+                ev.tokens_per_s,
+            )
+
+    @staticmethod
+    def _train_line(ev: StepEvent, now: float, engine: dict[str, Any]) -> dict[str, Any]:
+        """A step's metrics line. A jump has no gradient norm or throughput and its loss is the probe loss after
+        it; a skipped step has no loss or gradient norm (they were not finite)."""
+        line: dict[str, Any] = {
+            "kind": "train",
+            "step": ev.step,
+            "loss": None if ev.skipped else ev.loss,
+            "lr": ev.lr,
+            "grad_norm": ev.grad_norm if not (ev.predicted or ev.skipped) else None,
+            "tokens_per_s": None if ev.predicted else ev.tokens_per_s,
+            "epoch": ev.epoch,
+            "time": now,
+        }
+        if ev.predicted:
+            line["advanced"] = ev.advanced
+        elif ev.skipped:
+            line["skipped"] = True
+        return {**line, **engine}
+
+    def _on_engine(self, ev: StepEvent) -> dict[str, Any]:
+        """A hybrid step: status fields, a DB event when the phase of real steps changes; returns the
+        fields of its metrics line."""
+        if not ev.predicted and ev.phase != self.engine_phase:
+            message = f"hybrid engine phase {ev.phase} from step {ev.step}"
+            self.db.event("phase_change", message, step=ev.step, engine_phase=ev.phase, previous=self.engine_phase)
+            log.info("%s", message)
+            self.engine_phase = ev.phase
+        fields: dict[str, Any] = {
+            "speedup_estimate": ev.speedup_estimate,
+            "backward_skipped": ev.backward_skipped,
+            "time_saved_s": ev.time_saved_s,
+        }
+        self.status.update(engine_phase=ev.phase, **fields)
+        return {"phase": ev.phase, "predicted": ev.predicted, **fields}
+
+    def _on_jump(self, ev: JumpEvent, now: float) -> None:
+        """One jump attempt: a metrics line and a DB event with its numbers."""
+        record = json_safe(ev.as_record())
+        self._line({**record, "time": now})
+        verdict = f"accepted, {ev.advanced} steps advanced" if ev.accepted else f"rejected ({ev.reason}), rolled back"
+        message = (
+            f"hybrid jump at step {ev.step - ev.advanced}: H={ev.horizon:g} x{ev.scale:g}, probe loss "
+            f"{ev.probe_before:.4f} -> {ev.probe_after:.4f}, earned {ev.earned_steps:.1f} steps: {verdict}"
+        )
+        self.db.event("hybrid_jump", message, **{k: v for k, v in record.items() if k != "kind"})
+        log.info("%s", message)
+
+    def _on_hybrid_rollback(self, ev: RollbackEvent) -> None:
+        message = (
+            f"hybrid engine: {ev.reason} at step {ev.step}; restored the weights and optimizer state of real "
+            f"step {ev.restored_real_step}"
+        )
+        data = {"reason": ev.reason, "restored_real_step": ev.restored_real_step}
+        self.db.event("hybrid_rollback", message, step=ev.step, **data)
+        self.warning(WarningEvent(ev.step, "hybrid_rollback", message, data))
+
+
+class NullReporter:
+    """A rank other than 0: ``Reporter``'s methods, doing nothing (rank 0 reports for the whole job)."""
+
+    def phase(self, phase: str, message: str = "") -> None:
+        pass
+
+    def update(self, force: bool = False, **fields: Any) -> None:
+        pass
+
+    def loading(self, what: str) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def progress(self) -> Progress:
+        return Progress(None)
+
+    def reached(self) -> tuple[int, int] | None:
+        return None
+
+    def event(self, kind: str, message: str, **data: Any) -> None:
+        pass
+
+    def checkpoint_saved(self, step: int, path: Path, meta: dict[str, Any]) -> None:
+        pass
+
+    def checkpoints_deleted(self, paths: list[Path]) -> None:
+        pass
+
+    def hybrid_summary(self, engine: HybridEngine, step: int) -> None:
+        pass
+
+    def resumed_at(self, step: int, total_steps: int, val_loss: float | None, resumed: bool) -> None:
+        pass
+
+    def start(self, log_every: int, start_step: int, on_micro_batch: Callable[[int], None] | None = None) -> None:
+        pass
+
+    def rolled_back(self, step: int, val_loss: float | None, to_checkpoint: bool) -> None:
+        pass
+
+    def close_metrics(self) -> None:
+        pass
+
+    def finish(self, result: WorkerResult) -> None:
+        pass
+
+    def __call__(self, ev: Event) -> None:
+        pass
+
+    def warning(self, ev: WarningEvent) -> None:
+        pass
+
+
+Report = Reporter | NullReporter

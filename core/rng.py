@@ -1,7 +1,8 @@
 """Capture and restore every random number generator a training step could touch.
 
 States are stored as tensors, lists and ints only, so checkpoints load with
-``torch.load(weights_only=True)`` (no pickled objects).
+``torch.load(weights_only=True)`` (no pickled objects). ``torch_rng``/``set_torch_rng`` are the cheap
+subset a retried step rewinds (core.train: a step that ran out of memory runs again with the same dropout).
 """
 
 from __future__ import annotations
@@ -48,3 +49,14 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def torch_rng() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The generators a forward/backward pass can draw from (dropout): rewound for a retried step."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def set_torch_rng(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])

@@ -1,12 +1,33 @@
-"""The learning-rate schedule: linear warmup, then cosine decay to a floor.
+"""The optimizer (AdamW) and its learning-rate schedule: linear warmup, then cosine decay to a floor.
 
-A pure function of the step (nanoGPT's ``get_lr``), so there is no scheduler object whose state
-could drift from the step counter: resuming at step k gives exactly the lr of step k.
+The schedule is a pure function of the step (nanoGPT's ``get_lr``), so there is no scheduler object whose
+state could drift from the step counter: resuming at step k gives exactly the lr of step k.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
+
+import torch
+
+from trainbox.config import TrainingConfig
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norm gains); fused when possible."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = {"lr": cfg.learning_rate, "betas": (cfg.beta1, cfg.beta2)}
+    if device.type in ("cuda", "cpu"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:

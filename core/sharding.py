@@ -7,7 +7,7 @@ decoder layer (and the root: embeddings, final norm, head) keeps only its 1/worl
 full weights just for its forward and backward; gradients are reduce-scattered after each backward.
 
 What this module keeps the same as the replicate mode, and why:
-- The numbers. The loss is already divided by the trained tokens of the whole global step (core.train), so
+- The numbers. The loss is already divided by the trained tokens of the whole global step (core.distributed), so
   the per-rank gradients must be *summed*, not averaged as FSDP does by default: ``wrap`` sets the gradient
   divide factor to 1 with sum-only collectives (gloo has no pre-multiplied sum). Clipping and the gradient norm
   work on the shards; the norm comes back as a replicated DTensor and ``full`` turns it into a plain tensor.
@@ -21,7 +21,7 @@ What this module keeps the same as the replicate mode, and why:
   (the others an empty dict) and alone writes.
 - Loading. Every rank loads the full weights (to the CPU) before ``wrap``, which keeps each rank's own shard
   and moves it to the device; a resumed optimizer state and a rollback's weights are loaded as full state
-  dicts that each rank slices to its shard (``load_optimizer_state``, ``load_weights``).
+  dicts that each rank slices to its shard (``load_optimizer_state``, ``scatter_weights``).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def gather(model: torch.nn.Module) -> GatheredModel:
     return GatheredModel(model, tie(model, get_model_state_dict(model, options=GATHER)))
 
 
-def load_weights(model: torch.nn.Module, weights: dict[str, Any]) -> None:
+def scatter_weights(model: torch.nn.Module, weights: dict[str, Any]) -> None:
     """Full weights (a save_pretrained folder's tensors, on every rank) into the sharded model, each rank
     keeping its shard (a rollback). A collective."""
     reshard(model)

@@ -37,7 +37,8 @@ import bench_hybrid as bh
 import torch
 
 from core.data import collate
-from core.train import EvalEvent, StepEvent, Trainer
+from core.events import EvalEvent, StepEvent
+from core.train import Trainer
 from trainbox.config import TrainingConfig
 
 ROOT = bh.ROOT

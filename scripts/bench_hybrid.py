@@ -51,9 +51,10 @@ from core import lora  # noqa: E402
 from core.data import split_heldout  # noqa: E402
 from core.embedded import build_model, ensure_embedded_model  # noqa: E402
 from core.encode import Example, encode_all, prepare_tokenizer  # noqa: E402
+from core.events import EvalEvent, PhaseEvent  # noqa: E402
 from core.hybrid import HybridConfig  # noqa: E402
 from core.hybrid.events import JumpEvent  # noqa: E402
-from core.train import EvalEvent, PhaseEvent, Trainer  # noqa: E402
+from core.train import Trainer  # noqa: E402
 from trainbox.config import TrainingConfig  # noqa: E402
 from trainbox.records import Record  # noqa: E402
 

@@ -5,8 +5,8 @@ absolute tokens/s from a shared machine means little (../shared/ENVIRONMENT.md),
 the same invocation, alternating, and the table reports medians and the paired ratio trainbox/HF.
 
 What is the same on both sides (so the loop is the only difference):
-- model and initial weights: the same folder loaded by ``core.worker.load_model`` (fp32 master weights),
-  LoRA adapters added by ``core.worker.apply_lora`` (``core.lora.wrap``, same targets) after seeding
+- model and initial weights: the same folder loaded by ``core.loading.load_model`` (fp32 master weights),
+  LoRA adapters added by ``core.loading.apply_lora`` (``core.lora.wrap``, same targets) after seeding
   with the same seed; a checksum of the trainable weights is compared before training;
 - data: records from ``bench_hybrid.make_records`` grouped so that every example fills ``max_length``
   (even ones a long text, odd ones a multi-turn chat with loss on assistant turns only), encoded once
@@ -16,12 +16,12 @@ What is the same on both sides (so the loop is the only difference):
 - optimizer and schedule: AdamW (fused when trainbox's ``make_optimizer`` gets fused, else torch's
   default), same betas, weight decay (matrices only on both), clipping 1.0, gradient accumulation, and
   trainbox's warmup + cosine ``lr_at`` (HF through a ``LambdaLR``, so the lr of every step matches);
-- precision: ``core.train.amp_dtype`` (bf16 autocast on CUDA, fp32 on CPU) and HF's ``bf16`` set to it;
+- precision: ``core.precision.amp_dtype`` (bf16 autocast on CUDA, fp32 on CPU) and HF's ``bf16`` set to it;
 - process: each side runs in a fresh subprocess (clean peak memory), with the worker's thread count and
   denormal flushing. No evaluation, no saving, ``report_to=[]``, ``dataloader_num_workers=0``.
 
 trainbox's side is ``core.train.Trainer.run`` itself, with an ``emit`` that only takes timestamps (a real
-job's ``core.worker.Reporter`` also writes a metrics line and the status file per step: not measured).
+job's ``core.reporting.Reporter`` also writes a metrics line and the status file per step: not measured).
 
 Timing: ``--warmup`` steps untimed, then ``--steps`` timed, from the end of the last warmup step to the
 end of the last step (a CUDA synchronize at both ends only: no per-step syncs are added to either loop).
@@ -348,8 +348,9 @@ def run_child(spec: ChildSpec) -> SideResult:
     """Load, wrap and train one side exactly as a trainbox worker sets up a job; return its measurements."""
     from core import rng
     from core.encode import Example
-    from core.train import amp_dtype, make_optimizer
-    from core.worker import apply_lora, load_model
+    from core.loading import apply_lora, load_model
+    from core.precision import amp_dtype
+    from core.schedule import make_optimizer
     from trainbox.config import TrainingConfig
 
     torch.set_num_threads(spec.threads)
@@ -409,7 +410,8 @@ def train_trainbox(
     model: Any, cfg: Any, examples: list[Any], pad_id: int, device: torch.device, clock: StepClock, mem: PeakMemory
 ) -> tuple[float, str]:
     """``core.train.Trainer.run``: the job's loop, no validation set (no evaluation), saving a no-op."""
-    from core.train import StepEvent, Trainer
+    from core.events import StepEvent
+    from core.train import Trainer
 
     trainer = Trainer(model, cfg, examples, [], pad_id, device)
     losses: list[float] = []
@@ -645,7 +647,7 @@ def main() -> None:
 
     from core.embedded import ensure_embedded_model
     from core.real_model import ensure_smollm2
-    from core.worker import thread_count
+    from core.runtime import thread_count
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,16 +13,9 @@ from core.disk import DiskGuard
 from core.errors import DiskFull
 from core.faults import Faults
 from core.health import HealthMonitor
+from core.memory import ModelShape, estimate_memory, halvings, pick_micro_batch
 from core.microbatch import MicroBatchCache, cache_key
-from core.preflight import (
-    ModelShape,
-    check_data,
-    check_memory,
-    check_settings,
-    estimate_memory,
-    halvings,
-    pick_micro_batch,
-)
+from core.preflight import check_data, check_memory, check_settings
 from trainbox.config import TrainingConfig
 
 SHAPE = ModelShape(

@@ -13,16 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core import lora
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
-from core.preflight import (
-    FIT_COPIES,
-    check_memory,
-    check_settings,
-    estimate_memory,
-    hybrid_copies,
-    model_shape,
-    pick_micro_batch,
-)
-from core.train import StepEvent, Trainer, enable_gradient_checkpointing, make_optimizer
+from core.events import StepEvent
+from core.loading import enable_gradient_checkpointing
+from core.memory import FIT_COPIES, estimate_memory, hybrid_copies, model_shape, pick_micro_batch
+from core.preflight import check_memory, check_settings
+from core.schedule import make_optimizer
+from core.train import Trainer
 from tests.test_core_guards import SHAPE
 from trainbox.config import TrainingConfig
 from trainbox.records import Record

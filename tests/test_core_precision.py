@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from core.encode import Example
-from core.train import StepEvent, autocast_dtype
+from core.events import StepEvent
+from core.precision import autocast_dtype
 from tests.test_core_train import examples, make_trainer, model_dir  # noqa: F401 (fixtures)
 
 
@@ -43,16 +44,17 @@ def test_fp16_reruns_overflowing_steps_at_a_lower_scale(
 ) -> None:
     plain = run(make_trainer(model_dir, examples, max_steps=6, eval_every=0))
     t = make_trainer(model_dir, examples, max_steps=6, eval_every=0, precision="fp16")
-    assert t.scaler is not None and t.amp_dtype == torch.float16 and t.half and not t.bf16
-    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # every early step overflows fp16
+    p = t.precision
+    assert p.scaler is not None and p.dtype == torch.float16 and p.half and not p.bf16
+    p.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)  # every early step overflows fp16
     steps = run(t)
     assert [e.step for e in steps] == list(range(1, 7)) and not any(e.skipped for e in steps)
     assert t.state.rollbacks == 0 and t.state.overflows == 0 and not t.state.skipped
-    assert t.scaler.get_scale() < 2.0**20  # halved until the gradients fit, then the steps ran
+    assert p.scaler.get_scale() < 2.0**20  # halved until the gradients fit, then the steps ran
     # the same training as fp32, to fp16's precision
     assert steps[0].loss == pytest.approx(plain[0].loss, rel=1e-2)
     assert steps[-1].loss == pytest.approx(plain[-1].loss, rel=5e-2) and steps[-1].loss < steps[0].loss
     state = t.state_dict()
     fresh = make_trainer(model_dir, examples, max_steps=6, eval_every=0, precision="fp16")
     fresh.load_state_dict(state)
-    assert fresh.scaler is not None and fresh.scaler.get_scale() == t.scaler.get_scale()
+    assert fresh.precision.scaler is not None and fresh.precision.scaler.get_scale() == p.scaler.get_scale()

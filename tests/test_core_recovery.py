@@ -17,10 +17,12 @@ from transformers import AutoTokenizer
 
 from core import checkpoint
 from core.errors import OutOfMemory, PreflightError, TrainingDiverged
+from core.events import CheckpointEvent, Event, StepEvent, WarningEvent
 from core.faults import Faults
 from core.health import Alert
+from core.loading import restore_weights
 from core.microbatch import CACHE_FILE
-from core.train import CheckpointEvent, Event, StepEvent, Trainer, WarningEvent
+from core.train import Trainer
 from tests.test_core_train import examples, make_trainer, saver  # noqa: F401 (fixture)
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
     data_file,
@@ -58,10 +60,10 @@ def restorer(t: Trainer, run_dir: Path, init: Path) -> Any:
     def restore() -> None:
         found = checkpoint.latest_complete(run_dir)
         if found:
-            checkpoint.load_weights(t.model, found.path / checkpoint.MODEL)
+            restore_weights(t.model, found.path / checkpoint.MODEL)
             t.load_state_dict(checkpoint.load_state(found.path))
         else:
-            checkpoint.load_weights(t.model, init)
+            restore_weights(t.model, init)
             t.reset()
 
     return restore

@@ -14,8 +14,9 @@ from core import checkpoint
 from core.data import collate, model_inputs
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
+from core.events import CheckpointEvent, EvalEvent, Event, StepEvent
 from core.metrics import read_metrics, truncate_to_step
-from core.train import CheckpointEvent, EvalEvent, Event, StepEvent, Trainer
+from core.train import Trainer
 from trainbox.config import TrainingConfig
 from trainbox.records import Record
 

@@ -20,8 +20,13 @@ from transformers import AutoModelForCausalLM
 from core import checkpoint, worker
 from core.embedded import ensure_embedded_model
 from core.errors import DataError
-from core.metrics import read_metrics
-from core.reporting import LOADING_BEAT_ENV, LoadingBeat
+from core.heartbeat import LOADING_BEAT_ENV, LoadingBeat, StatusFile
+from core.jobdb import JobDB
+from core.loading import load_data, load_model
+from core.metrics import METRICS, read_metrics
+from core.reporting import Reporter
+from core.result import RunInfo, failed_result
+from core.runtime import StopFlag, thread_count
 from management.db import Job, ModelDB
 from trainbox.config import TrainingConfig
 from trainbox.jobspec import JobSpec, WorkerResult
@@ -112,14 +117,19 @@ def wait_for_step(proc: subprocess.Popen[bytes], run_dir: Path, step: int, timeo
 
 def run_in_process(spec: JobSpec) -> tuple[int, WorkerResult]:
     """The worker's job in this process (the same code path as ``main``, minus its start-up time)."""
-    stop, info = worker.StopFlag(), worker.RunInfo()
-    status = worker.StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
-    db = worker.JobDB(spec.db_url, spec.job_id)
+    stop, info = StopFlag(), RunInfo()
+    report = reporter(spec)
     try:
-        result = worker.train_job(spec, stop, status, db, info)
+        result = worker.train_job(spec, stop, report, info)
     except Exception as e:
-        result = worker.failed_result(e, status, info)
-    return worker.finish(result, Path(spec.run_dir), status, db), result
+        result = failed_result(e, report, info)
+    return worker.finish(result, Path(spec.run_dir), report), result
+
+
+def reporter(spec: JobSpec, status: StatusFile | None = None) -> Reporter:
+    """Rank 0's reporter of a job, as ``main`` opens it (``status``: a status writer of the test's own)."""
+    status = status or StatusFile(Path(spec.status_file), spec.job_id, spec.job_name)
+    return Reporter(status, JobDB(spec.db_url, spec.job_id), Path(spec.run_dir) / METRICS)
 
 
 def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
@@ -230,22 +240,21 @@ def test_bad_data_fails_with_a_result(tmp_path: Path, model_dir: Path) -> None:
 
 def test_stop_before_training_starts_leaves_no_checkpoint(tmp_path: Path, data_file: Path, model_dir: Path) -> None:
     spec = make_job(tmp_path / "run", data_file, model_dir)
-    stop = worker.StopFlag()
+    stop = StopFlag()
     stop._handle(signal.SIGTERM, None)
-    status = worker.StatusReporter(Path(spec.status_file), spec.job_id, spec.job_name)
-    db = worker.JobDB(spec.db_url, spec.job_id)
-    result = worker.train_job(spec, stop, status, db)
-    assert worker.finish(result, Path(spec.run_dir), status, db) == EXIT_INTERRUPTED
+    report = reporter(spec)
+    result = worker.train_job(spec, stop, report)
+    assert worker.finish(result, Path(spec.run_dir), report) == EXIT_INTERRUPTED
     assert result.outcome == WorkerOutcome.INTERRUPTED and result.step == 0
     assert checkpoint.latest_complete(Path(spec.run_dir)) is None
 
 
 def test_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert worker.thread_count(3) == 3
+    assert thread_count(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert worker.thread_count(0) == 2
+    assert thread_count(0) == 2
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert worker.thread_count(0) == max(1, (os.cpu_count() or 2) // 2)
+    assert thread_count(0) == max(1, (os.cpu_count() or 2) // 2)
 
 
 def test_eval_file_is_the_validation_set(tmp_path: Path, data_file: Path, model_dir: Path) -> None:
@@ -253,8 +262,8 @@ def test_eval_file_is_the_validation_set(tmp_path: Path, data_file: Path, model_
     eval_file.write_text("".join(json.dumps({"text": f"Eval line {i}."}) + "\n" for i in range(3)))
     spec = make_job(tmp_path / "run", data_file, model_dir)
     spec = spec.model_copy(update={"eval_file": str(eval_file)})
-    _, tok = worker.load_model(model_dir, torch.device("cpu"))
-    data = worker.load_data(spec, spec.training, tok)
+    _, tok = load_model(model_dir, torch.device("cpu"))
+    data = load_data(spec, spec.training, tok)
     assert len(data.train) == 60 and len(data.val) == 3
 
 
@@ -262,12 +271,12 @@ def test_nothing_left_to_train_is_a_clear_error(tmp_path: Path, model_dir: Path)
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"prompt": "word " * 100, "completion": " x"}) + "\n" for _ in range(3)))
     spec = make_job(tmp_path / "run", data, model_dir)
-    _, tok = worker.load_model(model_dir, torch.device("cpu"))
+    _, tok = load_model(model_dir, torch.device("cpu"))
     with pytest.raises(DataError, match="max_length=64"):
-        worker.load_data(spec, spec.training, tok)
+        load_data(spec, spec.training, tok)
 
 
-class RecordingStatus(worker.StatusReporter):
+class RecordingStatus(StatusFile):
     """The real status writer, also keeping (heartbeat, phase, message) of every write it made."""
 
     def __init__(self, path: Path, job_id: int, job_name: str) -> None:
@@ -287,9 +296,9 @@ def test_loading_heartbeats_advance_while_encoding(
     monkeypatch.setenv(LOADING_BEAT_ENV, "0.000001")
     spec = make_job(tmp_path / "run", data_file, model_dir, max_steps=1, eval_every=0, checkpoint_every=0)
     status = RecordingStatus(Path(spec.status_file), spec.job_id, spec.job_name)
-    db = worker.JobDB(spec.db_url, spec.job_id)
-    result = worker.train_job(spec, worker.StopFlag(), status, db)
-    db.close()
+    report = reporter(spec, status)
+    result = worker.train_job(spec, StopFlag(), report)
+    report.db.close()
     assert result.outcome == WorkerOutcome.COMPLETED
     encoding = [(hb, msg) for hb, phase, msg in status.written if phase == "loading" and msg.startswith("encoding")]
     done = [int(msg.split()[1].split("/")[0].replace(",", "")) for _, msg in encoding]
@@ -305,7 +314,7 @@ def test_loading_heartbeats_advance_while_encoding(
 def test_loading_beat_needs_the_loading_thread_to_advance(tmp_path: Path) -> None:
     """Through one opaque call (a model load) a helper thread beats while the loading thread uses CPU,
     and not while it is blocked: a load stuck for good must still look hung to the watchdog."""
-    status = worker.StatusReporter(tmp_path / "training.json", 1, "j")
+    status = StatusFile(tmp_path / "training.json", 1, "j")
     with LoadingBeat(status, "loading the model", every=0.02) as beat:
         deadline = time.monotonic() + 30
         x = 0

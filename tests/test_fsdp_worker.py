@@ -25,15 +25,9 @@ from transformers import AutoModelForCausalLM
 
 from core import checkpoint, sharding
 from core.encode import IGNORE
+from core.memory import USABLE_FRACTION, estimate_memory, pick_micro_batch
 from core.metrics import read_metrics
-from core.preflight import (
-    USABLE_FRACTION,
-    check_settings,
-    check_sharding,
-    estimate_memory,
-    pick_micro_batch,
-    shard_count,
-)
+from core.preflight import check_settings, check_sharding, shard_count
 from tests.test_core_guards import SHAPE
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
     data_file,
@@ -210,7 +204,7 @@ def test_wrap_shards_every_layer_with_summed_gradients_and_saves_like_unsharded(
         assert {(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups} == {(1.0, True)}
         gathered = sharding.gather(model)
         gathered.save_pretrained(tmp_path / "sharded", safe_serialization=True)
-        sharding.load_weights(model, checkpoint.read_weights(tmp_path / "plain"))  # the tied head is absent
+        sharding.scatter_weights(model, checkpoint.read_weights(tmp_path / "plain"))  # the tied head is absent
     finally:
         dist.destroy_process_group()
     assert checkpoint.read_weights(tmp_path / "sharded").keys() == checkpoint.read_weights(tmp_path / "plain").keys()

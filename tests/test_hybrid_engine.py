@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from core import checkpoint
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
+from core.events import CheckpointEvent, EvalEvent, StepEvent
 from core.hybrid import HybridConfig, HybridEngine
 from core.hybrid.events import JumpEvent, RollbackEvent
-from core.train import CheckpointEvent, EvalEvent, StepEvent, Trainer
+from core.train import Trainer
 from trainbox.config import TrainingConfig
 from trainbox.records import Record
 

@@ -99,7 +99,8 @@ def test_every_problem_is_one_sentence_naming_the_fix() -> None:
 
 def _worker_refuses(cfg: TrainingConfig) -> bool:
     """What the worker's preflight refuses on this (GPU-less) machine, before and after loading a model."""
-    from core.preflight import ModelShape, check_lora_setup, check_settings, check_sharding, planned_world
+    from core.memory import ModelShape
+    from core.preflight import check_lora_setup, check_settings, check_sharding, planned_world
 
     shape = ModelShape(params=1, trainable=1, hidden=8, intermediate=32, layers=1, heads=1, vocab=8, max_positions=None)
     found = check_sharding(cfg, planned_world(cfg)) + check_lora_setup(cfg, False, True)

@@ -259,6 +259,17 @@ class HybridEngine:
             return None
         return c.advanced_steps * c.real_step_s / c.real_steps - c.overhead_s
 
+    def step_fields(self, phase: str, predicted: bool, advanced: int) -> dict[str, Any]:
+        """The engine's fields of a ``StepEvent`` (core.events): the phase it ran in and the counters so far."""
+        return {
+            "phase": phase,
+            "predicted": predicted,
+            "advanced": advanced,
+            "backward_skipped": self.counters.backward_skipped,
+            "speedup_estimate": self.speedup_estimate(),
+            "time_saved_s": self.time_saved_s(),
+        }
+
     def summary(self) -> dict[str, Any]:
         """The engine's record of a run, for the job's DB event at its end."""
         c = self.counters

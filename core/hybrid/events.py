@@ -1,6 +1,6 @@
 """Events of the hybrid engine; they go through core/train.py's ``emit`` callback beside its own.
 
-Steps (real and predicted) are ``core.train.StepEvent``s, which carry the engine phase, whether the
+Steps (real and predicted) are ``core.events.StepEvent``s, which carry the engine phase, whether the
 step was predicted and the running counters. ``JumpEvent`` is the accept/rollback history, one per
 attempt; ``RollbackEvent`` a divergence-monitor restore. ``as_record()`` gives the metrics-log line.
 """

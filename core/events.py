@@ -1,0 +1,70 @@
+"""What the training loop tells the world, as plain frozen records handed to ``emit``.
+
+The loop (core.train) knows nothing of files, the DB or HTTP: the worker's reporter (core.reporting) turns
+these into metrics lines, the status file, DB events and log lines, while a test or a benchmark just keeps
+them in a list. The hybrid engine's own events (jumps, its rollbacks) live beside it, in core.hybrid.events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from core.hybrid.events import JumpEvent, RollbackEvent
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int  # optimizer steps done
+    total_steps: int
+    loss: float  # mean loss per trained token over the whole (accumulated) step
+    lr: float
+    grad_norm: float  # before clipping
+    tokens: int  # non-padding tokens processed in the step
+    tokens_per_s: float
+    epoch: float  # fractional epochs done
+    elapsed: float  # seconds since this process started training
+    skipped: bool = False  # non-finite loss or gradient: the update was not applied
+    micro_batch: int = 0  # examples per forward pass this step ran with
+    grad_accum: int = 0  # forward passes per optimizer step
+    # the hybrid engine ("" / defaults with the plain one)
+    phase: str = ""  # engine phase the step ran in: warmup, full, predict, plain
+    predicted: bool = False  # a jump: `advanced` steps with no backward pass; loss is the probe loss
+    advanced: int = 1  # schedule steps this event covers
+    backward_skipped: int = 0  # backward passes skipped so far
+    speedup_estimate: float | None = None  # running estimate over plain steps (HybridEngine.speedup_estimate)
+    time_saved_s: float | None = None  # estimated seconds saved so far, negative when lost (HybridEngine)
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    step: int
+    val_loss: float
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    step: int
+    path: Path
+
+
+@dataclass(frozen=True)
+class PhaseEvent:
+    phase: str  # training, evaluating, checkpointing
+    step: int
+
+
+@dataclass(frozen=True)
+class WarningEvent:
+    """Something a person should know: an early warning (core.health) or a repair the loop made
+    (oom_backoff, eval_oom_backoff, rollback)."""
+
+    step: int
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent | JumpEvent | RollbackEvent
+Outcome = Literal["completed", "interrupted"]
