@@ -50,6 +50,14 @@ def generates(folder: Path) -> str:
     return str(tok.decode(out[0, ids.shape[1] :]))
 
 
+def _gates(home: Home) -> list[object]:
+    db = ModelDB(home.db_url)
+    try:
+        return list(db.gates())
+    finally:
+        db.close()
+
+
 def test_lora_then_full_job_on_the_tiny_model(tmp_path: Path, embedded: Path) -> None:
     home = make_home(tmp_path / "home", embedded, max_steps=20, extra='\n[models]\neval_file = "frozen.jsonl"\n')
     write_jsonl(home.root / "frozen.jsonl", chat_rows(12))
@@ -62,6 +70,8 @@ def test_lora_then_full_job_on_the_tiny_model(tmp_path: Path, embedded: Path) ->
             home.inbox / "full.jsonl", [{"text": f"The {FRUITS[i % 5]} is {COLOURS[i % 6]}."} for i in range(40)]
         )
         wait_for(lambda: done(home) == 2, 120, "the full job done")
+        # the gate is a child the daemon reaps after filing the job: wait for its verdict on v2 too
+        wait_for(lambda: len(_gates(home)) == 2, 180, "both versions gated")
         assert not list(home.failed.glob("*"))
     finally:
         assert daemon.stop() == 0, daemon.log_text()
