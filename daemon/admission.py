@@ -27,14 +27,15 @@ from sqlalchemy.orm import Session
 
 from daemon.admission_settings import SettingsCheck, resolve_eval_file
 from daemon.inbox_scan import priority_folder
-from daemon.spool import JOB_SUFFIX, Spool, claim, move, spool_name
-from daemon.staging import Intent, sidecars_beside
+from daemon.spool import claim, move
+from daemon.staging import Intent, eval_name_beside, sidecars_beside
 from management.db import Event, Job, ModelDB
 from trainbox.atomic import atomic_write_json
 from trainbox.config import ConfigError, DaemonConfig, TrainingConfig, load_sidecar
 from trainbox.home import Home
 from trainbox.records import Limits, Validation
 from trainbox.safefs import NotRegularFile, copy_regular, display_name, lstat_kind
+from trainbox.spool import JOB_SUFFIX, Spool, spool_name
 from trainbox.states import JobState, Priority
 
 ADMITTING = "admitting"
@@ -212,8 +213,8 @@ class Admission:
 
     def begin(self, path: Path) -> Staged | Admitted:
         """Steps 1-2; once the intent exists, anything odd rejects the unit instead of raising."""
-        if lstat_kind(path) is not None:
-            raise NotRegularFile(lstat_kind(path) or "")
+        if (kind := lstat_kind(path)) is not None:
+            raise NotRegularFile(kind)
         sidecars = sidecars_beside(path)
         eval_name = self._eval_beside(path, sidecars)
         with self.db.session() as s:
@@ -228,15 +229,8 @@ class Admission:
 
     def _eval_beside(self, data: Path, sidecars: list[Path]) -> str | None:
         """The name of an eval file that the (single, readable) sidecar names in the same folder."""
-        if len(sidecars) != 1:
-            return None
-        try:
-            chosen = load_sidecar(sidecars[0]).eval_file
-        except ConfigError:
-            return None
-        if not chosen or os.sep in chosen or chosen in (".", "..") or chosen == data.name:
-            return None
-        return chosen if os.path.lexists(data.parent / chosen) else None
+        chosen = eval_name_beside(sidecars[0]) if len(sidecars) == 1 else None
+        return chosen if chosen and chosen != data.name and os.path.lexists(data.parent / chosen) else None
 
     def claim_unit(self, intent: Intent, priority: Priority | None = None) -> Staged | Admitted:
         """Claim every source of the unit still in the inbox (sidecars first), idempotently. A

@@ -24,11 +24,12 @@ from daemon.admission import (
     Staged,
     traceback_tail,
 )
-from daemon.spool import JOB_SUFFIX, claim, spool_name
+from daemon.spool import claim
 from daemon.staging import Intent, sidecars_beside
 from management.db import Job
 from trainbox.atomic import fsync_dir
 from trainbox.safefs import NotRegularFile, display_name
+from trainbox.spool import JOB_SUFFIX, spool_name
 from trainbox.states import JobState
 
 BATCH_MAX_BYTES = 1 << 20  # bigger files go one at a time, validated in slices

@@ -10,16 +10,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from daemon.admission import ADMITTING, Admission, Admitted, Staged, traceback_tail
-from daemon.spool import SIDECAR_SUFFIXES, job_id_of, sidecar_for
 from daemon.staging import INTENT_SUFFIX, Intent
 from management.db import Job
 from trainbox.config import load_sidecar
-from trainbox.records import validate_file
+from trainbox.records import Validation
+from trainbox.spool import SIDECAR_SUFFIXES, job_id_of, sidecar_for
 from trainbox.states import JobState
 
 MAX_DECIDE_ATTEMPTS = 2
@@ -119,7 +118,9 @@ def _record_placed(adm: Admission, job_id: int, path: Path) -> None:
     """Bring the row of a job whose file reached its queue folder up to date with the folder."""
     home = adm.home
     state = JobState.REJECTED if path.parent == home.failed else JobState.QUEUED
-    report = validate_file(path, limits=adm.limits) if state == JobState.QUEUED else None
+    read = Validation(path, adm.limits)  # one read gives the lines' report and the sha256
+    read.feed(float("inf"))
+    report = read.report if state == JobState.QUEUED else None
     with adm.db.session() as s:
         row = s.get(Job, job_id)
         assert row is not None
@@ -127,7 +128,7 @@ def _record_placed(adm: Admission, job_id: int, path: Path) -> None:
         row.spool_name = path.name
         if path.parent != home.failed:
             row.priority = path.parent.name
-        row.sha256 = _sha256(path)
+        row.sha256 = read.sha256
         if report is not None:
             row.n_records = report.n_records
             row.data_format = report.data_format
@@ -139,10 +140,3 @@ def _record_placed(adm: Admission, job_id: int, path: Path) -> None:
             row.settings = overrides
     adm.db.event("admission_recovered", f"{path.name}: found in {path.parent.name}/", job_id)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

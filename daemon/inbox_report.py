@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 from daemon.admission import write_error
-from daemon.inbox_scan import InboxListing, Refused
-from daemon.spool import claim, spool_name
+from daemon.inbox_scan import InboxListing, Refused, is_sidecar_name
+from daemon.spool import claim
+from daemon.staging import eval_name_beside
 from management.db import Job, ModelDB
-from trainbox.config import ConfigError, DaemonConfig, load_sidecar
+from trainbox.config import DaemonConfig
 from trainbox.home import Home
 from trainbox.safefs import NotRegularFile, display_name
+from trainbox.spool import spool_name
 from trainbox.states import JobState
 
 MAX_LISTED = 50
@@ -94,7 +96,8 @@ class InboxHousekeeping:
         out: set[Path] = set()
         for folder in {p.parent for p in ready}:
             try:
-                names = [e.name for e in os.scandir(folder) if _is_sidecar(e.name) and e.is_file(follow_symlinks=False)]
+                entries = list(os.scandir(folder))
+                names = [e.name for e in entries if is_sidecar_name(e.name) and e.is_file(follow_symlinks=False)]
             except OSError:
                 continue
             for name in names:
@@ -113,11 +116,7 @@ class InboxHousekeeping:
         cached = self._evals.get(sidecar)
         if cached is not None and cached[0] == key:
             return cached[1]
-        try:
-            chosen = load_sidecar(sidecar).eval_file
-        except (ConfigError, OSError):
-            chosen = None
-        name = chosen if chosen and os.sep not in chosen and chosen not in (".", "..") else None
+        name = eval_name_beside(sidecar)
         self._evals[sidecar] = (key, name)
         return name
 
@@ -125,9 +124,6 @@ class InboxHousekeeping:
 def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
-
-def _is_sidecar(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in (".toml", ".json")
 
 
 def _data_file_of(sidecar: Path) -> Path | None:

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.spool import SIDECAR_SUFFIXES, is_ignored
 from trainbox.safefs import NotRegularFile, check_regular, kind_of
+from trainbox.spool import SIDECAR_SUFFIXES, is_ignored
 from trainbox.states import Priority
 
 JOB_SUFFIX_LOWER = ".jsonl"

@@ -33,7 +33,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.inbox_scan import InboxListing, is_sidecar_name, scan_inbox
-from daemon.spool import is_ignored
+from trainbox.spool import is_ignored
 
 CLOSED_QUIET = 0.2  # seconds without events after a close or rename before a file counts as done
 

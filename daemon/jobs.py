@@ -11,7 +11,7 @@ from pathlib import Path
 from daemon.admission import write_error
 from daemon.gate import GATE_PENDING, GateRequest, request_gate
 from daemon.outcome import Decision, JobVerdict, decide
-from daemon.spool import Spool, job_id_of, move
+from daemon.spool import move
 from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
 from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import starting_version
@@ -21,6 +21,7 @@ from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
 from trainbox.markers import kills_of
 from trainbox.processes import describe_exit, exit_parts, last_start_lines
+from trainbox.spool import Spool, job_id_of
 from trainbox.states import JobState, Priority
 from trainbox.status import TRAINING_STATUS, TrainingStatus, read_status
 

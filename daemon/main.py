@@ -25,7 +25,7 @@ from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
 from daemon.outcome import JobVerdict
-from daemon.spool import Spool, job_id_of, move
+from daemon.spool import move
 from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
 from trainbox import control, sdnotify
@@ -33,6 +33,7 @@ from trainbox.config import Settings
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
 from trainbox.processes import is_worker_pid
+from trainbox.spool import Spool, job_id_of
 from trainbox.states import DaemonState, JobState, WorkerOutcome
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
 

@@ -1,6 +1,6 @@
 """The spool's renames, the daemon's alone: ``move`` a job's file between queue folders and ``claim``
 one from the inbox. What a spool file is called and where a job is (naming, the read-only listing)
-lives in ``trainbox/spool.py``; the names the daemon's modules use are imported here for them.
+lives in ``trainbox/spool.py``.
 """
 
 from __future__ import annotations
@@ -10,27 +10,6 @@ from pathlib import Path
 
 from trainbox.atomic import fsync_dir
 from trainbox.safefs import check_regular
-from trainbox.spool import (
-    JOB_SUFFIX,
-    SIDECAR_SUFFIXES,
-    Spool,
-    is_ignored,
-    job_id_of,
-    sidecar_for,
-    spool_name,
-)
-
-__all__ = [
-    "JOB_SUFFIX",
-    "SIDECAR_SUFFIXES",
-    "Spool",
-    "claim",
-    "is_ignored",
-    "job_id_of",
-    "move",
-    "sidecar_for",
-    "spool_name",
-]
 
 
 def move(src: Path, dst_dir: Path, name: str | None = None, sync: bool = True) -> Path:

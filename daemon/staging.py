@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from trainbox.atomic import atomic_write_json
+from trainbox.config import ConfigError, load_sidecar
 
 INTENT_SUFFIX = ".intent.json"
 
@@ -77,6 +78,15 @@ class Intent:
     @property
     def source(self) -> Path:
         return Path(self.source_dir)
+
+
+def eval_name_beside(sidecar: Path) -> str | None:
+    """The bare file name a readable sidecar gives as ``eval_file`` (a file in its own folder), or None."""
+    try:
+        chosen = load_sidecar(sidecar).eval_file
+    except ConfigError:
+        return None
+    return chosen if chosen and os.sep not in chosen and chosen not in (".", "..") else None
 
 
 def sidecars_beside(data: Path) -> list[Path]:
