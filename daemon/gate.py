@@ -1,15 +1,16 @@
 """The eval gate as a child of the daemon, started and reaped in its tick like a worker.
 
 When a job's model version is registered (``JobRunner.complete``) the daemon writes the gate's
-request, ``runs/job-N/gate-pending.json`` (version, job, the job's own losses), before the job is
-filed in ``done/``. ``Gates.tick`` then plans the gate (``management/versions.plan_version_gate``):
-a verdict needing no evaluation is applied at once; otherwise ``python -m core.evaluate`` is started
-(its output in ``runs/job-N/gate.log``, its losses in ``runs/job-N/gate-result.json``), and a later
-tick reaps it and applies the verdict (``apply_gate``: a ``version_gates`` row, promote or not, an
-event); only then is the request deleted. The tick meanwhile keeps serving controls, admissions and
-signals. The daemon dispatches no job while a gate is pending, so the next job starts from the
-``models/current`` the gate chose. A daemon that stops or dies mid-gate leaves the request behind:
-the next daemon runs that gate again instead of forgetting it.
+request, ``runs/job-N/gate-pending.json`` (version, job, the job's own losses); the job stays in
+``processing/`` (its row ``running``) until the verdict. ``Gates.tick`` then plans the gate
+(``management/versions.plan_version_gate``): a verdict needing no evaluation is applied at once;
+otherwise ``python -m core.evaluate`` is started (its output in ``runs/job-N/gate.log``, its losses in
+``runs/job-N/gate-result.json``), and a later tick reaps it and applies the verdict (``apply_gate``: a
+``version_gates`` row, promote or not, an event), files the job in ``done/``, and only then deletes
+the request. The tick meanwhile keeps serving controls, admissions and signals. The daemon
+dispatches no job while a gate is pending, so the next job starts from the ``models/current`` the
+gate chose. A daemon that stops or dies mid-gate leaves the request behind: the next daemon runs
+that gate again instead of forgetting it; one whose verdict was recorded is only filed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +69,16 @@ class Gates:
     """Pending gates, one evaluation child at a time. ``program`` replaces ``python -m core.evaluate``
     (tests: a stub that scores slowly without torch)."""
 
-    def __init__(self, home: Home, db: ModelDB, settings: Settings, program: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        home: Home,
+        db: ModelDB,
+        settings: Settings,
+        file_done: Callable[[int], None],
+        program: list[str] | None = None,
+    ) -> None:
         self.home, self.db, self.settings, self.program = home, db, settings, program
+        self.file_done = file_done  # files the gated job in done/ (``JobRunner.file_done``)
         self.child: GateChild | None = None
         self._pending: list[tuple[Path, GateRequest]] | None = None  # None: read the disk again
 
@@ -108,7 +118,10 @@ class Gates:
             self._check_child(self.child, now)
             return
         for run_dir, request in self.pending()[:1]:
-            self._start(run_dir, request, now)
+            if self.db.gates(request.version_id):  # decided before a crash removed the request
+                self._done(run_dir, request)
+            else:
+                self._start(run_dir, request, now)
 
     def _start(self, run_dir: Path, request: GateRequest, now: float) -> None:
         plan = plan_version_gate(
@@ -162,6 +175,12 @@ class Gates:
             apply_gate(self.home, self.db, self.settings, request.version_id, request.job_id, verdict)
         except VersionError as e:  # boundary: a gate that cannot be applied must not block the queue
             log.error("model version %d: gate could not be applied: %s", request.version_id, e)
+        self._done(run_dir, request)
+
+    def _done(self, run_dir: Path, request: GateRequest) -> None:
+        """The verdict is recorded: file the job, then drop the request (a crash between the two files
+        the job at the next start without a second verdict)."""
+        self.file_done(request.job_id)
         (run_dir / GATE_PENDING).unlink(missing_ok=True)
         self._pending = [(d, r) for d, r in self.pending() if r.version_id != request.version_id]
 

@@ -153,8 +153,10 @@ class JobRunner:
         message = decision.reason
         retry_at = None
         if decision.verdict == JobVerdict.DONE and result is not None:
-            version = self.complete(job_id, result, processing_file)
+            version, filed = self.complete(job_id, result)
             message = f"done: model version {version}, val loss {result.val_loss}"
+            if not filed:
+                state = JobState.RUNNING  # until its gate has decided (Gates files it in done/)
         elif decision.verdict == JobVerdict.RETRY:
             attempts = (job.attempts if job else 0) + 1
             retry_at = time.time() + self.settings.daemon.retry_backoff * 2 ** (attempts - 1)
@@ -210,6 +212,9 @@ class JobRunner:
         worker runs (paused, interrupted, waiting for disk space); anything else is refused, saying why.
         A job whose worker runs is the daemon's to stop first (``Daemon.job_control``)."""
         if action == Action.CANCEL and self.spool.find_job(job_id, [self.home.processing]) is not None:
+            version = self.db.version_of_job(job_id)
+            if version is not None:
+                return f"refused: job {job_id} is trained; its model version {version.id} is being gated"
             return self.cancel_idle(job_id)
         waiting = self.spool.find_job(job_id, [self.home.waiting(p) for p in Priority])
         if waiting is None:
@@ -264,23 +269,31 @@ class JobRunner:
                 row.error = reason
         return "cancelled"
 
-    def complete(self, job_id: int, result: WorkerResult, processing_file: Path | None) -> int:
-        """Register the model version (once, even if a crash makes this run twice) and request its gate,
-        then file the job in done/: a job is done once its version exists; the gate that decides whether
-        the version becomes current runs afterwards (``daemon/gate.py``), before the next job starts."""
+    def complete(self, job_id: int, result: WorkerResult) -> tuple[int, bool]:
+        """Register the model version (once, even if a crash makes this run twice) and request its gate;
+        returns the version and whether the job is filed in done/ already. The job stays in processing/
+        until its gate has decided whether the version becomes current (``daemon/gate.py`` then calls
+        ``file_done``), so a job seen in done/ has its verdict, and the next job starts after it."""
         existing = self.db.version_of_job(job_id)
         version = existing.id if existing is not None else self._register_version(job_id, result)
-        if existing is not None and not self.db.gates(version):  # a daemon died between the two
+        if self.db.gates(version):  # gated before a crash: only the filing was left
+            self.file_done(job_id)
+            return version, True
+        if existing is not None:  # a daemon died between registering and requesting the gate
             job = self.db.job(job_id)
             self._request_gate(job_id, version, job.init_version if job else None, None)
-        with self.db.session() as s:  # the row first: a reader who sees the file in done/ sees it final
+        return version, False
+
+    def file_done(self, job_id: int) -> None:
+        """The job's version is gated: the row first, so a reader who sees the file in done/ sees it final."""
+        with self.db.session() as s:
             row = s.get(Job, job_id)
             if row is not None:
                 row.state = JobState.DONE.value
                 row.finished_at = row.finished_at or time.time()
+        processing_file = self.spool.find_job(job_id, [self.home.processing])
         if processing_file is not None:
             move(processing_file, self.home.done)
-        return version
 
     def _request_gate(
         self, job_id: int, version_id: int, init_version: int | None, result: WorkerResult | None

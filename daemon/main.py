@@ -109,7 +109,7 @@ class Daemon:
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command)
-        self.gates = Gates(self.home, self.db, self.settings, self.evaluate_program)
+        self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
@@ -137,14 +137,14 @@ class Daemon:
 
     def _reconcile(self) -> None:
         """At start-up no worker is ours: a job the DB calls running is paused, to be resumed; a job
-        whose model version was registered before a crash is filed as done."""
+        whose model version was registered before a crash is filed as done once its gate has decided."""
         assert self.db is not None
         for path in self.spool.processing():
             job_id = job_id_of(path.name)
             assert job_id is not None
             if self.db.version_of_job(job_id) is not None:
-                log.info("job %d: its model version exists; filing it as done", job_id)
-                self.runner.complete(job_id, WorkerResult(outcome=WorkerOutcome.COMPLETED), path)
+                log.info("job %d: its model version exists; filing it once its gate has decided", job_id)
+                self.runner.complete(job_id, WorkerResult(outcome=WorkerOutcome.COMPLETED))
                 continue
             job = self.db.job(job_id)
             if job is not None and job.state != JobState.PAUSED:

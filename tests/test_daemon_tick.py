@@ -156,8 +156,11 @@ def test_a_slow_gate_runs_as_a_child_while_the_tick_serves_controls_and_drops(
     (home.root / "stub-gate-hold").touch()  # the next gate's evaluation runs until this goes
     drop(home, "second.jsonl")
     tick_until(d, lambda: d.gates.child is not None, "the gate child")
-    assert len(list(home.done.glob("*.jsonl"))) == 2  # filed once its version is registered
+    assert len(list(home.done.glob("*.jsonl"))) == 1  # filed once its version is gated, not before
+    assert [p.name for p in home.processing.glob("*.jsonl")] == ["000002__second.jsonl"]
+    assert state_of(d.db, "second.jsonl") == JobState.RUNNING  # type: ignore[arg-type]
     assert not d.db.gates(2) and (home.run_dir(2) / GATE_PENDING).exists()
+    control.submit(home.control, control.Action.CANCEL, 2)  # its training is over: refused, not lost
     control.submit(home.control, control.Action.PAUSE)
     drop(home, "third.jsonl")
     tick_until(d, lambda: d.paused and state_of(d.db, "third.jsonl") == JobState.QUEUED, "pause and admission")  # type: ignore[arg-type]
@@ -170,6 +173,8 @@ def test_a_slow_gate_runs_as_a_child_while_the_tick_serves_controls_and_drops(
     tick_until(d, lambda: d.db.gates(2), "the gate reaped")  # type: ignore[union-attr]
     assert d.db.gates(2)[0].promoted and current_id(home) == 2
     assert not (home.run_dir(2) / GATE_PENDING).exists()
+    assert state_of(d.db, "second.jsonl") == JobState.DONE and len(list(home.done.glob("*.jsonl"))) == 2  # type: ignore[arg-type]
+    assert any("is being gated" in e.message for e in d.db.events(kind="control"))
     tick_until(d, lambda: state_of(d.db, "third.jsonl") == JobState.DONE, "the next job")  # type: ignore[arg-type]
     assert d.db.job(3).init_version == 2  # type: ignore[union-attr]  # started from the gate's choice
 
@@ -192,8 +197,10 @@ def test_an_interrupted_gate_runs_again_after_a_restart(home: Home, make_daemon:
     (home.root / "stub-gate-hold").unlink()
     again = make_daemon(settings)
     assert again.db is not None
+    assert (home.processing / "000002__second.jsonl").exists()  # not filed before its gate decides
     tick_until(again, lambda: again.db.gates(2), "the gate run again")  # type: ignore[union-attr]
     assert current_id(home) == 2 and len(again.db.gates()) == 2
+    assert (home.done / "000002__second.jsonl").exists() and not again.spool.processing()
 
 
 def test_a_gate_past_eval_timeout_is_killed_and_the_version_kept_unpromoted(
