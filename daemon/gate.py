@@ -27,9 +27,11 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from management.db import ModelDB
-from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, parse_losses, plan_version_gate
+from management.evaluation import parse_losses
+from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, plan_version_gate
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
+from trainbox.crashpoints import crash_point
 from trainbox.home import Home
 from trainbox.processes import cmdline, describe_exit, spawn_logged
 
@@ -142,6 +144,7 @@ class Gates:
         argv = [*plan.argv, "--out", str(run_dir / GATE_RESULT)]
         popen = spawn_logged(argv, run_dir / GATE_LOG, label="gate", defaults=QUIET_OFFLINE_ENV)
         request_gate(run_dir, request.model_copy(update={"pid": popen.pid}))
+        crash_point("gate.started")
         self.child = GateChild(request, run_dir, plan, popen, now)
         log.info("model version %d: eval gate started (pid %d)", request.version_id, popen.pid)
 
@@ -173,6 +176,7 @@ class Gates:
     def _apply(self, run_dir: Path, request: GateRequest, verdict: GateVerdict) -> None:
         try:
             apply_gate(self.home, self.db, self.settings, request.version_id, request.job_id, verdict)
+            crash_point("gate.applied")
         except VersionError as e:  # boundary: a gate that cannot be applied must not block the queue
             log.error("model version %d: gate could not be applied: %s", request.version_id, e)
         self._done(run_dir, request)
