@@ -208,6 +208,7 @@ class Gates:
                 )
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(request.pid, signal.SIGKILL)
+        self.refresh()  # the start-up reconciliation that follows may request gates: list them again
 
     def stop(self) -> None:
         """The daemon stops: the child is killed, its request stays for the next daemon."""

@@ -67,6 +67,7 @@ class ModelsFacts:
     promoted: list[int] = field(default_factory=list)  # promotions, most recent first
     temp_links: list[str] = field(default_factory=list)
     link_blocked: bool = False  # models/current exists but is no symlink: never replaced
+    link_elsewhere: bool = False  # it names a vNNNN outside this models/ (a home that was moved)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,8 @@ def _pointer(facts: ModelsFacts, named: dict[str, int], complete: dict[str, bool
     usable = {vid: name for name, vid in named.items() if complete.get(name)}
     if facts.link is not None:
         name = Path(facts.link).name
-        if named.get(name) is not None and named[name] == version_number(name) and complete.get(name):
+        ours = named.get(name) is not None and named[name] == version_number(name)
+        if ours and complete.get(name) and not facts.link_elsewhere:
             return []
         why = f"models/current named {facts.link!r}, which is no complete version folder"
     elif facts.promoted:
@@ -153,7 +155,8 @@ def gather(home: Home, db: ModelDB) -> ModelsFacts:
     link_path = home.models / CURRENT
     link = os.readlink(link_path) if link_path.is_symlink() else None
     blocked = link is None and os.path.lexists(link_path)
-    return ModelsFacts(rows, folders, link, db.promoted_ids(), sorted(temps), blocked)
+    elsewhere = link is not None and os.path.realpath(link_path) != os.path.realpath(home.models / Path(link).name)
+    return ModelsFacts(rows, folders, link, db.promoted_ids(), sorted(temps), blocked, elsewhere)
 
 
 def apply(home: Home, db: ModelDB, actions: list[Action]) -> None:
