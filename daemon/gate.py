@@ -10,7 +10,9 @@ otherwise ``python -m core.evaluate`` is started (its output in ``runs/job-N/gat
 the request. The tick meanwhile keeps serving controls, admissions and signals. The daemon
 dispatches no job while a gate is pending, so the next job starts from the ``models/current`` the
 gate chose. A daemon that stops or dies mid-gate leaves the request behind: the next daemon runs
-that gate again instead of forgetting it; one whose verdict was recorded is only filed.
+that gate again instead of forgetting it; one whose verdict was recorded is only filed. A version
+whose parent is not the current version is never promoted here (``versions.branch_verdict``: one
+chain; a person may promote it by hand).
 """
 
 from __future__ import annotations
