@@ -7,8 +7,10 @@ tested), and ``apply`` acts, one event per action:
 - a pending row whose folder ``models/vNNNN`` is complete: adopted (row made final);
 - a pending row whose run's ``final/`` is complete: renamed into place now and made final;
 - a pending row with neither: removed (the job is still in ``processing/`` and trains again);
-- a folder named like a version (``vNNNN``, ``vNNNN.K``) that no final row names: removed;
-  other names under ``models/`` (a base model someone keeps there) are never touched;
+- a folder named like a version (``vNNNN``, ``vNNNN.K``) that no final row names: leaves the versions'
+  names: moved to ``models/.orphaned/`` if it holds a complete model (with a lost or replaced DB it
+  may be the only copy; a person deletes it), deleted if not; other names under ``models/`` (a base
+  model someone keeps there) are never touched;
 - ``models/current`` naming a missing, incomplete or unknown folder, or a name that is no version,
   or missing while versions were promoted: pointed at the most recently promoted version that is
   complete (``promotions``), or removed when there is none.
@@ -30,6 +32,7 @@ from management.registration import (
     make_final,
     place,
     remove_folder,
+    set_aside,
     version_folder,
     version_number,
 )
@@ -72,7 +75,7 @@ class ModelsFacts:
 
 @dataclass(frozen=True)
 class Action:
-    """``kind``: adopt, place, drop_row, remove_folder, remove_temp, set_current, remove_current."""
+    """``kind``: adopt, place, drop_row, set_aside, remove_folder, remove_temp, set_current, remove_current."""
 
     kind: str
     version: int | None = None
@@ -103,8 +106,10 @@ def plan(facts: ModelsFacts) -> list[Action]:
             continue
         named[name] = r.id
     for name in sorted(set(facts.folders) - set(named)):
-        if name in complete:
-            actions.append(Action("remove_folder", None, name, None, "no version row names it (an orphan)"))
+        if complete.get(name):  # may be the only copy of a model (a lost DB): kept out of the way
+            actions.append(Action("set_aside", None, name, None, "no version row names it (an orphan)"))
+        elif name in complete:
+            actions.append(Action("remove_folder", None, name, None, "no version row names it, and it is incomplete"))
     actions += [Action("remove_temp", folder=t, reason="a pointer switch's temp link") for t in facts.temp_links]
     actions += _pointer(facts, named, complete)
     return actions
@@ -164,6 +169,9 @@ def apply(home: Home, db: ModelDB, actions: list[Action]) -> None:
     for a in actions:
         if a.kind == "remove_folder":
             remove_folder(home, db, home.models / a.folder, a.reason, a.job_id)
+            continue
+        if a.kind == "set_aside":
+            set_aside(home, db, home.models / a.folder, a.reason, a.job_id)
             continue
         if a.kind == "remove_temp":
             (home.models / a.folder).unlink(missing_ok=True)

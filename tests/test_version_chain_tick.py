@@ -124,9 +124,9 @@ def test_an_old_homes_suffixed_and_orphan_folders_are_removed_and_current_resolv
     db.close()
     d = make_daemon()
     assert d.db is not None
-    assert version_like(home) == ["v0001", "v0002.1"]  # v0002 (orphan) and v0003.1 (no row) removed
-    removed = {e.data["folder"] for e in d.db.events(kind="version_folder_removed")}
-    assert removed == {"v0002", "v0003.1"}
+    assert version_like(home) == ["v0001", "v0002.1"]  # v0002 (orphan) and v0003.1 (no row) gone from models/
+    removed = {e.data["folder"] for e in d.db.events(kind="version_folder_set_aside")}
+    assert removed == {"v0002", "v0003.1"} and len(list((home.models / ".orphaned").iterdir())) == 2
     assert current_id(home) == 2
     drop(home, "next.jsonl")
     tick_until(d, lambda: state_of(d.db, "next.jsonl") == JobState.DONE, "next done")  # type: ignore[arg-type]

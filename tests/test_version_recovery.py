@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from management.db import Job, ModelDB, ModelVersion, Promotion
+from management.registration import make_final, place
 from management.version_recovery import Action, ModelsFacts, RowFacts, plan, recover_versions
 from management.versions import CURRENT, branch_verdict, current_id
 from trainbox.home import Home
@@ -45,8 +46,10 @@ def test_a_pending_row_with_nothing_to_register_is_dropped() -> None:
 
 def test_folders_no_row_names_are_removed_legacy_suffixes_included() -> None:
     rows = [RowFacts(1, False, "v0001"), RowFacts(2, False, "v0002.1")]  # an old home's re-registration
-    facts = ModelsFacts(rows, {"v0001": True, "v0002": True, "v0002.1": True, "v0005.1": True}, "v0002.1", [2, 1])
-    assert kinds(plan(facts)) == [("remove_folder", None, "v0002"), ("remove_folder", None, "v0005.1")]
+    folders = {"v0001": True, "v0002": True, "v0002.1": True, "v0005.1": True, "v0006": False}
+    facts = ModelsFacts(rows, folders, "v0002.1", [2, 1])
+    got = kinds(plan(facts))
+    assert got == [("set_aside", None, "v0002"), ("set_aside", None, "v0005.1"), ("remove_folder", None, "v0006")]
 
 
 def test_set_current_temp_links_are_removed() -> None:
@@ -111,13 +114,31 @@ def test_recovery_on_a_real_home(tmp_path: Path) -> None:
     os.symlink("v0007", home.models / CURRENT)  # names nothing
     (home.models / "base-model").mkdir()  # not a version name: never touched
     actions = recover_versions(home, db)
-    assert ("drop_row", pending, "") in kinds(actions) and ("remove_folder", None, "v0002") in kinds(actions)
+    assert ("drop_row", pending, "") in kinds(actions) and ("set_aside", None, "v0002") in kinds(actions)
     assert db.version(pending) is None and not (home.models / "v0002").exists()
+    assert [p.name.partition(".")[0] for p in (home.models / ".orphaned").iterdir()] == ["v0002"]  # kept aside
     placed_row = db.version(placed)
     assert placed_row is not None and placed_row.path == str(home.models / f"v{placed:04d}") and not final.exists()
     assert (home.models / "v0002.1").is_dir() and (home.models / "base-model").is_dir()
     assert os.readlink(home.models / CURRENT) == "v0002.1" and current_id(home) == 2
     events = {e.kind for e in db.events()}
-    assert events >= {"version_dropped", "version_placed", "version_folder_removed", "current_repaired"}
+    assert events >= {"version_dropped", "version_placed", "version_folder_set_aside", "current_repaired"}
     assert recover_versions(home, db) == []  # settled: a second start finds nothing to do
+    db.close()
+
+
+def test_a_registration_sets_aside_a_folder_in_its_way(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home").ensure()
+    db = ModelDB(home.db_url)
+    _folder(home, "v0001")  # e.g. the DB was replaced: the only copy of a model, kept
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text('{"new": true}')
+    vid = db.add_pending_version()
+    assert vid == 1 and db.versions() == [] and db.latest_version() is None  # pending: no version to readers
+    make_final(db, vid, place(home, db, vid, final))
+    assert (home.models / "v0001" / "config.json").read_text() == '{"new": true}'
+    [aside] = (home.models / ".orphaned").iterdir()
+    assert (aside / "model.safetensors").exists() and db.events(kind="version_folder_set_aside")
+    assert [v.path for v in db.versions()] == [str(home.models / "v0001")]
     db.close()
