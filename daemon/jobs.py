@@ -17,6 +17,7 @@ from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import starting_version
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
+from trainbox.crashpoints import crash_point
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
 from trainbox.markers import kills_of
@@ -167,6 +168,7 @@ class JobRunner:
             if decision.verdict == JobVerdict.CANCELLED:
                 evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
             failed = move(processing_file, self.home.failed)
+            crash_point("filing.moved")  # the row still says running: the next start's reconciliation fixes it
             write_error(
                 failed,
                 job_id,
@@ -291,6 +293,7 @@ class JobRunner:
             if row is not None:
                 row.state = JobState.DONE.value
                 row.finished_at = row.finished_at or time.time()
+        crash_point("filing.moved")  # here the row says done, the file is still in processing/
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         if processing_file is not None:
             move(processing_file, self.home.done)
