@@ -126,12 +126,13 @@ def oom_counter_file(pid: int | None = None) -> Path:
     The file is found while the process lives and read again after it died (its cgroup stays)."""
     try:
         lines = Path(f"/proc/{pid or 'self'}/cgroup").read_text().splitlines()
-        rel = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
-        events = Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events"
-        if _counter(events, "oom_kill") is not None:
-            return events
+        rel = next(line.split(":", 2)[2] for line in lines if line.startswith("0::")).lstrip("/")
     except (OSError, IndexError, StopIteration):
-        pass
+        rel = None
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):  # unified: a hybrid v1/v2 machine
+        events = Path(root) / rel / "memory.events" if rel is not None else None
+        if events is not None and _counter(events, "oom_kill") is not None:
+            return events
     return Path("/proc/vmstat")
 
 

@@ -172,7 +172,11 @@ def test_a_restart_sets_rows_from_files_in_done_and_failed(home: Home, make_daem
 def test_health_names_the_jobs_whose_row_and_file_disagree(home: Home) -> None:
     db = ModelDB(home.db_url)
     try:
-        for job_id, state, folder in ((1, "running", home.failed), (2, "done", home.done), (3, "done", home.waiting(Priority.NORMAL))):
+        for job_id, state, folder in (
+            (1, "running", home.failed),
+            (2, "done", home.done),
+            (3, "done", home.waiting(Priority.NORMAL)),
+        ):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{job_id:06d}__x{job_id}.jsonl").write_text("{}\n")
             with db.session() as s:
