@@ -20,6 +20,7 @@ from safety.checkup import Level, check_spool_db
 from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.spool_states import disagreement
 from trainbox.states import JobState, Priority
 
 FAST = {"settle_seconds": 0.05, "rescan_interval": 0.05, "poll_interval": 0.05, "max_retries": 0}
@@ -192,3 +193,19 @@ def test_health_names_the_jobs_whose_row_and_file_disagree(home: Home) -> None:
     checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
     assert out.returncode >= 1 and checks["spool-db"]["level"] == "warning"
     assert "job(s) [1, 3] disagree" in checks["spool-db"]["detail"]
+
+
+def test_health_judges_rows_against_files_by_the_same_rules() -> None:
+    assert disagreement("running", ["failed"], False) == "row says running, file in failed/"
+    assert disagreement("queued", [], False) == "row says queued, no file in the spool"
+    assert disagreement("running", ["processing", "done"], False) == "file in processing and done"
+    for agreeing in (
+        ("done", [], False),  # someone cleared done/
+        ("done", ["processing"], True),  # filed row first, its file next
+        ("running", ["processing"], True),  # trained, its gate pending
+        ("queued", ["admitting"], False),  # a batch's rows change before its renames
+        ("admitting", ["admitting"], False),
+        (None, ["done"], False),
+        ("rejected", ["failed"], False),
+    ):
+        assert disagreement(*agreeing) == "", agreeing

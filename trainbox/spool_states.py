@@ -78,6 +78,8 @@ def disagreement(state: str | None, job_places: list[str], has_version: bool) ->
         return f"file in {' and '.join(job_places)}"
     if not job_places:
         return "" if state in FINAL_STATES else f"row says {state}, no file in the spool"
+    if job_places == [ADMITTING]:
+        return ""  # being decided (a batch's rows change before its renames), or recovered at the next start
     if agrees(state, job_places[0], has_version):
         return ""
     return f"row says {state}, file in {job_places[0]}/"
