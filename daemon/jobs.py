@@ -293,9 +293,9 @@ class JobRunner:
             if row is not None:
                 row.state = JobState.DONE.value
                 row.finished_at = row.finished_at or time.time()
-        crash_point("filing.moved")  # here the row says done, the file is still in processing/
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         if processing_file is not None:
+            crash_point("filing.moved")  # here the row says done, the file is still in processing/
             move(processing_file, self.home.done)
 
     def _request_gate(

@@ -5,6 +5,8 @@ health`` naming the jobs whose row and file disagree. No torch: each test takes 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from management.db import Job, ModelDB, Run
 from safety.checkup import Level, check_spool_db
 from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
 from trainbox.config import Settings
+from trainbox.crashpoints import CRASH_ENV
 from trainbox.home import Home
 from trainbox.spool_states import disagreement
 from trainbox.states import JobState, Priority
@@ -209,3 +212,50 @@ def test_health_judges_rows_against_files_by_the_same_rules() -> None:
         ("rejected", ["failed"], False),
     ):
         assert disagreement(*agreeing) == "", agreeing
+
+
+# A daemon with stub children, run as its own process so the armed crash point can SIGKILL it.
+STUB_DAEMON = """
+import json, sys
+from pathlib import Path
+from daemon.main import Daemon
+from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from trainbox.config import Settings
+from trainbox.home import Home
+settings = Settings.model_validate({"daemon": json.loads(sys.argv[2])})
+Daemon(Home(Path(sys.argv[1])), settings, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM).run()
+"""
+
+
+def _killed_at_filing(home: Home) -> None:
+    """Run a stub daemon armed at ``filing.moved`` until that point kills it (bounded)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), CRASH_ENV: "filing.moved"}
+    argv = [sys.executable, "-c", STUB_DAEMON, str(home.root), json.dumps(FAST)]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def test_daemons_killed_at_filing_moved_are_reconciled_at_restart(
+    home: Home, make_daemon: Callable[[], Daemon]
+) -> None:
+    """The real crash point, both windows: a done job's row written, its file not yet moved; a failed
+    job's file moved to failed/, neither its error file nor its row written."""
+    (home.root / "stub-plan.json").write_text(json.dumps({"b.jsonl": ["crash"]}))
+    _drop(home, "a.jsonl")
+    _killed_at_filing(home)  # a: trained, gated, its row done, its file still in processing/
+    assert len(list(home.processing.glob("*.jsonl"))) == 1
+    d = make_daemon()
+    assert d.db is not None and [j.state for j in d.db.jobs()] == [JobState.DONE]
+    assert len(list(home.done.glob("*.jsonl"))) == 1 and check_spool_db(home).level == Level.OK
+    _tick_until(d, lambda: not d.gates.busy, "its gate's request dropped (the verdict was given)")
+    d.shutdown()
+    _drop(home, "b.jsonl")
+    _killed_at_filing(home)  # b: crashed, no retries left, its file in failed/, its row running
+    assert [p.name.endswith(".jsonl") for p in home.failed.iterdir()] == [True]  # no error file yet
+    assert check_spool_db(home).level == Level.WARNING
+    d = make_daemon()
+    assert d.db is not None
+    b = next(j for j in d.db.jobs() if j.name == "b.jsonl")
+    assert (b.state, b.failure_class) == (JobState.FAILED, "crash") and "stub crash" in (b.error or "")
+    assert d.spool.counts()["failed"] == 1 and check_spool_db(home).level == Level.OK
+    assert [e.job_id for e in d.db.events(kind=EVENT)] == [b.id]
