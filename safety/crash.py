@@ -6,9 +6,9 @@ enough to write one), the tail of ``worker.log``, the host's OOM-kill counter mo
 and the watchdog's kill marker. Its class comes from ``trainbox.outcomes.classify_end``, the same
 classification the daemon files the job by; the report adds the evidence (traceback, log tail,
 signal, the finer ``detail``: a SIGKILL nobody in trainbox sent is ``deliberate_kill`` when the OOM
-counter did not move, ``external_kill`` when it could not be read). ``analyse_run`` gathers those for one run, writes
-``runs/job-N/crash-report.json`` (the latest crash of the job) and a ``crash_report`` DB event
-(every crash), which ``trainbox health`` and the dashboard show.
+counter did not move, ``external_kill`` when it could not be read). ``analyse_run`` gathers those for
+one run, writes ``runs/job-N/crash-report.json`` (the latest crash of the job) and a
+``crash_report`` DB event (every crash), which ``trainbox health`` and the dashboard show.
 """
 
 from __future__ import annotations
