@@ -209,6 +209,7 @@ class JobRunner:
             if decision.verdict == JobVerdict.CANCELLED:
                 evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
             failed = move(processing_file, self.home.failed)
+            crash_point("filing.moved")  # the row still says running: the next start's reconciliation fixes it
             write_error(
                 failed,
                 job_id,
@@ -338,6 +339,7 @@ class JobRunner:
                 row.finished_at = row.finished_at or time.time()
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         if processing_file is not None:
+            crash_point("filing.moved")  # here the row says done, the file is still in processing/
             move(processing_file, self.home.done)
 
     def _request_gate(

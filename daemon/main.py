@@ -26,6 +26,7 @@ from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
 from daemon.outcome import JobVerdict
 from daemon.spool import move
+from daemon.spool_reconcile import reconcile_spool
 from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
 from management.version_recovery import recover_versions
@@ -155,6 +156,7 @@ class Daemon:
                     if row is not None:
                         row.state = JobState.PAUSED.value
                 self.db.event("job_interrupted", "daemon restarted: job will resume from its checkpoint", job_id)
+        reconcile_spool(self.home, self.db)  # rows a crash left behind their files (issue 14, D5)
 
     def tick(self, now: float) -> None:
         self.handle_signals(now)
