@@ -17,6 +17,7 @@ from management.db import Job, ModelDB, ModelVersion, Run
 from management.versions import starting_version
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
+from trainbox.crashpoints import crash_point
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, JobSpec, WorkerResult
 from trainbox.markers import kills_of
@@ -33,6 +34,7 @@ VERDICT_STATE = {
     JobVerdict.RETRY: JobState.QUEUED,
     JobVerdict.FAILED: JobState.FAILED,
     JobVerdict.CANCELLED: JobState.CANCELLED,
+    JobVerdict.LOCKED: JobState.PAUSED,  # in processing/, resumed once the worker holding its folder is gone
 }
 
 
@@ -68,17 +70,44 @@ class JobRunner:
             spec = self._new_spec(job, processing_file, run_dir)
         spec.save()
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
-        worker = WorkerProcess.spawn(job_id, run_dir, self.worker_command)
         attempt = len(self.db.runs(job_id)) + 1
+        run_id = self._record_spawn(job_id, attempt, spec.init_model)
+        crash_point("spawn.before_popen")
+        worker = self._spawn(job_id, run_dir, run_id)
+        crash_point("spawn.after_popen")
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            run.pid = worker.pid
+        verb = "resumed" if attempt > 1 else "started"
+        self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
+        return worker
+
+    def _record_spawn(self, job_id: int, attempt: int, init_model: str) -> int:
+        """The run row (pid NULL) committed before the worker exists: a daemon killed from here on leaves
+        an open run that its successor looks for a live worker of (``daemon/startup_runs.py``), instead of
+        a worker nobody knows about."""
         with self.db.session() as s:
             row = s.get(Job, job_id)
             assert row is not None
             row.state = JobState.RUNNING.value
             row.started_at = row.started_at or time.time()
-            s.add(Run(job_id=job_id, attempt=attempt, pid=worker.pid, init_model=spec.init_model))
-        verb = "resumed" if attempt > 1 else "started"
-        self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
-        return worker
+            run = Run(job_id=job_id, attempt=attempt, pid=None, init_model=init_model)
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def _spawn(self, job_id: int, run_dir: Path, run_id: int) -> WorkerProcess:
+        """The worker for a recorded run; a spawn that fails closes the run, saying why, so no open row
+        is left for a worker that never existed."""
+        try:
+            return WorkerProcess.spawn(job_id, run_dir, self.worker_command)
+        except OSError as e:
+            with self.db.session() as s:
+                run = s.get(Run, run_id)
+                if run is not None:
+                    run.ended_at, run.outcome, run.exit_status = time.time(), "not_started", f"could not start: {e}"
+            raise
 
     def _new_spec(self, job: Job, data_file: Path, run_dir: Path) -> JobSpec:
         """First start: fix the settings and the starting model (continual training) for good."""
@@ -147,8 +176,8 @@ class JobRunner:
                 run.exit_status = exit_status
                 run.exit_code, run.exit_signal = exit_parts(returncode)
                 run.outcome = result.outcome.value if result else "crashed"
-                if decision.verdict == JobVerdict.CANCELLED:
-                    run.outcome = JobVerdict.CANCELLED.value
+                if decision.verdict in (JobVerdict.CANCELLED, JobVerdict.LOCKED):  # a result there is not its
+                    run.outcome = decision.verdict.value
                 run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None
