@@ -52,7 +52,10 @@ class JobRunner:
         self.worker_command = worker_command  # None: the real worker; tests pass a stub (WorkerProcess.spawn)
 
     def start(self, processing_file: Path) -> WorkerProcess:
-        """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes."""
+        """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes. The run row
+        is committed before the process exists and its pid filled in after, so a daemon killed at any
+        moment leaves a row its successor looks for a live worker of (``daemon/startup_runs.py``); the
+        worker itself refuses a run folder another worker holds (``trainbox/run_lock.py``)."""
         job_id = job_id_of(processing_file.name)
         assert job_id is not None
         job = self.db.job(job_id)

@@ -164,7 +164,7 @@ class Daemon:
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
     def handle_signals(self, now: float) -> None:
-        if self.signals >= 2 and self.worker is not None:
+        if self.signals >= 2 and self.worker is not None and self.worker.killed_at is None:
             log.warning("second stop signal: killing the worker")
             self.worker.kill()
         if self.signals >= 1:

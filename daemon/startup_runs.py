@@ -52,7 +52,7 @@ def closing(run_pid: int | None, result: WorkerResult | None, stop: tuple[int, S
     worker of that run is known to have run (``ran``: a pid was recorded, or its lock was taken since)."""
     pid = run_pid or (stop[0] if stop is not None else None)
     if stop is not None:
-        status = f"{stop[1].evidence} by the next daemon; exit status {NOT_A_CHILD.partition(': ')[2]}"
+        status = f"{stop[1].evidence} at the next daemon's start; exit status {NOT_A_CHILD}"
     elif pid is None and not ran:
         status = NEVER_RAN
     else:

@@ -153,10 +153,11 @@ def test_closing_is_decided_from_the_evidence_there_is() -> None:
     assert closing(11, done, None, ran=True).outcome == "completed"
     killed = closing(None, None, (12, Stopped("killed after the stop timeout", signal.SIGKILL)), ran=True)
     assert (killed.outcome, killed.pid, killed.exit_signal) == ("crashed", 12, signal.SIGKILL)
-    assert killed.exit_status.startswith("killed after the stop timeout by the next daemon")
-    assert closing(None, None, None, ran=True) == closing(None, None, None, ran=True)
+    assert killed.exit_status == f"killed after the stop timeout at the next daemon's start; exit status {NOT_A_CHILD}"
     assert closing(None, None, None, ran=True).outcome == "crashed"  # its lock was taken: it ran
     assert closing(None, None, None, ran=False).outcome == "not_started"
+    gone = closing(13, None, None, ran=True)  # its pid recorded, dead before the daemon came back
+    assert (gone.outcome, gone.exit_status, gone.exit_signal) == ("crashed", NOT_A_CHILD, None)
 
 
 def make_leftovers(run_dir: Path) -> dict[str, Path]:
