@@ -38,6 +38,7 @@ VERDICT_STATE = {
     JobVerdict.RETRY: JobState.QUEUED,
     JobVerdict.FAILED: JobState.FAILED,
     JobVerdict.CANCELLED: JobState.CANCELLED,
+    JobVerdict.LOCKED: JobState.PAUSED,  # in processing/, resumed once the worker holding its folder is gone
 }
 
 
@@ -55,7 +56,10 @@ class JobRunner:
         self.worker_command = worker_command  # None: the real worker; tests pass a stub (WorkerProcess.spawn)
 
     def start(self, processing_file: Path) -> WorkerProcess:
-        """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes."""
+        """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes. The run row
+        is committed before the process exists and its pid filled in after, so a daemon killed at any
+        moment leaves a row its successor looks for a live worker of (``daemon/startup_runs.py``); the
+        worker itself refuses a run folder another worker holds (``trainbox/run_lock.py``)."""
         job_id = job_id_of(processing_file.name)
         assert job_id is not None
         job = self.db.job(job_id)
@@ -74,17 +78,44 @@ class JobRunner:
             spec = self._new_spec(job, processing_file, run_dir)
         spec.save()
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
-        worker = WorkerProcess.spawn(job_id, run_dir, self.worker_command)
         attempt = len(self.db.runs(job_id)) + 1
+        run_id = self._record_spawn(job_id, attempt, spec.init_model)
+        crash_point("spawn.before_popen")
+        worker = self._spawn(job_id, run_dir, run_id)
+        crash_point("spawn.after_popen")
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            run.pid = worker.pid
+        verb = "resumed" if attempt > 1 else "started"
+        self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
+        return worker
+
+    def _record_spawn(self, job_id: int, attempt: int, init_model: str) -> int:
+        """The run row (pid NULL) committed before the worker exists: a daemon killed from here on leaves
+        an open run that its successor looks for a live worker of (``daemon/startup_runs.py``), instead of
+        a worker nobody knows about."""
         with self.db.session() as s:
             row = s.get(Job, job_id)
             assert row is not None
             row.state = JobState.RUNNING.value
             row.started_at = row.started_at or time.time()
-            s.add(Run(job_id=job_id, attempt=attempt, pid=worker.pid, init_model=spec.init_model))
-        verb = "resumed" if attempt > 1 else "started"
-        self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
-        return worker
+            run = Run(job_id=job_id, attempt=attempt, pid=None, init_model=init_model)
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def _spawn(self, job_id: int, run_dir: Path, run_id: int) -> WorkerProcess:
+        """The worker for a recorded run; a spawn that fails closes the run, saying why, so no open row
+        is left for a worker that never existed."""
+        try:
+            return WorkerProcess.spawn(job_id, run_dir, self.worker_command)
+        except OSError as e:
+            with self.db.session() as s:
+                run = s.get(Run, run_id)
+                if run is not None:
+                    run.ended_at, run.outcome, run.exit_status = time.time(), "not_started", f"could not start: {e}"
+            raise
 
     def _rebase_if_stale(self, job: Job, run_dir: Path) -> None:
         """One chain of versions: a job resuming from a version that is no longer ``models/current`` (it
@@ -189,8 +220,8 @@ class JobRunner:
                 run.exit_status = exit_status
                 run.exit_code, run.exit_signal = exit_parts(returncode)
                 run.outcome = result.outcome.value if result else "crashed"
-                if decision.verdict == JobVerdict.CANCELLED:
-                    run.outcome = JobVerdict.CANCELLED.value
+                if decision.verdict in (JobVerdict.CANCELLED, JobVerdict.LOCKED):  # a result there is not its
+                    run.outcome = decision.verdict.value
                 run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None

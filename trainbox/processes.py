@@ -13,10 +13,15 @@ import subprocess
 import time
 from pathlib import Path
 
-from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
+from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED
 
 WORKER_MODULE = "core.worker"
-_MEANING = {EXIT_COMPLETED: "completed", EXIT_FAILED: "failed", EXIT_INTERRUPTED: "interrupted"}
+_MEANING = {
+    EXIT_COMPLETED: "completed",
+    EXIT_FAILED: "failed",
+    EXIT_INTERRUPTED: "interrupted",
+    EXIT_LOCKED: "run folder locked by another worker",
+}
 
 
 def signal_name(sig: int) -> str | None:
