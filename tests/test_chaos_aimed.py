@@ -46,7 +46,7 @@ ARMED = {
     "version.row_pending": [1, 3, 5],  # jobs 1, 3 and 5 die before their folder is placed ...
     "version.renamed": [1, 2],  # ... jobs 2 and 4 right after it
     "gate.applied": [1, 2, 3, 4, 5],
-    "filing.moved": [1, 2, 3],
+    "filing.moved": [1, 2, 3, 4, 5],
 }
 
 
