@@ -11,4 +11,6 @@ bash scripts/setup.sh
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1
 .venv/bin/ruff check .
 .venv/bin/mypy
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two test processes (pytest-xdist): most tests wait on real child processes, so one core idles while a
+# single pytest waits; TRAINBOX_TEST_WORKERS=1 runs them one at a time.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${TRAINBOX_TEST_WORKERS:-2}" "$@"

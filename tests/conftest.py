@@ -40,3 +40,33 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from core.embedded import ensure_embedded_model
 
     return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
+
+
+# The longest tests first (as `--durations` lists them), so that under pytest-xdist (scripts/test.sh runs
+# two workers) both workers end together instead of one running the longest test alone at the end:
+# longest-processing-time-first packing. Order only: no test depends on it and none asserts a timing.
+LONGEST_FIRST = (
+    "tests/test_chaos_aimed.py::",
+    "tests/test_chaos.py::",
+    "tests/test_versions_gate.py::test_harmful_job",
+    "tests/test_monitoring_e2e.py::test_api_follows",
+    "tests/test_e2e_lora.py::",
+    "tests/test_e2e_daemon.py::test_three_formats",
+    "tests/test_ddp_daemon.py::",
+    "tests/test_disk_full.py::",
+    "tests/test_ddp_worker.py::test_sigterm",
+    "tests/test_warm_worker.py::",
+    "tests/test_e2e_daemon.py::test_pause_resume",
+    "tests/test_safety_watchdog.py::test_hung_worker",
+    "tests/test_e2e_daemon.py::test_stop_checkpoints",
+    "tests/test_e2e_hybrid.py::",
+    "tests/test_fsdp_worker.py::",
+    "tests/test_cancel_e2e.py::",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their files' order

@@ -65,13 +65,15 @@ def _drop(home: Home, i: int) -> None:
     write_jsonl(home.inbox / f"job{i}.jsonl", [{"text": f"job {i} line {k}: the {k % 3} owls"} for k in range(24)])
 
 
-def _workers_per_run() -> Counter[str]:
-    """Live worker processes by run folder, read from /proc."""
+def _workers_per_run(home: Home) -> Counter[str]:
+    """Live worker processes of this home by run folder, read from /proc (other tests may run beside)."""
     runs: Counter[str] = Counter()
     for proc in psutil.process_iter(["cmdline", "status"]):
         argv = proc.info["cmdline"] or []
         if "core.worker" in argv and "--run-dir" in argv and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            runs[argv[argv.index("--run-dir") + 1]] += 1
+            run = argv[argv.index("--run-dir") + 1]
+            if Path(run).parent == home.runs:
+                runs[run] += 1
     return runs
 
 
@@ -100,7 +102,7 @@ def test_aimed_kills_keep_one_worker_one_chain_and_every_version_gated(tmp_path:
     try:
         while len(list(home.done.glob("*.jsonl"))) < JOBS:
             assert time.monotonic() < deadline, f"not every job done after {restarts} restarts: {_fired(crash_dir)}"
-            for run, count in _workers_per_run().items():
+            for run, count in _workers_per_run(home).items():
                 most_workers[run] = max(most_workers[run], count)
             if not daemon.alive():
                 assert daemon.proc.returncode == -9, daemon.log_text()[-3000:]  # only the aimed kills end it
