@@ -26,6 +26,7 @@ from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
 from daemon.outcome import JobVerdict
 from daemon.spool import move
+from daemon.standby import WarmWorker
 from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
 from trainbox import control, sdnotify
@@ -72,6 +73,7 @@ class Daemon:
         # a cancel of the running job: its request (consumed once the worker is reaped, so a daemon that
         # dies meanwhile still cancels the job on its next start) and the phase the worker was in
         self.cancelling: tuple[control.ControlRequest, str] | None = None
+        self.warm: WarmWorker | None = None  # the standby worker (set in start when the real worker runs)
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -108,7 +110,9 @@ class Daemon:
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=visible_gpus()
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
-        self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command)
+        real_worker = self.worker_command is None and self.settings.daemon.warm_worker
+        self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
+        self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
         self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
@@ -162,6 +166,7 @@ class Daemon:
         self.reap_worker(now)
         self.reap_gate(now)
         self.maybe_dispatch(now)
+        self.keep_warm(now)
         self.write_status(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
@@ -178,6 +183,8 @@ class Daemon:
         self.stopping = True
         if hasattr(self, "gates"):
             self.gates.stop()  # an interrupted gate runs again at the next start
+        if self.warm is not None:
+            self.warm.stop()
         if self.worker is not None:
             self.worker.request_stop(now)
         else:
@@ -319,6 +326,11 @@ class Daemon:
         self.worker = self.runner.start(target)
         log.info("job %s: training (worker pid %d)", job_id_of(target.name), self.worker.pid)
 
+    def keep_warm(self, now: float) -> None:
+        """One worker started ahead for the next job (daemon/standby.py), while the daemon goes on."""
+        if self.warm is not None and not self.stopping:
+            self.warm.ensure(now)
+
     def state(self) -> DaemonState:
         if self.finished:
             return DaemonState.STOPPED
@@ -360,9 +372,9 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
-        gates = getattr(self, "gates", None)
-        if gates is not None:
-            gates.stop()
+        for helper in (getattr(self, "gates", None), self.warm):
+            if helper is not None:
+                helper.stop()
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import psutil
 
-from trainbox.jobspec import JOB_SPEC
+from trainbox.jobspec import JOB_SPEC, WORKER_LOG
 from trainbox.processes import spawn_logged
 
-LOG_NAME = "worker.log"
 # argv of a worker for a run folder and a process count (the seam tests use for a stub worker)
 WorkerCommand = Callable[[Path, int], list[str]]
 # Models load from local folders only, and progress bars would fill the log: defaults a user's
@@ -91,7 +90,7 @@ class WorkerProcess:
         ``worker_command`` argument), so queue decisions are tested without training."""
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = (command or worker_command)(run_dir, job_nproc(run_dir))
-        popen = spawn_logged(argv, run_dir / LOG_NAME, label="worker", defaults=QUIET_OFFLINE_ENV)
+        popen = spawn_logged(argv, run_dir / WORKER_LOG, label="worker", defaults=QUIET_OFFLINE_ENV)
         return cls(job_id, run_dir, popen, time.time())
 
     @property
