@@ -74,6 +74,7 @@ class Daemon:
         # dies meanwhile still cancels the job on its next start) and the phase the worker was in
         self.cancelling: tuple[control.ControlRequest, str] | None = None
         self.warm: WarmWorker | None = None  # the standby worker (set in start when the real worker runs)
+        self.gpus = 0  # visible GPUs, counted once at start
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -106,8 +107,9 @@ class Daemon:
         self.db = ModelDB(self.home.db_url)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.paused = bool(previous and previous.paused)
+        self.gpus = visible_gpus()
         self.admission = Admission(
-            self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=visible_gpus()
+            self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=self.gpus
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
         real_worker = self.worker_command is None and self.settings.daemon.warm_worker
@@ -327,8 +329,11 @@ class Daemon:
         log.info("job %s: training (worker pid %d)", job_id_of(target.name), self.worker.pid)
 
     def keep_warm(self, now: float) -> None:
-        """One worker started ahead for the next job (daemon/standby.py), while the daemon goes on."""
-        if self.warm is not None and not self.stopping:
+        """One worker started ahead for the next job (daemon/standby.py). Without a GPU only while no
+        job trains: there its imports would take CPU time from the training itself."""
+        if self.warm is None or self.stopping:
+            return
+        if self.worker is None or self.gpus > 0:
             self.warm.ensure(now)
 
     def state(self) -> DaemonState:
