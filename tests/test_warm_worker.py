@@ -43,42 +43,41 @@ def _gone(pid: int) -> bool:
 
 def _training_step(home: Home) -> int:
     status = read_status(home.status / TRAINING_STATUS, TrainingStatus)
-    return status.step if status is not None and status.job_id == 2 else 0
+    return status.step if status is not None and status.job_id == 1 else 0
 
 
 def _drop(home_inbox: Path, name: str) -> None:
     write_jsonl(home_inbox / name, [{"text": f"{name}: the warm worker trains line {k}"} for k in range(24)])
 
 
-def test_jobs_run_in_warm_workers_and_a_killed_daemon_leaves_none_behind(tmp_path: Path, embedded: Path) -> None:
+def test_a_job_runs_in_the_warm_worker_and_a_killed_daemon_leaves_no_idle_one(tmp_path: Path, embedded: Path) -> None:
     home = make_home(tmp_path / "home", embedded, max_steps=4)
-    daemon = DaemonProc(home, env={"TRAINBOX_TEST_STEP_SLEEP": "0.5"})
+    daemon = DaemonProc(home)
     try:
-        first = wait_for(lambda: _standby_of(daemon.proc.pid), 60, "a standby worker")
-        _drop(home.inbox, "a.jsonl")
-        wait_for(lambda: list(home.done.glob("*a.jsonl")), 180, "job 1 done")
-        assert f"warm worker pid {first} --run-dir {home.run_dir(1)}" in (home.run_dir(1) / "worker.log").read_text()
-        db = ModelDB(home.db_url)
-        assert [r.pid for r in db.runs(1)] == [first]  # the run named the standby before it had its job
-        second = wait_for(lambda: _standby_of(daemon.proc.pid, (first,)), 60, "the next standby")
-        assert second != first
-
-        (home.inbox / "b.toml").write_text("max_steps = 400\n")  # long enough for the daemon to die under it
-        _drop(home.inbox, "b.jsonl")
-        wait_for(lambda: [r.pid for r in db.runs(2)] == [second], 60, "job 2 handed to the standby")
-        third = wait_for(lambda: _standby_of(daemon.proc.pid, (first, second)), 60, "a standby for the job after")
-        wait_for(lambda: _training_step(home) >= 1, 120, "job 2 training")
+        idle = wait_for(lambda: _standby_of(daemon.proc.pid), 60, "a standby worker")
         os.kill(daemon.proc.pid, signal.SIGKILL)
         daemon.proc.wait(10)
-        assert not _gone(second)  # the worker training job 2 goes on without its daemon
-        wait_for(lambda: _gone(third), 60, "the idle standby dies with its daemon")
+        wait_for(lambda: _gone(idle), 60, "the idle standby dies with its daemon")
+
+        daemon.log.close()
+        daemon = DaemonProc(home, env={"TRAINBOX_TEST_STEP_SLEEP": "0.5"})
+        warm = wait_for(lambda: _standby_of(daemon.proc.pid), 60, "a standby worker")
+        (home.inbox / "b.toml").write_text("max_steps = 400\n")  # long enough for the daemon to die under it
+        _drop(home.inbox, "b.jsonl")
+        db = ModelDB(home.db_url)
+        wait_for(lambda: [r.pid for r in db.runs(1)] == [warm], 60, "the job handed to the standby")
+        wait_for(lambda: _training_step(home) >= 1, 120, "the job training")
+        assert f"warm worker pid {warm} --run-dir {home.run_dir(1)}" in (home.run_dir(1) / "worker.log").read_text()
+        os.kill(daemon.proc.pid, signal.SIGKILL)
+        daemon.proc.wait(10)
+        assert not _gone(warm)  # a standby given its job is a worker: it goes on without its daemon
 
         daemon.log.close()
         daemon = DaemonProc(home)
-        wait_for(lambda: _gone(second), 120, "the new daemon stops the orphaned warm worker")
-        wait_for(lambda: len(db.runs(2)) == 2, 60, "job 2 resumed by a new worker")
+        wait_for(lambda: _gone(warm), 120, "the new daemon stops the orphaned warm worker")
+        wait_for(lambda: len(db.runs(1)) == 2, 60, "the job resumed by a new worker")
         stopped = [e.message for e in db.events(kind="orphan_stopped")]
-        assert any(f"pid {second}" in m for m in stopped), (stopped, [(e.kind, e.message) for e in db.events(job_id=2)])
+        assert any(f"pid {warm}" in m for m in stopped), stopped
         db.close()
     finally:
         daemon.stop()
