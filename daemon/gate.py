@@ -10,7 +10,9 @@ otherwise ``python -m core.evaluate`` is started (its output in ``runs/job-N/gat
 the request. The tick meanwhile keeps serving controls, admissions and signals. The daemon
 dispatches no job while a gate is pending, so the next job starts from the ``models/current`` the
 gate chose. A daemon that stops or dies mid-gate leaves the request behind: the next daemon runs
-that gate again instead of forgetting it; one whose verdict was recorded is only filed.
+that gate again instead of forgetting it; one whose verdict was recorded is only filed. A version
+whose parent is not the current version is never promoted here (``versions.branch_verdict``: one
+chain; a person may promote it by hand).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from management.db import ModelDB
-from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, parse_losses, plan_version_gate
+from management.evaluation import parse_losses
+from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, plan_version_gate
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
+from trainbox.crashpoints import crash_point
 from trainbox.home import Home
 from trainbox.processes import cmdline, describe_exit, spawn_logged
 
@@ -142,6 +146,7 @@ class Gates:
         argv = [*plan.argv, "--out", str(run_dir / GATE_RESULT)]
         popen = spawn_logged(argv, run_dir / GATE_LOG, label="gate", defaults=QUIET_OFFLINE_ENV)
         request_gate(run_dir, request.model_copy(update={"pid": popen.pid}))
+        crash_point("gate.started")
         self.child = GateChild(request, run_dir, plan, popen, now)
         log.info("model version %d: eval gate started (pid %d)", request.version_id, popen.pid)
 
@@ -173,6 +178,7 @@ class Gates:
     def _apply(self, run_dir: Path, request: GateRequest, verdict: GateVerdict) -> None:
         try:
             apply_gate(self.home, self.db, self.settings, request.version_id, request.job_id, verdict)
+            crash_point("gate.applied")
         except VersionError as e:  # boundary: a gate that cannot be applied must not block the queue
             log.error("model version %d: gate could not be applied: %s", request.version_id, e)
         self._done(run_dir, request)
@@ -204,6 +210,7 @@ class Gates:
                 )
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(request.pid, signal.SIGKILL)
+        self.refresh()  # the start-up reconciliation that follows may request gates: list them again
 
     def stop(self) -> None:
         """The daemon stops: the child is killed, its request stays for the next daemon."""

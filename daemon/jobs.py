@@ -5,6 +5,8 @@ Kept apart from the main loop so the loop reads as wait, controls, admit, reap, 
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,12 +16,15 @@ from daemon.outcome import Decision, JobVerdict, decide
 from daemon.spool import move
 from daemon.standby import WarmWorker
 from daemon.worker_process import WORKER_LOG, WorkerCommand, WorkerProcess, job_nproc, log_tail
-from management.db import Job, ModelDB, ModelVersion, Run
+from management import registration
+from management.db import Job, ModelDB, Run
 from management.versions import starting_version
+from trainbox.atomic import fsync_dir
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
+from trainbox.crashpoints import crash_point
 from trainbox.home import Home
-from trainbox.jobspec import RESULT, JobSpec, WorkerResult
+from trainbox.jobspec import JOB_SPEC, RESULT, JobSpec, WorkerResult
 from trainbox.markers import kills_of
 from trainbox.processes import describe_exit, exit_parts, last_start_lines
 from trainbox.spool import Spool, job_id_of
@@ -69,6 +74,7 @@ class JobRunner:
             assert job is not None
         run_dir = self.home.run_dir(job_id)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self._rebase_if_stale(job, run_dir)  # then no job.json: the spec is made anew from current
         try:
             spec = JobSpec.load(run_dir)
             spec.data_file = str(processing_file)
@@ -97,6 +103,42 @@ class JobRunner:
         verb = "resumed" if attempt > 1 else "started"
         self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
         return worker
+
+    def _rebase_if_stale(self, job: Job, run_dir: Path) -> None:
+        """One chain of versions: a job resuming from a version that is no longer ``models/current`` (it
+        was retried, or paused, while another job's version was promoted) would end as a branch off an
+        old version. Its training so far is discarded and it starts again from current, with an event.
+        A job that named its own ``model`` keeps it (its version is gated as another branch)."""
+        if not (run_dir / JOB_SPEC).exists():
+            return
+        if job_training_config(self.settings.training, job.settings or {}).model:
+            return
+        start = starting_version(self.home, self.db)
+        if start is None or start.id == job.init_version:
+            return  # nothing current to move to (never throw training away for the embedded model)
+        self._discard_checkpoints(job.id, run_dir)
+        (run_dir / JOB_SPEC).unlink()
+        old = f"version {job.init_version}" if job.init_version is not None else "the base model"
+        self.db.event(
+            "job_rebased",
+            f"{job.name}: started from {old}, but version {start.id} is current now: trained again from it",
+            job.id,
+            from_version=job.init_version,
+            to_version=start.id,
+        )
+
+    def _discard_checkpoints(self, job_id: int, run_dir: Path) -> None:
+        """The run's checkpoints go through ``trash/`` (a crash leaves them whole in one place or the
+        other, and retention empties the trash), and their rows are marked deleted."""
+        checkpoints = run_dir / "checkpoints"
+        if checkpoints.is_dir():
+            trash = self.home.root / "trash"
+            trash.mkdir(parents=True, exist_ok=True)
+            dest = trash / f"{time.time_ns()}-job-{job_id:06d}-rebased-checkpoints"
+            os.rename(checkpoints, dest)
+            fsync_dir(run_dir)
+            shutil.rmtree(dest, ignore_errors=True)
+        self.db.mark_checkpoints_deleted(job_id, time.time())
 
     def _new_spec(self, job: Job, data_file: Path, run_dir: Path) -> JobSpec:
         """First start: fix the settings and the starting model (continual training) for good."""
@@ -293,13 +335,16 @@ class JobRunner:
         until its gate has decided whether the version becomes current (``daemon/gate.py`` then calls
         ``file_done``), so a job seen in done/ has its verdict, and the next job starts after it."""
         existing = self.db.version_of_job(job_id)
+        if existing is not None and registration.is_pending(existing):  # a failed tick's registration
+            self._settle_pending(job_id, existing.id)
         version = existing.id if existing is not None else self._register_version(job_id, result)
         if self.db.gates(version):  # gated before a crash: only the filing was left
             self.file_done(job_id)
             return version, True
         if existing is not None:  # a daemon died between registering and requesting the gate
             job = self.db.job(job_id)
-            self._request_gate(job_id, version, job.init_version if job else None, None)
+            own = WorkerResult.load(self.home.run_dir(job_id)) if result.val_loss is None else result
+            self._request_gate(job_id, version, job.init_version if job else None, own)
         return version, False
 
     def file_done(self, job_id: int) -> None:
@@ -330,27 +375,38 @@ class JobRunner:
         request_gate(run_dir, request)
 
     def _register_version(self, job_id: int, result: WorkerResult) -> int:
-        """The final model becomes the next version: its folder is renamed under models/."""
+        """The final model becomes the next version, in the crash-safe order of
+        ``management/registration.py``: row pending, folder ``models/vNNNN``, row final."""
         job = self.db.job(job_id)
         assert job is not None and result.final_model is not None
-        with self.db.session() as s:
-            version = ModelVersion(
-                path="",
-                parent_id=job.init_version,
-                job_id=job_id,
-                base_model=job.init_model or "embedded",
-                data_sha256=job.sha256,
-                train_loss=result.train_loss,
-                val_loss=result.val_loss,
-                steps=result.step,
-                kind="adapter" if result.adapter else "full",
-                adapter_of=result.base_model if result.adapter else "",
-            )
-            s.add(version)
-            s.flush()
-            target = move(Path(result.final_model), self.home.models, f"v{version.id:04d}")
-            version.path = str(target)
-            version_id = version.id
+        version_id = self.db.add_pending_version(
+            parent_id=job.init_version,
+            job_id=job_id,
+            base_model=job.init_model or "embedded",
+            data_sha256=job.sha256,
+            train_loss=result.train_loss,
+            val_loss=result.val_loss,
+            steps=result.step,
+            kind="adapter" if result.adapter else "full",
+            adapter_of=result.base_model if result.adapter else "",
+        )
+        crash_point("version.row_pending")
+        self._place_pending(job_id, version_id, Path(result.final_model))
         # the eval gate runs as a child the daemon reaps in its tick (daemon/gate.py): only requested here
         self._request_gate(job_id, version_id, job.init_version, result)
         return version_id
+
+    def _settle_pending(self, job_id: int, version_id: int) -> None:
+        """Finish a registration an exception interrupted in this daemon's life (a kill's are settled at
+        start-up by ``management/version_recovery.py``)."""
+        final = self.home.run_dir(job_id) / "final"
+        if final.is_dir():
+            self._place_pending(job_id, version_id, final)
+        else:  # renamed already: only the row was left
+            registration.make_final(self.db, version_id, registration.version_folder(self.home, version_id))
+
+    def _place_pending(self, job_id: int, version_id: int, final: Path) -> None:
+        """Steps 2 and 3 of a registration: the folder into place, then the row final."""
+        folder = registration.place(self.home, self.db, version_id, final, job_id)
+        crash_point("version.renamed")
+        registration.make_final(self.db, version_id, folder)

@@ -29,6 +29,7 @@ from daemon.spool import move
 from daemon.standby import WarmWorker
 from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
 from management.db import Job, ModelDB
+from management.version_recovery import recover_versions
 from trainbox import control, sdnotify
 from trainbox.config import Settings
 from trainbox.home import Home
@@ -119,6 +120,7 @@ class Daemon:
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
+        recover_versions(self.home, self.db)  # pending rows, orphan folders, models/current: before any gate or job
         self.gates.stop_orphans()
         self._reconcile()
         self.watcher = InboxWatcher(

@@ -96,12 +96,19 @@ class Checkpoint(Base):
     deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+PENDING_PATH = ""  # a version row whose folder is not in place yet (``management/registration.py``)
+
+
 class ModelVersion(Base):
-    """A trained model; the newest is what the next job starts from (continual training)."""
+    """A trained model; ``models/current`` names the one the next job starts from (continual training).
+
+    Registered in a crash-safe order (``management/registration.py``): the row first with ``path``
+    empty (pending), then its folder ``models/v{id:04d}``, then ``path`` set (final). Only final rows
+    are versions to readers; a pending one is settled by the daemon's start-up reconciliation."""
 
     __tablename__ = "model_versions"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)  # the version number
-    path: Mapped[str] = mapped_column(String)
+    path: Mapped[str] = mapped_column(String, doc="its folder; empty while the registration is pending")
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"), nullable=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
     base_model: Mapped[str] = mapped_column(String, default="")
@@ -240,16 +247,56 @@ class ModelDB:
             return s.scalars(q).first()
 
     def latest_version(self) -> ModelVersion | None:
+        """The newest final version (a pending registration is not a version yet)."""
         with self.session() as s:
-            return s.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).first()
+            q = select(ModelVersion).where(ModelVersion.path != PENDING_PATH).order_by(ModelVersion.id.desc())
+            return s.scalars(q).first()
 
-    def versions(self) -> list[ModelVersion]:
+    def versions(self, pending: bool = False) -> list[ModelVersion]:
+        """Final versions, oldest first; ``pending``: with rows whose registration is not finished."""
         with self.session() as s:
-            return list(s.scalars(select(ModelVersion).order_by(ModelVersion.id)))
+            q = select(ModelVersion).order_by(ModelVersion.id)
+            if not pending:
+                q = q.where(ModelVersion.path != PENDING_PATH)
+            return list(s.scalars(q))
 
     def version_of_job(self, job_id: int) -> ModelVersion | None:
+        """The job's version, pending or final (a job registers at most one)."""
         with self.session() as s:
             return s.scalars(select(ModelVersion).where(ModelVersion.job_id == job_id)).first()
+
+    def add_pending_version(self, **fields: Any) -> int:
+        """Step 1 of a registration: the row, committed with no folder yet; its id names the folder."""
+        with self.session() as s:
+            row = ModelVersion(path=PENDING_PATH, **fields)
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def set_version_path(self, version_id: int, path: str) -> None:
+        """The last step of a registration: the folder is in place, the version is final."""
+        with self.session() as s:
+            row = s.get(ModelVersion, version_id)
+            assert row is not None
+            row.path = path
+
+    def drop_pending_version(self, version_id: int) -> None:
+        """A pending registration with nothing left to register (no folder, no final model)."""
+        with self.session() as s:
+            row = s.get(ModelVersion, version_id)
+            if row is not None and row.path == PENDING_PATH:
+                s.delete(row)
+
+    def promoted_ids(self) -> list[int]:
+        """Versions ``models/current`` was moved to (gate, promote, rollback), most recent first."""
+        with self.session() as s:
+            return list(s.scalars(select(Promotion.version_id).order_by(Promotion.id.desc())))
+
+    def mark_checkpoints_deleted(self, job_id: int, now: float) -> None:
+        """A job's checkpoints were discarded as a whole (a job rebased onto the current version)."""
+        with self.session() as s:
+            for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.deleted_at.is_(None))):
+                c.deleted_at = now
 
     def runs(self, job_id: int) -> list[Run]:
         with self.session() as s:

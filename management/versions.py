@@ -21,34 +21,42 @@ Promoted when ``new <= current * (1 + models.regression_tolerance)``; otherwise 
 but not promoted, and the ``version_gates`` row and a ``version_not_promoted`` event (with the job
 id) say why. ``promote V`` applies the same check (``--force`` skips it); ``rollback`` returns to
 the version that was current before the current one was promoted.
+
+One chain: the gate never promotes a version whose parent is not the current version (another
+branch: it was trained from an older version, a model the job named, or the embedded model while a
+version was current); its verdict names both, and ``trainbox models promote V`` can still make it
+current by hand. A job retried after another was promoted is retrained from current instead
+(``JobRunner._rebase_if_stale``), so this only stops what a person chose to branch.
+A promotion moves the pointer first, then records the gate row and the promotion row in one
+transaction: a kill in between leaves the pointer on the new version and the gate runs again at the
+next start, finding it current already.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from management.db import ModelDB, ModelVersion, Promotion, VersionGate
+from management.evaluation import EvaluationError, evaluate_argv, run_evaluate
+from management.registration import version_number
 from trainbox.atomic import fsync_dir
 from trainbox.config import Settings
 from trainbox.home import Home
 
 log = logging.getLogger("trainbox.versions")
 
-CURRENT = "current"
-QUIET_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
-
 
 class VersionError(RuntimeError):
     """A promote or rollback that cannot be done; the message says why."""
+
+
+CURRENT = "current"
 
 
 # --- the pointer -----------------------------------------------------------------------------------
@@ -64,24 +72,33 @@ def is_complete_model(path: Path) -> bool:
 
 
 def current_id(home: Home) -> int | None:
+    """The version ``models/current`` names; None when there is no pointer. A pointer whose name is no
+    version is logged (the daemon's start-up reconciliation repairs it: ``version_recovery``)."""
     try:
         target = os.readlink(home.models / CURRENT)
     except OSError:
         return None
-    name = Path(target).name
-    return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
+    number = version_number(Path(target).name)
+    if number is None:
+        log.warning("models/current names %r, which is no model version", target)
+    return number
 
 
-def set_current(home: Home, version: ModelVersion) -> None:
-    path = Path(version.path)
-    if not is_complete_model(path):
-        raise VersionError(f"version {version.id}: {path} is not a complete model (config.json and weights)")
+def point_current(home: Home, path: Path) -> None:
+    """Replace ``models/current`` by a link to ``path`` atomically (a crash leaves the old or the new)."""
     link = home.models / CURRENT
     tmp = home.models / f".{CURRENT}.{os.getpid()}.{time.time_ns()}.tmp"
     target = os.path.relpath(path, home.models) if path.parent == home.models else str(path)
     os.symlink(target, tmp)
     os.replace(tmp, link)
     fsync_dir(home.models)
+
+
+def set_current(home: Home, version: ModelVersion) -> None:
+    path = Path(version.path)
+    if not is_complete_model(path):
+        raise VersionError(f"version {version.id}: {path} is not a complete model (config.json and weights)")
+    point_current(home, path)
 
 
 def current_version(home: Home, db: ModelDB) -> ModelVersion | None:
@@ -142,55 +159,26 @@ def decide_promotion(
     )
 
 
+def branch_verdict(new: int, parent: int | None, current: int | None) -> GateVerdict | None:
+    """Pure: the chain rule. A version not trained from the current one is another branch: never
+    promoted automatically (None: it continues the chain, or there is no current version)."""
+    if current is None or current in (new, parent):
+        return None
+    origin = f"version {parent}" if parent is not None else "no version (a named or the embedded model)"
+    return GateVerdict(
+        False,
+        f"another branch: version {new} was trained from {origin}, but version {current} is current; "
+        f"not promoted automatically (trainbox models promote {new} makes it current by hand)",
+        current_id=current,
+        eval_set="none",
+    )
+
+
 def eval_file(home: Home, settings: Settings) -> Path | None:
     if not settings.models.eval_file:
         return None
     p = Path(settings.models.eval_file).expanduser()
     return p if p.is_absolute() else home.root / p
-
-
-def evaluate_argv(
-    models: list[Path],
-    settings: Settings,
-    eval_path: Path | None,
-    run_dir: Path | None,
-    max_length: int = 0,
-    program: list[str] | None = None,
-) -> list[str]:
-    """The gate's evaluation child: ``python -m core.evaluate`` (``program`` replaces that prefix in
-    tests) scoring ``models`` on a frozen file or a job's held-out set."""
-    argv = list(program or [sys.executable, "-m", "core.evaluate"])
-    for m in models:
-        argv += ["--model", str(m)]
-    argv += ["--eval", str(eval_path)] if eval_path is not None else ["--run-dir", str(run_dir)]
-    argv += ["--max-examples", str(settings.models.eval_max_examples)]
-    argv += ["--max-length", str(settings.models.eval_max_length or max_length)]
-    return argv
-
-
-def run_evaluate(argv: list[str], timeout: float) -> dict[str, float | None]:
-    """Run an evaluation child to its end (``trainbox models promote``: a person waits; the daemon
-    never calls this, it starts and reaps the child in its tick: ``daemon/gate.py``)."""
-    try:
-        proc = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            env={**QUIET_OFFLINE_ENV, **os.environ},
-        )
-    except subprocess.TimeoutExpired:
-        raise VersionError(f"evaluation took longer than models.eval_timeout ({timeout}s)") from None
-    if proc.returncode != 0:
-        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise VersionError(f"evaluation failed (exit {proc.returncode}): {' | '.join(tail)}")
-    return parse_losses(proc.stdout.decode().strip().splitlines()[-1])
-
-
-def parse_losses(text: str) -> dict[str, float | None]:
-    """The losses out of ``core.evaluate``'s JSON object."""
-    losses: dict[str, float | None] = json.loads(text)["losses"]
-    return losses
 
 
 @dataclass
@@ -234,9 +222,12 @@ def plan_gate(
     """What judging ``new`` against ``current`` takes (no process is started here)."""
     tolerance = settings.models.regression_tolerance
     plan = GatePlan(new.id, new_path=new.path)
-    if current is None or current.id == new.id:
+    if current is None:
         plan.verdict = decide_promotion(None, None, tolerance, None)
         plan.verdict.eval_set = "none"
+        return plan
+    if current.id == new.id:  # a kill came between its promotion and the record of it
+        plan.verdict = GateVerdict(True, f"version {new.id} is current already", current_id=new.id, eval_set="none")
         return plan
     plan.current_path, plan.current_id = current.path, current.id
     models = [Path(new.path), Path(current.path)]
@@ -266,7 +257,7 @@ def score_against_current(
         return plan.judge(None, "nothing to evaluate", settings.models.regression_tolerance)
     try:
         losses = run_evaluate(plan.argv, settings.models.eval_timeout)
-    except VersionError as e:
+    except EvaluationError as e:
         return plan.judge(None, str(e), settings.models.regression_tolerance)
     return plan.judge(losses, "", settings.models.regression_tolerance)
 
@@ -296,6 +287,9 @@ def plan_version_gate(
     current = current_version(home, db)
     if current is None and not (home.models / CURRENT).is_symlink() and init_version is not None:
         current = db.version(init_version)
+    branch = branch_verdict(new.id, new.parent_id, current.id if current else None)
+    if branch is not None:
+        return GatePlan(new.id, verdict=branch, new_path=new.path, current_id=branch.current_id, eval_set="none")
     return plan_gate(
         home,
         db,
@@ -311,7 +305,8 @@ def plan_version_gate(
     )
 
 
-def _record(db: ModelDB, version_id: int, verdict: GateVerdict, tolerance: float) -> None:
+def _record(db: ModelDB, version_id: int, verdict: GateVerdict, tolerance: float, previous: int | None) -> None:
+    """The gate row, and the promotion row when it moved ``models/current``, in one transaction."""
     with db.session() as s:
         s.add(
             VersionGate(
@@ -325,6 +320,8 @@ def _record(db: ModelDB, version_id: int, verdict: GateVerdict, tolerance: float
                 tolerance=tolerance,
             )
         )
+        if verdict.promoted:
+            s.add(Promotion(version_id=version_id, previous_id=previous, action="gate", reason=verdict.reason))
 
 
 def _switch(home: Home, db: ModelDB, version: ModelVersion, action: str, reason: str) -> None:
@@ -334,18 +331,33 @@ def _switch(home: Home, db: ModelDB, version: ModelVersion, action: str, reason:
         s.add(Promotion(version_id=version.id, previous_id=previous, action=action, reason=reason))
 
 
+def _previous_of(home: Home, db: ModelDB, version_id: int) -> int | None:
+    """What was current before ``version_id`` becomes current; if the pointer already names it (a kill
+    after the switch, before its record), the version the promotions last made current."""
+    cur = current_id(home)
+    if cur != version_id:
+        return cur
+    return next((v for v in db.promoted_ids() if v != version_id), None)
+
+
 def apply_gate(
     home: Home, db: ModelDB, settings: Settings, version_id: int, job_id: int | None, verdict: GateVerdict
 ) -> GateVerdict:
-    """Record a gate's verdict (``version_gates`` row, event) and promote the version if it passed."""
+    """Promote the version if it passed and continues the chain, then record the verdict (rows, event).
+    The chain is checked again here: ``models promote`` may have moved the pointer during the evaluation."""
     new = db.version(version_id)
     assert new is not None
-    _record(db, version_id, verdict, settings.models.regression_tolerance)
+    previous = _previous_of(home, db, version_id)
+    if verdict.promoted:
+        branch = branch_verdict(version_id, new.parent_id, current_id(home))
+        if branch is not None:
+            verdict = GateVerdict(False, branch.reason, verdict.new_loss, verdict.current_loss, branch.current_id)
     if verdict.promoted:
         try:
-            _switch(home, db, new, "gate", verdict.reason)
+            set_current(home, new)
         except VersionError as e:
             verdict = GateVerdict(False, str(e), verdict.new_loss, verdict.current_loss, verdict.current_id)
+    _record(db, version_id, verdict, settings.models.regression_tolerance, previous)
     kind = "version_promoted" if verdict.promoted else "version_not_promoted"
     db.event(
         kind,
@@ -357,6 +369,7 @@ def apply_gate(
         current=verdict.current_id,
         current_loss=verdict.current_loss,
         eval_set=verdict.eval_set,
+        parent=new.parent_id,
     )
     log.info("%s %d: %s", kind, version_id, verdict.reason)
     return verdict
