@@ -14,6 +14,7 @@ marker, which guards against copies made by other tools.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,8 +28,11 @@ from safetensors.torch import load_file
 
 from core.errors import CheckpointError
 from core.folders import folder_size, fsync_tree, publish_folder
+from trainbox import run_temp
 from trainbox.atomic import fsync_dir
+from trainbox.crashpoints import crash_point
 
+log = logging.getLogger("core.worker")
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -71,15 +75,13 @@ def latest_complete(run_dir: Path) -> CheckpointInfo | None:
 
 
 def remove_partial(run_dir: Path) -> list[Path]:
-    """Delete ``.tmp-*`` folders left by a worker that died while saving."""
-    root = checkpoints_dir(run_dir)
-    removed = []
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(".tmp-"):
-                shutil.rmtree(child, ignore_errors=True)
-                removed.append(child)
-    return removed
+    """Sweep the temp folders a worker that died while saving left (the final model's and the
+    checkpoints'; ``trainbox.run_temp``): removed, or, the only copy of a complete checkpoint, put back.
+    Returns the temp folders found. Called by the worker holding the run folder's lock."""
+    found = run_temp.sweep_run(run_dir)
+    for leftover in found:
+        log.info("leftover of an interrupted save %s: %s", leftover.action, leftover.path)
+    return [leftover.path for leftover in found]
 
 
 def save(
@@ -98,6 +100,7 @@ def save(
         # a LoRA model saves its adapter only (peft); no embedding layers: trainbox never resizes them
         extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
         model.save_pretrained(tmp / MODEL, safe_serialization=True, **extra)
+        crash_point("worker.checkpoint_saving")  # chaos tests: weights written, no state.pt, no COMPLETE
         tokenizer.save_pretrained(tmp / MODEL)
         torch.save({**state, "config": config, "format_version": FORMAT_VERSION, "step": step}, tmp / STATE)
         info = {**meta, "step": step, "time": time.time(), "format_version": FORMAT_VERSION}

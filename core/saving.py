@@ -20,6 +20,7 @@ from core.loading import LoadedJob
 from core.precision import weights_finite
 from core.reporting import Report
 from core.train import Trainer
+from trainbox.crashpoints import crash_point
 
 FINAL = "final"
 FINAL_EXTRA_BYTES = 16 * 1024**2  # tokenizer and config beside the weights
@@ -36,6 +37,7 @@ def save_final(run_dir: Path, model: Any, tokenizer: Any) -> Path:
     def fill(tmp: Path) -> None:
         extra = {"save_embedding_layers": False} if lora.is_peft(model) else {}  # as in core.checkpoint
         model.save_pretrained(tmp, safe_serialization=True, **extra)
+        crash_point("worker.final_saving")  # chaos tests: the weights are in the temp folder, not yet published
         tokenizer.save_pretrained(tmp)
 
     return publish_folder(run_dir / FINAL, fill, tmp_prefix=".tmp-")

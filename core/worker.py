@@ -12,6 +12,11 @@ WorkerResult), and the exit code says the same:
       "disk"``, evidence needed vs free; nothing partial was written; rerun once there is space)
   1   failed: the traceback is on stderr; result.json has the message, the exception type and
       ``failure_class`` (bad_input, preflight, oom, nan, disk, crash), ``evidence`` and ``fix``
+  73  locked: another worker holds ``DIR/worker.lock`` (trainbox.run_lock); this one exits at once,
+      having written nothing (not even result.json): the folder is the other worker's
+The lock is the first thing the worker (rank 0 under torchrun) does to ``DIR`` and is held until the
+process ends, so two workers can never train one run folder, whatever the daemon knew when it
+started them.
 Every result carries ``micro_batch`` and ``grad_accum``: what the run ended with after any OOM
 back-off (the effective batch, batch_size x grad_accum of the settings, never changes).
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -54,8 +60,9 @@ from core.result import RunInfo, ended_result, failed_result, paused_result, siz
 from core.runtime import AgreedStop, StopFlag
 from core.saving import JobSaver
 from core.train import Trainer
+from trainbox import run_lock
 from trainbox.jobspec import JobSpec, WorkerResult
-from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, WorkerOutcome
+from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, WorkerOutcome
 
 log = logging.getLogger("core.worker")
 
@@ -152,11 +159,32 @@ def open_report(spec: JobSpec, ranks: distributed.Dist) -> Report:
     return Reporter(status, JobDB(spec.db_url, spec.job_id), Path(spec.run_dir) / METRICS)
 
 
+def claim_run_dir(run_dir: Path, ranks: distributed.Dist) -> run_lock.RunLock | int | None:
+    """The run folder's lock, taken by the rank that writes there (rank 0) before anything touches the
+    folder, and held until the process ends; other ranks never write there. An exit code instead when it
+    cannot be taken: ``EXIT_LOCKED`` if another worker holds it (that worker owns the folder: nothing
+    may be written, not even a result), ``EXIT_FAILED`` if the lock file is not a plain file."""
+    if not ranks.is_main:
+        return None
+    try:
+        return run_lock.acquire(run_dir)
+    except run_lock.RunLockHeld as e:
+        print(e, file=sys.stderr, flush=True)
+        return EXIT_LOCKED
+    except OSError as e:
+        print(f"trainbox worker: cannot lock the run folder {run_dir}: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m core.worker", description="Train one trainbox job.")
     parser.add_argument("--run-dir", required=True, type=Path, help="run folder holding job.json")
     args = parser.parse_args(argv)
     ranks = distributed.from_env()
+    run_dir: Path = args.run_dir.resolve()
+    lock = claim_run_dir(run_dir, ranks)  # held for the whole life of the process
+    if isinstance(lock, int):
+        return lock
     rank_tag = f" rank{ranks.rank}" if ranks.active else ""
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format=f"%(asctime)s %(name)s{rank_tag} %(levelname)s %(message)s"
@@ -164,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     hf_logging.disable_progress_bar()  # progress bars are noise in a log file
-    run_dir: Path = args.run_dir.resolve()
     report: Report | None = None
     info = RunInfo()
     try:
@@ -176,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         result = failed_result(e, report, info)
     try:
-        return finish(result, run_dir, report)
+        code = finish(result, run_dir, report)
+        # its end is written: a late stop request must not turn "exit 75" into "killed by signal 15" while
+        # the interpreter shuts down (Python restores the default handlers then); SIGKILL still ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     finally:
         distributed.shutdown()
 

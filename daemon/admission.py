@@ -32,6 +32,7 @@ from daemon.staging import Intent, eval_name_beside, sidecars_beside
 from management.db import Event, Job, ModelDB
 from trainbox.atomic import atomic_write_json
 from trainbox.config import ConfigError, DaemonConfig, TrainingConfig, load_sidecar
+from trainbox.crashpoints import crash_point
 from trainbox.home import Home
 from trainbox.records import Limits, Validation
 from trainbox.safefs import NotRegularFile, copy_regular, display_name, lstat_kind
@@ -247,6 +248,7 @@ class Admission:
                 refused.append(f"its sidecar {display_name(name)} is {e}")
             intent.staged_sidecars.append(staged_name)
             intent.save(admitting)
+            crash_point("admission.between_renames")  # the sidecar claimed, the data file not yet
         if intent.eval_name and not intent.eval_claimed:
             try:
                 if os.path.lexists(source / intent.eval_name):

@@ -39,6 +39,7 @@ VERDICT_STATE = {
     JobVerdict.RETRY: JobState.QUEUED,
     JobVerdict.FAILED: JobState.FAILED,
     JobVerdict.CANCELLED: JobState.CANCELLED,
+    JobVerdict.LOCKED: JobState.PAUSED,  # in processing/, resumed once the worker holding its folder is gone
 }
 
 
@@ -63,7 +64,10 @@ class JobRunner:
         self.warm = warm  # the standby a single-process job is handed to (daemon/standby.py); None: cold starts
 
     def start(self, processing_file: Path) -> WorkerProcess:
-        """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes."""
+        """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes. The run row
+        is committed before the process exists and its pid filled in after, so a daemon killed at any
+        moment leaves a row its successor looks for a live worker of (``daemon/startup_runs.py``); the
+        worker itself refuses a run folder another worker holds (``trainbox/run_lock.py``)."""
         job_id = job_id_of(processing_file.name)
         assert job_id is not None
         job = self.db.job(job_id)
@@ -84,25 +88,43 @@ class JobRunner:
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
         warm = self.warm if self.warm is not None and job_nproc(run_dir) == 1 else None
         attempt = len(self.db.runs(job_id)) + 1
-        with self.db.session() as s:  # before the worker can act: the run names the standby that gets it
+        run_id = self._record_spawn(job_id, attempt, spec.init_model, warm.pid if warm else None)
+        crash_point("spawn.before_popen")
+        worker = (warm.take(job_id, run_dir) if warm else None) or self._spawn(job_id, run_dir, run_id)
+        crash_point("spawn.after_popen")
+        with self.db.session() as s:
+            run = s.get(Run, run_id)
+            assert run is not None
+            run.pid = worker.pid
+        verb = "resumed" if attempt > 1 else "started"
+        self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
+        return worker
+
+    def _record_spawn(self, job_id: int, attempt: int, init_model: str, pid: int | None = None) -> int:
+        """The run row committed before the worker can act (pid NULL, or the warm worker's that is handed
+        the job next): a daemon killed from here on leaves an open run that its successor looks for a live
+        worker of (``daemon/startup_runs.py``), instead of a worker nobody knows about."""
+        with self.db.session() as s:
             row = s.get(Job, job_id)
             assert row is not None
             row.state = JobState.RUNNING.value
             row.started_at = row.started_at or time.time()
-            run = Run(job_id=job_id, attempt=attempt, pid=warm.pid if warm else None, init_model=spec.init_model)
+            run = Run(job_id=job_id, attempt=attempt, pid=pid, init_model=init_model)
             s.add(run)
             s.flush()
-            run_id = run.id
-        worker = (warm.take(job_id, run_dir) if warm else None) or WorkerProcess.spawn(
-            job_id, run_dir, self.worker_command
-        )
-        with self.db.session() as s:
-            recorded = s.get(Run, run_id)
-            if recorded is not None and recorded.pid != worker.pid:  # a cold start (no standby, or it had died)
-                recorded.pid = worker.pid
-        verb = "resumed" if attempt > 1 else "started"
-        self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
-        return worker
+            return run.id
+
+    def _spawn(self, job_id: int, run_dir: Path, run_id: int) -> WorkerProcess:
+        """The worker for a recorded run; a spawn that fails closes the run, saying why, so no open row
+        is left for a worker that never existed."""
+        try:
+            return WorkerProcess.spawn(job_id, run_dir, self.worker_command)
+        except OSError as e:
+            with self.db.session() as s:
+                run = s.get(Run, run_id)
+                if run is not None:
+                    run.ended_at, run.outcome, run.exit_status = time.time(), "not_started", f"could not start: {e}"
+            raise
 
     def _rebase_if_stale(self, job: Job, run_dir: Path) -> None:
         """One chain of versions: a job resuming from a version that is no longer ``models/current`` (it
@@ -207,8 +229,8 @@ class JobRunner:
                 run.exit_status = exit_status
                 run.exit_code, run.exit_signal = exit_parts(returncode)
                 run.outcome = result.outcome.value if result else "crashed"
-                if decision.verdict == JobVerdict.CANCELLED:
-                    run.outcome = JobVerdict.CANCELLED.value
+                if decision.verdict in (JobVerdict.CANCELLED, JobVerdict.LOCKED):  # a result there is not its
+                    run.outcome = decision.verdict.value
                 run.end_step = result.step if result else None
         message = decision.reason
         retry_at = None
@@ -227,6 +249,7 @@ class JobRunner:
             if decision.verdict == JobVerdict.CANCELLED:
                 evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
             failed = move(processing_file, self.home.failed)
+            crash_point("filing.moved")  # the row still says running: the next start's reconciliation fixes it
             write_error(
                 failed,
                 job_id,
@@ -356,6 +379,7 @@ class JobRunner:
                 row.finished_at = row.finished_at or time.time()
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         if processing_file is not None:
+            crash_point("filing.moved")  # here the row says done, the file is still in processing/
             move(processing_file, self.home.done)
 
     def _request_gate(

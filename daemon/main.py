@@ -24,17 +24,19 @@ from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
+from daemon.orphans import LockWait
 from daemon.outcome import JobVerdict
 from daemon.spool import move
+from daemon.spool_reconcile import reconcile_spool
 from daemon.standby import WarmWorker
-from daemon.worker_process import WorkerCommand, WorkerProcess, stop_process
+from daemon.startup_runs import recover_runs
+from daemon.worker_process import WorkerCommand, WorkerProcess
 from management.db import Job, ModelDB
 from management.version_recovery import recover_versions
 from trainbox import control, sdnotify
 from trainbox.config import Settings
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
-from trainbox.processes import is_worker_pid
 from trainbox.spool import Spool, job_id_of
 from trainbox.states import DaemonState, JobState, WorkerOutcome
 from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_status
@@ -76,6 +78,7 @@ class Daemon:
         self.cancelling: tuple[control.ControlRequest, str] | None = None
         self.warm: WarmWorker | None = None  # the standby worker (set in start when the real worker runs)
         self.gpus = 0  # visible GPUs, counted once at start
+        self.lock_wait: LockWait | None = None  # a run folder another process holds (our worker exited locked)
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -134,14 +137,10 @@ class Daemon:
 
     def _stop_orphans(self) -> None:
         """A worker outlives a daemon killed with -9 (it has its own session): stop it (it checkpoints)
-        before a new one is started for the same job."""
+        before a new one is started for the same job, then close the runs left open and sweep the
+        leftovers of interrupted saves (``daemon/startup_runs.py``)."""
         assert self.db is not None
-        for job in self.db.jobs([JobState.RUNNING, JobState.PAUSED]):
-            for run in self.db.runs(job.id):
-                if run.ended_at is None and run.pid and is_worker_pid(run.pid, self.home.run_dir(job.id)):
-                    log.warning("job %d: stopping worker pid %d left by a previous daemon", job.id, run.pid)
-                    code = stop_process(run.pid, self.settings.daemon.worker_stop_timeout)
-                    self.db.event("orphan_stopped", f"worker pid {run.pid} of a previous daemon: {code}", job.id)
+        recover_runs(self.home, self.spool, self.db, self.settings.daemon.worker_stop_timeout)
 
     def _reconcile(self) -> None:
         """At start-up no worker is ours: a job the DB calls running is paused, to be resumed; a job
@@ -161,6 +160,7 @@ class Daemon:
                     if row is not None:
                         row.state = JobState.PAUSED.value
                 self.db.event("job_interrupted", "daemon restarted: job will resume from its checkpoint", job_id)
+        reconcile_spool(self.home, self.db)  # rows a crash left behind their files (issue 14, D5)
 
     def tick(self, now: float) -> None:
         self.handle_signals(now)
@@ -175,7 +175,7 @@ class Daemon:
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
     def handle_signals(self, now: float) -> None:
-        if self.signals >= 2 and self.worker is not None:
+        if self.signals >= 2 and self.worker is not None and self.worker.killed_at is None:
             log.warning("second stop signal: killing the worker")
             self.worker.kill()
         if self.signals >= 1:
@@ -296,15 +296,30 @@ class Daemon:
         rc = worker.poll()
         if rc is None:
             timeout = self.settings.daemon.worker_stop_timeout
-            if worker.stop_requested_at is not None and now - worker.stop_requested_at > timeout:
+            stop_at = worker.stop_requested_at
+            if stop_at is not None and now - stop_at > timeout and worker.killed_at is None:
                 log.warning("worker did not stop within %.0fs: killing it", timeout)
                 worker.kill()
             return
-        self._finish_worker(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
+        verdict = self._finish_worker(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
+        if verdict == JobVerdict.LOCKED:  # another process holds its folder: wait it out before a new start
+            self.lock_wait = LockWait(worker.job_id, worker.run_dir, now)
         self.gates.refresh()  # a completed job has requested its version's gate
         self.worker = None
         if self.stopping:
             self.finished = True
+
+    def locked_out(self, now: float) -> bool:
+        """Whether dispatch waits for a process outside this daemon to let go of a run folder
+        (``daemon/orphans.py`` ``LockWait``: a worker of that run is stopped the way an orphan is)."""
+        if self.lock_wait is None:
+            return False
+        if self.lock_wait.holding(now, self.settings.daemon.worker_stop_timeout):
+            return True
+        assert self.db is not None
+        self.db.event("run_lock_free", "the run folder's lock is free again: the job can resume", self.lock_wait.job_id)
+        self.lock_wait = None
+        return False
 
     def reap_gate(self, now: float) -> None:
         """The eval gate of a finished job's version: a child reaped like a worker (``daemon/gate.py``).
@@ -314,6 +329,8 @@ class Daemon:
 
     def maybe_dispatch(self, now: float) -> None:
         if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
+            return
+        if self.locked_out(now):
             return
         if self.gates.busy:
             return  # the next job starts from the models/current the pending gate decides

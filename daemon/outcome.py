@@ -6,6 +6,9 @@ cancelled the job, whether the watchdog killed the worker as hung (and every ear
 phase the worker last reported, and how many attempts the job has had. The decision says where the
 job goes and why, in words a person can act on.
 
+A worker that found its run folder locked by another (``EXIT_LOCKED``, trainbox/run_lock.py) wrote
+nothing and failed at nothing: ``LOCKED``, neither a crash nor an attempt.
+
 A watchdog kill counts as an attempt like a crash: a job that hangs every time (a file too big to
 load within the limit, a deadlock) must end in ``failed/`` with class ``hang`` rather than be resumed
 forever.
@@ -20,7 +23,8 @@ from typing import Any
 
 from trainbox.jobspec import WorkerResult
 from trainbox.outcomes import CLASS_FIXES, RunEnd, classify_end
-from trainbox.states import EXIT_INTERRUPTED, FailureClass, WorkerOutcome
+from trainbox.run_lock import LOCKED_MESSAGE
+from trainbox.states import EXIT_INTERRUPTED, EXIT_LOCKED, FailureClass, WorkerOutcome
 
 DISK_FULL = "disk full"
 
@@ -32,6 +36,7 @@ class JobVerdict(StrEnum):
     RETRY = "retry"  # a transient failure: back to its queue, resumed from its checkpoint later
     FAILED = "failed"  # to queue/failed/ with an error file
     CANCELLED = "cancelled"  # a control request cancelled it: to queue/failed/, its checkpoints kept
+    LOCKED = "locked"  # another worker holds the run folder: this one wrote nothing; not an attempt
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,15 @@ def decide(
         return Decision(JobVerdict.DONE, f"completed {result.step} steps")
     if cancelled_in:
         return _cancelled(result, cancelled_in)
+    if locked_out(returncode, log_lines):
+        return Decision(
+            JobVerdict.LOCKED,
+            "another worker holds the run folder's lock: this worker exited at once without writing; the job "
+            "waits in processing/ until that worker has stopped",
+            None,
+            {"exit_code": returncode},
+            "none: the daemon stops the other worker (it checkpoints), then resumes the job",
+        )
     interrupted = (result is not None and result.outcome == WorkerOutcome.INTERRUPTED) or returncode == EXIT_INTERRUPTED
     if interrupted and not kills and result is not None and result.pause_reason == DISK_FULL:
         return Decision(
@@ -84,6 +98,14 @@ def decide(
     return _with_retries(
         Decision(JobVerdict.FAILED, c.reason, c.failure_class, c.evidence, c.fix), attempts, max_retries
     )
+
+
+def locked_out(returncode: int, log_lines: Sequence[str] = ()) -> bool:
+    """Whether the worker found its run folder locked by another: its own exit code, or (under torchrun,
+    whose agent exits 1 when rank 0 does) rank 0's line in the log since this start."""
+    if returncode == EXIT_LOCKED:
+        return True
+    return returncode > 0 and any(LOCKED_MESSAGE in line for line in log_lines)
 
 
 def _with_retries(failure: Decision, attempts: int, max_retries: int) -> Decision:

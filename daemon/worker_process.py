@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from trainbox.jobspec import JOB_SPEC, WORKER_LOG
-from trainbox.processes import spawn_logged
+from trainbox.processes import STANDBY_MODULE, is_worker_pid, spawn_logged
 
 # argv of a worker for a run folder and a process count (the seam tests use for a stub worker)
 WorkerCommand = Callable[[Path, int], list[str]]
@@ -82,6 +82,7 @@ class WorkerProcess:
     popen: subprocess.Popen[bytes]
     started_at: float
     stop_requested_at: float | None = None
+    killed_at: float | None = None
 
     @classmethod
     def spawn(cls, job_id: int, run_dir: Path, command: WorkerCommand | None = None) -> WorkerProcess:
@@ -101,14 +102,21 @@ class WorkerProcess:
         return self.popen.poll()
 
     def request_stop(self, now: float) -> None:
-        """Warm stop: the worker checkpoints at its next step boundary and exits."""
-        if self.stop_requested_at is None:
-            self.stop_requested_at = now
+        """Warm stop: the worker checkpoints at its next step boundary and exits. One SIGTERM per worker,
+        however often a stop is asked for (a stop signal, a pause, a cancel; the tick asks on every pass):
+        a second one could reach it after it wrote its result, while the interpreter shuts down, and turn
+        "exit 75" into "killed by signal 15". Past ``daemon.worker_stop_timeout`` the reap kills it."""
+        if self.stop_requested_at is not None:
+            return
+        self.stop_requested_at = now
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Cold stop: the whole process group, at once."""
+        """Cold stop: the whole process group, at once (once: later calls do nothing)."""
+        if self.killed_at is not None:
+            return
+        self.killed_at = time.time()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
 
@@ -119,18 +127,83 @@ class WorkerProcess:
             return None
 
 
+@dataclass(frozen=True)
+class Stopped:
+    """How a process that is not our child ended when we stopped it: its exit status is not ours to
+    read, so only what we did is known (``exit_signal``: SIGKILL when we had to send it)."""
+
+    evidence: str
+    exit_signal: int | None = None
+
+
 def stop_process(pid: int, timeout: float) -> str:
     """Warm stop of a process that is not our child: SIGTERM, wait, then SIGKILL its group."""
+    return stop_processes([pid], timeout)[pid].evidence
+
+
+def stop_processes(pids: list[int], timeout: float) -> dict[int, Stopped]:
+    """Warm stop of processes that are not our children, all at once: one SIGTERM each (they
+    checkpoint), a wait of up to ``timeout`` for all of them, then SIGKILL to the process group of each
+    one still alive (to the process itself when it leads no group)."""
+    out: dict[int, Stopped] = {}
+    procs: list[psutil.Process] = []
+    for pid in dict.fromkeys(pids):
+        try:
+            proc = psutil.Process(pid)
+            proc.send_signal(signal.SIGTERM)
+            procs.append(proc)
+        except psutil.NoSuchProcess:
+            out[pid] = Stopped("already gone")
+    _gone, alive = psutil.wait_procs(procs, timeout)
+    for proc in alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+    psutil.wait_procs(alive, 10)
+    for proc in procs:
+        if proc in alive:
+            out[proc.pid] = Stopped("killed after the stop timeout", signal.SIGKILL)
+        else:
+            out[proc.pid] = Stopped("stopped after SIGTERM")
+    return out
+
+
+def run_dir_argument(argv: list[str]) -> str | None:
+    """The ``--run-dir`` a worker's argv names (the worker's, its torchrun agent's), or None."""
+    for i, arg in enumerate(argv):
+        if arg == "--run-dir" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--run-dir="):
+            return arg.partition("=")[2]
+    return None
+
+
+def serves_run(pid: int | None, run_dir: Path) -> bool:
+    """Whether ``pid`` is a live process started for ``run_dir`` (a worker, or its torchrun agent):
+    pids are reused, so a pid from the DB or a lock file is signalled only after this check."""
+    if not pid:
+        return False
     try:
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout)
-        return "stopped after SIGTERM"
-    except psutil.NoSuchProcess:
-        return "already gone"
-    except psutil.TimeoutExpired:
+        argv = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    if STANDBY_MODULE in argv:  # a warm worker: its argv names no run, its log is open in its run folder
+        return is_worker_pid(pid, run_dir)
+    return run_dir_argument(argv) == str(run_dir)
+
+
+def run_processes(runs_root: Path) -> dict[Path, list[int]]:
+    """Live processes that lead their own group (what ``spawn_logged`` starts: the worker, or its
+    torchrun agent) and were started for a run folder directly under ``runs_root``, by folder."""
+    found: dict[Path, list[int]] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        argv = proc.info.get("cmdline") or []
+        named = run_dir_argument(argv)
+        if named is None or Path(named).parent != runs_root:
+            continue
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
-            psutil.Process(pid).wait(10)
-        return "killed after the stop timeout"
+            if os.getpgid(proc.pid) == proc.pid:
+                found.setdefault(Path(named), []).append(proc.pid)
+    return found

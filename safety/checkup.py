@@ -19,7 +19,9 @@ from pathlib import Path
 from trainbox.atomic import read_json
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.outcomes import DELIBERATE_KILL
 from trainbox.spool import Spool
+from trainbox.spool_states import disagreement, places
 from trainbox.states import DaemonState, Priority
 from trainbox.status import (
     DAEMON_STATUS,
@@ -32,6 +34,7 @@ from trainbox.status import (
 )
 
 RECENT_CRASH_S = 24 * 3600
+BENIGN_DETAILS = ("stopped_on_request", DELIBERATE_KILL)  # crash-report details that are not a fault
 ADMITTING_STUCK_S = 300
 
 
@@ -231,6 +234,50 @@ def check_queue(home: Home, settings: Settings, now: float) -> list[Check]:
     return out
 
 
+def _rows(db_file: Path) -> tuple[dict[int, str], set[int]]:
+    """Every job row's state and the jobs with a model version, read-only."""
+    con = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=10)
+    try:
+        states = {int(i): str(st) for i, st in con.execute("SELECT id, state FROM jobs")}
+        versions = {int(j) for (j,) in con.execute("SELECT job_id FROM model_versions WHERE job_id IS NOT NULL")}
+    finally:
+        con.close()
+    return states, versions
+
+
+def check_spool_db(home: Home) -> Check:
+    """Rows against files (``trainbox/spool_states.py``, the rules the daemon's start-up reconciliation
+    fixes by). Rows, then the folders, then rows again: only a disagreement both readings show is
+    reported, so a move the running daemon makes between its rename and its row update is not."""
+    if not home.db_file.exists():
+        return Check("spool-db", Level.OK, "no DB yet")
+    try:
+        before, _ = _rows(home.db_file)
+        where = places(home)
+        after, versions = _rows(home.db_file)
+    except sqlite3.Error as e:
+        if "no such table" in str(e):
+            return Check("spool-db", Level.OK, "no job table yet")
+        return Check("spool-db", Level.WARNING, f"cannot compare: {e}")
+    wrong: dict[int, str] = {}
+    for job_id, state in after.items():
+        if before.get(job_id) != state:
+            continue  # changing while we looked: the daemon is at work on it
+        problem = disagreement(state, where.get(job_id, []), job_id in versions)
+        if problem:
+            wrong[job_id] = problem
+    if not wrong:
+        return Check("spool-db", Level.OK, f"{len(after)} job rows agree with the spool")
+    shown = "; ".join(f"job {j}: {p}" for j, p in sorted(wrong.items())[:10])
+    more = f" (and {len(wrong) - 10} more)" if len(wrong) > 10 else ""
+    return Check(
+        "spool-db",
+        Level.WARNING,
+        f"{len(wrong)} job(s) {sorted(wrong)[:20]} disagree with the spool: {shown}{more}; "
+        "the daemon sets these rows from the files at its next start",
+    )
+
+
 def recent_crashes(home: Home, now: float, window: float = RECENT_CRASH_S) -> list[dict[str, object]]:
     found = []
     if home.runs.is_dir():
@@ -247,16 +294,20 @@ def _crash_label(report: dict[str, object]) -> str:
 
 
 def check_crashes(home: Home, now: float) -> Check:
+    """Crashes of the last day warn; a stop that was asked for and a deliberate kill (someone's SIGKILL,
+    the kernel's OOM killer ruled out: ``trainbox/outcomes.py``) are information, not warnings."""
     crashes = recent_crashes(home, now)
     if not crashes:
         return Check("crashes", Level.OK, "none in the last 24 h")
-    last = crashes[-1]
-    level = Level.OK if all(c.get("detail") == "stopped_on_request" for c in crashes) else Level.WARNING
+    alarming = [c for c in crashes if c.get("detail") not in BENIGN_DETAILS]
+    last = (alarming or crashes)[-1]
+    benign = len(crashes) - len(alarming)
+    info = f" ({benign} of them stopped on request or killed on purpose)" if alarming and benign else ""
     return Check(
         "crashes",
-        level,
-        f"{len(crashes)} in 24 h; latest job {last.get('job_id')}: {_crash_label(last)}: "
-        f"{last.get('summary')} -> {last.get('action')}",
+        Level.WARNING if alarming else Level.OK,
+        f"{len(crashes)} in 24 h{info}; latest{' alarming' if alarming and benign else ''} job {last.get('job_id')}: "
+        f"{_crash_label(last)}: {last.get('summary')} -> {last.get('action')}",
     )
 
 
@@ -272,6 +323,7 @@ def run_checks(
     checks.append(gpu())
     checks.append(check_db(home))
     checks += check_queue(home, settings, now)
+    checks.append(check_spool_db(home))
     checks.append(check_crashes(home, now))
     return checks
 

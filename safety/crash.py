@@ -5,9 +5,10 @@ signal), its ``result.json`` (the worker's own failure class, evidence and fix, 
 enough to write one), the tail of ``worker.log``, the host's OOM-kill counter moved while it ran,
 and the watchdog's kill marker. Its class comes from ``trainbox.outcomes.classify_end``, the same
 classification the daemon files the job by; the report adds the evidence (traceback, log tail,
-signal, the finer ``detail``). ``analyse_run`` gathers those for one run, writes
-``runs/job-N/crash-report.json`` (the latest crash of the job) and a ``crash_report`` DB event
-(every crash), which ``trainbox health`` and the dashboard show.
+signal, the finer ``detail``: a SIGKILL nobody in trainbox sent is ``deliberate_kill`` when the OOM
+counter did not move, ``external_kill`` when it could not be read). ``analyse_run`` gathers those for
+one run, writes ``runs/job-N/crash-report.json`` (the latest crash of the job) and a
+``crash_report`` DB event (every crash), which ``trainbox health`` and the dashboard show.
 """
 
 from __future__ import annotations
@@ -117,16 +118,26 @@ def _counter(path: Path, key: str) -> int | None:
     return None
 
 
-def oom_kill_count() -> int | None:
-    """OOM kills so far: the cgroup's ``memory.events`` when readable (a container), else /proc/vmstat."""
+def oom_counter_file(pid: int | None = None) -> Path:
+    """Where the kernel counts OOM kills that could have hit process ``pid`` (this process when None):
+    its cgroup v2 ``memory.events`` (``oom_kill`` counts its members killed by any OOM killer) when
+    readable, else ``/proc/vmstat`` (the whole machine's: unchanged still rules the OOM killer out).
+    The file is found while the process lives and read again after it died (its cgroup stays)."""
     try:
-        rel = Path("/proc/self/cgroup").read_text().splitlines()[0].split(":", 2)[2]
-        cg = _counter(Path("/sys/fs/cgroup") / rel.lstrip("/") / "memory.events", "oom_kill")
-        if cg is not None:
-            return cg
-    except (OSError, IndexError):
-        pass
-    return _counter(Path("/proc/vmstat"), "oom_kill")
+        lines = Path(f"/proc/{pid or 'self'}/cgroup").read_text().splitlines()
+        rel = next(line.split(":", 2)[2] for line in lines if line.startswith("0::")).lstrip("/")
+    except (OSError, IndexError, StopIteration):
+        rel = None
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):  # unified: a hybrid v1/v2 machine
+        events = Path(root) / rel / "memory.events" if rel is not None else None
+        if events is not None and _counter(events, "oom_kill") is not None:
+            return events
+    return Path("/proc/vmstat")
+
+
+def oom_kill_count(counter_file: Path | None = None) -> int | None:
+    """The OOM kills ``counter_file`` (``oom_counter_file()`` when None) counts so far; None: unreadable."""
+    return _counter(counter_file or oom_counter_file(), "oom_kill")
 
 
 def write_report(run_dir: Path, report: CrashReport) -> Path:

@@ -1,6 +1,8 @@
 """The watchdog's crash scan: every run the daemon recorded as ended abnormally gets a crash report
 (``safety/crash.py``) and a ``crash_report`` event, once; the host's OOM-kill counter is sampled when
-a worker is first seen, so a report can say whether the kernel killed something while it ran.
+a worker is first seen alive and again once it is seen gone, so a report can say whether the kernel's
+OOM killer killed something while it ran (and a SIGKILL nobody in trainbox sent, when it did not, is
+recorded as a deliberate kill).
 
 The run's end comes from the integers the daemon stored (``Run.exit_code``, ``Run.exit_signal``);
 the readable ``exit_status`` text is for display only.
@@ -9,6 +11,7 @@ the readable ``exit_status`` text is for display only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from management.db import ModelDB, Run
@@ -17,6 +20,7 @@ from trainbox.home import Home
 from trainbox.processes import returncode_of
 from trainbox.states import JobState
 
+KEEP_ENDED = 256  # ended workers whose OOM counts are kept for their crash reports
 EventSink = Callable[..., None]  # (kind, message, job_id, data, count=...)
 
 
@@ -24,13 +28,39 @@ class CrashScanner:
     def __init__(self, home: Home, db_ready: Callable[[], bool], db: Callable[[], ModelDB], event: EventSink) -> None:
         self.home = home
         self._db_ready, self._db, self._event = db_ready, db, event
-        self.oom_baseline: dict[int, int | None] = {}
+        # per worker pid: its OOM counter file and count when first seen alive, and the count once seen gone
+        self.oom_baseline: dict[int, tuple[Path, int | None]] = {}
+        self.oom_at_end: dict[int, int | None] = {}
         self.analysed_runs: set[int] | None = None  # loaded with the DB
 
     def watch(self, pid: int) -> None:
-        """A live worker seen: remember the OOM-kill counter at its start (once)."""
+        """A live worker seen: remember its OOM-kill counter (its cgroup's, found while it lives) once."""
         if pid not in self.oom_baseline:
-            self.oom_baseline[pid] = crash.oom_kill_count()
+            counter = crash.oom_counter_file(pid)
+            self.oom_baseline[pid] = (counter, crash.oom_kill_count(counter))
+
+    def observe(self, live: int | None) -> None:
+        """The worker alive now (None: none): each worker seen before and gone since gets its counter read
+        at once, so an OOM kill elsewhere after its death is not blamed on it."""
+        for pid, (counter, _start) in self.oom_baseline.items():
+            if pid != live and pid not in self.oom_at_end:
+                self.oom_at_end[pid] = crash.oom_kill_count(counter)
+        if live and live in self.oom_at_end:  # a pid seen gone is alive again: another worker reuses it
+            del self.oom_baseline[live], self.oom_at_end[live]
+        while len(self.oom_at_end) > KEEP_ENDED:  # the oldest ended workers' runs were reported long ago
+            oldest = next(iter(self.oom_at_end))
+            del self.oom_at_end[oldest], self.oom_baseline[oldest]
+        if live:
+            self.watch(live)
+
+    def oom_kills(self, pid: int | None) -> int | None:
+        """The OOM kills while worker ``pid`` ran; None when not measured (the watchdog did not see it
+        start, or the counter is unreadable): a kill is then not called deliberate."""
+        if pid is None or pid not in self.oom_baseline:
+            return None
+        counter, start = self.oom_baseline[pid]
+        end = self.oom_at_end[pid] if pid in self.oom_at_end else crash.oom_kill_count(counter)
+        return end - start if (start is not None and end is not None) else None
 
     def _analysed(self, db: ModelDB) -> set[int]:
         done = set()
@@ -58,9 +88,7 @@ class CrashScanner:
 
     def _report(self, db: ModelDB, run: Run, now: float) -> None:
         job = db.job(run.job_id)
-        baseline = self.oom_baseline.get(run.pid or -1)
-        current = crash.oom_kill_count()
-        oom = current - baseline if (baseline is not None and current is not None) else None
+        oom = self.oom_kills(run.pid)
         report = crash.analyse_run(
             self.home.run_dir(run.job_id),
             returncode_of(run.exit_code, run.exit_signal),

@@ -38,6 +38,7 @@ from typing import Any
 from management.db import Event, ModelDB, schema_ready
 from safety.crash_scan import CrashScanner
 from safety.phase_clock import ACTIVE_PHASES, PhaseClock
+from safety.worker_sample import GapWatch, sample
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
 from trainbox.home import Home
@@ -118,6 +119,7 @@ class Watchdog:
         self._db = db
         saved = read_json(home.status / WATCHDOG_STATUS) or {}
         self.clock = PhaseClock(self.cfg, saved.get("longest_interval_s") if isinstance(saved, dict) else None)
+        self.gaps = GapWatch()  # whether the worker's current heartbeat gap is healthy (learnable)
         self.worker_kill: Kill | None = None
         self.daemon_kill: Kill | None = None
         self.orphan_kill: Kill | None = None
@@ -261,15 +263,15 @@ class Watchdog:
         if k is not None:
             self._continue_worker_kill(k, now)
             return
-        if daemon is None or not daemon.worker_pid or daemon.state.value == "stopped":
+        pid = daemon.worker_pid if daemon is not None and daemon.state.value != "stopped" else None
+        if not pid or not is_worker_pid(pid):
+            self.crashes.observe(None)  # a worker seen before is gone: its OOM-kill count at its end
             return
-        pid = daemon.worker_pid
-        if not is_worker_pid(pid):
-            return
-        self.crashes.watch(pid)
+        self.crashes.observe(pid)
         training = read_status(self.home.status / TRAINING_STATUS, TrainingStatus)
         if training is not None and training.pid == pid:
-            self.clock.observe(pid, training.phase, training.heartbeat)
+            healthy = self.gaps.update(pid, training.heartbeat, sample(pid))
+            self.clock.observe(pid, training.phase, training.heartbeat, healthy)
             phase, since = training.phase, training.heartbeat
         else:  # not written yet: judge the start-up as loading, from the process start
             phase, since = "loading", process_start_time(pid) or now
@@ -279,7 +281,7 @@ class Watchdog:
         age, limit = now - since, self.clock.limit(phase)
         if age <= limit:
             return
-        job_id = daemon.current_job
+        job_id = daemon.current_job if daemon is not None else None
         evidence = {
             "pid": pid,
             "job_id": job_id,
@@ -347,6 +349,7 @@ class Watchdog:
                     "started_at": self.started_at,
                     "heartbeat": now,
                     "longest_interval_s": self.clock.longest,
+                    "unlearned_gaps_s": [[p, round(g, 1)] for p, g in self.clock.unlearned],
                     "limits_s": {p: round(self.clock.limit(p), 1) for p in ACTIVE_PHASES},
                     "restart_owner": self.restart_owner() or "watchdog",
                     "interventions": self.interventions,

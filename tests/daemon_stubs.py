@@ -5,7 +5,11 @@ says for its job's name, one entry per start (``{"a.jsonl": ["crash", "complete"
 entry: complete), and appends ``<job name> <outcome>`` to ``<home>/stub-starts.txt``:
 - ``complete``: a tiny "model" folder and a completed result.json, exit 0;
 - ``crash``: a failed result (class crash: retried with back-off), exit 1;
-- ``wait``: runs until SIGTERM (pause, cancel, stop), then an interrupted result, exit 75.
+- ``wait``: runs until SIGTERM (pause, cancel, stop), then an interrupted result, exit 75;
+- ``linger``: the same, but exits 0.5 s after the first SIGTERM (a checkpoint takes a while).
+Like the real worker it first takes its run folder's lock (``trainbox/run_lock.py``): when another
+process holds it, it exits ``EXIT_LOCKED`` at once and writes nothing. Every SIGTERM it gets appends
+``<job name> SIGTERM`` to ``<home>/stub-signals.txt``.
 ``python tests/daemon_stubs.py evaluate ... --out FILE``: the eval gate's program; waits while
 ``<home>/stub-gate-hold`` exists (found from ``--out``), then scores every ``--model`` 1.0.
 Only the standard library: each starts in milliseconds.
@@ -20,11 +24,15 @@ import time
 from pathlib import Path
 
 STUB = Path(__file__).resolve()
+sys.path.insert(0, str(STUB.parents[1]))  # run as a script: the repository's packages
+
+from trainbox import run_lock  # noqa: E402  (after the path it comes from)
+from trainbox.states import EXIT_LOCKED  # noqa: E402
 
 
 def worker_command(run_dir: Path, nproc: int) -> list[str]:
-    """The ``Daemon(worker_command=...)`` seam."""
-    return [sys.executable, str(STUB), "worker", str(run_dir)]
+    """The ``Daemon(worker_command=...)`` seam; ``--run-dir`` as the real worker's argv names it."""
+    return [sys.executable, str(STUB), "worker", "--run-dir", str(run_dir)]
 
 
 EVALUATE_PROGRAM = [sys.executable, str(STUB), "evaluate"]
@@ -37,10 +45,21 @@ def _write(path: Path, data: dict[str, object]) -> None:
 
 
 def worker(run_dir: Path) -> int:
+    try:
+        lock = run_lock.acquire(run_dir)  # noqa: F841  (held until the process ends)
+    except run_lock.RunLockHeld as e:
+        print(e, file=sys.stderr)
+        return EXIT_LOCKED
     stop: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
     home = run_dir.parent.parent
     name = json.loads((run_dir / "job.json").read_text())["job_name"]
+
+    def on_term(signum: int, frame: object) -> None:
+        stop.append(signum)
+        with open(home / "stub-signals.txt", "a") as f:
+            f.write(f"{name} SIGTERM\n")
+
+    signal.signal(signal.SIGTERM, on_term)
     plan_file = home / "stub-plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
     steps = plan.get(name) or ["complete"]
@@ -52,10 +71,12 @@ def worker(run_dir: Path) -> int:
     if outcome == "crash":
         _write(run_dir / "result.json", {"outcome": "failed", "failure_class": "crash", "message": "stub crash"})
         return 1
-    if outcome == "wait":
+    if outcome in ("wait", "linger"):
         deadline = time.monotonic() + 60
         while not stop and time.monotonic() < deadline:
             time.sleep(0.02)
+        if outcome == "linger":
+            time.sleep(0.5)
         _write(run_dir / "result.json", {"outcome": "interrupted", "step": 1, "total_steps": 3})
         return 75
     final = run_dir / "final"
@@ -79,4 +100,4 @@ def evaluate(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker(Path(sys.argv[2])) if sys.argv[1] == "worker" else evaluate(sys.argv[2:]))
+    sys.exit(worker(Path(sys.argv[3])) if sys.argv[1] == "worker" else evaluate(sys.argv[2:]))

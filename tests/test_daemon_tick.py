@@ -7,6 +7,7 @@ second."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
 from trainbox import control
 from trainbox.config import Settings
 from trainbox.home import Home
-from trainbox.states import DaemonState, JobState
+from trainbox.states import EXIT_LOCKED, DaemonState, JobState
 
 FAST = {"settle_seconds": 0.05, "rescan_interval": 0.05, "retry_backoff": 30.0, "poll_interval": 0.05}
 
@@ -217,3 +218,54 @@ def test_a_gate_past_eval_timeout_is_killed_and_the_version_kept_unpromoted(
     gate = d.db.gates(2)[0]
     assert not gate.promoted and "eval_timeout" in gate.reason and current_id(home) == 1
     assert not (home.run_dir(2) / GATE_PENDING).exists() and d.gates.child is None
+
+
+def signals(home: Home) -> list[str]:
+    path = home.root / "stub-signals.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_warm_stop_sends_one_sigterm_however_often_it_is_asked(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A stop signal (asked again on every tick), a pause and a cancel while the worker checkpoints for
+    0.5 s: one SIGTERM, and its run ends "exit code 75", not "killed by signal 15"."""
+    plan(home, {"a.jsonl": ["linger"]})
+    drop(home, "a.jsonl")
+    d = make_daemon()
+    assert d.db is not None
+    tick_until(d, lambda: d.worker is not None and starts(home), "the worker")
+    control.submit(home.control, control.Action.PAUSE)
+    d._on_signal(signal.SIGTERM, None)  # as the handler does: counted, acted on by the ticks
+    tick_until(d, lambda: signals(home), "the SIGTERM")
+    control.submit(home.control, control.Action.CANCEL, d.worker.job_id)  # type: ignore[union-attr]
+    tick_until(d, lambda: d.finished, "the worker's exit and the daemon's stop")
+    assert signals(home) == ["a.jsonl SIGTERM"]
+    run = d.db.runs(1)[0]
+    assert (run.exit_code, run.exit_signal, run.exit_status) == (75, None, "exit code 75 (interrupted)")
+    assert state_of(d.db, "a.jsonl") == JobState.CANCELLED
+
+
+def test_a_worker_locked_out_of_its_folder_waits_for_the_holder_without_an_attempt(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Another process (started as a worker of that run folder) holds the job's run folder: the stub exits
+    EXIT_LOCKED having written nothing; the daemon records no attempt, sends the holder one SIGTERM, and
+    starts the job again once the lock is free."""
+    from tests.test_run_lock import end, holding
+
+    d = make_daemon()
+    assert d.db is not None
+    run_dir = home.run_dir(1)
+    run_dir.mkdir(parents=True)
+    holder = holding(run_dir)
+    try:
+        drop(home, "a.jsonl")
+        tick_until(d, lambda: state_of(d.db, "a.jsonl") == JobState.DONE, "done once the holder is gone")  # type: ignore[arg-type]
+        assert holder.wait(timeout=30) == 0  # it got SIGTERM (its exit 0), not SIGKILL
+    finally:
+        end(holder)
+    runs = d.db.runs(1)
+    assert [(r.outcome, r.exit_code) for r in runs] == [("locked", EXIT_LOCKED), ("completed", 0)]
+    assert d.db.job(1).attempts == 0 and starts(home) == ["a.jsonl complete"]  # type: ignore[union-attr]
+    assert [e.kind for e in d.db.events(job_id=1) if e.kind.startswith("run_lock")] == ["run_lock_free"]

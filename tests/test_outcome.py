@@ -120,3 +120,19 @@ def test_cancel_files_the_job_whatever_the_exit() -> None:
     # the run finished before the cancel reached it: the model exists, the job is done
     ok = WorkerResult(outcome=WorkerOutcome.COMPLETED, step=30, final_model="/x")
     assert decide(ok, 0, True, True, attempts=0, max_retries=2, cancelled_in="training").verdict == JobVerdict.DONE
+
+
+def test_a_worker_locked_out_of_its_run_folder_is_neither_a_crash_nor_an_attempt() -> None:
+    from trainbox.run_lock import LOCKED_MESSAGE
+    from trainbox.states import EXIT_LOCKED
+
+    for attempts in (0, 2):  # even with no retries left: nothing failed
+        d = _decide(None, EXIT_LOCKED, attempts=attempts)
+        assert d.verdict == JobVerdict.LOCKED and d.failure_class is None and "lock" in d.reason
+    # under torchrun the agent exits 1 when rank 0 exits EXIT_LOCKED: rank 0's line in the log says why
+    line = f"{LOCKED_MESSAGE} (pid 41): /home/runs/job-000001"
+    torchrun = decide(None, EXIT_FAILED, False, False, attempts=0, max_retries=2, log_lines=["x", line])
+    assert torchrun.verdict == JobVerdict.LOCKED
+    assert _decide(None, EXIT_FAILED).verdict == JobVerdict.RETRY  # exit 1 without that line: a crash
+    killed = decide(None, -signal.SIGKILL, False, False, attempts=0, max_retries=2, log_lines=[line])
+    assert killed.verdict == JobVerdict.RETRY  # a signal is never the lock

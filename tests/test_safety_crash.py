@@ -81,8 +81,9 @@ def test_host_oom_kill_needs_evidence() -> None:
     assert (r.failure_class, r.detail) == (FailureClass.KILLED, "host_oom") and "out-of-memory killer" in r.summary
     kernel = [*tail, "Out of memory: Killed process 4242 (python) total-vm:20000000kB"]
     assert classify(-9, None, kernel).detail == "host_oom"
-    plain = classify(-9, None, tail)
-    assert plain.failure_class == FailureClass.KILLED and plain.detail == "" and plain.signal_name == "SIGKILL"
+    plain = classify(-9, None, tail)  # no OOM counter read: someone outside, OOM killer unknown
+    assert plain.failure_class == FailureClass.KILLED and plain.detail == "external_kill"
+    assert plain.signal_name == "SIGKILL" and plain.evidence["oom_killer"] == "unknown" and "unknown" in plain.summary
 
 
 def test_stop_requests_watchdog_and_worker_classes() -> None:

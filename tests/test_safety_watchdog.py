@@ -102,8 +102,8 @@ def test_phase_clock_limits() -> None:
     assert "loading" not in clock.longest
     clock.observe(8, "training", 504.0)
     assert clock.limit("loading") == 12  # 3 x 4 s
-    clock.observe(8, "training", 514.0)
-    assert clock.limit("training") == 4  # 3 x 10 s capped at the ceiling
+    clock.observe(8, "training", 506.0)  # 2 s: within the 2.1 s limit, so learned
+    assert clock.limit("training") == 4  # 3 x 2 s capped at the ceiling
 
 
 def test_kill_history_keeps_every_kill_of_a_job(tmp_path: Path) -> None:

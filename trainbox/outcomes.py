@@ -6,10 +6,11 @@ watchdog's kills, the phase it last reported, the host's OOM-kill counter, its l
 one ``Classified`` out: a ``FailureClass`` (None for a stop that was asked for), a reason a person
 can act on, the evidence and the fix. ``detail`` keeps the finer cause the log or the machine shows
 (``cuda_oom``, ``host_oom``, ``cuda_error``, ``native_crash``, ``python_exception``,
-``stopped_on_request``, ``killed_by_watchdog``): it refines the reason and the fix, never the class,
-which follows from what the worker reported and how it exited (and so decides retries the same way
-whether or not a log was readable). The worker's own exception -> class mapping is
-``core.worker.classify``; its class, evidence and fix arrive here through ``result.json``.
+``stopped_on_request``, ``killed_by_watchdog``, and for a SIGKILL nobody here sent ``deliberate_kill``
+(the kernel's OOM killer ruled out by its counter) or ``external_kill`` (not ruled out)): it refines
+the reason and the fix, never the class, which follows from what the worker reported and how it
+exited (and so decides retries the same way whether or not a log was readable). The worker's own
+exception -> class mapping is ``core.worker.classify``; its class, evidence and fix arrive here through ``result.json``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ DETAIL_FIXES = {
     "if it repeats",
     "stopped_on_request": "none: it was stopped on request and resumes from its last checkpoint",
 }
+DELIBERATE_KILL = "deliberate_kill"  # SIGKILLed from outside trainbox, the kernel's OOM killer ruled out
+EXTERNAL_KILL = "external_kill"  # SIGKILLed from outside trainbox; whether by the OOM killer is unknown
+DETAIL_FIXES[DELIBERATE_KILL] = (
+    "nothing, if it was killed on purpose (`kill -9`); it resumes from its last checkpoint while retries remain"
+)
+DETAIL_FIXES[EXTERNAL_KILL] = (
+    "if nobody killed it on purpose, look for the kernel's out-of-memory killer (`dmesg`, `journalctl -k`) and "
+    "lower batch_size/max_length; it resumes from its last checkpoint while retries remain"
+)
 # log patterns, most specific first: they name the finer cause (``detail``)
 _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("cuda_oom", re.compile(r"CUDA out of memory|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED", re.I)),
@@ -155,16 +165,28 @@ def _signalled(end: RunEnd, sig: int) -> Classified:
         evidence["host_oom_kills_during_run"] = end.host_oom_kills
     detail = ""
     if sig == signal.SIGKILL:
-        if end.host_oom_kills or (cause is not None and cause[0] == "host_oom"):
-            detail, reason = "host_oom", reason + ": by the kernel's out-of-memory killer"
-        else:
-            reason += "; if nobody killed it, the kernel's out-of-memory killer may have"
+        detail, reason = _sigkill(end, cause, reason, evidence)
     elif sig in _NATIVE:
         detail = cause[0] if cause is not None else "native_crash"
     elif cause is not None:
         detail = cause[0]
     fix = DETAIL_FIXES.get(detail, CLASS_FIXES[FailureClass.KILLED])
     return Classified(FailureClass.KILLED, reason, evidence, fix, detail)
+
+
+def _sigkill(end: RunEnd, cause: tuple[str, str] | None, reason: str, evidence: dict[str, Any]) -> tuple[str, str]:
+    """A SIGKILL that reaches here was sent by neither the daemon (its kills follow a stop request) nor
+    the watchdog (its kills leave a marker): the kernel's OOM killer, when its counter moved or the log
+    says so; else someone, on purpose when the counter is known not to have moved."""
+    if end.host_oom_kills or (cause is not None and cause[0] == "host_oom"):
+        evidence["oom_killer"] = "yes"
+        return "host_oom", reason + ": by the kernel's out-of-memory killer"
+    outside = ": from outside trainbox (neither the daemon nor the watchdog sent it)"
+    if end.host_oom_kills == 0:
+        evidence["oom_killer"] = "ruled out"
+        return DELIBERATE_KILL, reason + outside + ", not by the out-of-memory killer (its counter did not move)"
+    evidence["oom_killer"] = "unknown"
+    return EXTERNAL_KILL, reason + outside + "; the kernel's out-of-memory killer: unknown (its counter was not read)"
 
 
 def _no_result(end: RunEnd) -> Classified:

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import psutil
 
-from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED
+from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED
 
 WORKER_MODULE = "core.worker"
 STANDBY_MODULE = "core.standby"  # a warm worker: its run folder comes on stdin, not in its argv
-_MEANING = {EXIT_COMPLETED: "completed", EXIT_FAILED: "failed", EXIT_INTERRUPTED: "interrupted"}
+_MEANING = {
+    EXIT_COMPLETED: "completed",
+    EXIT_FAILED: "failed",
+    EXIT_INTERRUPTED: "interrupted",
+    EXIT_LOCKED: "run folder locked by another worker",
+}
 
 
 def signal_name(sig: int) -> str | None:

@@ -48,6 +48,9 @@ class WorkerOutcome(StrEnum):
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: try again later
+# EX_CANTCREAT: another worker holds the run folder's lock (trainbox/run_lock.py); this one wrote
+# nothing and the job is not at fault: neither a crash nor an attempt, it waits for that worker to stop
+EXIT_LOCKED = 73
 
 
 class FailureClass(StrEnum):
