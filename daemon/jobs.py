@@ -14,7 +14,8 @@ from daemon.admission import write_error
 from daemon.gate import GATE_PENDING, GateRequest, request_gate
 from daemon.outcome import Decision, JobVerdict, decide
 from daemon.spool import move
-from daemon.worker_process import LOG_NAME, WorkerCommand, WorkerProcess, log_tail
+from daemon.standby import WarmWorker
+from daemon.worker_process import WORKER_LOG, WorkerCommand, WorkerProcess, job_nproc, log_tail
 from management import registration
 from management.db import Job, ModelDB, Run
 from management.versions import starting_version
@@ -50,10 +51,17 @@ def latest_checkpoint(run_dir: Path) -> str | None:
 
 class JobRunner:
     def __init__(
-        self, home: Home, spool: Spool, db: ModelDB, settings: Settings, worker_command: WorkerCommand | None = None
+        self,
+        home: Home,
+        spool: Spool,
+        db: ModelDB,
+        settings: Settings,
+        worker_command: WorkerCommand | None = None,
+        warm: WarmWorker | None = None,
     ) -> None:
         self.home, self.spool, self.db, self.settings = home, spool, db, settings
         self.worker_command = worker_command  # None: the real worker; tests pass a stub (WorkerProcess.spawn)
+        self.warm = warm  # the standby a single-process job is handed to (daemon/standby.py); None: cold starts
 
     def start(self, processing_file: Path) -> WorkerProcess:
         """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes. The run row
@@ -78,10 +86,11 @@ class JobRunner:
             spec = self._new_spec(job, processing_file, run_dir)
         spec.save()
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
+        warm = self.warm if self.warm is not None and job_nproc(run_dir) == 1 else None
         attempt = len(self.db.runs(job_id)) + 1
-        run_id = self._record_spawn(job_id, attempt, spec.init_model)
+        run_id = self._record_spawn(job_id, attempt, spec.init_model, warm.pid if warm else None)
         crash_point("spawn.before_popen")
-        worker = self._spawn(job_id, run_dir, run_id)
+        worker = (warm.take(job_id, run_dir) if warm else None) or self._spawn(job_id, run_dir, run_id)
         crash_point("spawn.after_popen")
         with self.db.session() as s:
             run = s.get(Run, run_id)
@@ -91,16 +100,16 @@ class JobRunner:
         self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
         return worker
 
-    def _record_spawn(self, job_id: int, attempt: int, init_model: str) -> int:
-        """The run row (pid NULL) committed before the worker exists: a daemon killed from here on leaves
-        an open run that its successor looks for a live worker of (``daemon/startup_runs.py``), instead of
-        a worker nobody knows about."""
+    def _record_spawn(self, job_id: int, attempt: int, init_model: str, pid: int | None = None) -> int:
+        """The run row committed before the worker can act (pid NULL, or the warm worker's that is handed
+        the job next): a daemon killed from here on leaves an open run that its successor looks for a live
+        worker of (``daemon/startup_runs.py``), instead of a worker nobody knows about."""
         with self.db.session() as s:
             row = s.get(Job, job_id)
             assert row is not None
             row.state = JobState.RUNNING.value
             row.started_at = row.started_at or time.time()
-            run = Run(job_id=job_id, attempt=attempt, pid=None, init_model=init_model)
+            run = Run(job_id=job_id, attempt=attempt, pid=pid, init_model=init_model)
             s.add(run)
             s.flush()
             return run.id
@@ -208,7 +217,7 @@ class JobRunner:
             kills=kills_of(worker.run_dir, worker.pid),  # a hang counts as an attempt, like a crash
             cancelled_in=cancelled_in,
             phase=self.worker_phase(worker),
-            log_lines=last_start_lines(worker.run_dir / LOG_NAME),
+            log_lines=last_start_lines(worker.run_dir / WORKER_LOG),
         )
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         state = VERDICT_STATE[decision.verdict]
@@ -250,7 +259,7 @@ class JobRunner:
                 fix=decision.fix,
                 exit_status=exit_status,
                 error_type=result.error_type if result else "",
-                log_tail=log_tail(worker.run_dir / LOG_NAME, self.settings.daemon.log_tail_lines),
+                log_tail=log_tail(worker.run_dir / WORKER_LOG, self.settings.daemon.log_tail_lines),
             )
         self._record(job_id, decision, state, message, retry_at, exit_status)
         return decision

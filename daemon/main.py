@@ -28,6 +28,7 @@ from daemon.orphans import LockWait
 from daemon.outcome import JobVerdict
 from daemon.spool import move
 from daemon.spool_reconcile import reconcile_spool
+from daemon.standby import WarmWorker
 from daemon.startup_runs import recover_runs
 from daemon.worker_process import WorkerCommand, WorkerProcess
 from management.db import Job, ModelDB
@@ -75,6 +76,8 @@ class Daemon:
         # a cancel of the running job: its request (consumed once the worker is reaped, so a daemon that
         # dies meanwhile still cancels the job on its next start) and the phase the worker was in
         self.cancelling: tuple[control.ControlRequest, str] | None = None
+        self.warm: WarmWorker | None = None  # the standby worker (set in start when the real worker runs)
+        self.gpus = 0  # visible GPUs, counted once at start
         self.lock_wait: LockWait | None = None  # a run folder another process holds (our worker exited locked)
 
     # signals: flag only
@@ -108,11 +111,14 @@ class Daemon:
         self.db = ModelDB(self.home.db_url)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.paused = bool(previous and previous.paused)
+        self.gpus = visible_gpus()
         self.admission = Admission(
-            self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=visible_gpus()
+            self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=self.gpus
         )
         self.housekeeping = InboxHousekeeping(self.home, self.db, self.settings.daemon)
-        self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command)
+        real_worker = self.worker_command is None and self.settings.daemon.warm_worker
+        self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
+        self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
         self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
@@ -164,6 +170,7 @@ class Daemon:
         self.reap_worker(now)
         self.reap_gate(now)
         self.maybe_dispatch(now)
+        self.keep_warm(now)
         self.write_status(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
@@ -180,6 +187,8 @@ class Daemon:
         self.stopping = True
         if hasattr(self, "gates"):
             self.gates.stop()  # an interrupted gate runs again at the next start
+        if self.warm is not None:
+            self.warm.stop()
         if self.worker is not None:
             self.worker.request_stop(now)
         else:
@@ -338,6 +347,14 @@ class Daemon:
         self.worker = self.runner.start(target)
         log.info("job %s: training (worker pid %d)", job_id_of(target.name), self.worker.pid)
 
+    def keep_warm(self, now: float) -> None:
+        """One worker started ahead for the next job (daemon/standby.py). Without a GPU only while no
+        job trains: there its imports would take CPU time from the training itself."""
+        if self.warm is None or self.stopping:
+            return
+        if self.worker is None or self.gpus > 0:
+            self.warm.ensure(now)
+
     def state(self) -> DaemonState:
         if self.finished:
             return DaemonState.STOPPED
@@ -379,9 +396,9 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
-        gates = getattr(self, "gates", None)
-        if gates is not None:
-            gates.stop()
+        for helper in (getattr(self, "gates", None), self.warm):
+            if helper is not None:
+                helper.stop()
         watcher = getattr(self, "watcher", None)
         if watcher is not None:
             watcher.stop()

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import psutil
 
-from trainbox.jobspec import JOB_SPEC
-from trainbox.processes import spawn_logged
+from trainbox.jobspec import JOB_SPEC, WORKER_LOG
+from trainbox.processes import STANDBY_MODULE, is_worker_pid, spawn_logged
 
-LOG_NAME = "worker.log"
 # argv of a worker for a run folder and a process count (the seam tests use for a stub worker)
 WorkerCommand = Callable[[Path, int], list[str]]
 # Models load from local folders only, and progress bars would fill the log: defaults a user's
@@ -92,7 +91,7 @@ class WorkerProcess:
         ``worker_command`` argument), so queue decisions are tested without training."""
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = (command or worker_command)(run_dir, job_nproc(run_dir))
-        popen = spawn_logged(argv, run_dir / LOG_NAME, label="worker", defaults=QUIET_OFFLINE_ENV)
+        popen = spawn_logged(argv, run_dir / WORKER_LOG, label="worker", defaults=QUIET_OFFLINE_ENV)
         return cls(job_id, run_dir, popen, time.time())
 
     @property
@@ -190,6 +189,8 @@ def serves_run(pid: int | None, run_dir: Path) -> bool:
         argv = psutil.Process(pid).cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+    if STANDBY_MODULE in argv:  # a warm worker: its argv names no run, its log is open in its run folder
+        return is_worker_pid(pid, run_dir)
     return run_dir_argument(argv) == str(run_dir)
 
 

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from trainbox.atomic import atomic_write_json, read_json
-from trainbox.jobspec import WorkerResult
+from trainbox.jobspec import WORKER_LOG, WorkerResult
 from trainbox.outcomes import RunEnd, classify_end, last_traceback
 from trainbox.processes import describe_exit, last_start_lines, signal_name
 from trainbox.states import FailureClass
 
 CRASH_REPORT = "crash-report.json"
-LOG_NAME = "worker.log"
 TAIL_LINES = 60
 
 
@@ -172,7 +171,7 @@ def analyse_run(
     report = crash_report(
         returncode,
         result if isinstance(result, dict) else None,
-        last_start_lines(Path(run_dir) / LOG_NAME, TAIL_LINES * 2),
+        last_start_lines(Path(run_dir) / WORKER_LOG, TAIL_LINES * 2),
         host_oom_kills,
         marker,
         stop_requested,

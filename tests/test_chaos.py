@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, make_home, metrics, retrain_in_process, wait_for, write_jsonl
 from trainbox.home import Home
+from trainbox.processes import is_worker_pid
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, read_status
 
 pytestmark = pytest.mark.e2e
@@ -56,7 +57,7 @@ def _worker_pid(home: Home) -> int | None:
     if pid is None:
         return None
     try:
-        return pid if "core.worker" in psutil.Process(pid).cmdline() else None
+        return pid if is_worker_pid(pid) else None  # a cold-started or a warm worker
     except psutil.Error:
         return None
 

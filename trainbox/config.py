@@ -50,6 +50,12 @@ class DaemonConfig(_Strict):
         "hour; units from install-systemd give the daemon this plus 180 s, at least 300 s, to stop).",
     )
     log_tail_lines: int = Field(40, ge=0, le=10000, description="Worker log lines copied into an error file.")
+    warm_worker: bool = Field(
+        True,
+        description="Keep one worker process started ahead (imports done, no job, no GPU memory) and hand it "
+        "the next single-process job: a job does not wait the 5-20 s of a worker's cold start. Without a GPU the "
+        "standby is started only while no job trains (its imports would slow the training).",
+    )
     max_retries: int = Field(
         2, ge=0, le=100, description="Retries of a job whose worker crashed or was killed (transient failures)."
     )

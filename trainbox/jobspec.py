@@ -18,6 +18,7 @@ from trainbox.states import WorkerOutcome
 
 JOB_SPEC = "job.json"
 RESULT = "result.json"
+WORKER_LOG = "worker.log"  # the worker's stdout and stderr, each start after a "--- worker start" line
 
 
 class JobSpec(BaseModel):

@@ -13,9 +13,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED
 
 WORKER_MODULE = "core.worker"
+STANDBY_MODULE = "core.standby"  # a warm worker: its run folder comes on stdin, not in its argv
 _MEANING = {
     EXIT_COMPLETED: "completed",
     EXIT_FAILED: "failed",
@@ -71,9 +74,20 @@ def is_worker_pid(pid: int | None, run_dir: Path | None = None) -> bool:
     if not pid:
         return False
     argv = cmdline(pid)
-    if WORKER_MODULE not in argv:
+    if WORKER_MODULE in argv:
+        return run_dir is None or str(run_dir) in argv
+    if STANDBY_MODULE in argv:  # a warm worker: a worker once given a run, writing its log there
+        return _has_open_file_under(pid, run_dir) if run_dir is not None else True
+    return False
+
+
+def _has_open_file_under(pid: int, folder: Path) -> bool:
+    """A warm worker's argv does not name its run: once given one, its output goes to a log there."""
+    prefix = str(folder).rstrip("/") + "/"
+    try:
+        return any(f.path.startswith(prefix) for f in psutil.Process(pid).open_files())
+    except psutil.Error:
         return False
-    return run_dir is None or str(run_dir) in argv
 
 
 def spawn_logged(
@@ -98,8 +112,14 @@ def spawn_logged(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**(defaults or {}), **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+            env=child_env(env, defaults),
         )
+
+
+def child_env(env: dict[str, str] | None = None, defaults: dict[str, str] | None = None) -> dict[str, str]:
+    """A child's environment: ``env`` over ``os.environ`` over ``defaults``, output unbuffered (a log
+    must hold everything up to a crash)."""
+    return {**(defaults or {}), **os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
 
 
 def last_start_lines(path: Path, lines: int = 120) -> list[str]:
