@@ -15,12 +15,15 @@ from typing import Any
 
 from trainbox.home import Home
 
+# warm_worker off: a standby started by every test's daemon would cost each test a worker's imports
+# (seconds of CPU) whether or not it trains; tests/test_warm_worker.py and tests/test_chaos.py run it.
 FAST_CONFIG = """
 [daemon]
 poll_interval = 0.2
 settle_seconds = 1.0
 rescan_interval = 1.0
 worker_stop_timeout = 60
+warm_worker = false
 
 [training]
 max_steps = {max_steps}

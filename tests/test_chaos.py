@@ -40,6 +40,7 @@ def _make(root: Path, embedded: Path) -> Home:
     text = home.config_file.read_text()
     text = text.replace("checkpoint_every = 10", "checkpoint_every = 1").replace("eval_every = 10", "eval_every = 4")
     text = text.replace("[daemon]\n", CHAOS_CONFIG.strip() + "\n", 1)
+    text = text.replace("warm_worker = false", "warm_worker = true")  # the default: kills land on warm workers too
     home.config_file.write_text(text)
     return home
 

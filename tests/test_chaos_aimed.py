@@ -35,7 +35,6 @@ CONFIG = """
 [daemon]
 max_retries = 100
 retry_backoff = 0
-warm_worker = false  # the sampler below reads each worker's run from its argv (test_chaos.py runs warm ones)
 """
 # point -> the hits (counted over the whole run, every process) that are killed
 ARMED = {

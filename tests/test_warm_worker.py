@@ -52,6 +52,7 @@ def _drop(home_inbox: Path, name: str) -> None:
 
 def test_a_job_runs_in_the_warm_worker_and_a_killed_daemon_leaves_no_idle_one(tmp_path: Path, embedded: Path) -> None:
     home = make_home(tmp_path / "home", embedded, max_steps=4)
+    home.config_file.write_text(home.config_file.read_text().replace("warm_worker = false", "warm_worker = true"))
     daemon = DaemonProc(home)
     try:
         idle = wait_for(lambda: _standby_of(daemon.proc.pid), 60, "a standby worker")
