@@ -7,6 +7,8 @@ environment.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,17 @@ os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TQDM_DISABLE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("TRAINBOX_HOME", None)
+
+
+@pytest.fixture(autouse=True)
+def _denormals_restored() -> Iterator[None]:
+    """The worker's code path run in-process turns on flush-to-zero for denormals (core.runtime, for CPU
+    speed): process-wide FPU state that outlives the test, and hypothesis refuses to generate floats
+    under it. Tests share processes (two xdist workers run them in any order), so it is reset after each."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="session")
