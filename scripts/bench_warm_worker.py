@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the model build's save bar
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 CONFIG = """
 [daemon]
