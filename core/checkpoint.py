@@ -34,8 +34,7 @@ from trainbox.crashpoints import crash_point
 
 log = logging.getLogger("core.worker")
 FORMAT_VERSION = 1
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
+CHECKPOINTS, COMPLETE = run_temp.CHECKPOINTS, run_temp.COMPLETE  # one naming, shared with the start-up sweep
 MODEL = "model"
 STATE = "state.pt"
 META = "meta.json"

@@ -21,13 +21,20 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 STUB = Path(__file__).resolve()
 sys.path.insert(0, str(STUB.parents[1]))  # run as a script: the repository's packages
 
 from trainbox import run_lock  # noqa: E402  (after the path it comes from)
 from trainbox.states import EXIT_LOCKED  # noqa: E402
+
+if TYPE_CHECKING:
+    from daemon.main import Daemon
+    from trainbox.config import Settings
+    from trainbox.home import Home
 
 
 def worker_command(run_dir: Path, nproc: int) -> list[str]:
@@ -36,6 +43,36 @@ def worker_command(run_dir: Path, nproc: int) -> list[str]:
 
 
 EVALUATE_PROGRAM = [sys.executable, str(STUB), "evaluate"]
+
+
+def tick_until(d: Daemon, cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
+    """Tick an in-process daemon until ``cond`` holds; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d.tick(time.time())
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def daemon_factory(home: Home, default: Settings) -> Iterator[Callable[..., Daemon]]:
+    """For a fixture: ``make(settings=None)`` starts an in-process Daemon on ``home`` with the stub worker
+    and gate (``default`` settings unless given); every daemon made is shut down afterwards."""
+    from daemon.main import Daemon
+
+    made: list[Daemon] = []
+
+    def make(settings: Settings | None = None) -> Daemon:
+        d = Daemon(home, settings or default, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
+        d.start()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if not d.finished:
+            d.shutdown()
 
 
 def _write(path: Path, data: dict[str, object]) -> None:

@@ -18,7 +18,7 @@ from daemon.gate import GATE_PENDING
 from daemon.main import Daemon
 from management.db import ModelDB
 from management.versions import current_id
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import daemon_factory, tick_until
 from trainbox import control
 from trainbox.config import Settings
 from trainbox.home import Home
@@ -38,18 +38,7 @@ def home(tmp_path: Path) -> Home:
 
 @pytest.fixture
 def make_daemon(home: Home) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make(settings: Settings | None = None) -> Daemon:
-        d = Daemon(home, settings or _settings(), worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
-        d.start()
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        if not d.finished:
-            d.shutdown()
+    yield from daemon_factory(home, _settings())
 
 
 def drop(home: Home, name: str, folder: str = "") -> None:
@@ -65,16 +54,6 @@ def plan(home: Home, steps: dict[str, list[str]]) -> None:
 def starts(home: Home) -> list[str]:
     path = home.root / "stub-starts.txt"
     return path.read_text().splitlines() if path.exists() else []
-
-
-def tick_until(d: Daemon, cond: Callable[[], object], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        d.tick(time.time())
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def state_of(db: ModelDB, name: str) -> str | None:

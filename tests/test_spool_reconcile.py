@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from daemon.main import Daemon
 from daemon.spool_reconcile import EVENT, Fix, JobFacts, plan
 from management.db import Job, ModelDB, Run
 from safety.checkup import Level, check_spool_db
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import daemon_factory, tick_until
 from trainbox.config import Settings
 from trainbox.crashpoints import CRASH_ENV
 from trainbox.home import Home
@@ -97,29 +96,7 @@ def home(tmp_path: Path) -> Home:
 
 @pytest.fixture
 def make_daemon(home: Home) -> Iterator[Callable[[], Daemon]]:
-    made: list[Daemon] = []
-
-    def make() -> Daemon:
-        settings = Settings.model_validate({"daemon": FAST})
-        d = Daemon(home, settings, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
-        d.start()
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        if not d.finished:
-            d.shutdown()
-
-
-def _tick_until(d: Daemon, cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        d.tick(time.time())
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    yield from daemon_factory(home, Settings.model_validate({"daemon": FAST}))
 
 
 def _drop(home: Home, name: str) -> None:
@@ -144,7 +121,7 @@ def test_a_restart_sets_rows_from_files_in_done_and_failed(home: Home, make_daem
     db = d.db
     assert db is not None
     counts = d.spool.counts
-    _tick_until(d, lambda: (counts()["done"], counts()["failed"], d.worker) == (1, 2, None), "one done, two failed")
+    tick_until(d, lambda: (counts()["done"], counts()["failed"], d.worker) == (1, 2, None), "one done, two failed")
     ids = {j.name: j.id for j in db.jobs()}
     d.shutdown()
     for name in ids:
@@ -169,7 +146,7 @@ def test_a_restart_sets_rows_from_files_in_done_and_failed(home: Home, make_daem
     assert sorted(e.job_id for e in events) == sorted(ids.values())
     assert all("file is in" in e.message for e in events)
     assert check_spool_db(home).level == Level.OK
-    _tick_until(d2, lambda: True, "a tick")  # nothing is dispatched again
+    tick_until(d2, lambda: True, "a tick")  # nothing is dispatched again
     assert len((home.root / "stub-starts.txt").read_text().splitlines()) == 3
 
 
@@ -247,7 +224,7 @@ def test_daemons_killed_at_filing_moved_are_reconciled_at_restart(
     d = make_daemon()
     assert d.db is not None and [j.state for j in d.db.jobs()] == [JobState.DONE]
     assert len(list(home.done.glob("*.jsonl"))) == 1 and check_spool_db(home).level == Level.OK
-    _tick_until(d, lambda: not d.gates.busy, "its gate's request dropped (the verdict was given)")
+    tick_until(d, lambda: not d.gates.busy, "its gate's request dropped (the verdict was given)")
     d.shutdown()
     _drop(home, "b.jsonl")
     _killed_at_filing(home)  # b: crashed, no retries left, its file in failed/, its row running

@@ -19,7 +19,7 @@ import pytest
 from daemon.main import Daemon
 from management.db import ModelDB, ModelVersion, Promotion
 from management.versions import CURRENT, current_id, promote, rollback
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import daemon_factory
 from tests.test_daemon_tick import FAST, drop, plan, starts, state_of, tick_until
 from trainbox.config import Settings
 from trainbox.crashpoints import CRASH_ENV
@@ -56,18 +56,7 @@ def home(tmp_path: Path) -> Home:
 
 @pytest.fixture
 def make_daemon(home: Home) -> Iterator[Callable[..., Daemon]]:
-    made: list[Daemon] = []
-
-    def make() -> Daemon:
-        d = Daemon(home, SETTINGS, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
-        d.start()
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        if not d.finished:
-            d.shutdown()
+    yield from daemon_factory(home, SETTINGS)
 
 
 def version_like(home: Home) -> list[str]:
