@@ -65,15 +65,6 @@ def armed(jobs: int) -> dict[str, list[int]]:
     }
 
 
-def fired(plan: dict[str, list[int]], folder: Path) -> dict[str, int]:
-    out = {}
-    for point, hits in plan.items():
-        path = folder / f"{point}.hits"
-        reached = path.stat().st_size if path.exists() else 0
-        out[point] = sum(1 for n in hits if n <= reached)
-    return out
-
-
 def daemon(home: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -101,7 +92,7 @@ def main() -> None:
     hits = tmp / "hits"
     hits.mkdir()
     plan = armed(args.jobs)
-    spec = ",".join(f"{p}:{n}" for p, ns in plan.items() for n in ns)
+    spec = crashpoints.arming(plan)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", crashpoints.CRASH_ENV: spec}
     env[crashpoints.CRASH_DIR_ENV] = str(hits)
     log = tmp / "daemon.log"
@@ -114,7 +105,7 @@ def main() -> None:
     restarts, other_exits = 0, []
     while len(list(home.done.glob("*.jsonl"))) + len(list(home.failed.glob("*.jsonl"))) < args.jobs:
         if time.monotonic() - started > args.timeout:
-            raise SystemExit(f"timed out after {restarts} restarts: {fired(plan, hits)}")
+            raise SystemExit(f"timed out after {restarts} restarts: {crashpoints.fired(plan, hits)}")
         if proc.poll() is not None:
             if proc.returncode != -9:
                 other_exits.append(proc.returncode)
@@ -124,8 +115,8 @@ def main() -> None:
     proc.terminate()
     proc.wait(120)
     print(json.dumps(check(home, args.jobs, time.monotonic() - started) | {
-        "kills": sum(fired(plan, hits).values()),
-        "kills_by_point": fired(plan, hits),
+        "kills": sum(crashpoints.fired(plan, hits).values()),
+        "kills_by_point": crashpoints.fired(plan, hits),
         "daemon_restarts": restarts,
         "other_daemon_exits": other_exits,
     }, indent=2))  # fmt: skip

@@ -77,21 +77,11 @@ def _workers_per_run(home: Home) -> Counter[str]:
     return runs
 
 
-def _fired(folder: Path) -> dict[str, int]:
-    """Armed hits that were reached (and so killed their process), by point."""
-    out = {}
-    for point, hits in ARMED.items():
-        path = folder / f"{point}.hits"
-        reached = path.stat().st_size if path.exists() else 0
-        out[point] = sum(1 for n in hits if n <= reached)
-    return out
-
-
 def test_aimed_kills_keep_one_worker_one_chain_and_every_version_gated(tmp_path: Path, embedded: Path) -> None:
     home = _make(tmp_path / "home", embedded)
     crash_dir = tmp_path / "crash-hits"
     crash_dir.mkdir()
-    armed = ",".join(f"{point}:{n}" for point, hits in ARMED.items() for n in hits)
+    armed = crashpoints.arming(ARMED)
     env = {crashpoints.CRASH_ENV: armed, crashpoints.CRASH_DIR_ENV: str(crash_dir)}
     daemon = DaemonProc(home, env=env)
     for i in range(JOBS):
@@ -101,7 +91,9 @@ def test_aimed_kills_keep_one_worker_one_chain_and_every_version_gated(tmp_path:
     deadline = time.monotonic() + 600
     try:
         while len(list(home.done.glob("*.jsonl"))) < JOBS:
-            assert time.monotonic() < deadline, f"not every job done after {restarts} restarts: {_fired(crash_dir)}"
+            if time.monotonic() > deadline:
+                so_far = crashpoints.fired(ARMED, crash_dir)
+                raise AssertionError(f"not every job done after {restarts} restarts: {so_far}")
             for run, count in _workers_per_run(home).items():
                 most_workers[run] = max(most_workers[run], count)
             if not daemon.alive():
@@ -112,7 +104,7 @@ def test_aimed_kills_keep_one_worker_one_chain_and_every_version_gated(tmp_path:
             time.sleep(0.05)
     finally:
         daemon.stop()
-    fired = _fired(crash_dir)
+    fired = crashpoints.fired(ARMED, crash_dir)
     print("restarts:", restarts, "kills:", fired)
     assert sum(fired.values()) >= 30, fired
     assert all(fired.values()), fired  # every moment was hit at least once

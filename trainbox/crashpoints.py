@@ -77,3 +77,19 @@ def crash_point(name: str) -> None:
     hits = armed().get(name)
     if hits and _count(name) in hits:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arming(plan: dict[str, list[int]]) -> str:
+    """The ``TRAINBOX_TEST_CRASH_AT`` value that kills at each hit ``plan`` lists per point."""
+    return ",".join(f"{point}:{n}" for point, hits in plan.items() for n in hits)
+
+
+def fired(plan: dict[str, list[int]], folder: str | os.PathLike[str]) -> dict[str, int]:
+    """How many of ``plan``'s hits were reached (each killed its process), per point, from the hit
+    counts kept in ``folder`` (``TRAINBOX_TEST_CRASH_DIR``)."""
+    out = {}
+    for point, hits in plan.items():
+        path = os.path.join(folder, point + ".hits")
+        reached = os.path.getsize(path) if os.path.exists(path) else 0
+        out[point] = sum(1 for n in hits if n <= reached)
+    return out
