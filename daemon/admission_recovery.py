@@ -139,4 +139,3 @@ def _record_placed(adm: Admission, job_id: int, path: Path) -> None:
             overrides.pop("eval_file", None)
             row.settings = overrides
     adm.db.event("admission_recovered", f"{path.name}: found in {path.parent.name}/", job_id)
-

@@ -125,7 +125,6 @@ def _stem(name: str) -> str:
     return os.path.splitext(name)[0]
 
 
-
 def _data_file_of(sidecar: Path) -> Path | None:
     for suffix in (".jsonl", ".JSONL", ".Jsonl"):
         candidate = sidecar.with_name(_stem(sidecar.name) + suffix)

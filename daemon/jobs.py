@@ -19,6 +19,7 @@ from daemon.worker_process import WORKER_LOG, WorkerCommand, WorkerProcess, job_
 from management import registration
 from management.db import Job, ModelDB, Run
 from management.versions import starting_version
+from trainbox import oom_counter
 from trainbox.atomic import fsync_dir
 from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
@@ -109,7 +110,13 @@ class JobRunner:
             assert row is not None
             row.state = JobState.RUNNING.value
             row.started_at = row.started_at or time.time()
-            run = Run(job_id=job_id, attempt=attempt, pid=pid, init_model=init_model)
+            run = Run(
+                job_id=job_id,
+                attempt=attempt,
+                pid=pid,
+                init_model=init_model,
+                oom_count_at_start=oom_counter.oom_kill_count(),  # the worker runs in the daemon's cgroup
+            )
             s.add(run)
             s.flush()
             return run.id
@@ -206,6 +213,8 @@ class JobRunner:
         job = self.db.job(job_id)
         result = WorkerResult.load(worker.run_dir)
         exit_status = describe_exit(returncode)
+        runs = self.db.runs(job_id)
+        oom_kills = oom_counter.kills_since(runs[-1].oom_count_at_start if runs else None)
         final_exists = result is not None and result.final_model is not None and Path(result.final_model).is_dir()
         decision = decide(
             result,
@@ -218,6 +227,7 @@ class JobRunner:
             cancelled_in=cancelled_in,
             phase=self.worker_phase(worker),
             log_lines=last_start_lines(worker.run_dir / WORKER_LOG),
+            host_oom_kills=oom_kills,
         )
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         state = VERDICT_STATE[decision.verdict]
@@ -232,6 +242,7 @@ class JobRunner:
                 if decision.verdict in (JobVerdict.CANCELLED, JobVerdict.LOCKED):  # a result there is not its
                     run.outcome = decision.verdict.value
                 run.end_step = result.step if result else None
+                run.oom_kills = oom_kills
         message = decision.reason
         retry_at = None
         if decision.verdict == JobVerdict.DONE and result is not None:

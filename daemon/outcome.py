@@ -60,12 +60,14 @@ def decide(
     cancelled_in: str = "",
     phase: str = "",
     log_lines: Sequence[str] = (),
+    host_oom_kills: int | None = None,
 ) -> Decision:
     """``attempts`` counts earlier failed attempts of this job (not pauses). ``kills``: the watchdog's
     evidence of every kill of this job's workers as hung, the last one this worker's; empty when the
     watchdog did not kill this worker. ``cancelled_in``: the phase the worker was in when a control
     request cancelled the job ("" if none did). ``phase``: the phase its status file last showed.
-    ``log_lines``: its log since its start. Why a run failed is ``trainbox.outcomes.classify_end``, the
+    ``log_lines``: its log since its start. ``host_oom_kills``: the kernel's OOM kills while it ran (None:
+    not measured). Why a run failed is ``trainbox.outcomes.classify_end``, the
     classification crash reports use too."""
     if result is not None and result.outcome == WorkerOutcome.COMPLETED and returncode == 0 and final_model_exists:
         return Decision(JobVerdict.DONE, f"completed {result.step} steps")
@@ -91,7 +93,7 @@ def decide(
         )
     if interrupted and not kills:
         return Decision(JobVerdict.PAUSED, f"paused at step {result.step if result is not None else '?'}")
-    end = RunEnd(returncode, result, stop_requested, kills, phase, None, log_lines)
+    end = RunEnd(returncode, result, stop_requested, kills, phase, host_oom_kills, log_lines)
     c = classify_end(end)
     if c.failure_class is None:  # stopped on request: its checkpoint holds the progress
         return Decision(JobVerdict.PAUSED, f"paused at step {result.step if result is not None else '?'}")

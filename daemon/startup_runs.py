@@ -4,9 +4,13 @@ open, and sweep the leftovers of interrupted saves out of the run folders.
 
 A run row without ``ended_at`` belonged to a worker the previous daemon never reaped. Left open it is
 never a crash report, never counted, and reads as "running" forever. It is closed here with the
-evidence there is: the outcome from the run's ``result.json`` when that file is the run's own, else
-"crashed" (so the watchdog's crash scan, which reads closed runs whose outcome is failed or crashed,
-writes its report), or "not_started" when nothing shows that a worker of that run ever ran; the exit
+evidence there is: the outcome from the run's ``result.json`` when that file is the run's own; else
+"interrupted" when this daemon stopped its worker with SIGTERM (trainbox's own stop, not the worker's
+fault: a worker still importing dies of SIGTERM before it can write a result), "crashed" when it died
+on its own or had to be killed (so the watchdog's crash scan, which reads closed runs whose outcome is
+failed or crashed, writes its report), or "not_started" when nothing shows that a worker of that run
+ever ran. The OOM kills while it ran are the counter's move since the run's row (an upper bound: the
+worker's death is not timed). The exit
 status is what stopping it showed, or that it is unknown (not our child: its exit status was its
 parent's to read). ``exit_signal`` is SIGKILL when we had to kill it; otherwise both integers stay NULL.
 """
@@ -22,12 +26,13 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from daemon.orphans import Orphan, job_of_run_dir, stop_orphans
-from daemon.worker_process import Stopped
+from daemon.worker_process import STOPPED_BY_SIGTERM, Stopped
 from management.db import ModelDB, Run
-from trainbox import run_lock, run_temp
+from trainbox import oom_counter, run_lock, run_temp
 from trainbox.home import Home
 from trainbox.jobspec import RESULT, WorkerResult
 from trainbox.spool import Spool
+from trainbox.states import WorkerOutcome
 
 log = logging.getLogger("trainbox.daemon")
 NOT_A_CHILD = "unknown: the worker was not a child of this daemon"
@@ -61,6 +66,8 @@ def closing(run_pid: int | None, result: WorkerResult | None, stop: tuple[int, S
         outcome = result.outcome.value
     elif pid is None and not ran:
         outcome = "not_started"
+    elif stop is not None and stop[1].evidence == STOPPED_BY_SIGTERM:
+        outcome = WorkerOutcome.INTERRUPTED.value
     else:
         outcome = "crashed"
     signal_ = stop[1].exit_signal if stop is not None else None
@@ -104,6 +111,7 @@ def close_open_runs(home: Home, db: ModelDB, ended: list[tuple[Orphan, Stopped]]
             run.ended_at, run.outcome, run.exit_status = now, c.outcome, c.exit_status
             run.exit_signal, run.pid = c.exit_signal, c.pid
             run.end_step = c.end_step if c.end_step is not None else run.end_step
+            run.oom_kills = oom_counter.kills_since(run.oom_count_at_start) if c.outcome == "crashed" else None
             closed.append((run, c))
     for run, c in closed:
         message = f"run {run.id} (attempt {run.attempt}) left open by a previous daemon: {c.outcome}, {c.exit_status}"

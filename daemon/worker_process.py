@@ -127,6 +127,9 @@ class WorkerProcess:
             return None
 
 
+STOPPED_BY_SIGTERM = "stopped after SIGTERM"  # it exited when asked: trainbox's stop, not its failure
+
+
 @dataclass(frozen=True)
 class Stopped:
     """How a process that is not our child ended when we stopped it: its exit status is not ours to
@@ -166,7 +169,7 @@ def stop_processes(pids: list[int], timeout: float) -> dict[int, Stopped]:
         if proc in alive:
             out[proc.pid] = Stopped("killed after the stop timeout", signal.SIGKILL)
         else:
-            out[proc.pid] = Stopped("stopped after SIGTERM")
+            out[proc.pid] = Stopped(STOPPED_BY_SIGTERM)
     return out
 
 

@@ -81,6 +81,10 @@ class Run(Base):
     start_step: Mapped[int] = mapped_column(Integer, default=0)
     end_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     init_model: Mapped[str] = mapped_column(String, default="")
+    # the kernel's OOM-kill counter where the worker runs (``trainbox/oom_counter.py``): read when the
+    # daemon records the run, and the kills counted while it ran once its end is known (None: unread)
+    oom_count_at_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    oom_kills: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Checkpoint(Base):

@@ -16,6 +16,7 @@ from typing import Any
 
 from management.db import ModelDB, Run
 from safety import crash
+from trainbox import oom_counter
 from trainbox.home import Home
 from trainbox.processes import returncode_of
 from trainbox.states import JobState
@@ -36,15 +37,15 @@ class CrashScanner:
     def watch(self, pid: int) -> None:
         """A live worker seen: remember its OOM-kill counter (its cgroup's, found while it lives) once."""
         if pid not in self.oom_baseline:
-            counter = crash.oom_counter_file(pid)
-            self.oom_baseline[pid] = (counter, crash.oom_kill_count(counter))
+            counter = oom_counter.oom_counter_file(pid)
+            self.oom_baseline[pid] = (counter, oom_counter.oom_kill_count(counter))
 
     def observe(self, live: int | None) -> None:
         """The worker alive now (None: none): each worker seen before and gone since gets its counter read
         at once, so an OOM kill elsewhere after its death is not blamed on it."""
         for pid, (counter, _start) in self.oom_baseline.items():
             if pid != live and pid not in self.oom_at_end:
-                self.oom_at_end[pid] = crash.oom_kill_count(counter)
+                self.oom_at_end[pid] = oom_counter.oom_kill_count(counter)
         if live and live in self.oom_at_end:  # a pid seen gone is alive again: another worker reuses it
             del self.oom_baseline[live], self.oom_at_end[live]
         while len(self.oom_at_end) > KEEP_ENDED:  # the oldest ended workers' runs were reported long ago
@@ -59,7 +60,7 @@ class CrashScanner:
         if pid is None or pid not in self.oom_baseline:
             return None
         counter, start = self.oom_baseline[pid]
-        end = self.oom_at_end[pid] if pid in self.oom_at_end else crash.oom_kill_count(counter)
+        end = self.oom_at_end[pid] if pid in self.oom_at_end else oom_counter.oom_kill_count(counter)
         return end - start if (start is not None and end is not None) else None
 
     def _analysed(self, db: ModelDB) -> set[int]:
@@ -88,7 +89,7 @@ class CrashScanner:
 
     def _report(self, db: ModelDB, run: Run, now: float) -> None:
         job = db.job(run.job_id)
-        oom = self.oom_kills(run.pid)
+        oom = run.oom_kills if run.oom_kills is not None else self.oom_kills(run.pid)
         report = crash.analyse_run(
             self.home.run_dir(run.job_id),
             returncode_of(run.exit_code, run.exit_signal),

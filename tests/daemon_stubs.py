@@ -6,7 +6,8 @@ entry: complete), and appends ``<job name> <outcome>`` to ``<home>/stub-starts.t
 - ``complete``: a tiny "model" folder and a completed result.json, exit 0;
 - ``crash``: a failed result (class crash: retried with back-off), exit 1;
 - ``wait``: runs until SIGTERM (pause, cancel, stop), then an interrupted result, exit 75;
-- ``linger``: the same, but exits 0.5 s after the first SIGTERM (a checkpoint takes a while).
+- ``linger``: the same, but exits 0.5 s after the first SIGTERM (a checkpoint takes a while);
+- ``sigkill``: kills itself with SIGKILL, as someone's ``kill -9`` would (nothing written).
 Like the real worker it first takes its run folder's lock (``trainbox/run_lock.py``): when another
 process holds it, it exits ``EXIT_LOCKED`` at once and writes nothing. Every SIGTERM it gets appends
 ``<job name> SIGTERM`` to ``<home>/stub-signals.txt``.
@@ -18,6 +19,7 @@ Only the standard library: each starts in milliseconds.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -105,6 +107,8 @@ def worker(run_dir: Path) -> int:
     _write(plan_file, plan)
     with open(home / "stub-starts.txt", "a") as f:
         f.write(f"{name} {outcome}\n")
+    if outcome == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
     if outcome == "crash":
         _write(run_dir / "result.json", {"outcome": "failed", "failure_class": "crash", "message": "stub crash"})
         return 1

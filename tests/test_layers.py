@@ -38,7 +38,6 @@ LAYERS: list[set[str]] = [
 LAYER = {pkg: i for i, layer in enumerate(LAYERS) for pkg in layer}
 
 
-
 @dataclass(frozen=True)
 class Import:
     module: str  # the importing file, relative to the repo

@@ -19,12 +19,12 @@ import pytest
 from daemon import jobs
 from daemon.main import Daemon
 from daemon.startup_runs import NEVER_RAN, NOT_A_CHILD, closing
-from daemon.worker_process import Stopped
+from daemon.worker_process import STOPPED_BY_SIGTERM, Stopped
 from management.db import Job, ModelDB, Run
 from safety.crash_scan import CrashScanner
 from tests.test_daemon_tick import drop, home, make_daemon, plan, starts, state_of, tick_until  # noqa: F401
 from tests.test_run_lock import end, holding
-from trainbox import run_temp
+from trainbox import oom_counter, run_temp
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
 from trainbox.states import JobState, WorkerOutcome
@@ -117,7 +117,8 @@ def seed_open_runs(home: Home) -> None:  # noqa: F811
         for job_id in (1, 2, 3):
             s.add(Job(id=job_id, name=f"j{job_id}.jsonl", state=JobState.RUNNING.value))
             s.flush()
-            s.add(Run(job_id=job_id, attempt=1, pid=None if job_id == 3 else GONE_PID + job_id))
+            pid = None if job_id == 3 else GONE_PID + job_id
+            s.add(Run(job_id=job_id, attempt=1, pid=pid, oom_count_at_start=oom_counter.oom_kill_count()))
     db.close()
     for job_id in (1, 2, 3):
         home.run_dir(job_id).mkdir(parents=True)
@@ -139,12 +140,13 @@ def test_runs_left_open_are_closed_at_start_and_the_crashed_one_gets_a_crash_rep
         ("not_started", NEVER_RAN),
     ]
     assert runs[1].end_step == 5 and len(d.db.events(kind="run_closed")) == 3
+    # the crashed one's OOM kills: the counter's move since its row (none here, when the counter is readable)
+    assert runs[2].oom_kills == (0 if oom_counter.oom_kill_count() is not None else None)
+    assert runs[1].oom_kills is None and runs[3].oom_kills is None
     reported: list[tuple[Any, ...]] = []
     scanner = CrashScanner(home, lambda: True, lambda: d.db, lambda *a, **k: reported.append(a))  # type: ignore[arg-type,return-value]
     scanner.scan(time.time())
-    assert [(kind, job_id, data["run_id"]) for kind, _m, job_id, data in reported] == [
-        ("crash_report", 2, runs[2].id)
-    ]
+    assert [(kind, job_id, data["run_id"]) for kind, _m, job_id, data in reported] == [("crash_report", 2, runs[2].id)]
     assert (home.run_dir(2) / "crash-report.json").exists()
 
 
@@ -154,6 +156,8 @@ def test_closing_is_decided_from_the_evidence_there_is() -> None:
     killed = closing(None, None, (12, Stopped("killed after the stop timeout", signal.SIGKILL)), ran=True)
     assert (killed.outcome, killed.pid, killed.exit_signal) == ("crashed", 12, signal.SIGKILL)
     assert killed.exit_status == f"killed after the stop timeout at the next daemon's start; exit status {NOT_A_CHILD}"
+    stopped = closing(14, None, (14, Stopped(STOPPED_BY_SIGTERM)), ran=True)  # exited when this daemon asked
+    assert (stopped.outcome, stopped.exit_signal) == ("interrupted", None)
     assert closing(None, None, None, ran=True).outcome == "crashed"  # its lock was taken: it ran
     assert closing(None, None, None, ran=False).outcome == "not_started"
     gone = closing(13, None, None, ran=True)  # its pid recorded, dead before the daemon came back

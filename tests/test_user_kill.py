@@ -5,18 +5,24 @@ warning for 24 h. Pure cases, then one real ``kill -9`` of a stub worker through
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon.main import Daemon
 from daemon.outcome import JobVerdict, decide
 from management.db import Job, ModelDB, Run
 from safety import crash
 from safety.checkup import Level, check_crashes
 from safety.crash import CrashReport, write_report
 from safety.crash_scan import CrashScanner
+from tests.daemon_stubs import tick_until
+from tests.test_daemon_tick import drop, home, make_daemon, plan  # noqa: F401
+from trainbox import oom_counter
 from trainbox.home import Home
 from trainbox.outcomes import DELIBERATE_KILL, EXTERNAL_KILL, RunEnd, classify_end
 from trainbox.states import FailureClass
@@ -42,8 +48,8 @@ def test_a_sigkill_from_outside_is_deliberate_only_when_the_oom_killer_is_ruled_
     assert decision.verdict == JobVerdict.RETRY and decision.failure_class == FailureClass.KILLED
 
 
-def _report(home: Home, job_id: int, detail: str, now: float) -> None:
-    run_dir = home.run_dir(job_id)
+def _report(h: Home, job_id: int, detail: str, now: float) -> None:
+    run_dir = h.run_dir(job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     report = CrashReport(FailureClass.KILLED, f"killed ({detail})", "fix", "killed by signal 9", detail=detail)
     report.job_id, report.time = job_id, now
@@ -51,29 +57,27 @@ def _report(home: Home, job_id: int, detail: str, now: float) -> None:
 
 
 def test_health_reports_a_deliberate_kill_as_information(tmp_path: Path) -> None:
-    home = Home(tmp_path / "home").ensure()
+    h = Home(tmp_path / "h").ensure()
     now = time.time()
-    _report(home, 1, DELIBERATE_KILL, now - 60)
-    check = check_crashes(home, now)
+    _report(h, 1, DELIBERATE_KILL, now - 60)
+    check = check_crashes(h, now)
     assert check.level == Level.OK and DELIBERATE_KILL in check.detail
-    _report(home, 2, EXTERNAL_KILL, now - 30)  # the OOM killer not ruled out: still a warning
-    check = check_crashes(home, now)
+    _report(h, 2, EXTERNAL_KILL, now - 30)  # the OOM killer not ruled out: still a warning
+    check = check_crashes(h, now)
     assert check.level == Level.WARNING and "job 2" in check.detail and "1 of them" in check.detail
-    _report(home, 3, DELIBERATE_KILL, now - 10)  # a later deliberate kill does not hide it
-    assert check_crashes(home, now).level == Level.WARNING and "job 2" in check_crashes(home, now).detail
+    _report(h, 3, DELIBERATE_KILL, now - 10)  # a later deliberate kill does not hide it
+    assert check_crashes(h, now).level == Level.WARNING and "job 2" in check_crashes(h, now).detail
 
 
 def test_a_real_kill_9_of_a_worker_is_recorded_as_killed_from_outside(tmp_path: Path) -> None:
-    home = Home(tmp_path / "home").ensure()
-    db = ModelDB(home.db_url)
+    h = Home(tmp_path / "h").ensure()
+    db = ModelDB(h.db_url)
     events: list[dict[str, Any]] = []
-    scanner = CrashScanner(
-        home, lambda: True, lambda: db, lambda kind, message, job_id, data, count: events.append(data)
-    )
+    scanner = CrashScanner(h, lambda: True, lambda: db, lambda kind, message, job_id, data, count: events.append(data))
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "core.worker"])
     try:
         scanner.observe(worker.pid)  # the watchdog sees it alive: its OOM counter noted
-        counter_readable = crash.oom_kill_count(scanner.oom_baseline[worker.pid][0]) is not None
+        counter_readable = oom_counter.oom_kill_count(scanner.oom_baseline[worker.pid][0]) is not None
         worker.kill()  # a user's kill -9
         rc = worker.wait(10)
         scanner.observe(None)  # seen gone: the counter read again at once
@@ -86,6 +90,30 @@ def test_a_real_kill_9_of_a_worker_is_recorded_as_killed_from_outside(tmp_path: 
     assert rc == -9 and len(events) == 1
     expected = DELIBERATE_KILL if counter_readable else EXTERNAL_KILL
     assert events[0]["detail"] == expected and events[0]["failure_class"] == "killed"
-    assert crash.read_report(home.run_dir(1))["detail"] == expected  # type: ignore[index]
-    level = check_crashes(home, time.time()).level
+    assert crash.read_report(h.run_dir(1))["detail"] == expected  # type: ignore[index]
+    level = check_crashes(h, time.time()).level
     assert level == (Level.OK if counter_readable else Level.WARNING)
+
+
+def test_the_daemon_measures_the_oom_counter_so_a_kill_it_did_not_send_is_deliberate_without_a_watchdog(
+    home: Home,  # noqa: F811
+    make_daemon: Callable[..., Daemon],  # noqa: F811
+) -> None:
+    """No watchdog saw the worker: the daemon's own reading (at the run's row and at reaping) rules the
+    OOM killer in or out, and the crash scan's report uses it (issue 14: aimed kills during a chaos run
+    with no watchdog were left "unknown")."""
+    counter_readable = oom_counter.oom_kill_count() is not None
+    plan(home, {"a.jsonl": ["sigkill", "complete"]})
+    drop(home, "a.jsonl")
+    d = make_daemon()
+    assert d.db is not None
+    tick_until(d, lambda: any(r.ended_at for r in d.db.runs(1)), "the killed run reaped")  # type: ignore[union-attr]
+    killed = d.db.runs(1)[0]
+    assert (killed.exit_signal, killed.outcome) == (signal.SIGKILL, "crashed")
+    assert killed.oom_count_at_start is not None or not counter_readable
+    assert killed.oom_kills == (0 if counter_readable else None)
+    events: list[dict[str, Any]] = []
+    scanner = CrashScanner(home, lambda: True, lambda: d.db, lambda kind, m, job_id, data, count: events.append(data))  # type: ignore[arg-type,return-value]
+    scanner.scan(time.time())
+    assert [e["run_id"] for e in events] == [killed.id]
+    assert events[0]["detail"] == (DELIBERATE_KILL if counter_readable else EXTERNAL_KILL)

@@ -250,7 +250,6 @@ class ValidationReport:
             "errors_listed": len(self.errors),
         }
 
-
     def add(self, item: Record | LineError, max_listed: int = MAX_ERRORS_LISTED) -> None:
         if isinstance(item, LineError):
             self.n_errors += 1
