@@ -35,6 +35,7 @@ from pathlib import Path
 from sqlalchemy import update
 
 from management.db import Checkpoint, ModelDB, schema_ready
+from management.registration import ORPHANED
 from trainbox.atomic import atomic_write_json, fsync_dir
 from trainbox.config import RetentionConfig, Settings
 from trainbox.home import Home
@@ -257,6 +258,18 @@ def protected_paths(home: Home, db: ModelDB | None, ckpts: list[Ckpt]) -> dict[s
     return out
 
 
+def expired_set_aside(folder: Path, days: float, now: float) -> list[Path]:
+    """Entries of ``models/.orphaned/`` set aside more than ``days`` ago: the time is the name's suffix
+    (``set_aside`` appends ``time.time_ns()``; a rename keeps the folder's old mtime), else the mtime."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        suffix = path.name.rsplit(".", 1)[-1]
+        when = int(suffix) / 1e9 if suffix.isdigit() else path.lstat().st_mtime
+        if now - when > days * 86400:
+            out.append(path)
+    return out
+
+
 def disk_of(path: Path) -> Disk:
     usage = shutil.disk_usage(path)
     return Disk(total=usage.total, free=usage.free)
@@ -312,6 +325,7 @@ class Retention:
                 self.delete(c, why, now)
         for limit in p.unmet:
             self.report(f"still short after deleting everything deletable: {limit}")
+        self.sweep_set_aside(now)
         if not self.dry_run:
             self.write_status(now, p)
 
@@ -346,6 +360,30 @@ class Retention:
         shutil.rmtree(dest, ignore_errors=True)
         self.deleted_total += c.size
         return True
+
+    def sweep_set_aside(self, now: float) -> None:
+        """Model folders set aside by start-up reconciliation are kept ``set_aside_days``, then deleted with
+        an event: kept so a person can rescue a model whose row was lost, not forever."""
+        folder = self.home.models / ORPHANED
+        if self.cfg.set_aside_days <= 0 or not folder.is_dir():
+            return
+        for path in expired_set_aside(folder, self.cfg.set_aside_days, now):
+            self.report(f"{'would delete' if self.dry_run else 'deleting'} set-aside model folder {path}")
+            if self.dry_run:
+                continue
+            self.trash.mkdir(parents=True, exist_ok=True)
+            dest = self.trash / f"{time.time_ns()}-{path.name}"
+            os.rename(path, dest)
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                dest.unlink(missing_ok=True)
+            if self.db is not None:
+                self.db.event(
+                    "set_aside_deleted",
+                    f"models/{ORPHANED}/{path.name} deleted after {self.cfg.set_aside_days:g} days",
+                    path=str(path),
+                )
 
     def write_status(self, now: float, p: Plan) -> None:
         with contextlib.suppress(OSError):

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from management.db import Checkpoint, Job, ModelDB
+from management.registration import ORPHANED
 from management.retention import Ckpt, Disk, Policy, Retention, plan, scan
 from trainbox.config import Settings
 from trainbox.home import Home
@@ -153,3 +154,26 @@ def test_dry_run_equals_real_run(case: tuple[list[Ckpt], dict[str, str], Policy,
         trash = home.root / "trash"
         assert not (trash.exists() and any(trash.iterdir()))  # trashed, then removed
         db.close()
+
+
+def test_set_aside_model_folders_are_kept_for_their_days_then_deleted_with_an_event(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home").ensure()
+    db = ModelDB(home.db_url)
+    aside = home.models / ORPHANED
+    now = 1_800_000_000.0
+    old = aside / f"v0003.{int((now - 15 * 86400) * 1e9)}"  # set aside 15 days ago
+    young = aside / f"v0004.{int((now - 2 * 86400) * 1e9)}"
+    for folder in (old, young):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w")
+    lines: list[str] = []
+    s = Settings.model_validate({"retention": {"set_aside_days": 14}})
+    Retention(home, s, db=db, dry_run=True, disk=lambda _p: Disk(100, 90), report=lines.append).loop(now)
+    assert old.exists() and any("would delete set-aside" in line for line in lines)
+    Retention(home, s, db=db, disk=lambda _p: Disk(100, 90), report=lines.append).loop(now)
+    assert not old.exists() and young.exists()
+    assert [e.kind for e in db.events(kind="set_aside_deleted")] == ["set_aside_deleted"]
+    keep = Settings.model_validate({"retention": {"set_aside_days": 0}})  # 0: kept forever
+    Retention(home, keep, db=db, disk=lambda _p: Disk(100, 90), report=lines.append).loop(now + 1e9)
+    assert young.exists()
+    db.close()

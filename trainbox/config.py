@@ -449,6 +449,13 @@ class RetentionConfig(_Strict):
         lt=1,
         description="Keep at least this share of the home's disk free by deleting the lowest-value checkpoints.",
     )
+    set_aside_days: float = Field(
+        14.0,
+        ge=0,
+        le=3650,
+        description="Days a model folder that start-up reconciliation set aside under models/.orphaned/ (one "
+        "whose version row was lost) is kept for a person to look at before retention deletes it; 0: forever.",
+    )
 
 
 class ModelsConfig(_Strict):
