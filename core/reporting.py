@@ -62,6 +62,7 @@ class Reporter:
         self._last_log = 0.0
         self.on_micro_batch: Callable[[int], None] | None = None  # the micro-batch of each step that trained
         self.engine_phase = ""  # the hybrid engine's phase of the last real step
+        self.tokens_trained = 0  # tokens of the updates this process applied (the run's end event carries it)
 
     # --- the status file --------------------------------------------------------------------------
 
@@ -147,6 +148,9 @@ class Reporter:
             step=result.step,
             train_loss=result.train_loss,
             val_loss=result.val_loss,
+            # Prometheus' counters sum these (monitoring/prometheus_history.py); 0 if training never began
+            steps_trained=max(0, (result.step or 0) - self.start_step) if self.metrics is not None else 0,
+            tokens=self.tokens_trained,
         )
         self.db.close()
 
@@ -202,6 +206,7 @@ class Reporter:
             return
         if self.on_micro_batch is not None and ev.micro_batch:
             self.on_micro_batch(ev.micro_batch)
+        self.tokens_trained += ev.tokens
         self.smoothed = ev.loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * ev.loss
         if ev.step % self.log_every == 0:
             self._line(self._train_line(ev, now, engine))

@@ -66,7 +66,9 @@ def test_which_events_notify() -> None:
 
 def test_body_numbers_links_and_slack_text(tmp_path: Path) -> None:
     job = JobNumbers(id=3, name="a.jsonl", state="done", steps=120, val_loss=1.23456, version=4)
-    body = build_body("done", _event("version_promoted", promoted=True), job, "/h/runs/job-000003/report.md", "http://x:1")
+    body = build_body(
+        "done", _event("version_promoted", promoted=True), job, "/h/runs/job-000003/report.md", "http://x:1"
+    )
     assert body["numbers"] == {"steps": 120, "val_loss": 1.23456, "train_loss": None, "version": 4}
     assert body["report"] == {"path": "/h/runs/job-000003/report.md", "url": "http://x:1/jobs/3/report"}
     assert body["outcome"] == "promoted" and body["job"]["name"] == "a.jsonl"
@@ -186,4 +188,3 @@ def test_one_notification_per_event_across_sigkill_and_restart(tmp_path: Path) -
         assert len(db.events(kind=DAEMON_CRASHED)) == 1
     finally:
         db.close()
-
