@@ -517,8 +517,12 @@ class TrackingConfig(_Strict):
     tensorboard: bool = Field(
         False, description="Write TensorBoard event files under runs/job-N/tb/ from the worker (scalars, settings)."
     )
-    mlflow: bool = Field(False, description="Also track in MLflow (the mlflow package must be installed).")
-    wandb: bool = Field(False, description="Also track in Weights & Biases (the wandb package must be installed).")
+    mlflow: bool = Field(
+        False, description="MLflow: not written yet; on, the worker log says so (and whether mlflow is installed)."
+    )
+    wandb: bool = Field(
+        False, description="Weights & Biases: not written yet; on, the worker log says so (and if wandb is installed)."
+    )
 
 
 class Settings(_Strict):
