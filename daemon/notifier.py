@@ -51,6 +51,7 @@ class Notifier:
         self.db = ModelDB(home.db_url)  # its own engine: its thread never shares a connection with the tick
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.outbox.sweep()  # no thread runs yet: any temp file is a killed predecessor's
         if self.outbox.cursor() is None:  # first start with webhooks: only what happens from now on
             self.outbox.set_cursor(self._last_event_id())
 

@@ -239,6 +239,12 @@ class Outbox:
         self.pending = root / PENDING
         self.given_up = root / GIVEN_UP
 
+    def sweep(self) -> None:
+        """Temp files of writes a kill interrupted (``trainbox/atomic.py`` names them ``.<name>.*.tmp``)."""
+        for folder in (self.root, self.pending, self.given_up):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+                tmp.unlink(missing_ok=True)
+
     def cursor(self) -> int | None:
         raw = read_json(self.root / CURSOR)
         try:

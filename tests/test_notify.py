@@ -168,6 +168,7 @@ def test_one_notification_per_event_across_sigkill_and_restart(tmp_path: Path) -
         finally:
             first.kill()
         assert Outbox(home.root / "outbox").counts()["pending"] == 1
+        (home.root / "outbox" / "pending" / ".000000000001-done-x.json.abc.tmp").write_text("{")  # a killed write
         rec.refusing = False
         second = _StubDaemon(home)
         try:
@@ -183,6 +184,7 @@ def test_one_notification_per_event_across_sigkill_and_restart(tmp_path: Path) -
     assert failed["job"]["name"] == "b.jsonl" and failed["outcome"] == "failed (crash)"
     assert failed["report"]["path"].endswith("report.md") and "b.jsonl" in failed["text"]
     assert Outbox(home.root / "outbox").counts() == {"pending": 0, "given-up": 0}
+    assert not list((home.root / "outbox" / "pending").iterdir())  # the killed write's temp file swept
     db = ModelDB(home.db_url)
     try:
         assert len(db.events(kind=DAEMON_CRASHED)) == 1
