@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
+from cli.logs import register as register_logs
 from cli.siblings import models_list
 from cli.siblings import register as register_siblings
 from trainbox import control
@@ -139,8 +140,20 @@ def _eta(seconds: float | None) -> str:
 
 
 @app.command()
-def status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def status(
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="A live display, redrawn until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between redraws with --watch.")] = 1.0,
+    count: Annotated[int | None, typer.Option(min=1, hidden=True, help="Stop --watch after N frames.")] = None,
+) -> None:
     """Daemon state, the current job's progress, queue counts and pending control requests."""
+    if watch:
+        from cli.watch import watch as live
+
+        h = _home(home)
+        live(lambda: (_status_data(h), [w.path.name for w in Spool(h).waiting()[:5]]), interval, count)
+        return
     data = _status_data(_home(home))
     if as_json:
         print(json.dumps(data, indent=2))
@@ -355,6 +368,7 @@ def config_cmd(
 
 
 register_siblings(app, models_app)  # watchdog, retention, health, up, install-systemd, models ...
+register_logs(app)  # trainbox logs [JOB] [-f]
 
 
 def main() -> None:

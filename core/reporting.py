@@ -26,6 +26,7 @@ from core.hybrid.engine import HybridEngine
 from core.hybrid.events import JumpEvent, RollbackEvent
 from core.jobdb import JobDB
 from core.metrics import MetricsLog, truncate_to_step
+from core.tracking import Tracking
 from trainbox.jobspec import WorkerResult
 from trainbox.states import WorkerOutcome
 
@@ -53,8 +54,9 @@ class Reporter:
     """Rank 0's reports on one job (see the module docstring). Built before the job's settings are known
     (``main``); ``start`` adds what the engine's events need once training is about to begin."""
 
-    def __init__(self, status: StatusFile, db: JobDB, metrics_path: Path) -> None:
+    def __init__(self, status: StatusFile, db: JobDB, metrics_path: Path, tracking: Tracking | None = None) -> None:
         self.status, self.db, self.metrics_path = status, db, metrics_path
+        self.tracking = tracking or Tracking([])  # TensorBoard and the like (core/tracking.py); never fails a job
         self.metrics: MetricsLog | None = None  # open from start() to close_metrics()
         self.log_every = 1
         self.start_step = 0
@@ -62,6 +64,7 @@ class Reporter:
         self._last_log = 0.0
         self.on_micro_batch: Callable[[int], None] | None = None  # the micro-batch of each step that trained
         self.engine_phase = ""  # the hybrid engine's phase of the last real step
+        self.tokens_trained = 0  # tokens of the updates this process applied (the run's end event carries it)
 
     # --- the status file --------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Reporter:
     def start(self, log_every: int, start_step: int, on_micro_batch: Callable[[int], None] | None = None) -> None:
         self.metrics = MetricsLog(self.metrics_path)
         self.log_every, self.start_step, self.on_micro_batch = log_every, start_step, on_micro_batch
+        self.tracking.start(start_step, log_every)
 
     def rolled_back(self, step: int, val_loss: float | None, to_checkpoint: bool) -> None:
         """The trainer went back to a checkpoint (or the start): the steps after it will be trained again."""
@@ -147,7 +151,11 @@ class Reporter:
             step=result.step,
             train_loss=result.train_loss,
             val_loss=result.val_loss,
+            # Prometheus' counters sum these (monitoring/prometheus_history.py); 0 if training never began
+            steps_trained=max(0, (result.step or 0) - self.start_step) if self.metrics is not None else 0,
+            tokens=self.tokens_trained,
         )
+        self.tracking.close()
         self.db.close()
 
     # --- the engine's events ----------------------------------------------------------------------
@@ -157,6 +165,7 @@ class Reporter:
             self._dispatch(ev)
         except Exception as e:  # boundary: reporting never fails a job; checkpoints hold the progress
             log.warning("could not report %s: %s", type(ev).__name__, e)
+        self.tracking(ev)
 
     def _dispatch(self, ev: Event) -> None:
         now = time.time()
@@ -202,6 +211,7 @@ class Reporter:
             return
         if self.on_micro_batch is not None and ev.micro_batch:
             self.on_micro_batch(ev.micro_batch)
+        self.tokens_trained += ev.tokens
         self.smoothed = ev.loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * ev.loss
         if ev.step % self.log_every == 0:
             self._line(self._train_line(ev, now, engine))

@@ -59,6 +59,7 @@ from core.reporting import NullReporter, Report, Reporter
 from core.result import RunInfo, ended_result, failed_result, paused_result, sizes, trained_result
 from core.runtime import AgreedStop, StopFlag
 from core.saving import JobSaver
+from core.tracking import open_tracking
 from core.train import Trainer
 from trainbox import run_lock
 from trainbox.jobspec import JobSpec, WorkerResult
@@ -156,7 +157,7 @@ def open_report(spec: JobSpec, ranks: distributed.Dist) -> Report:
     status = StatusFile(Path(spec.status_file), spec.job_id, spec.job_name)
     if ranks.active:  # the process the daemon spawned (and the watchdog watches) is the torchrun agent
         status.status.pid = os.getppid()
-    return Reporter(status, JobDB(spec.db_url, spec.job_id), Path(spec.run_dir) / METRICS)
+    return Reporter(status, JobDB(spec.db_url, spec.job_id), Path(spec.run_dir) / METRICS, open_tracking(spec))
 
 
 def claim_run_dir(run_dir: Path, ranks: distributed.Dist) -> run_lock.RunLock | int | None:

@@ -24,6 +24,8 @@ from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
+from daemon.notifier import Notifier
+from daemon.notify_outbox import DAEMON_CRASHED, unclean_exit
 from daemon.orphans import LockWait
 from daemon.outcome import JobVerdict
 from daemon.spool import move
@@ -79,6 +81,7 @@ class Daemon:
         self.warm: WarmWorker | None = None  # the standby worker (set in start when the real worker runs)
         self.gpus = 0  # visible GPUs, counted once at start
         self.lock_wait: LockWait | None = None  # a run folder another process holds (our worker exited locked)
+        self.notifier: Notifier | None = None  # webhooks' thread (daemon/notifier.py); None without [notify]
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -110,6 +113,10 @@ class Daemon:
         self.spool.ensure()
         self.db = ModelDB(self.home.db_url)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
+        self.notifier = Notifier.open(self.home, self.settings)  # before any event of this start is written
+        crashed = unclean_exit(previous)
+        if crashed:
+            self.db.event(DAEMON_CRASHED, crashed, pid=previous.pid if previous else None)
         self.paused = bool(previous and previous.paused)
         self.gpus = visible_gpus()
         self.admission = Admission(
@@ -133,6 +140,8 @@ class Daemon:
         self.db.event("daemon_started", f"pid {os.getpid()}, home {self.home.root}")
         log.info("trainbox daemon started: home %s, pid %d", self.home.root, os.getpid())
         self.write_status(time.time())
+        if self.notifier is not None:
+            self.notifier.start()
         sdnotify.ready(f"daemon pid {os.getpid()}")  # systemd Type=notify: started
 
     def _stop_orphans(self) -> None:
@@ -396,7 +405,7 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
-        for helper in (getattr(self, "gates", None), self.warm):
+        for helper in (getattr(self, "gates", None), self.warm, self.notifier):
             if helper is not None:
                 helper.stop()
         watcher = getattr(self, "watcher", None)

@@ -11,11 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
 
 from monitoring import prometheus, queries, queue_view, stream, views
 from monitoring.auth import errors, read_guard
 from monitoring.downsample import downsample
 from monitoring.params import MAX_ID, MAX_STEP, JobIdPath, JobIdQuery, Limit, MaxPoints, StepSince
+from monitoring.prometheus_history import read_history, step_seconds
 from monitoring.schemas import (
     EventsPage,
     JobDetail,
@@ -145,8 +147,10 @@ async def get_stream(
 
 
 def get_prometheus(st: State) -> PlainTextResponse:
-    """Prometheus text format: step, loss, val loss, tokens/s, queue depth, jobs by state, GPU memory."""
-    return PlainTextResponse(prometheus.render(_snapshot(st)), media_type=prometheus.CONTENT_TYPE)
+    """Prometheus text format: step, loss, val loss, tokens/s, queue depth, jobs by state, GPU memory (gauges);
+    jobs by outcome, steps and tokens trained, gate verdicts, restarts (counters); step time (histogram)."""
+    text = generate_latest(prometheus.registry_for(lambda: _reading(st)))
+    return PlainTextResponse(text, media_type=prometheus.CONTENT_TYPE)
 
 
 ROUTES: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
@@ -201,6 +205,16 @@ def _sources(st: ServerState) -> stream.StreamSources:
         stopping=st.stopping,
         poll_s=st.stream_poll_s,
     )
+
+
+def _reading(st: ServerState) -> prometheus.Reading:
+    """One scrape: the gauges' snapshot, the DB's history, the current job's recent step times."""
+    snapshot = _snapshot(st)
+    seconds: list[float] = []
+    if snapshot.job_id is not None:
+        series = st.metrics.get(st.home.run_dir(snapshot.job_id) / views.METRICS_FILE)
+        seconds = step_seconds(series.train)
+    return prometheus.Reading(snapshot, read_history(st.db), seconds)
 
 
 def _snapshot(st: ServerState) -> prometheus.Snapshot:

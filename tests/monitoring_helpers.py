@@ -446,3 +446,14 @@ def add_many_waiting(home: Home, first_id: int, n: int, priority: Priority = Pri
     for i in ids:
         (folder / spool_name(i, f"bulk-{i}.jsonl")).write_text(line)
     return ids
+
+
+def prom_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """``/metrics`` text parsed by the Prometheus library: (sample name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.monitoring_helpers import FAKE_JOB, ServerProc, append_metrics, populate, write_daemon_status
+from tests.monitoring_helpers import FAKE_JOB, ServerProc, append_metrics, populate, prom_samples, write_daemon_status
 from trainbox import control
 from trainbox.home import Home
 
@@ -177,14 +177,16 @@ def test_prometheus(home: Home, client: httpx.Client) -> None:
     write_daemon_status(home)
     r = client.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    lines = r.text.splitlines()
-    assert "trainbox_daemon_up 1" in lines
-    assert any(line.startswith(f'trainbox_step{{job_id="{FAKE_JOB}"}} ') for line in lines)
-    assert any(line.startswith("trainbox_loss{") for line in lines)
-    assert any(line.startswith("trainbox_val_loss{") for line in lines)
-    assert f'trainbox_tokens_per_second{{job_id="{FAKE_JOB}"}} 5120' in lines
-    assert 'trainbox_queue_depth{priority="high"} 1' in lines
-    assert 'trainbox_jobs{state="done"} 2' in lines and 'trainbox_jobs{state="queued"} 3' in lines
+    got = prom_samples(r.text)
+    assert got[("trainbox_daemon_up", ())] == 1
+    assert ("trainbox_step", (("job_id", str(FAKE_JOB)),)) in got
+    assert any(name == "trainbox_loss" for name, _ in got)
+    assert any(name == "trainbox_val_loss" for name, _ in got)
+    assert got[("trainbox_tokens_per_second", (("job_id", str(FAKE_JOB)),))] == 5120
+    assert got[("trainbox_queue_depth", (("priority", "high"),))] == 1
+    assert got[("trainbox_jobs", (("state", "done"),))] == 2 and got[("trainbox_jobs", (("state", "queued"),))] == 3
+    assert got[("trainbox_jobs_finished_total", (("outcome", "done"),))] == 2  # counters, read from the DB
+    assert ("trainbox_step_seconds_count", (("job_id", str(FAKE_JOB)),)) in got  # the current job's histogram
 
 
 def test_openapi_documents_every_endpoint(client: httpx.Client) -> None:

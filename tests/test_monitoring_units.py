@@ -18,6 +18,7 @@ from monitoring.metrics_log import MetricsCache
 from monitoring.token import bearer_matches, load_or_create_token, read_token, token_path
 from monitoring.upload import UploadError, checked_name
 from monitoring.views import daemon_view
+from tests.monitoring_helpers import prom_samples
 from trainbox.config import ServerConfig, Settings
 from trainbox.home import Home
 from trainbox.states import DaemonState
@@ -69,25 +70,24 @@ def test_prometheus_render() -> None:
             gpus=[prometheus.GpuReading(0, 'H100 "SXM"', 1024, 80 * 1024**3, 0.5)],
         )
     )
+    got = prom_samples(text)
+    assert got[("trainbox_daemon_up", ())] == 1
+    assert got[("trainbox_step", (("job_id", "7"),))] == 120
+    assert got[("trainbox_loss", (("job_id", "7"),))] == 2.5
+    assert got[("trainbox_tokens_per_second", (("job_id", "7"),))] == 5120
+    assert not any(name == "trainbox_val_loss" for name, _ in got)  # unknown: left out, not 0
+    assert got[("trainbox_queue_depth", (("priority", "low"),))] == 2
+    assert got[("trainbox_jobs", (("state", "done"),))] == 3
+    assert got[("trainbox_gpu_memory_used_bytes", (("gpu", "0"), ("name", 'H100 "SXM"')))] == 1024
     lines = text.splitlines()
-    assert "trainbox_daemon_up 1" in lines
-    assert 'trainbox_step{job_id="7"} 120' in lines
-    assert 'trainbox_loss{job_id="7"} 2.5' in lines
-    assert 'trainbox_tokens_per_second{job_id="7"} 5120' in lines
-    assert not any(line.startswith("trainbox_val_loss") for line in lines)  # unknown: left out, not 0
-    assert 'trainbox_queue_depth{priority="low"} 2' in lines
-    assert 'trainbox_jobs{state="done"} 3' in lines
-    assert 'trainbox_gpu_memory_used_bytes{gpu="0",name="H100 \\"SXM\\""} 1024' in lines
-    for line in lines:  # every sample belongs to a family declared just before it
-        if not line.startswith("#"):
-            name = line.split("{")[0].split(" ")[0]
-            assert f"# TYPE {name} gauge" in lines
+    for name, _ in got:  # every reading is declared a gauge (the step time is the current job's histogram)
+        assert f"# TYPE {name} gauge" in lines or name.startswith("trainbox_step_seconds_")
     assert text.endswith("\n")
 
 
 def test_prometheus_without_job_or_gpu() -> None:
     text = prometheus.render(prometheus.Snapshot(daemon_up=False))
-    assert text.splitlines()[-1] == "trainbox_daemon_up 0"
+    assert prom_samples(text) == {("trainbox_daemon_up", ()): 0}
     assert "gpu" not in text and "trainbox_step" not in text
 
 

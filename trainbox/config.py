@@ -482,6 +482,56 @@ class ModelsConfig(_Strict):
     )
 
 
+NotifyEvent = Literal["done", "failed", "paused", "gate_refused", "disk_full", "daemon_crash"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("done", "failed", "paused", "gate_refused", "disk_full", "daemon_crash")
+
+
+class WebhookConfig(_Strict):
+    url: str = Field(
+        pattern=r"^https?://[^\s]+$",
+        description="URL the notification is POSTed to as JSON (http or https; Slack incoming webhooks work).",
+    )
+    events: list[NotifyEvent] = Field(
+        default_factory=lambda: list(NOTIFY_EVENTS),
+        description="Events this URL wants: done, failed, paused, gate_refused, disk_full, daemon_crash.",
+    )
+
+
+class NotifyConfig(_Strict):
+    webhooks: list[WebhookConfig] = Field(
+        default_factory=list,
+        description="Webhooks, as [[notify.webhooks]] tables with url and events; none: no notifications.",
+    )
+    timeout: float = Field(5.0, gt=0, le=60, description="Seconds one delivery may take before it counts as failed.")
+    max_attempts: int = Field(
+        8, ge=1, le=100, description="Deliveries tried per notification before it is given up (with an event)."
+    )
+    retry_backoff: float = Field(
+        5.0, gt=0, le=3600, description="Seconds before the second delivery try; doubles per failed try."
+    )
+    max_backoff: float = Field(600.0, gt=0, le=86400, description="Longest wait between two tries, in seconds.")
+    poll_interval: float = Field(
+        1.0, gt=0, le=60, description="Seconds between the notifier's looks at new events and due deliveries."
+    )
+    server_url: str = Field(
+        "",
+        description="Base URL of the status server for report links (http://host:port); empty: from [server] "
+        "host and port when the port is fixed.",
+    )
+
+
+class TrackingConfig(_Strict):
+    tensorboard: bool = Field(
+        False, description="Write TensorBoard event files under runs/job-N/tb/ from the worker (scalars, settings)."
+    )
+    mlflow: bool = Field(
+        False, description="MLflow: not written yet; on, the worker log says so (and whether mlflow is installed)."
+    )
+    wandb: bool = Field(
+        False, description="Weights & Biases: not written yet; on, the worker log says so (and if wandb is installed)."
+    )
+
+
 class Settings(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -489,6 +539,8 @@ class Settings(_Strict):
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     models: ModelsConfig = Field(default_factory=ModelsConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 class JobOverrides(TrainingConfig):
