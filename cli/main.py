@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
+from cli.report import register as register_report
 from cli.siblings import models_list
 from cli.siblings import register as register_siblings
 from trainbox import control
@@ -355,6 +356,7 @@ def config_cmd(
 
 
 register_siblings(app, models_app)  # watchdog, retention, health, up, install-systemd, models ...
+register_report(app)  # report N
 
 
 def main() -> None:
