@@ -62,13 +62,16 @@ def plan(series: Series) -> list[tuple[Plot, list[tuple[str, list[int], list[flo
 def draw(series: Series, folder: Path, warning_steps: list[int] | None = None) -> list[Plot]:
     """Write each planned plot into ``folder``; returns those written. Warning steps are marked on the
     loss plot, so a spike in the picture lines up with its line in the report."""
+    planned = plan(series)
+    if not planned:
+        return []  # nothing recorded: not even matplotlib's import
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for plot, lines, unit in plan(series):
+    for plot, lines, unit in planned:
         fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
         for label, xs, ys in lines:
             style: dict[str, Any] = {"marker": "o", "markersize": 3} if label == "validation loss" else {}
