@@ -111,12 +111,15 @@ def test_data_rules_fire_on_the_workers_counts() -> None:
 
 
 def test_never_learned_names_the_lines() -> None:
-    bad = [ExampleLoss(line=n, loss=9.0) for n in (7, 19, 33)]
-    scored = ExampleLosses(scored=40, median=0.4, factor=4.0, threshold=1.6, never_learned=bad)
+    bad = [ExampleLoss(line=n, loss=loss) for n, loss in ((7, 3.4), (19, 2.9), (33, 2.6))]
+    scored = ExampleLosses(scored=40, median=1.0, p25=0.8, p75=1.2, threshold=2.5, never_learned=bad)
     (f,) = diagnosis.never_learned(DataStats(train_examples=40, example_losses=scored))
-    assert f.summary.startswith("check lines 7, 19, 33: 3 of 40 training examples were never learned")
-    few = scored.model_copy(update={"never_learned": bad[:1]})  # 1 of 40: within NEVER_LEARNED_SHARE
-    assert diagnosis.never_learned(DataStats(example_losses=few)) == []
+    assert f.summary.startswith(
+        "check lines 7, 19, 33: 3 of 40 training examples were never learned (final loss 2.6-3.4"
+    )
+    assert f.evidence["lines"] == [7, 19, 33]
+    none = scored.model_copy(update={"never_learned": []})
+    assert diagnosis.never_learned(DataStats(example_losses=none)) == []
 
 
 def test_gate_refusal_says_why_and_what_to_do() -> None:

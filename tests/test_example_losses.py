@@ -49,5 +49,5 @@ def test_score_names_the_lines_never_learned() -> None:
     beats: list[tuple[int, int]] = []
     out = score(model, examples, lines, 0, torch.device("cpu"), 8, lambda d, n: beats.append((d, n)))
     assert out.scored == 20 and [e.line for e in out.never_learned] == [27, 28, 29]
-    assert out.threshold == max(out.factor * out.median, out.median + 1.0)
+    assert out.threshold == pytest.approx(max(out.p75 + 3 * (out.p75 - out.p25), out.median + 1.5), abs=1e-3)
     assert beats == [(8, 20), (16, 20), (20, 20)] and model.training  # its mode restored

@@ -24,12 +24,13 @@ class ExampleLoss(BaseModel):
 
 
 class ExampleLosses(BaseModel):
-    """Training examples scored under the final model; those far above the median were never learned."""
+    """Training examples scored under the final model; those far above the rest were never learned."""
 
     scored: int = Field(description="examples scored (the first ones of the training set, up to a cap)")
     median: float
-    factor: float = Field(description="an example above factor x median counts as never learned")
-    threshold: float
+    p25: float = Field(description="lower quartile of the losses")
+    p75: float = Field(description="upper quartile of the losses")
+    threshold: float = Field(description="max(p75 + 3 x (p75 - p25), median + 1.5): above it, never learned")
     never_learned: list[ExampleLoss] = Field(default_factory=list, description="worst first, at most 200")
 
 
