@@ -26,6 +26,7 @@ MIN_STEPS = 20  # fewer recorded steps than this: too little to judge the learni
 EARLY = 0.25  # the first quarter of the run is "early" for spikes
 DATA_SHARE = 0.10  # truncated or duplicate examples above this share are worth a finding
 SHORT_SHARE = 0.25  # very short examples above this share
+NEVER_LEARNED_MIN, NEVER_LEARNED_SHARE = 2, 0.01  # never-learned examples named from 2, and 1 % of those scored
 
 
 @dataclass(frozen=True)
@@ -282,12 +283,13 @@ def data_problems(stats: DataStats | None, cfg: TrainingConfig) -> list[Finding]
 
 def never_learned(stats: DataStats) -> list[Finding]:
     """Examples whose loss under the final model is still far above the rest's (the worker's threshold:
-    ``trainbox/data_stats.py``); one is enough to name, since its line is cheap to look at."""
+    ``trainbox/data_stats.py``), when they are a pattern: one hard example among hundreds is not a data
+    problem (the README's arithmetic file has one: "5 plus 4", the only one-digit sum of its kind)."""
     scored = stats.example_losses
-    if scored is None or not scored.never_learned:
+    if scored is None or len(scored.never_learned) < max(NEVER_LEARNED_MIN, NEVER_LEARNED_SHARE * scored.scored):
         return []
-    bad = scored.never_learned
-    lines = ", ".join(str(b.line) for b in bad[:10]) + (" ..." if len(bad) > 10 else "")
+    bad = sorted(scored.never_learned, key=lambda b: b.line)
+    lines = ", ".join(str(b.line) for b in bad[:12]) + (" ..." if len(bad) > 12 else "")
     low, high = min(b.loss for b in bad), max(b.loss for b in bad)
     return [
         Finding(

@@ -42,6 +42,8 @@ def _dur(seconds: float) -> str:
 def _num(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_num(x) for x in v)
     return _text(v)
 
 

@@ -111,15 +111,17 @@ def test_data_rules_fire_on_the_workers_counts() -> None:
 
 
 def test_never_learned_names_the_lines() -> None:
-    bad = [ExampleLoss(line=n, loss=loss) for n, loss in ((7, 3.4), (19, 2.9), (33, 2.6))]
+    bad = [ExampleLoss(line=n, loss=loss) for n, loss in ((19, 3.4), (7, 2.9), (33, 2.6))]  # worst first
     scored = ExampleLosses(scored=40, median=1.0, p25=0.8, p75=1.2, threshold=2.5, never_learned=bad)
     (f,) = diagnosis.never_learned(DataStats(train_examples=40, example_losses=scored))
     assert f.summary.startswith(
         "check lines 7, 19, 33: 3 of 40 training examples were never learned (final loss 2.6-3.4"
     )
     assert f.evidence["lines"] == [7, 19, 33]
-    none = scored.model_copy(update={"never_learned": []})
-    assert diagnosis.never_learned(DataStats(example_losses=none)) == []
+    one = scored.model_copy(update={"never_learned": bad[:1]})  # one hard example is not a pattern
+    assert diagnosis.never_learned(DataStats(example_losses=one)) == []
+    many = scored.model_copy(update={"scored": 1000})  # 3 of 1000: under 1 %
+    assert diagnosis.never_learned(DataStats(example_losses=many)) == []
 
 
 def test_gate_refusal_says_why_and_what_to_do() -> None:
