@@ -78,8 +78,8 @@ def draw(series: Series, folder: Path, warning_steps: list[int] | None = None) -
             ax.plot(xs, ys, label=label, linewidth=1.2, **style)
         if plot.file == "loss.png" and warning_steps:
             for i, step in enumerate(sorted(set(warning_steps))[:50]):
-                label = "early warning (see the report)" if i == 0 else None
-                ax.axvline(step, color="tab:red", alpha=0.25, linewidth=0.8, label=label)
+                mark = "early warning (see the report)" if i == 0 else None
+                ax.axvline(step, color="tab:red", alpha=0.25, linewidth=0.8, label=mark)
         _style(ax, plot.title, unit, len(lines) > 1 or (plot.file == "loss.png" and bool(warning_steps)))
         fig.tight_layout()
         fig.savefig(folder / plot.file)

@@ -9,7 +9,6 @@ a plot name must be one ``management/report_plots.py`` writes, so no path reache
 
 from __future__ import annotations
 
-import html
 from typing import Annotated
 from urllib.parse import quote
 
@@ -34,7 +33,7 @@ td, th {{ border: 1px solid #ccc; padding: .2rem .5rem; text-align: left; vertic
 img {{ max-width: 100%; }}
 code {{ background: #f2f2f2; padding: 0 .2rem; }}
 </style></head>
-<body><p><a href="/{query}">dashboard</a></p>
+<body><p><a href="/">dashboard</a></p>
 {body}
 </body></html>
 """
@@ -57,7 +56,7 @@ def render_report(markdown: str, job_id: int, token: str | None) -> str:
             else:
                 child.type, child.content, child.attrs = "text", "", {}
     body = md.renderer.render(tokens, md.options, {})
-    return PAGE.format(title=f"job {job_id} report", query=html.escape(query), body=body)
+    return PAGE.format(title=f"job {job_id} report", body=body)
 
 
 def get_report(request: Request, st: State, job_id: JobIdPath) -> HTMLResponse:
