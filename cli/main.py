@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
 from cli.logs import register as register_logs
+from cli.report import register as register_report
 from cli.siblings import models_list
 from cli.siblings import register as register_siblings
 from trainbox import control
@@ -369,6 +370,7 @@ def config_cmd(
 
 register_siblings(app, models_app)  # watchdog, retention, health, up, install-systemd, models ...
 register_logs(app)  # trainbox logs [JOB] [-f]
+register_report(app)  # report N
 
 
 def main() -> None:

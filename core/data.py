@@ -23,17 +23,20 @@ from trainbox.records import LineError, Record, iter_lines
 T = TypeVar("T")
 
 
-def read_records(path: Path, tick: Callable[[], None] | None = None) -> list[Record]:
+def read_records(path: Path, tick: Callable[[], None] | None = None, lines: list[int] | None = None) -> list[Record]:
     """Every record of a file that must be valid (admission checked it; the worker re-checks it while
     streaming, by the same rules): the first bad line raises, named. ``tick`` is called after each
-    record, so reading millions of them keeps the worker's heartbeat (core.heartbeat.Progress)."""
+    record, so reading millions of them keeps the worker's heartbeat (core.heartbeat.Progress). ``lines``
+    gets each record's line number (the job report names lines)."""
     out = []
-    for _n, item in iter_lines(path):
+    for n, item in iter_lines(path):
         if isinstance(item, LineError):  # a line that no longer validates
             raise DataError(
                 f"{Path(path).name}: {item}", fix="fix or remove the line named, then submit the file again"
             )
         out.append(item)
+        if lines is not None:
+            lines.append(n)
         if tick is not None:
             tick()
     return out

@@ -14,7 +14,7 @@ label at position 0 is never trained. Examples longer than ``max_length`` are tr
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import DataError
@@ -47,6 +47,9 @@ class Example:
 class Encoded:
     examples: list[Example]
     dropped: int  # examples with no trained token left after truncation
+    truncated: int = 0  # kept or dropped, examples longer than max_length (for the job report)
+    longest: int = 0  # tokens of the longest example before truncation
+    kept: list[int] = field(default_factory=list)  # each kept example's position in the records given
 
 
 def prepare_tokenizer(tokenizer: Any) -> list[str]:
@@ -143,13 +146,17 @@ def encode_all(
     """Encode and truncate every record; drop (and count) those left with nothing to train. ``tick``
     is called after each record: millions of them take minutes, and the worker must keep its
     heartbeat meanwhile (core.heartbeat.Progress)."""
-    kept, dropped = [], 0
-    for record in records:
-        ex = truncate(encode_record(tokenizer, record), max_length)
+    out = Encoded([], 0)
+    for i, record in enumerate(records):
+        full = encode_record(tokenizer, record)
+        out.longest = max(out.longest, len(full.input_ids))
+        out.truncated += len(full.input_ids) > max_length
+        ex = truncate(full, max_length)
         if ex.trained_tokens == 0:
-            dropped += 1
+            out.dropped += 1
         else:
-            kept.append(ex)
+            out.examples.append(ex)
+            out.kept.append(i)
         if tick is not None:
             tick()
-    return Encoded(kept, dropped)
+    return out

@@ -10,7 +10,7 @@ started from at step 0.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from core import checkpoint, distributed, lora, rng, sharding
 from core.data import read_records, split_heldout
 from core.distributed import Dist
 from core.embedded import ensure_embedded_model
-from core.encode import Example, encode_all, prepare_tokenizer
+from core.encode import Encoded, Example, encode_all, prepare_tokenizer
 from core.errors import DataError, PreflightError
 from core.faults import Faults
 from core.heartbeat import Progress
@@ -30,6 +30,7 @@ from core.reporting import Report
 from core.runtime import describe_device, pick_device, resolve_config, use_threads
 from core.train import Trainer
 from trainbox.config import TrainingConfig, auto_learning_rate
+from trainbox.data_stats import SHORT_TOKENS, DataStats
 from trainbox.jobspec import JobSpec
 
 log = logging.getLogger("core.worker")
@@ -120,6 +121,8 @@ def with_learning_rate(cfg: TrainingConfig, model: Any) -> TrainingConfig:
 class DataSets:
     train: list[Example]
     val: list[Example]
+    stats: DataStats | None = None  # for the job report (runs/job-N/data-stats.json)
+    train_lines: list[int] = field(default_factory=list)  # each training example's line in its file
 
 
 def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Progress | None = None) -> DataSets:
@@ -128,13 +131,15 @@ def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Prog
     loading floor, and a worker that advances must not be judged hung."""
     progress = progress if progress is not None else Progress(None)
     progress.stage(f"reading {Path(spec.data_file).name}")
-    records = read_records(Path(spec.data_file), progress.tick)
+    numbers: list[int] = []
+    records = read_records(Path(spec.data_file), progress.tick, numbers)
     if spec.eval_file:
-        train_records = records
+        train_records, train_numbers = records, numbers
         progress.stage(f"reading {Path(spec.eval_file).name}")
         val_records = read_records(Path(spec.eval_file), progress.tick)[: cfg.eval_max_examples]
     else:
         train_records, val_records = split_heldout(records, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
+        train_numbers = split_heldout(numbers, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)[0]
     progress.stage("encoding", len(train_records) + len(val_records))
     train = encode_all(tokenizer, train_records, cfg.max_length, progress.tick)
     val = encode_all(tokenizer, val_records, cfg.max_length, progress.tick)
@@ -154,7 +159,28 @@ def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Prog
             failure_class="preflight",
         )
     log.info("data: %d training, %d validation examples", len(train.examples), len(val.examples))
-    return DataSets(train.examples, val.examples)
+    lines = [train_numbers[i] for i in train.kept]
+    return DataSets(train.examples, val.examples, data_stats(len(records), train, val), lines)
+
+
+def data_stats(records: int, train: Encoded, val: Encoded) -> DataStats:
+    """The counts the job report's data rules need (``trainbox/data_stats.py``); one pass, no copies."""
+    seen: set[int] = set()
+    duplicates = 0
+    for ex in train.examples:
+        key = hash(tuple(ex.input_ids))
+        duplicates += key in seen
+        seen.add(key)
+    return DataStats(
+        records=records,
+        train_examples=len(train.examples),
+        val_examples=len(val.examples),
+        dropped=train.dropped,
+        truncated=train.truncated,
+        longest=train.longest,
+        duplicates=duplicates,
+        short=sum(1 for ex in train.examples if ex.trained_tokens <= SHORT_TOKENS),
+    )
 
 
 # --- the job --------------------------------------------------------------------------------------
@@ -213,6 +239,8 @@ def load_job(spec: JobSpec, report: Report, faults: Faults) -> LoadedJob:
         log.info("gradient checkpointing on (activations recomputed in the backward pass)")
     cfg = with_learning_rate(cfg, model)
     data = load_data(spec, cfg, tokenizer, report.progress())
+    if ranks.is_main and data.stats is not None:
+        data.stats.save(run_dir)
     if shard:  # after the weights, before the optimizer; every rank read the same files, so no broadcast
         layers = sharding.wrap(model, device, ranks.world)
         log.info("fsdp: %d decoder layers and the root sharded across %d ranks", layers, ranks.world)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from core import distributed
+from core import distributed, example_losses
 from core.errors import DiskFull
 from core.events import WarningEvent
 from core.faults import Faults
@@ -98,6 +98,8 @@ def train_job(spec: JobSpec, stop: StopFlag, report: Report, info: RunInfo | Non
         try:
             outcome = trainer.run(report, should_stop, saver.checkpoint, RollbackTarget(run_dir, job, trainer, report))
             final = saver.final_model() if outcome == "completed" else None
+            if final is not None and job.ranks.is_main and not job.ranks.active:  # for the job report
+                example_losses.record(run_dir, trainer, job.data.train_lines, report)
         except DiskFull as e:
             return paused_result(e, trainer, job.base, run_dir)
     finally:

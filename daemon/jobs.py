@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from daemon import reports
 from daemon.admission import write_error
 from daemon.gate import GATE_PENDING, GateRequest, request_gate
 from daemon.outcome import Decision, JobVerdict, decide
@@ -63,6 +64,7 @@ class JobRunner:
         self.home, self.spool, self.db, self.settings = home, spool, db, settings
         self.worker_command = worker_command  # None: the real worker; tests pass a stub (WorkerProcess.spawn)
         self.warm = warm  # the standby a single-process job is handed to (daemon/standby.py); None: cold starts
+        self.reports: reports.Reports | None = None  # the daemon's report children (set by Daemon.start)
 
     def start(self, processing_file: Path) -> WorkerProcess:
         """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes. The run row
@@ -259,6 +261,7 @@ class JobRunner:
             evidence = dict(decision.evidence)
             if decision.verdict == JobVerdict.CANCELLED:
                 evidence["checkpoint"] = latest_checkpoint(worker.run_dir)  # kept: the run folder stays
+            reports.request(self.home, job_id, self.reports)
             failed = move(processing_file, self.home.failed)
             crash_point("filing.moved")  # the row still says running: the next start's reconciliation fixes it
             write_error(
@@ -321,6 +324,7 @@ class JobRunner:
                 if row is not None:
                     row.priority = priority.value
             return f"moved from {waiting.parent.name} to {priority.value}"
+        reports.request(self.home, job_id, self.reports)  # a retry waiting its turn has run before
         failed = move(waiting, self.home.failed)
         write_error(failed, job_id, "cancelled", "cancelled while waiting, by a control request")
         with self.db.session() as s:
@@ -342,6 +346,7 @@ class JobRunner:
         state = job.state if job is not None and job.state else JobState.PAUSED.value
         reason = f"cancelled while {state}" + (f" at step {last_step}" if last_step is not None else "")
         reason += ", by a control request"
+        reports.request(self.home, job_id, self.reports)
         failed = move(processing, self.home.failed)
         checkpoint = latest_checkpoint(self.home.run_dir(job_id))
         write_error(
@@ -390,6 +395,7 @@ class JobRunner:
                 row.finished_at = row.finished_at or time.time()
         processing_file = self.spool.find_job(job_id, [self.home.processing])
         if processing_file is not None:
+            reports.request(self.home, job_id, self.reports)  # before the move: a kill between asks again
             crash_point("filing.moved")  # here the row says done, the file is still in processing/
             move(processing_file, self.home.done)
 

@@ -28,6 +28,7 @@ from daemon.notifier import Notifier
 from daemon.notify_outbox import DAEMON_CRASHED, unclean_exit
 from daemon.orphans import LockWait
 from daemon.outcome import JobVerdict
+from daemon.reports import Reports
 from daemon.spool import move
 from daemon.spool_reconcile import reconcile_spool
 from daemon.standby import WarmWorker
@@ -54,6 +55,7 @@ class Daemon:
         settings: Settings,
         worker_command: WorkerCommand | None = None,
         evaluate_program: list[str] | None = None,
+        report_program: list[str] | None = None,
     ) -> None:
         """``worker_command`` (argv for a run folder) and ``evaluate_program`` (replacing ``python -m
         core.evaluate``): None runs the real ones; tests pass stubs, so ``tick`` is tested without
@@ -62,6 +64,7 @@ class Daemon:
         self.settings = settings
         self.worker_command = worker_command
         self.evaluate_program = evaluate_program
+        self.report_program = report_program  # None: python -m management.job_report (daemon/reports.py)
         self.lock = InstanceLock(home.root / "trainbox.lock")
         self.spool = Spool(home)
         self.db: ModelDB | None = None
@@ -127,6 +130,8 @@ class Daemon:
         self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
         self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
+        self.reports = Reports(self.home, self.db, self.report_program)  # requests a killed daemon left
+        self.runner.reports = self.reports
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
         self._stop_orphans()
@@ -178,6 +183,8 @@ class Daemon:
         self.admit_ready(now)
         self.reap_worker(now)
         self.reap_gate(now)
+        if not self.stopping:
+            self.reports.tick(now)  # job reports: children, never blocking (daemon/reports.py)
         self.maybe_dispatch(now)
         self.keep_warm(now)
         self.write_status(now)
@@ -196,6 +203,7 @@ class Daemon:
         self.stopping = True
         if hasattr(self, "gates"):
             self.gates.stop()  # an interrupted gate runs again at the next start
+            self.reports.stop()  # and an interrupted report is drawn again
         if self.warm is not None:
             self.warm.stop()
         if self.worker is not None:
@@ -405,7 +413,7 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
-        for helper in (getattr(self, "gates", None), self.warm, self.notifier):
+        for helper in (getattr(self, "gates", None), getattr(self, "reports", None), self.warm, self.notifier):
             if helper is not None:
                 helper.stop()
         watcher = getattr(self, "watcher", None)

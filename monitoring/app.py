@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from management.db import ModelDB
-from monitoring import control_routes, read_routes
+from monitoring import control_routes, read_routes, report_routes
 from monitoring.state import ServerState
 from monitoring.system import Gpus, prime_cpu_percent
 from monitoring.token import load_or_create_token
@@ -70,6 +70,7 @@ def create_app(
     )
     app.include_router(read_routes.router(settings.server.read_requires_token))
     app.include_router(control_routes.router)
+    app.include_router(report_routes.router(settings.server.read_requires_token))  # /jobs/{id}/report pages
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -11,6 +11,7 @@ import pytest
 
 from management.db import ModelDB
 from tests.e2e_helpers import DaemonProc, cli, make_home, metrics, wait_for, write_jsonl
+from trainbox.data_stats import DataStats
 from trainbox.home import Home
 from trainbox.states import JobState
 
@@ -47,6 +48,7 @@ def test_three_formats_in_priority_order_chain_model_versions(tmp_path: Path, em
         cli(home, "resume")
         wait_for(lambda: len(_queue_files(home, "done")) == 3, 240, "three jobs done")
         assert _queue_files(home, "failed") == [] and _queue_files(home, "processing") == []
+        wait_for(lambda: len(list(home.done.glob("*.report.md"))) == 3, 60, "three job reports (issue 19)")
     finally:
         assert daemon.stop() == 0, daemon.log_text()
 
@@ -65,6 +67,18 @@ def test_three_formats_in_priority_order_chain_model_versions(tmp_path: Path, em
         assert len(evals) >= 2 and evals[-1] < evals[0], (job.name, evals)
         steps = [m["step"] for m in metrics(home.run_dir(job.id)) if m["kind"] == "train"]
         assert steps == list(range(1, 31))
+    for job in order:  # issue 19: each job's report with its plots, and its copy beside the file in done/
+        run_dir = home.run_dir(job.id)
+        text = (run_dir / "report.md").read_text()
+        assert text.startswith(f"# Job {job.id}: {job.name}") and "**Outcome: done**" in text and "## Diagnosis" in text
+        for png in ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"):
+            assert (run_dir / png).read_bytes().startswith(b"\x89PNG") and f"]({png})" in text, png
+        (copy,) = home.done.glob(f"*__{job.name}.report.md")
+        assert f"](../../runs/{run_dir.name}/loss.png)" in copy.read_text()
+        stats = DataStats.load(run_dir)  # the worker's data counts and per-example losses
+        assert stats is not None and stats.example_losses is not None
+        assert stats.example_losses.scored == stats.train_examples > 0
+    assert "Settings that differ" not in (home.run_dir(order[1].id) / "report.md").read_text()  # same settings
     db.close()
     out = cli(home, "models").stdout
     assert all(str(v.id) in out for v in versions)

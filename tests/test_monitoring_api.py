@@ -216,6 +216,27 @@ def test_dashboard_is_served(client: httpx.Client) -> None:
     assert "http" not in "".join(line for line in page.text.splitlines() if "src=" in line or "href=" in line)
 
 
+def test_job_report_page_and_its_plots_only(home: Home, client: httpx.Client) -> None:
+    """``/jobs/{id}/report``: the run's report.md as HTML with raw HTML off; images point at the plot
+    route, which serves the report's own plots and nothing else of the run folder or the home."""
+    run_dir = home.run_dir(FAKE_JOB)
+    png = b"\x89PNG\r\n\x1a\n fake plot"
+    (run_dir / "loss.png").write_bytes(png)
+    (run_dir / "report.md").write_text(
+        "# Job 5\n\n| a | b |\n| --- | --- |\n| 1 | 2 |\n\n![Loss](loss.png)\n\n![t](../../api-token)\n\n"
+        "<script>alert(1)</script>\n"
+    )
+    page = client.get(f"/jobs/{FAKE_JOB}/report")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert f'<img src="/jobs/{FAKE_JOB}/report/loss.png"' in page.text and "<td>2</td>" in page.text
+    assert "<script>" not in page.text and "api-token" not in page.text
+    plot = client.get(f"/jobs/{FAKE_JOB}/report/loss.png")
+    assert plot.content == png and plot.headers["content-type"] == "image/png"
+    for name in ("job.json", "lr.png", "..%2F..%2Fapi-token", "report.md"):
+        assert client.get(f"/jobs/{FAKE_JOB}/report/{name}").status_code in (404, 422), name
+    assert client.get("/jobs/999/report").status_code == 404
+
+
 def test_stream_sends_status_and_new_metric_lines(home: Home, server: ServerProc) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as c, c.stream("GET", "/api/stream") as r:
         assert r.headers["content-type"].startswith("text/event-stream")

@@ -6,6 +6,7 @@
 
 const TOKEN_KEY = "trainbox-token";
 const MAX_CLIENT_POINTS = 6000; // beyond this the page asks the server for a downsampled history again
+const ENDED = new Set(["done", "failed", "cancelled"]); // job states that have a report (daemon/reports.py)
 const QUEUE_ROWS = 20; // waiting jobs shown per priority queue; the rest are counted, not listed
 const PRIORITIES = ["high", "normal", "low"];
 const $ = (id) => document.getElementById(id);
@@ -236,8 +237,12 @@ async function refreshJobs(q) {
   for (const f of (q ? q.failed : [])) if (f.job_id !== null) reasons[f.job_id] = f.reason;
   const html = jobs.map((j) => {
     const reason = reasons[j.id] || j.error || "";
+    // the job report (runs/job-N/report.md as a page); an <a> cannot send a header, so ?token= as the stream does
+    const report = ENDED.has(j.state)
+      ? ` <a class="report-link" href="/jobs/${j.id}/report${token() ? "?token=" + encodeURIComponent(token()) : ""}" target="_blank" rel="noopener">report</a>`
+      : "";
     return `<tr data-job="${j.id}"><td class="num">${j.id}</td><td class="name" title="${esc(j.name)}"><bdi>${esc(j.name)}</bdi></td>
-      <td class="outcome-${esc(j.state)}">${esc(j.state)}${reason ? `<span class="reason">${esc(reason)}</span>` : ""}</td>
+      <td class="outcome-${esc(j.state)}">${esc(j.state)}${report}${reason ? `<span class="reason">${esc(reason)}</span>` : ""}</td>
       <td>${j.version ? "v" + j.version : "—"}</td><td>${when(j.finished_at)}</td></tr>`;
   }).join("");
   rows($("jobs-table").tBodies[0], html, 5, "no jobs yet");

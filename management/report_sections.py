@@ -1,0 +1,96 @@
+"""Two of the job report's sections as pure functions: what changed from the previous job's settings,
+and where the time went. Inputs are plain values read elsewhere (``management/report_facts.py``), so
+each is tested with hand-built numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def settings_diff(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(setting, previous value, this job's value) for every effective setting that differs; nested
+    tables (``hybrid``) as dotted names. A key one side lacks shows as None there."""
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flat("", previous, a)
+    _flat("", current, b)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+@dataclass(frozen=True)
+class RunSpan:
+    """One worker start: from the daemon's run row."""
+
+    attempt: int
+    started_at: float
+    ended_at: float | None
+    outcome: str = ""
+
+
+@dataclass
+class TimeSplit:
+    wall_s: float = 0.0  # every run's start to end, summed
+    process_hours: float = 0.0  # wall x processes (nproc): what the job occupied
+    parts: dict[str, float] = field(default_factory=dict)  # label -> seconds, summing to wall_s
+    notes: list[str] = field(default_factory=list)
+
+
+def _at_or_before(times: list[tuple[int, float]], step: int) -> float | None:
+    found = [t for s, t in times if s <= step]
+    return max(found) if found else None
+
+
+def time_split(
+    runs: list[RunSpan],
+    train_times: list[tuple[int, float]],
+    eval_times: list[tuple[int, float]],
+    checkpoint_times: list[tuple[int, float]],
+    processes: int,
+) -> TimeSplit:
+    """Wall-clock from the run rows; evaluation and checkpoint time as the gap between a step's line and
+    the evaluation's line / the checkpoint's event that follows it (the loop's order: step, eval,
+    checkpoint); start-up as each run's start to its first step line; the rest is training and finishing.
+    Metrics lines a resume cut back are gone, so a resumed job's split covers what its file still holds."""
+    out = TimeSplit()
+    closed = [r for r in runs if r.ended_at is not None]
+    out.wall_s = sum(max(0.0, (r.ended_at or r.started_at) - r.started_at) for r in closed)
+    out.process_hours = out.wall_s * max(1, processes) / 3600
+    if len(closed) < len(runs):
+        out.notes.append(f"{len(runs) - len(closed)} run(s) without an end time are not counted")
+    evaluating = 0.0
+    for step, t in eval_times:
+        before = _at_or_before(train_times, step)
+        if before is not None and t >= before:
+            evaluating += t - before
+    checkpointing = 0.0
+    lines = train_times + eval_times
+    for step, t in checkpoint_times:
+        before = _at_or_before(lines, step)
+        if before is not None and t >= before:
+            checkpointing += t - before
+    starting = 0.0
+    for r in closed:
+        first = min((t for _, t in train_times if r.started_at <= t <= (r.ended_at or t)), default=None)
+        if first is not None:
+            starting += first - r.started_at
+    rest = max(0.0, out.wall_s - evaluating - checkpointing - starting)
+    out.parts = {
+        "start-up (process start, loading, first step)": starting,
+        "training steps and the final save": rest,
+        "evaluation": evaluating,
+        "checkpoints": checkpointing,
+    }
+    out.notes.append(
+        "forward, backward and optimizer time are not recorded separately by the worker (only tokens/s per step)"
+    )
+    return out

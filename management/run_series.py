@@ -1,0 +1,122 @@
+"""A run's recorded series, read from ``runs/job-N/metrics.jsonl`` into typed points.
+
+The worker writes the file (its format is described at the top of ``core/metrics.py``); the job
+report and its diagnosis read it here, without importing the engine. Reading is forgiving: a line a
+crash tore, a NaN written as a string, or a field an older worker did not write becomes a missing
+value, never an error, because a report must come out of whatever a failed run left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainPoint:
+    step: int
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    epoch: float | None = None
+    time: float | None = None
+    skipped: bool = False  # a non-finite step whose update was skipped
+    predicted: bool = False  # a hybrid jump (no backward pass)
+    backward_skipped: int | None = None  # the hybrid engine's running count, when it ran
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    step: int
+    val_loss: float
+    time: float | None = None
+
+
+@dataclass(frozen=True)
+class WarningPoint:
+    step: int
+    kind: str
+    message: str = ""
+    time: float | None = None
+
+
+@dataclass
+class Series:
+    train: list[TrainPoint] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)
+    warnings: list[WarningPoint] = field(default_factory=list)
+
+    def losses(self) -> list[tuple[int, float]]:
+        """(step, loss) of every real step with a finite loss: jumps and skipped steps excluded."""
+        return [(p.step, p.loss) for p in self.train if p.loss is not None and not p.predicted]
+
+    def warnings_of(self, *kinds: str) -> list[WarningPoint]:
+        return [w for w in self.warnings if w.kind in kinds]
+
+    @property
+    def last_step(self) -> int:
+        steps = [p.step for p in self.train] + [e.step for e in self.evals]
+        return max(steps, default=0)
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, else None (NaN and Inf arrive as strings in these files)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _point(obj: dict[str, Any]) -> TrainPoint | EvalPoint | WarningPoint | None:
+    step = obj.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return None
+    kind = obj.get("kind")
+    if kind == "train":
+        bs = obj.get("backward_skipped")
+        return TrainPoint(
+            step=step,
+            loss=_num(obj.get("loss")),
+            lr=_num(obj.get("lr")),
+            grad_norm=_num(obj.get("grad_norm")),
+            tokens_per_s=_num(obj.get("tokens_per_s")),
+            epoch=_num(obj.get("epoch")),
+            time=_num(obj.get("time")),
+            skipped=obj.get("skipped") is True,
+            predicted=obj.get("predicted") is True,
+            backward_skipped=bs if isinstance(bs, int) and not isinstance(bs, bool) else None,
+        )
+    if kind == "eval":
+        val = _num(obj.get("val_loss"))
+        return EvalPoint(step, val, _num(obj.get("time"))) if val is not None else None
+    if kind == "warning":
+        return WarningPoint(step, str(obj.get("warning", "")), str(obj.get("message", "")), _num(obj.get("time")))
+    return None
+
+
+def parse_metrics(text: str) -> Series:
+    series = Series()
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        point = _point(obj) if isinstance(obj, dict) else None
+        if isinstance(point, TrainPoint):
+            series.train.append(point)
+        elif isinstance(point, EvalPoint):
+            series.evals.append(point)
+        elif isinstance(point, WarningPoint):
+            series.warnings.append(point)
+    return series
+
+
+def read_series(run_dir: Path) -> Series:
+    path = run_dir / "metrics.jsonl"
+    try:
+        return parse_metrics(path.read_text(encoding="utf-8", errors="replace"))
+    except FileNotFoundError:
+        return Series()
