@@ -46,6 +46,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from core import distributed, example_losses
+from core.energy import EnergyMeter
 from core.errors import DiskFull
 from core.events import WarningEvent
 from core.faults import Faults
@@ -90,6 +91,7 @@ def train_job(spec: JobSpec, stop: StopFlag, report: Report, info: RunInfo | Non
     what = f"resuming at step {s.step}" if job.resumed_from else "starting"
     log.info("%s: %d steps in all", what, trainer.total_steps)
     report.event("training_started", f"worker {what}", step=s.step, total_steps=trainer.total_steps, pid=os.getpid())
+    energy = EnergyMeter(run_dir, job.device, enabled=job.ranks.is_main)  # for the job report's energy and cost
     try:
         for p in preflight.warnings:
             report.warning(WarningEvent(s.step, "preflight", p.message, {"check": p.code, **p.evidence}))
@@ -103,6 +105,7 @@ def train_job(spec: JobSpec, stop: StopFlag, report: Report, info: RunInfo | Non
         except DiskFull as e:
             return paused_result(e, trainer, job.base, run_dir)
     finally:
+        energy.stop()
         report.close_metrics()
         if trainer.hybrid is not None:
             report.hybrid_summary(trainer.hybrid, trainer.state.step)

@@ -26,8 +26,9 @@ from management.db import ModelDB
 from management.report_facts import JobFacts, gather
 from management.report_markdown import render
 from management.report_plots import PLOT_NAMES, Plot, draw
-from management.report_sections import settings_diff, time_split
+from management.report_sections import job_energy, settings_diff, time_split
 from trainbox.atomic import atomic_write_text
+from trainbox.config import ConfigError, ReportConfig, load_settings
 from trainbox.home import Home
 
 log = logging.getLogger("trainbox.report")
@@ -46,7 +47,7 @@ def spool_copy_path(facts: JobFacts) -> Path | None:
     return f.with_name(f.name + SPOOL_SUFFIX)
 
 
-def markdown(facts: JobFacts, plots: list[Plot], image_prefix: str = "") -> str:
+def markdown(facts: JobFacts, plots: list[Plot], image_prefix: str = "", prices: ReportConfig | None = None) -> str:
     """The report's text for gathered facts and drawn plots (pure)."""
     findings = diagnosis.diagnose(facts.series, facts.cfg, facts.stats, facts.gate)
     missing = diagnosis.missing(facts.series, facts.stats)
@@ -58,7 +59,18 @@ def markdown(facts: JobFacts, plots: list[Plot], image_prefix: str = "") -> str:
         facts.checkpoint_times,
         facts.cfg.nproc,
     )
-    return render(facts, findings, missing, plots, diff, split, image_prefix)
+    prices = prices or ReportConfig()
+    energy = job_energy(facts.energy, prices) if facts.energy else None
+    return render(facts, findings, missing, plots, diff, split, image_prefix, energy, prices.currency)
+
+
+def report_prices(home: Home) -> ReportConfig:
+    """The home's ``[report]`` prices; a config that does not load prices nothing (the report still comes)."""
+    try:
+        return load_settings(home.config_file).report
+    except ConfigError as e:
+        log.warning("no prices for the report: %s", e)
+        return ReportConfig()
 
 
 def generate(home: Home, db: ModelDB, job_id: int) -> Path:
@@ -69,11 +81,12 @@ def generate(home: Home, db: ModelDB, job_id: int) -> Path:
     for stale in PLOT_NAMES:
         (run_dir / stale).unlink(missing_ok=True)
     plots = draw(facts.series, run_dir, [w.step for w in facts.series.warnings])
-    atomic_write_text(run_dir / REPORT, markdown(facts, plots))
+    prices = report_prices(home)
+    atomic_write_text(run_dir / REPORT, markdown(facts, plots, prices=prices))
     copy = spool_copy_path(facts)
     if copy is not None:
         prefix = os.path.relpath(run_dir, copy.parent) + "/"
-        atomic_write_text(copy, markdown(facts, plots, prefix))
+        atomic_write_text(copy, markdown(facts, plots, prefix, prices))
     return run_dir / REPORT
 
 

@@ -17,8 +17,10 @@ from management.db import ModelDB
 from management.diagnosis import GateFacts
 from management.report_sections import RunSpan
 from management.run_series import Series, read_series
+from trainbox import energy_log
 from trainbox.config import TrainingConfig
 from trainbox.data_stats import DataStats
+from trainbox.energy_log import EnergyRecord
 from trainbox.home import Home
 from trainbox.jobspec import JobSpec, WorkerResult
 from trainbox.spool import Spool
@@ -54,6 +56,7 @@ class JobFacts:
     previous: PreviousJob | None = None
     hybrid: dict[str, Any] | None = None  # the last hybrid_summary event's numbers
     spool_file: Path | None = None
+    energy: list[EnergyRecord] = field(default_factory=list)  # one per run that reached its training loop
 
     @property
     def cfg(self) -> TrainingConfig:
@@ -110,6 +113,7 @@ def gather(home: Home, db: ModelDB, job_id: int) -> JobFacts:
         facts.name = facts.spec.job_name
     facts.result = load_result(run_dir)
     facts.series = read_series(run_dir)
+    facts.energy = energy_log.read(run_dir)
     facts.stats = DataStats.load(run_dir)
     facts.runs = [RunSpan(r.attempt, r.started_at, r.ended_at, r.outcome or "") for r in db.runs(job_id)]
     for e in db.events(job_id):

@@ -15,7 +15,7 @@ from typing import Any
 from management.diagnosis import Finding
 from management.report_facts import JobFacts
 from management.report_plots import Plot
-from management.report_sections import TimeSplit
+from management.report_sections import JobEnergy, TimeSplit, bottleneck
 from trainbox.safefs import display_name
 
 _SPECIAL = re.compile(r"([\\`*\[\]<|])")  # what could make a link, an image, HTML, emphasis or a column
@@ -123,7 +123,24 @@ def _time(split: TimeSplit, processes: int, device: str) -> list[str]:
     if split.wall_s > 0:
         lines += ["", "| part | time | share |", "| --- | --- | --- |"]
         lines += [f"| {_text(k)} | {_dur(v)} | {v / split.wall_s:.0%} |" for k, v in split.parts.items()]
-    lines += ["", *(f"- {_text(n)}" for n in split.notes)]
+    found = bottleneck(split)
+    lines += ["", *([f"**{_text(found)}**", ""] if found else []), *(f"- {_text(n)}" for n in split.notes)]
+    return [*lines, ""]
+
+
+def _energy(e: JobEnergy | None, currency: str) -> list[str]:
+    if e is None:
+        return []
+    lines = ["## Energy and cost", ""]
+    if not e.gpu_hours:
+        lines.append("Trained on the CPU: no GPU energy to measure.")
+        return [*lines, ""]
+    drew = f"{e.kwh:.3f} kWh" if e.kwh is not None else "energy not measured (no NVML energy counter)"
+    lines.append(f"{e.gpu_hours:.3f} GPU-hours in the training loops; the GPUs drew {drew}.")
+    if e.unmeasured_runs:
+        lines.append(f"{e.unmeasured_runs} run(s) could not read the energy counter: not counted.")
+    if e.cost is not None:
+        lines.append(f"Cost at the `[report]` prices: {e.cost:.2f} {_text(currency)}".rstrip() + ".")
     return [*lines, ""]
 
 
@@ -146,6 +163,8 @@ def render(
     diff: list[tuple[str, Any, Any]] | None,
     split: TimeSplit,
     image_prefix: str = "",
+    energy: JobEnergy | None = None,
+    currency: str = "",
 ) -> str:
     lines = _outcome(facts) + _diagnosis(findings, missing)
     if plots:
@@ -157,4 +176,5 @@ def render(
         lines += ["## Hybrid engine", "", ", ".join(f"{_text(k)} = {_num(v)}" for k, v in facts.hybrid.items()), ""]
     lines += _changes(facts, diff)
     lines += _time(split, facts.cfg.nproc, facts.cfg.device)
+    lines += _energy(energy, currency)
     return "\n".join(lines).rstrip() + "\n"

@@ -1,12 +1,15 @@
-"""Two of the job report's sections as pure functions: what changed from the previous job's settings,
-and where the time went. Inputs are plain values read elsewhere (``management/report_facts.py``), so
-each is tested with hand-built numbers.
+"""Three of the job report's sections as pure functions: what changed from the previous job's settings,
+where the time went, and the GPUs' energy and the job's cost. Inputs are plain values read elsewhere
+(``management/report_facts.py``), so each is tested with hand-built numbers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from trainbox.config import ReportConfig
+from trainbox.energy_log import EnergyRecord
 
 
 def _flat(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -43,6 +46,50 @@ class TimeSplit:
     process_hours: float = 0.0  # wall x processes (nproc): what the job occupied
     parts: dict[str, float] = field(default_factory=dict)  # label -> seconds, summing to wall_s
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobEnergy:
+    """A job's GPU use over its runs' training loops, and its price where ``[report]`` sets one."""
+
+    gpu_hours: float
+    kwh: float | None  # None: no run measured energy (no GPU, or no counter)
+    unmeasured_runs: int  # GPU runs whose energy counter could not be read
+    cost: float | None  # None: no price set, or nothing measured to price
+
+
+BOTTLENECK_SHARE = 0.3  # a part other than the steps taking this share of the wall-clock is named
+BOTTLENECK_FIX = {
+    "start-up": "small jobs pay the worker's start each time: keep daemon.warm_worker on, or merge small files",
+    "evaluation": "raise training.eval_every or lower training.eval_max_examples",
+    "checkpoints": "raise training.checkpoint_every (a resume then repeats more steps)",
+}
+
+
+def bottleneck(split: TimeSplit) -> str | None:
+    """The part that dominates where it is not the training itself, with the setting that shrinks it."""
+    if split.wall_s <= 0:
+        return None
+    for label, seconds in split.parts.items():
+        key = next((k for k in BOTTLENECK_FIX if label.startswith(k)), None)
+        share = seconds / split.wall_s
+        if key is not None and share >= BOTTLENECK_SHARE:
+            return f"bottleneck: {key} took {share:.0%} of the wall-clock; {BOTTLENECK_FIX[key]}"
+    return None
+
+
+def job_energy(records: list[EnergyRecord], prices: ReportConfig) -> JobEnergy:
+    """Sum the runs (``runs/job-N/energy.jsonl``); price the kWh and the GPU-hours that were measured."""
+    gpu_hours = sum(r.seconds * r.gpus for r in records) / 3600
+    measured = [r.joules for r in records if r.joules is not None]
+    kwh = sum(measured) / 3.6e6 if measured else None
+    unmeasured = sum(1 for r in records if r.gpus and r.joules is None)
+    parts = []
+    if prices.price_per_kwh and kwh is not None:
+        parts.append(kwh * prices.price_per_kwh)
+    if prices.price_per_gpu_hour and gpu_hours:
+        parts.append(gpu_hours * prices.price_per_gpu_hour)
+    return JobEnergy(gpu_hours, kwh, unmeasured, sum(parts) if parts else None)
 
 
 def _at_or_before(times: list[tuple[int, float]], step: int) -> float | None:

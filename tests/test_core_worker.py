@@ -28,6 +28,7 @@ from core.reporting import Reporter
 from core.result import RunInfo, failed_result
 from core.runtime import StopFlag, thread_count
 from management.db import Job, ModelDB
+from trainbox import energy_log
 from trainbox.config import TrainingConfig
 from trainbox.jobspec import JobSpec, WorkerResult
 from trainbox.states import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, WorkerOutcome
@@ -168,6 +169,8 @@ def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
     assert (straight_run / "final" / "tokenizer.json").exists()
 
     assert train_steps(straight_run) == list(range(1, 25))
+    [energy] = energy_log.read(straight_run)  # one line per run, for the report (no GPU: nothing drawn)
+    assert (energy.device, energy.gpus, energy.joules) == ("cpu", 0, None) and energy.seconds > 0
     assert eval_steps(straight_run) == [0, 8, 16, 24]
     lines = read_metrics(straight_run / "metrics.jsonl")
     line = next(m for m in lines if m["kind"] == "train")

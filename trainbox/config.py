@@ -520,6 +520,18 @@ class NotifyConfig(_Strict):
     )
 
 
+class ReportConfig(_Strict):
+    """What the job report prices a job at (issue 19): both prices 0 means no cost line."""
+
+    price_per_kwh: float = Field(
+        0.0, ge=0, le=1_000_000, description="Electricity price per kWh the GPUs drew (NVML's energy counter); 0: none."
+    )
+    price_per_gpu_hour: float = Field(
+        0.0, ge=0, le=1_000_000, description="Price per GPU-hour (a rented machine's rate); 0: none."
+    )
+    currency: str = Field("", max_length=8, description="Shown after the prices in the report, e.g. EUR; free text.")
+
+
 class TrackingConfig(_Strict):
     tensorboard: bool = Field(
         False, description="Write TensorBoard event files under runs/job-N/tb/ from the worker (scalars, settings)."
@@ -541,6 +553,7 @@ class Settings(_Strict):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 class JobOverrides(TrainingConfig):
