@@ -60,7 +60,8 @@ class JobEnergy:
 
 BOTTLENECK_SHARE = 0.3  # a part other than the steps taking this share of the wall-clock is named
 BOTTLENECK_FIX = {
-    "start-up": "small jobs pay the worker's start each time: keep daemon.warm_worker on, or merge small files",
+    "start-up": "each job pays its worker's start (imports, model and data load, first step): put small files "
+    "together into one job; keep daemon.warm_worker on (the default), which does the imports ahead",
     "evaluation": "raise training.eval_every or lower training.eval_max_examples",
     "checkpoints": "raise training.checkpoint_every (a resume then repeats more steps)",
 }
