@@ -30,8 +30,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from core import rng, sharding
-from core.data import Batches, collate, model_inputs, real_tokens, total_steps
+from core import rng, sharding, speedups
+from core.data import Batches, collate, real_tokens, total_steps
 from core.distributed import Dist, Lockstep, StepPlan
 from core.encode import Example
 from core.errors import CheckpointError
@@ -39,7 +39,7 @@ from core.events import CheckpointEvent, EvalEvent, Event, Outcome, PhaseEvent, 
 from core.faults import Faults
 from core.health import Alert, HealthMonitor
 from core.hybrid.engine import HybridEngine
-from core.loss import mean_loss, token_loss_sum
+from core.loss import batch_loss_sum, mean_loss
 from core.memory import free_memory
 from core.precision import Precision, weights_finite
 from core.recovery import Recovery
@@ -80,7 +80,8 @@ class Trainer:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.ranks = Lockstep(dist or Dist(), sharding.is_sharded(model))
         self.pad_id, self.device = pad_id, device
-        self.batches = Batches(len(train), cfg.batch_size, cfg.seed)
+        lengths = [len(e.input_ids) for e in train] if cfg.group_by_length else None
+        self.batches = Batches(len(train), cfg.batch_size, cfg.seed, lengths)
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
         self.optimizer = make_optimizer(model, cfg, device)
         self.precision = Precision(cfg, device)
@@ -88,6 +89,7 @@ class Trainer:
         self.health = HealthMonitor(patience=cfg.overfit_patience)
         self.faults = faults if faults is not None else Faults()
         self.recovery = Recovery(self)
+        self.speedups = speedups.choose(model, cfg, device, self.ranks)
         self._emit: Callable[[Event], None] = lambda e: None
         self._phase = ""
         self.hybrid = self._make_hybrid()
@@ -138,6 +140,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``; refuses a state whose data or schedule differ from this run's."""
         saved = {**state["data"], "total_steps": state["schedule"]["total_steps"]}
+        if "order" not in saved:  # made before length grouping: continue in that run's plain shuffled order
+            self.batches.ungroup()
         mine = {**self._data_shape(), "total_steps": self.total_steps}
         if saved != mine:
             raise CheckpointError(f"checkpoint was made for {saved}, this run has {mine}: data or settings changed")
@@ -159,8 +163,12 @@ class Trainer:
         self.precision.reset()
         rng.seed_all(self.cfg.seed)
 
-    def _data_shape(self) -> dict[str, int]:
-        return {"n_train": len(self.train_set), "n_val": len(self.val_set), "batch_size": self.cfg.batch_size}
+    def _data_shape(self) -> dict[str, Any]:
+        shape: dict[str, Any] = {"n_train": len(self.train_set), "n_val": len(self.val_set)}
+        shape["batch_size"] = self.cfg.batch_size
+        if self.batches.lengths is not None:  # absent (plain shuffle) in checkpoints from before length grouping
+            shape["order"] = self.batches.order_kind
+        return shape
 
     # the loop
     def run(
@@ -173,6 +181,8 @@ class Trainer:
         """Train to the end (or an early stop); ``restore()`` loads the newest complete checkpoint (or
         the initial weights) into this trainer, for rollbacks; without it a rollback fails the job."""
         self._emit, self.recovery.restore = emit, restore
+        for note in self.speedups.notes:
+            emit(WarningEvent(self.state.step, "speedup_off", note, {}))
         started = time.time()
         while True:
             s = self.state  # a rollback replaces it
@@ -304,9 +314,7 @@ class Trainer:
         try:
             for i, batch in self.faults.forward_passes(plan.passes):
                 with self.precision.autocast():
-                    logits = self.model(**model_inputs(batch, self.device)).logits
-                loss = token_loss_sum(logits, batch["labels"].to(self.device)) / plan.n_trained
-                del logits  # not held through backward and into the next forward pass
+                    loss = batch_loss_sum(self.model, batch, self.device, self.speedups.split) / plan.n_trained
                 loss = self.faults.poison(loss, i)
                 self.precision.backward(loss)
                 loss_sum += loss.detach()
@@ -348,7 +356,7 @@ class Trainer:
             free_memory(self.device)
 
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.pad_id, self.cfg.packing)
+        return collate(examples, self.pad_id, self.speedups.packed)
 
     def _epoch(self) -> float:
         return self.state.epoch + self.state.micro_batch / self.batches.per_epoch
@@ -358,7 +366,7 @@ class Trainer:
         """Mean loss per trained token over the whole validation set."""
         size = self.state.eval_size or self.cfg.batch_size
         self.faults.before_eval(self.state.step, len(self.val_set))
-        packed, n = self.cfg.packing, len(self.val_set)
+        packed, n = self.speedups.packed, len(self.val_set)
         batches = (collate(self.val_set[i : i + size], self.pad_id, packed) for i in range(0, n, size))
         loss = self.mean_loss(batches)
         self.model.train()
@@ -366,7 +374,7 @@ class Trainer:
 
     def mean_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
         """Mean loss per trained token over collated batches, no gradient (evaluation, the hybrid probe)."""
-        return mean_loss(self.model, batches, self.device, self.precision.autocast)
+        return mean_loss(self.model, batches, self.device, self.precision.autocast, self.speedups.split)
 
     # boundaries: "crossed a multiple of every since the last one", since a hybrid jump advances several steps
     def _eval_due(self) -> bool:
