@@ -113,7 +113,8 @@ def prepare_trainer(spec: JobSpec, job: LoadedJob, trainer: Trainer) -> tuple[Pr
     run, exactly."""
     cfg, half = job.cfg, trainer.precision.half
     n_train, n_val = len(job.data.train), len(job.data.val)
-    preflight = run_preflight(cfg, job.model, job.device, n_train, n_val, bool(spec.eval_file), half)
+    chunk = trainer.speedups.split.chunk if trainer.speedups.split is not None else 0
+    preflight = run_preflight(cfg, job.model, job.device, n_train, n_val, bool(spec.eval_file), half, chunk)
     log.info("preflight: micro-batch %d fits (%s)", preflight.micro_batch, preflight.estimate)
     if job.saved is not None:
         trainer.load_state_dict(job.saved)
