@@ -82,7 +82,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     straight_events: list[Event] = []
     a = make_trainer(model_dir, examples)
     assert a.batches.per_epoch == 6  # 24 examples / 4: 12 steps x 2 micro-batches = 4 epochs
-    assert a.speedups.packed and a.speedups.split is not None and a.batches.order_kind == "length_grouped"
+    assert a.speedups.packed and a.speedups.split is not None  # the defaults: packed rows, the split loss
     assert a.run(straight_events.append, lambda: False, saver(a, tmp_path / "a", tok)) == "completed"
 
     b = make_trainer(model_dir, examples)
@@ -114,15 +114,13 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
 def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(model_dir: Path, examples: Any) -> None:
     """A checkpoint whose data position counts plain shuffled epochs (no "order" recorded) is continued in
     that order, not refused and not regrouped: its run's remaining batches are the ones it would have seen."""
-    a = make_trainer(model_dir, examples)
+    a = make_trainer(model_dir, examples, group_by_length=True)
     state = a.state_dict()
     assert state["data"]["order"] == "length_grouped"
     del state["data"]["order"]
-    b = make_trainer(model_dir, examples)
+    b = make_trainer(model_dir, examples, group_by_length=True)
     b.load_state_dict(state)
-    assert b.batches.order_kind == "random" and b.batches.order(0) == make_trainer(
-        model_dir, examples, group_by_length=False
-    ).batches.order(0)
+    assert b.batches.order_kind == "random" and b.batches.order(0) == make_trainer(model_dir, examples).batches.order(0)
     assert b.state_dict()["data"] == state["data"]
 
 

@@ -250,12 +250,14 @@ class TrainingConfig(_Strict):
         "without the probe. false: right-padded batches.",
     )
     group_by_length: bool = Field(
-        True,
-        description="Length-aware batching (Hugging Face's group_by_length): each epoch's shuffled order is cut "
-        "into mega-batches of 50 micro-batches, each sorted by length and split into micro-batches whose "
-        "order is then shuffled, the longest first (an out-of-memory error shows at the first step). A "
-        "forward pass then holds examples of similar length, so padding or packing wastes almost nothing. "
-        "Deterministic from the seed; the examples per micro-batch and step are unchanged.",
+        False,
+        description="Length-grouped batches (Hugging Face's group_by_length): each epoch's shuffled order is cut "
+        "into mega-batches of 50 micro-batches, each sorted by length and split into micro-batches whose order "
+        "is then shuffled, the longest first. Deterministic from the seed; the examples per micro-batch and "
+        "step are unchanged. Off by default: it changes which examples train together, and one epoch of 600 "
+        "texts of long-tailed lengths on the embedded model ended with a 2-13 % higher validation loss (4 "
+        "seeds) for 5-10 % more speed than packing alone, which removes the padding without changing the "
+        "batches. Worth it for padded batches (packing off) on data with very mixed lengths.",
     )
     chunked_loss: bool = Field(
         True,
