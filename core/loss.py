@@ -3,7 +3,8 @@ with it (``mean_loss``), so a version's evaluation number is the same quantity a
 
 Two ways to compute the same sum. Plain: the model's logits (tokens x vocabulary) then cross-entropy.
 Chunked (``Head``, ``training.chunked_loss``): the model's body gives hidden states, and the output head
-plus cross-entropy run over chunks of the trained positions only, each chunk's logits recomputed in the
+plus cross-entropy run over chunks of the trained positions only, each chunk's gradients made in the
+forward pass (core.head_loss) or, for a head that is not a plain linear layer, its logits recomputed in the
 backward pass (``torch.utils.checkpoint``), so at most one chunk's logits exist at a time. For a small model
 with a large vocabulary the logits are the largest activation of the step (SmolLM2-135M: 49k vocabulary x
 576 hidden, so the fp32 logits are 340x the hidden states they come from).
@@ -22,8 +23,9 @@ from torch.utils.checkpoint import checkpoint
 
 from core.data import model_inputs
 from core.encode import IGNORE, Example
+from core.head_loss import fused_head_loss
 
-CHUNK_LOGIT_BYTES = 64 * 1024**2  # fp32 logits of one chunk
+CHUNK_LOGIT_BYTES = 256 * 1024**2  # fp32 logits of one chunk (smaller chunks measured slower on the CPU)
 MIN_CHUNK_TOKENS = 256  # below this, a chunk's matmul is too small to run the head efficiently
 # config keys of models that change the logits after the head (Gemma 2/3 soft-capping, Cohere, Granite)
 AFTER_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -87,14 +89,17 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 def head_loss_sum(split: Head, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
     """``token_loss_sum`` of the model's logits, through the split: the trained positions are picked on the
-    host (the labels are still there: no device sync), and above one chunk each chunk's logits are
-    recomputed in backward instead of kept."""
+    host (the labels are still there: no device sync). A plain linear head goes through the fused loss
+    (core.head_loss: gradients made chunk by chunk in forward); any other head (a LoRA-wrapped one) above one
+    chunk has each chunk's logits recomputed in backward instead of kept."""
     hidden = split.body(**inputs).last_hidden_state
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1).cpu()
     where = (shifted != IGNORE).nonzero().squeeze(1)
     device = hidden.device
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where.to(device, non_blocking=True))
     targets = shifted[where].to(device, non_blocking=True)
+    if type(split.head) is torch.nn.Linear:
+        return fused_head_loss(picked, split.head, targets, split.chunk)
     if picked.shape[0] <= split.chunk:  # one chunk: nothing to recompute
         return _chunk_loss(split.head, picked, targets)
     total = torch.zeros((), device=device)

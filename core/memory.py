@@ -84,7 +84,8 @@ def estimate_memory(
     every layer; attention scores too where no fused kernel avoids them, i.e. on the CPU; per LoRA
     adapter its dropped-out input and rank-r intermediate), plus logits and their gradient in fp32: of every
     token, or with the chunked loss (``loss_chunk`` tokens per chunk, core.loss) of one chunk, plus the
-    trained positions' hidden states it picks.
+    trained positions' hidden states it picks, their gradient and the head's fp32 gradient it holds from
+    forward to backward (core.head_loss).
     With gradient ``checkpointing`` only each layer's input (hidden values per token) is kept, plus one
     layer's full activations while it is recomputed. Over ``shards`` ranks (sharding 'fsdp') each rank
     holds its share of the weights, grads and AdamW state, plus the full weights of about two layers in
@@ -97,8 +98,8 @@ def estimate_memory(
     if not cuda:
         per_layer += micro_batch * shape.heads * max_length * max_length * 2 * act_bytes
     logits = min(tokens, loss_chunk or tokens) * shape.vocab * 4 * 3
-    if loss_chunk:
-        logits += tokens * shape.hidden * act_bytes
+    if loss_chunk:  # the picked hidden states and their gradient; the fused loss's fp32 head gradient
+        logits += 2 * tokens * shape.hidden * act_bytes + shape.vocab * shape.hidden * 4
     adapters = shape.adapted * tokens * (shape.hidden + shape.lora_r) * act_bytes
     if checkpointing:  # each layer's input, and one layer's full activations while it is recomputed
         kept = shape.layers * tokens * shape.hidden * act_bytes + per_layer + adapters // max(shape.layers, 1)

@@ -139,12 +139,13 @@ def test_preflight_counts_the_hybrid_engines_copies() -> None:
 
 
 def test_preflight_counts_one_chunk_of_logits_under_the_chunked_loss() -> None:
-    """With the chunked loss the logits term is one chunk's (plus the picked hidden states), whatever the
-    micro-batch; the rest of the estimate is unchanged."""
+    """With the chunked loss the logits term is one chunk's (plus what the fused loss keeps: the picked hidden
+    states, their gradient and the head's gradient), whatever the micro-batch; the rest is unchanged."""
     chunk = chunk_tokens(SHAPE.vocab)
     plain = estimate_memory(SHAPE, 8, 1024, True, True)
     chunked = estimate_memory(SHAPE, 8, 1024, True, True, loss_chunk=chunk)
-    saved = (8 * 1024 - chunk) * SHAPE.vocab * 12 - 8 * 1024 * SHAPE.hidden * 2
+    kept = 2 * 8 * 1024 * SHAPE.hidden * 2 + SHAPE.vocab * SHAPE.hidden * 4  # hidden states and grads, head grad
+    saved = (8 * 1024 - chunk) * SHAPE.vocab * 12 - kept
     assert plain.activations - chunked.activations == saved > 0
     assert (chunked.weights, chunked.grads, chunked.optimizer) == (plain.weights, plain.grads, plain.optimizer)
     one = estimate_memory(SHAPE, 1, 1024, True, True, loss_chunk=chunk)

@@ -69,18 +69,21 @@ def gradients_of(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", ["none", "attention", "head"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_chunked_loss_equals_the_plain_loss_and_gradients(embedded: Path, lora: bool, packed: bool) -> None:
-    """Chunks of 7 trained positions (so 20 chunks, each recomputed in backward) against the full logits,
-    on the embedded model, whose head is tied to its input embeddings; with LoRA through peft too."""
+def test_chunked_loss_equals_the_plain_loss_and_gradients(embedded: Path, lora: str, packed: bool) -> None:
+    """Chunks of 7 trained positions (20 chunks) against the full logits, on the embedded model, whose head
+    is tied to its input embeddings (the fused loss: gradients made in forward); with LoRA through peft on
+    the attention (the same), and on the head too (not a plain linear layer: recomputed in backward)."""
     torch.manual_seed(3)
     model: Any = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.float32)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
-    if lora:
+    if lora != "none":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        targets = ["q_proj", "v_proj"] + (["lm_head"] if lora == "head" else [])
+        config = LoraConfig(r=4, target_modules=targets, lora_dropout=0.0, ensure_weight_tying=lora == "head")
+        model = get_peft_model(model, config)
         for name, p in model.named_parameters():
             if "lora_B" in name:  # zero at init: give A a gradient to compare
                 torch.nn.init.normal_(p, std=0.02)
@@ -93,7 +96,8 @@ def test_chunked_loss_equals_the_plain_loss_and_gradients(embedded: Path, lora: 
     chunked_grads = gradients_of(model, chunked)
     assert float(chunked.detach()) == pytest.approx(float(plain.detach()), rel=1e-6)
     assert chunked_grads.keys() == plain_grads.keys() and plain_grads
-    assert any("lora_A" in n for n in plain_grads) == lora
+    assert any("lora_A" in n for n in plain_grads) == (lora != "none")
+    assert (type(split.head) is torch.nn.Linear) == (lora != "head")
     for name, g in plain_grads.items():
         scale = float(g.abs().max())  # summation order differs: float noise relative to the tensor
         assert torch.allclose(chunked_grads[name], g, rtol=1e-4, atol=1e-6 * scale), name
