@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from core.data import model_inputs
+from core.data import MODEL_INPUTS
 from core.encode import IGNORE, Example
 from core.head_loss import fused_head_loss
 
@@ -87,22 +87,48 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def head_loss_sum(split: Head, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-    """``token_loss_sum`` of the model's logits, through the split: the trained positions are picked on the
-    host (the labels are still there: no device sync). A plain linear head goes through the fused loss
-    (core.head_loss: gradients made chunk by chunk in forward); any other head (a LoRA-wrapped one) above one
-    chunk has each chunk's logits recomputed in backward instead of kept."""
-    hidden = split.body(**inputs).last_hidden_state
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1).cpu()
+@dataclass(frozen=True)
+class Staged:
+    """A collated batch's tensors on the device, as the loss takes them; made ahead of the step that uses
+    them (core.lookahead), on a GPU from pinned memory without waiting for the copy."""
+
+    inputs: dict[str, Any]  # the model's keyword arguments
+    labels: torch.Tensor | None  # the plain loss: aligned with the inputs
+    where: torch.Tensor | None  # the chunked loss: the trained positions (flattened) and their targets
+    targets: torch.Tensor | None
+
+
+def stage(batch: dict[str, torch.Tensor], device: torch.device, split: Head | None) -> Staged:
+    """The batch for ``staged_loss_sum``: the chunked loss's trained positions are picked here, on the host,
+    where the labels are (so no step waits for the device to count them)."""
+    pin = device.type == "cuda"
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        return (t.pin_memory() if pin else t).to(device, non_blocking=True)
+
+    inputs = {"use_cache": False, **{k: put(batch[k]) for k in MODEL_INPUTS if k in batch}}
+    if split is None:
+        return Staged(inputs, put(batch["labels"]), None, None)
+    shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)
     where = (shifted != IGNORE).nonzero().squeeze(1)
-    device = hidden.device
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where.to(device, non_blocking=True))
-    targets = shifted[where].to(device, non_blocking=True)
+    return Staged(inputs, None, put(where), put(shifted[where]))
+
+
+def staged_loss_sum(model: torch.nn.Module, staged: Staged, split: Head | None = None) -> torch.Tensor:
+    """``token_loss_sum`` of the model's logits for a staged batch: plain, or through ``split``. A plain
+    linear head goes through the fused loss (core.head_loss: gradients made chunk by chunk in forward); any
+    other head (a LoRA-wrapped one) above one chunk has each chunk's logits recomputed in backward."""
+    if split is None or staged.where is None or staged.targets is None:
+        assert staged.labels is not None
+        return token_loss_sum(model(**staged.inputs).logits, staged.labels)
+    hidden = split.body(**staged.inputs).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, staged.where)
+    targets = staged.targets
     if type(split.head) is torch.nn.Linear:
         return fused_head_loss(picked, split.head, targets, split.chunk)
     if picked.shape[0] <= split.chunk:  # one chunk: nothing to recompute
         return _chunk_loss(split.head, picked, targets)
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=picked.device)
     for start in range(0, picked.shape[0], split.chunk):
         end = start + split.chunk
         part = checkpoint(_chunk_loss, split.head, picked[start:end], targets[start:end], use_reentrant=False)
@@ -114,11 +140,7 @@ def batch_loss_sum(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, split: Head | None = None
 ) -> torch.Tensor:
     """The summed loss of one collated batch: plain, or through ``split`` when given."""
-    inputs = model_inputs(batch, device)
-    if split is not None:
-        return head_loss_sum(split, inputs, batch["labels"])
-    logits = model(**inputs).logits
-    return token_loss_sum(logits, batch["labels"].to(device, non_blocking=True))
+    return staged_loss_sum(model, stage(batch, device, split), split)
 
 
 @torch.no_grad()

@@ -11,10 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from core import speedups
-from core.data import collate
-from core.distributed import Lockstep
+from core.data import DataPosition, collate
+from core.distributed import Lockstep, StepPlan
 from core.encode import IGNORE, Example
 from core.events import Event, WarningEvent
+from core.lookahead import Lookahead, PreparedStep
 from core.loss import Head, batch_loss_sum, split_head
 from core.train import Trainer
 from trainbox.config import TrainingConfig
@@ -110,4 +111,29 @@ def test_chunked_loss_is_off_where_the_head_is_not_a_plain_projection(embedded: 
     assert chosen.split is None and chosen.packed
     assert chosen.notes == [
         "chunked loss off: LlamaForCausalLM transforms its logits after the head (final_logit_softcapping)"
+    ]
+
+
+def test_a_prepared_step_is_used_only_where_and_as_it_was_prepared() -> None:
+    """The lookahead hands over the next step's batches only for the data position and micro-batch they were
+    built for; after an out-of-memory back-off or a rollback the step is built afresh."""
+    built: list[tuple[DataPosition, int]] = []
+
+    def build(pos: DataPosition, micro: int) -> PreparedStep:
+        built.append((pos, micro))
+        return PreparedStep(StepPlan([], 0, 0, pos), [])
+
+    ahead = Lookahead(build)
+    ahead.prepare(DataPosition(0, 2), 4)
+    assert ahead.take(DataPosition(0, 2), 4).plan.end == DataPosition(0, 2) and len(built) == 1
+    assert ahead.take(DataPosition(0, 2), 4) is not None and len(built) == 2  # used once
+    ahead.prepare(DataPosition(0, 4), 4)
+    ahead.take(DataPosition(0, 4), 2)  # backed off to micro-batch 2
+    ahead.prepare(DataPosition(0, 6), 4)
+    ahead.take(DataPosition(0, 0), 4)  # rolled back
+    assert built[2:] == [
+        (DataPosition(0, 4), 4),
+        (DataPosition(0, 4), 2),
+        (DataPosition(0, 6), 4),
+        (DataPosition(0, 0), 4),
     ]
