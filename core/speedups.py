@@ -1,4 +1,5 @@
-"""Which of the engine's speed-ups a run uses: packing and the chunked loss, each on where it is exact.
+"""Which of the engine's speed-ups a run uses: packing and the chunked loss, each on where it is exact, and
+torch.compile where it pays (core.compiling).
 
 Both are on by default (``training.packing = "auto"``, ``training.chunked_loss``) and each is checked on the
 model as loaded (its attention implementation, LoRA wrapping, tied head) by a probe of a few tokens, not by
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core import sharding
+from core import compiling, sharding
 from core.distributed import Lockstep
 from core.loss import Head, head_problem, split_head
 from core.packing import packing_problem
@@ -36,6 +37,21 @@ def vocab_size(model: torch.nn.Module) -> int:
     config = getattr(model, "config", None)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     return int(getattr(text, "vocab_size", 0) or 0)
+
+
+def compile_if_it_pays(
+    model: torch.nn.Module, split: Head | None, cfg: TrainingConfig, device: torch.device, tokens: int
+) -> bool:
+    """``training.compile`` (core.compiling) for a run that will train about ``tokens`` tokens; compiles the
+    module the loss calls in place. True when compiled."""
+    params = sum(p.numel() for p in model.parameters())
+    cpu_seconds = compiling.estimated_cpu_seconds(params, tokens, torch.get_num_threads())
+    on, why = compiling.decide(cfg.compile, device.type, sharding.is_sharded(model), cpu_seconds)
+    if why:
+        log.info("%s", why)
+    if on:
+        compiling.compile_in_place(split.body if split is not None else model)
+    return on
 
 
 def choose(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device, ranks: Lockstep) -> Speedups:

@@ -75,6 +75,9 @@ class Trainer:
         self.recovery = Recovery(self)
         self.speedups = speedups.choose(model, cfg, device, self.ranks)
         self.lookahead = Lookahead(self._prepare_step)
+        mean_length = sum(len(e.input_ids) for e in train) / max(len(train), 1)
+        tokens = int(self.total_steps * self.effective_batch * mean_length)
+        self.compiled = speedups.compile_if_it_pays(model, self.speedups.split, cfg, device, tokens)
         self._emit: Callable[[Event], None] = lambda e: None
         self._phase = ""
         self.hybrid = self._make_hybrid()

@@ -75,6 +75,8 @@ def train_job(spec: JobSpec, stop: StopFlag, report: Report, info: RunInfo | Non
     run_dir = Path(spec.run_dir)
     job = load_job(spec, report, faults)
     train, val = job.data.train, job.data.val
+    # compiled kernels kept in the home's cache/, for the next job of the same model (core.compiling)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(spec.embedded_model_dir).parent / "inductor"))
     trainer = Trainer(job.model, job.cfg, train, val, job.tokenizer.pad_token_id, job.device, faults, job.ranks)
     info.trainer = trainer
     preflight, memory, starting = prepare_trainer(spec, job, trainer)

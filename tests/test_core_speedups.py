@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
-from core import speedups
+from core import compiling, speedups
 from core.data import DataPosition, collate
 from core.distributed import Lockstep, StepPlan
 from core.encode import IGNORE, Example
@@ -137,3 +137,17 @@ def test_a_prepared_step_is_used_only_where_and_as_it_was_prepared() -> None:
         (DataPosition(0, 6), 4),
         (DataPosition(0, 0), 4),
     ]
+
+
+def test_compile_auto_is_on_for_a_gpu_and_on_the_cpu_only_for_long_jobs() -> None:
+    small = compiling.estimated_cpu_seconds(params=700_000, tokens=30_000, threads=1)  # an epoch of 600 texts
+    assert small < 5
+    assert compiling.decide("auto", "cpu", False, small)[0] is False
+    assert "compile off: training is estimated at" in compiling.decide("auto", "cpu", False, small)[1]
+    long = compiling.estimated_cpu_seconds(params=135_000_000, tokens=1_000_000, threads=2)
+    assert long > 10 * compiling.CPU_COMPILE_SECONDS
+    assert compiling.decide("auto", "cpu", False, long) == (True, "")
+    assert compiling.decide("auto", "cuda", False, small) == (True, "")
+    assert compiling.decide("auto", "cuda", True, long)[0] is False  # not with FSDP
+    assert compiling.decide(True, "cpu", True, small) == (True, "")  # asked for
+    assert compiling.decide(False, "cuda", False, long) == (False, "")

@@ -267,6 +267,13 @@ class TrainingConfig(_Strict):
         "Off automatically, with the reason in the log, where the model's head cannot be split off (a "
         "probe compares it with the plain loss) or under sharding 'fsdp'.",
     )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (dynamic shapes; kernels cached in the home's cache/inductor). auto: "
+        "on a GPU; on the CPU only when the job's estimated training time is at least 10 times the compile "
+        "time (about 40 s for the embedded model on one core), so small CPU jobs stay eager; not with "
+        "sharding 'fsdp'. Code that fails to compile runs eagerly with a warning in the log; the job trains.",
+    )
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of examples held out for validation when no eval_file is given."
     )
