@@ -261,11 +261,13 @@ class TrainingConfig(_Strict):
     )
     chunked_loss: bool = Field(
         True,
-        description="Compute the loss over the vocabulary in chunks of tokens, recomputing each chunk's logits "
-        "in the backward pass, so the full logits tensor (tokens x vocabulary, fp32) is never held: the "
-        "largest activation of a small model with a large vocabulary. Only trained positions get logits. "
-        "Off automatically, with the reason in the log, where the model's head cannot be split off (a "
-        "probe compares it with the plain loss) or under sharding 'fsdp'.",
+        description="Compute the loss over the vocabulary in chunks of trained tokens (256 MiB of fp32 logits "
+        "each), each chunk's gradients made at once in the forward pass (fused linear cross-entropy; a "
+        "LoRA-wrapped head recomputes its chunk in backward instead), so the full logits tensor (tokens x "
+        "vocabulary, fp32) is never held: the largest activation of a small model with a large vocabulary. "
+        "Only trained positions get logits. Off automatically, with the reason in the log, for a head that "
+        "transforms its logits (soft-capping, scaling), where a probe finds the loss differs, or under "
+        "sharding 'fsdp'.",
     )
     compile: bool | Literal["auto"] = Field(
         "auto",
