@@ -18,6 +18,7 @@ import torch
 
 from core.encode import IGNORE, Example
 from core.errors import DataError
+from core.packing import pack_rows
 from trainbox.records import LineError, Record, iter_lines
 
 T = TypeVar("T")
@@ -67,21 +68,38 @@ class DataPosition:
 
 
 class Batches:
-    """Micro-batches of example indices, reshuffled each epoch, addressed by DataPosition."""
+    """Micro-batches of example indices, reshuffled each epoch, addressed by DataPosition.
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int) -> None:
+    With ``lengths`` (``training.group_by_length``) each epoch's order is length-grouped (``group_by_length``):
+    still a pure function of (seed, epoch), with the same number of micro-batches of the same size, so the
+    data position, resume and the step count are unchanged."""
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> None:
         if n_examples < 1:
             raise ValueError("no training examples")
+        if lengths is not None and len(lengths) != n_examples:
+            raise ValueError("one length per example")
         self.n = n_examples
         self.batch_size = batch_size
         self.seed = seed
+        self.lengths = lengths
         self.per_epoch = math.ceil(n_examples / batch_size)
         self._cached: tuple[int, list[int]] | None = None
+
+    @property
+    def order_kind(self) -> str:
+        return "random" if self.lengths is None else "length_grouped"
+
+    def ungroup(self) -> None:
+        """Back to plain shuffled order (a checkpoint made before length grouping existed)."""
+        self.lengths, self._cached = None, None
 
     def order(self, epoch: int) -> list[int]:
         if self._cached is None or self._cached[0] != epoch:
             perm = list(range(self.n))
             random.Random(self.seed + epoch).shuffle(perm)
+            if self.lengths is not None:
+                perm = group_by_length(perm, self.lengths, self.batch_size, random.Random(self.seed + epoch + 1))
             self._cached = (epoch, perm)
         return self._cached[1]
 
@@ -95,6 +113,29 @@ class Batches:
         return indices, nxt
 
 
+MEGA_BATCH = 50  # micro-batches per length group: Hugging Face's LengthGroupedSampler's mega_batch_mult
+
+
+def group_by_length(perm: list[int], lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[int]:
+    """``perm`` regrouped (HF's ``get_length_grouped_indices``): cut into mega-batches of ``MEGA_BATCH``
+    micro-batches, each sorted longest first and split into micro-batches; the micro-batches are then
+    shuffled, and the one holding the longest example goes first, so an out-of-memory error shows at the
+    first step (where the back-off is cheapest). A short last micro-batch stays last, so every other one is
+    full. Why not a token budget per micro-batch: it would change how many examples a step trains and the
+    number of steps, the schedule, the per-rank split and the back-off, all counted in examples."""
+    mega = batch_size * MEGA_BATCH
+    groups: list[list[int]] = []
+    for start in range(0, len(perm), mega):
+        part = sorted(perm[start : start + mega], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+        groups += [part[k : k + batch_size] for k in range(0, len(part), batch_size)]
+    tail = [groups.pop()] if len(groups[-1]) < batch_size else []
+    rng.shuffle(groups)
+    if groups:
+        longest = max(range(len(groups)), key=lambda g: lengths[groups[g][0]])
+        groups.insert(0, groups.pop(longest))
+    return [i for g in groups + tail for i in g]
+
+
 def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, grad_accum: int) -> int:
     if max_steps > 0:
         return max_steps
@@ -104,9 +145,9 @@ def total_steps(max_steps: int, epochs: float, micro_batches_per_epoch: int, gra
 def collate(examples: Sequence[Example], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example in the batch; padding is masked from attention and loss.
 
-    ``packed``: one padding-free row instead (``pack``)."""
+    ``packed``: padding-free rows instead (``core.packing.pack_rows``)."""
     if packed:
-        return pack(examples)
+        return pack_rows(examples, pad_id)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -117,26 +158,6 @@ def collate(examples: Sequence[Example], pad_id: int, packed: bool = False) -> d
         labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
         mask[row, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def pack(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-    """The examples end to end in one row, no padding: position ids restart at 0 for each example, and
-    with no attention mask transformers reads the boundaries from them (``find_packed_sequence_indices``)
-    and builds a block-diagonal causal mask, so no token attends across examples. The first label of
-    every example is ignored: it would be predicted from the previous example's last token. So the loss
-    and gradients equal the padded batch's, with no compute spent on padding."""
-    ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    for e in examples:
-        ids += e.input_ids
-        labels += [IGNORE, *e.labels[1:]]
-        positions += range(len(e.input_ids))
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-    }
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -151,5 +172,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens of the batch that are not padding."""
+    if "tokens" in batch:  # packed rows: their filler is not counted
+        return int(batch["tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()

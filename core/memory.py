@@ -75,13 +75,17 @@ def estimate_memory(
     checkpointing: bool = False,
     shards: int = 1,
     engine_copies: int = 0,
+    loss_chunk: int = 0,
 ) -> MemoryEstimate:
     """Bytes for a training step: the weights as loaded (fp32 master weights for a full fine-tune; a
     frozen LoRA base as stored, about 0.5 B/param in 4 bits under QLoRA), fp32 grads and AdamW's two
     moments of the trainable parameters only, and the activations kept for backward (about 34 x hidden
     values per token and layer, Korthikanti et al. 2022, frozen or not: backward still runs through
     every layer; attention scores too where no fused kernel avoids them, i.e. on the CPU; per LoRA
-    adapter its dropped-out input and rank-r intermediate), plus logits and their gradient in fp32.
+    adapter its dropped-out input and rank-r intermediate), plus logits and their gradient in fp32: of every
+    token, or with the chunked loss (``loss_chunk`` tokens per chunk, core.loss) of one chunk, plus the
+    trained positions' hidden states it picks, their gradient and the head's fp32 gradient it holds from
+    forward to backward (core.head_loss).
     With gradient ``checkpointing`` only each layer's input (hidden values per token) is kept, plus one
     layer's full activations while it is recomputed. Over ``shards`` ranks (sharding 'fsdp') each rank
     holds its share of the weights, grads and AdamW state, plus the full weights of about two layers in
@@ -93,7 +97,9 @@ def estimate_memory(
     per_layer = tokens * (34 // 2 * shape.hidden + 2 * shape.intermediate) * act_bytes
     if not cuda:
         per_layer += micro_batch * shape.heads * max_length * max_length * 2 * act_bytes
-    logits = tokens * shape.vocab * 4 * 3
+    logits = min(tokens, loss_chunk or tokens) * shape.vocab * 4 * 3
+    if loss_chunk:  # the picked hidden states and their gradient; the fused loss's fp32 head gradient
+        logits += 2 * tokens * shape.hidden * act_bytes + shape.vocab * shape.hidden * 4
     adapters = shape.adapted * tokens * (shape.hidden + shape.lora_r) * act_bytes
     if checkpointing:  # each layer's input, and one layer's full activations while it is recomputed
         kept = shape.layers * tokens * shape.hidden * act_bytes + per_layer + adapters // max(shape.layers, 1)
@@ -138,13 +144,14 @@ def pick_micro_batch(
     checkpointing: bool = False,
     shards: int = 1,
     engine_copies: int = 0,
+    loss_chunk: int = 0,
 ) -> tuple[int | None, MemoryEstimate]:
     """The largest micro-batch among ``halvings(configured)`` whose estimate fits ``available``
     (usable share); None when not even 1 fits. Also returns the estimate for the one chosen (or 1)."""
     budget = int(available * USABLE_FRACTION)
-    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing, shards, engine_copies)
+    est = estimate_memory(shape, 1, max_length, bf16, cuda, checkpointing, shards, engine_copies, loss_chunk)
     for m in halvings(configured):
-        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing, shards, engine_copies)
+        est = estimate_memory(shape, m, max_length, bf16, cuda, checkpointing, shards, engine_copies, loss_chunk)
         if est.total <= budget:
             return m, est
     return None, est

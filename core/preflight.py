@@ -215,9 +215,17 @@ def check_data(n_train: int, n_val: int, eval_file: bool, eval_fraction: float) 
 
 
 def check_memory(
-    shape: ModelShape, cfg: TrainingConfig, bf16: bool, cuda: bool, available: int, source: str, shards: int = 1
+    shape: ModelShape,
+    cfg: TrainingConfig,
+    bf16: bool,
+    cuda: bool,
+    available: int,
+    source: str,
+    shards: int = 1,
+    loss_chunk: int = 0,
 ) -> tuple[int, list[Problem]]:
-    """(starting micro-batch, problems): fatal when the estimate exceeds the memory even at micro-batch 1."""
+    """(starting micro-batch, problems): fatal when the estimate exceeds the memory even at micro-batch 1.
+    ``loss_chunk``: tokens per chunk of the chunked loss the run uses (0: the plain loss)."""
     micro, est = pick_micro_batch(
         shape,
         cfg.batch_size,
@@ -228,6 +236,7 @@ def check_memory(
         cfg.gradient_checkpointing,
         shards,
         hybrid_copies(cfg),
+        loss_chunk,
     )
     evidence = {"estimate_bytes": est.as_dict(), "available_bytes": available, "memory": source}
     engine_gib = est.engine / 2**30
@@ -267,7 +276,14 @@ class PreflightReport:
 
 
 def run_preflight(
-    cfg: TrainingConfig, model: Any, device: torch.device, n_train: int, n_val: int, eval_file: bool, bf16: bool
+    cfg: TrainingConfig,
+    model: Any,
+    device: torch.device,
+    n_train: int,
+    n_val: int,
+    eval_file: bool,
+    bf16: bool,
+    loss_chunk: int = 0,
 ) -> PreflightReport:
     cuda = device.type == "cuda"
     shape = model_shape(model)
@@ -277,14 +293,14 @@ def run_preflight(
     )
     available, source = available_memory(device)
     shards = shard_count(cfg, planned_world(cfg))
-    micro, mem = check_memory(shape, cfg, bf16, cuda, available, source, shards)
+    micro, mem = check_memory(shape, cfg, bf16, cuda, available, source, shards, loss_chunk)
     problems += mem
     raise_fatal(problems)
     estimate = {
         "available_bytes": available,
         "memory": source,
         **estimate_memory(
-            shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing, shards, hybrid_copies(cfg)
+            shape, micro, cfg.max_length, bf16, cuda, cfg.gradient_checkpointing, shards, hybrid_copies(cfg), loss_chunk
         ).as_dict(),
         **({"shards": shards} if shards > 1 else {}),
     }

@@ -1,11 +1,12 @@
 """The loop's counters and running results (``TrainState``): plain values, so a checkpoint holds them as a dict
 and a resumed run continues bit for bit. Its own module because the trainer (core.train) and its repairs
-(core.recovery) both read and change it."""
+(core.recovery) both read and change it; with them what one step returns (``StepResult``) and two small helpers
+of the loop."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.data import DataPosition
 
@@ -53,3 +54,20 @@ class TrainState:
 
 # Survive a rollback: what the run learnt about the machine and the instability, not the weights' timeline.
 STICKY = ("micro_size", "eval_size", "lr_scale", "rollbacks", "ooms", "nan_log")
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean loss per trained token over the whole global step
+    grad_norm: float  # before clipping
+    tokens: int
+    skipped: bool  # non-finite loss or gradient norm: nothing was applied, the data moved on
+
+
+def crossed(step: int, last: int, every: int) -> bool:
+    """Whether a multiple of ``every`` lies in (last, step]: with steps of 1, the same as step % every == 0."""
+    return every > 0 and step // every > max(last, 0) // every
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e)
+    return text.splitlines()[0] if text else type(e).__name__

@@ -26,43 +26,27 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from core import rng, sharding
-from core.data import Batches, collate, model_inputs, real_tokens, total_steps
-from core.distributed import Dist, Lockstep, StepPlan
+from core import rng, sharding, speedups
+from core.data import Batches, DataPosition, collate, real_tokens, total_steps
+from core.distributed import Dist, Lockstep
 from core.encode import Example
 from core.errors import CheckpointError
 from core.events import CheckpointEvent, EvalEvent, Event, Outcome, PhaseEvent, StepEvent, WarningEvent
 from core.faults import Faults
 from core.health import Alert, HealthMonitor
 from core.hybrid.engine import HybridEngine
-from core.loss import mean_loss, token_loss_sum
+from core.lookahead import Lookahead, PreparedStep
+from core.loss import mean_loss, stage, staged_loss_sum
 from core.memory import free_memory
 from core.precision import Precision, weights_finite
 from core.recovery import Recovery
 from core.schedule import lr_at, make_optimizer, warmup_steps
-from core.state import TrainState
+from core.state import StepResult, TrainState, crossed, first_line
 from trainbox.config import TrainingConfig
-
-
-class StepResult(NamedTuple):
-    loss: float  # mean loss per trained token over the whole global step
-    grad_norm: float  # before clipping
-    tokens: int
-    skipped: bool  # non-finite loss or gradient norm: nothing was applied, the data moved on
-
-
-def crossed(step: int, last: int, every: int) -> bool:
-    """Whether a multiple of ``every`` lies in (last, step]: with steps of 1, the same as step % every == 0."""
-    return every > 0 and step // every > max(last, 0) // every
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e)
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class Trainer:
@@ -80,7 +64,8 @@ class Trainer:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.ranks = Lockstep(dist or Dist(), sharding.is_sharded(model))
         self.pad_id, self.device = pad_id, device
-        self.batches = Batches(len(train), cfg.batch_size, cfg.seed)
+        lengths = [len(e.input_ids) for e in train] if cfg.group_by_length else None
+        self.batches = Batches(len(train), cfg.batch_size, cfg.seed, lengths)
         self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
         self.optimizer = make_optimizer(model, cfg, device)
         self.precision = Precision(cfg, device)
@@ -88,6 +73,11 @@ class Trainer:
         self.health = HealthMonitor(patience=cfg.overfit_patience)
         self.faults = faults if faults is not None else Faults()
         self.recovery = Recovery(self)
+        self.speedups = speedups.choose(model, cfg, device, self.ranks)
+        self.lookahead = Lookahead(self._prepare_step)
+        mean_length = sum(len(e.input_ids) for e in train) / max(len(train), 1)
+        tokens = int(self.total_steps * self.effective_batch * mean_length)
+        self.compiled = speedups.compile_if_it_pays(model, self.speedups.split, cfg, device, tokens)
         self._emit: Callable[[Event], None] = lambda e: None
         self._phase = ""
         self.hybrid = self._make_hybrid()
@@ -138,6 +128,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state_dict()``; refuses a state whose data or schedule differ from this run's."""
         saved = {**state["data"], "total_steps": state["schedule"]["total_steps"]}
+        if "order" not in saved:  # made before length grouping: continue in that run's plain shuffled order
+            self.batches.ungroup()
         mine = {**self._data_shape(), "total_steps": self.total_steps}
         if saved != mine:
             raise CheckpointError(f"checkpoint was made for {saved}, this run has {mine}: data or settings changed")
@@ -159,8 +151,12 @@ class Trainer:
         self.precision.reset()
         rng.seed_all(self.cfg.seed)
 
-    def _data_shape(self) -> dict[str, int]:
-        return {"n_train": len(self.train_set), "n_val": len(self.val_set), "batch_size": self.cfg.batch_size}
+    def _data_shape(self) -> dict[str, Any]:
+        shape: dict[str, Any] = {"n_train": len(self.train_set), "n_val": len(self.val_set)}
+        shape["batch_size"] = self.cfg.batch_size
+        if self.batches.lengths is not None:  # absent (plain shuffle) in checkpoints from before length grouping
+            shape["order"] = self.batches.order_kind
+        return shape
 
     # the loop
     def run(
@@ -173,6 +169,8 @@ class Trainer:
         """Train to the end (or an early stop); ``restore()`` loads the newest complete checkpoint (or
         the initial weights) into this trainer, for rollbacks; without it a rollback fails the job."""
         self._emit, self.recovery.restore = emit, restore
+        for note in self.speedups.notes:
+            emit(WarningEvent(self.state.step, "speedup_off", note, {}))
         started = time.time()
         while True:
             s = self.state  # a rollback replaces it
@@ -263,14 +261,13 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        plan = self.ranks.plan(
-            self.batches, self.state.position, self.train_set, self.cfg.grad_accum, self.micro_batch_size, self._collate
-        )
+        prepared = self.lookahead.take(self.state.position, self.micro_batch_size)
+        plan = prepared.plan
         self.faults.arm_step(step)
         rng_before = rng.torch_rng()
         oom = ""
         try:
-            loss, norm, tokens = self._accumulate(plan)
+            loss, norm, tokens = self._accumulate(prepared)
         except torch.OutOfMemoryError as e:
             oom = first_line(e)  # keep no reference: the traceback holds the activations
         if oom:
@@ -296,17 +293,21 @@ class Trainer:
         self.state.position = plan.end
         return StepResult(loss, norm, tokens, skipped=False)
 
-    def _accumulate(self, plan: StepPlan) -> tuple[float, float, int]:
+    def _prepare_step(self, pos: DataPosition, micro: int) -> PreparedStep:
+        plan = self.ranks.plan(self.batches, pos, self.train_set, self.cfg.grad_accum, micro, self._collate)
+        return PreparedStep(plan, [stage(b, self.device, self.speedups.split) for b in plan.passes])
+
+    def _accumulate(self, prepared: PreparedStep) -> tuple[float, float, int]:
         """Forward and backward over the step's passes (the last ``plan.padding`` of them zero-loss ones);
-        returns (loss, grad norm, tokens) of the whole global step."""
+        returns (loss, grad norm, tokens) of the whole global step. The host reads them once, at the end (the
+        step's one sync), after queueing the passes and preparing the next step's batches."""
+        plan = prepared.plan
         loss_sum = torch.zeros((), device=self.device)
         tokens, oom = 0, ""  # with several ranks an OOM is agreed on before the gradients are summed
         try:
-            for i, batch in self.faults.forward_passes(plan.passes):
+            for i, (batch, staged) in self.faults.forward_passes(list(zip(plan.passes, prepared.staged, strict=True))):
                 with self.precision.autocast():
-                    logits = self.model(**model_inputs(batch, self.device)).logits
-                loss = token_loss_sum(logits, batch["labels"].to(self.device)) / plan.n_trained
-                del logits  # not held through backward and into the next forward pass
+                    loss = staged_loss_sum(self.model, staged, self.speedups.split) / plan.n_trained
                 loss = self.faults.poison(loss, i)
                 self.precision.backward(loss)
                 loss_sum += loss.detach()
@@ -316,19 +317,22 @@ class Trainer:
             if not self.ranks.defers_oom:
                 raise
             oom = first_line(e)
+        if not oom:
+            self.lookahead.prepare(plan.end, self.micro_batch_size)
         loss_sum, tokens = self.ranks.reduce(oom, loss_sum, tokens, self.model.parameters())
         self.precision.unscale(self.optimizer)  # the true gradients, before clipping and the norm
-        return float(loss_sum), self._clip_gradients(), tokens
+        loss, norm = torch.stack([loss_sum.float(), self._clip_gradients().float()]).tolist()
+        return loss, norm, tokens
 
-    def _clip_gradients(self) -> float:
-        """The gradient norm before clipping (``grad_clip`` > 0 clips); sharded, over the shards."""
+    def _clip_gradients(self) -> torch.Tensor:
+        """The gradient norm before clipping (``grad_clip`` > 0 clips), on the device; sharded, over the shards."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params if p.grad is not None]
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm(grads)
-        return float(sharding.full(norm))
+        return sharding.full(norm).detach()
 
     def _update(self) -> str:
         """Apply the update; '' when applied, else the out-of-memory message (any rank's is every rank's)."""
@@ -348,7 +352,7 @@ class Trainer:
             free_memory(self.device)
 
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.pad_id, self.cfg.packing)
+        return collate(examples, self.pad_id, self.speedups.packed)
 
     def _epoch(self) -> float:
         return self.state.epoch + self.state.micro_batch / self.batches.per_epoch
@@ -358,7 +362,7 @@ class Trainer:
         """Mean loss per trained token over the whole validation set."""
         size = self.state.eval_size or self.cfg.batch_size
         self.faults.before_eval(self.state.step, len(self.val_set))
-        packed, n = self.cfg.packing, len(self.val_set)
+        packed, n = self.speedups.packed, len(self.val_set)
         batches = (collate(self.val_set[i : i + size], self.pad_id, packed) for i in range(0, n, size))
         loss = self.mean_loss(batches)
         self.model.train()
@@ -366,7 +370,7 @@ class Trainer:
 
     def mean_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float:
         """Mean loss per trained token over collated batches, no gradient (evaluation, the hybrid probe)."""
-        return mean_loss(self.model, batches, self.device, self.precision.autocast)
+        return mean_loss(self.model, batches, self.device, self.precision.autocast, self.speedups.split)
 
     # boundaries: "crossed a multiple of every since the last one", since a hybrid jump advances several steps
     def _eval_due(self) -> bool:

@@ -77,6 +77,8 @@ def train_job(spec: JobSpec, stop: StopFlag, report: Report, info: RunInfo | Non
     run_dir = Path(spec.run_dir)
     job = load_job(spec, report, faults)
     train, val = job.data.train, job.data.val
+    # compiled kernels kept in the home's cache/, for the next job of the same model (core.compiling)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(spec.embedded_model_dir).parent / "inductor"))
     trainer = Trainer(job.model, job.cfg, train, val, job.tokenizer.pad_token_id, job.device, faults, job.ranks)
     info.trainer = trainer
     preflight, memory, starting = prepare_trainer(spec, job, trainer)
@@ -119,7 +121,8 @@ def prepare_trainer(spec: JobSpec, job: LoadedJob, trainer: Trainer) -> tuple[Pr
     run, exactly."""
     cfg, half = job.cfg, trainer.precision.half
     n_train, n_val = len(job.data.train), len(job.data.val)
-    preflight = run_preflight(cfg, job.model, job.device, n_train, n_val, bool(spec.eval_file), half)
+    chunk = trainer.speedups.split.chunk if trainer.speedups.split is not None else 0
+    preflight = run_preflight(cfg, job.model, job.device, n_train, n_val, bool(spec.eval_file), half, chunk)
     log.info("preflight: micro-batch %d fits (%s)", preflight.micro_batch, preflight.estimate)
     if job.saved is not None:
         trainer.load_state_dict(job.saved)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
 
-from core.data import Batches, DataPosition, collate, heldout_count, pack, real_tokens, split_heldout, total_steps
+from core.data import Batches, DataPosition, collate, heldout_count, real_tokens, split_heldout, total_steps
 from core.encode import IGNORE, Example
+from core.packing import pack_rows, place
 from core.schedule import lr_at, warmup_steps
 
 
@@ -68,6 +70,42 @@ def test_a_new_batcher_continues_from_a_position_exactly() -> None:
     assert resumed == straight[7:]
 
 
+def dense(micro: list[list[int]], lengths: list[int]) -> float:
+    """Real tokens over padded positions."""
+    return sum(lengths[i] for m in micro for i in m) / sum(len(m) * max(lengths[i] for i in m) for m in micro)
+
+
+def test_length_grouped_epochs_keep_every_example_and_resume_exactly() -> None:
+    """Grouping changes which examples share a micro-batch, not how many there are: each epoch still holds
+    every example once, in the same number of full micro-batches, seeded, and a restart at a position
+    continues exactly; the longest micro-batch comes first."""
+    rng = random.Random(5)
+    lengths = [max(1, int(rng.lognormvariate(3, 0.9))) for _ in range(1003)]
+    a = Batches(len(lengths), 8, seed=2, lengths=lengths)
+    assert a.per_epoch == Batches(len(lengths), 8, seed=2).per_epoch == 126
+    for epoch in (0, 1):
+        order = a.order(epoch)
+        assert sorted(order) == list(range(len(lengths)))
+        micro = [order[k : k + 8] for k in range(0, len(order), 8)]
+        assert [len(m) for m in micro] == [8] * 125 + [3]
+        assert max(lengths[i] for i in micro[0]) == max(lengths)
+        # within a micro-batch lengths are close: padding to the longest wastes little
+        assert dense(micro[:-1], lengths) > 0.85
+    shuffled = Batches(len(lengths), 8, seed=2).order(0)
+    assert dense([shuffled[k : k + 8] for k in range(0, 1000, 8)], lengths) < 0.5
+    assert a.order(0) != a.order(1)
+    assert a.order(0) == Batches(len(lengths), 8, seed=2, lengths=lengths).order(0)
+    assert a.order(0) != Batches(len(lengths), 8, seed=3, lengths=lengths).order(0)
+    pos, straight = DataPosition(), []
+    for _ in range(300):
+        idx, pos = a.take(pos)
+        straight.append(idx)
+    b, pos = Batches(len(lengths), 8, seed=2, lengths=lengths), DataPosition(1, 17)  # a restart, nothing cached
+    assert [b.take(pos)[0]] == [straight[126 + 17]]
+    b.ungroup()
+    assert b.order(0) == Batches(len(lengths), 8, seed=2).order(0)
+
+
 def test_total_steps() -> None:
     assert total_steps(max_steps=17, epochs=3, micro_batches_per_epoch=10, grad_accum=2) == 17
     assert total_steps(max_steps=0, epochs=3, micro_batches_per_epoch=10, grad_accum=4) == 8
@@ -99,12 +137,24 @@ def test_schedule_without_warmup_starts_at_peak() -> None:
     assert lr_at(0, 50, 3e-4, warmup_ratio=0.0, min_lr_ratio=0.0) == pytest.approx(3e-4)
 
 
-def test_pack_lays_examples_end_to_end_with_restarting_positions() -> None:
+def test_pack_rows_fill_first_fit_longest_first_with_restarting_positions() -> None:
     a = Example([5, 6, 7], [IGNORE, 6, 7])
     b = Example([8, 9], [8, 9])
-    row = pack([a, b])
-    assert row["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    # b's first label would be predicted from a's last token: not trained, as in a padded batch
-    assert row["labels"].tolist() == [[IGNORE, 6, 7, IGNORE, 9]]
-    assert real_tokens(row) == 5 == real_tokens(collate([a, b], pad_id=0))
+    c = Example([4], [4])
+    rows = pack_rows([b, a, c], pad_id=0)  # width 3 (the longest): a alone, then b and c together
+    assert rows["input_ids"].tolist() == [[5, 6, 7], [8, 9, 4]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    # c's first (only) label would be predicted from b's last token: not trained, as in a padded batch
+    assert rows["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 9, IGNORE]]
+    assert "attention_mask" not in rows
+    assert real_tokens(rows) == 6 == real_tokens(collate([a, b, c], pad_id=0))
+    # a row's unused tail is a filler segment of its own: positions from 0, no label, not counted
+    tail = pack_rows([a, b], pad_id=0)
+    assert tail["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert tail["labels"].tolist() == [[IGNORE, 6, 7], [IGNORE, 9, IGNORE]]
+    assert real_tokens(tail) == 5
+
+
+def test_place_is_first_fit_decreasing_and_stable() -> None:
+    assert place([2, 5, 3, 1, 5], 5) == [[1], [4], [2, 0], [3]]
+    assert place([1, 1, 1], 3) == [[0, 1, 2]]

@@ -15,6 +15,7 @@ from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.events import StepEvent
 from core.loading import enable_gradient_checkpointing
+from core.loss import chunk_tokens
 from core.memory import FIT_COPIES, estimate_memory, hybrid_copies, model_shape, pick_micro_batch
 from core.preflight import check_memory, check_settings
 from core.schedule import make_optimizer
@@ -135,3 +136,19 @@ def test_preflight_counts_the_hybrid_engines_copies() -> None:
     assert problems and problems[0].fatal and "engine = 'plain'" in problems[0].fix
     _, plain_problems = check_memory(SHAPE, plain_cfg, True, True, between, "GPU 0")
     assert not any(p.fatal for p in plain_problems)
+
+
+def test_preflight_counts_one_chunk_of_logits_under_the_chunked_loss() -> None:
+    """With the chunked loss the logits term is one chunk's (plus what the fused loss keeps: the picked hidden
+    states, their gradient and the head's gradient), whatever the micro-batch; the rest is unchanged."""
+    chunk = chunk_tokens(SHAPE.vocab)
+    plain = estimate_memory(SHAPE, 8, 1024, True, True)
+    chunked = estimate_memory(SHAPE, 8, 1024, True, True, loss_chunk=chunk)
+    kept = 2 * 8 * 1024 * SHAPE.hidden * 2 + SHAPE.vocab * SHAPE.hidden * 4  # hidden states and grads, head grad
+    saved = (8 * 1024 - chunk) * SHAPE.vocab * 12 - kept
+    assert plain.activations - chunked.activations == saved > 0
+    assert (chunked.weights, chunked.grads, chunked.optimizer) == (plain.weights, plain.grads, plain.optimizer)
+    one = estimate_memory(SHAPE, 1, 1024, True, True, loss_chunk=chunk)
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, int(chunked.total / 0.9) + 1)[0] != 8
+    assert pick_micro_batch(SHAPE, 8, 1024, True, True, int(chunked.total / 0.9) + 1, loss_chunk=chunk)[0] == 8
+    assert one.total < chunked.total

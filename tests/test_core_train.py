@@ -16,6 +16,7 @@ from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.events import CheckpointEvent, EvalEvent, Event, StepEvent
 from core.metrics import read_metrics, truncate_to_step
+from core.packing import place
 from core.train import Trainer
 from trainbox.config import TrainingConfig
 from trainbox.records import Record
@@ -81,6 +82,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     straight_events: list[Event] = []
     a = make_trainer(model_dir, examples)
     assert a.batches.per_epoch == 6  # 24 examples / 4: 12 steps x 2 micro-batches = 4 epochs
+    assert a.speedups.packed and a.speedups.split is not None  # the defaults: packed rows, the split loss
     assert a.run(straight_events.append, lambda: False, saver(a, tmp_path / "a", tok)) == "completed"
 
     b = make_trainer(model_dir, examples)
@@ -107,6 +109,19 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     assert c.state.train_loss == a.state.train_loss
     evals = [e.step for e in first + rest if isinstance(e, EvalEvent)]
     assert evals == [0, 4, 8, 12]  # no repeated evaluation at the resume step
+
+
+def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(model_dir: Path, examples: Any) -> None:
+    """A checkpoint whose data position counts plain shuffled epochs (no "order" recorded) is continued in
+    that order, not refused and not regrouped: its run's remaining batches are the ones it would have seen."""
+    a = make_trainer(model_dir, examples, group_by_length=True)
+    state = a.state_dict()
+    assert state["data"]["order"] == "length_grouped"
+    del state["data"]["order"]
+    b = make_trainer(model_dir, examples, group_by_length=True)
+    b.load_state_dict(state)
+    assert b.batches.order_kind == "random" and b.batches.order(0) == make_trainer(model_dir, examples).batches.order(0)
+    assert b.state_dict()["data"] == state["data"]
 
 
 def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -> None:
@@ -138,19 +153,26 @@ def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -
 
 
 def test_packed_row_attends_within_each_example_only(model_dir: Path, examples: Any) -> None:
-    """Each example's logits in a packed row equal its logits alone: no token sees another example."""
+    """Each example's logits in a packed row equal its logits alone: no token sees another example, nor
+    the row's filler."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    group = examples[0][:5]
-    row = collate(group, pad_id=0, packed=True)
-    assert "attention_mask" not in row and row["input_ids"].shape == (1, sum(len(e.input_ids) for e in group))
+    a, b = examples[0][:2]
+    long = Example(a.input_ids + b.input_ids, a.labels + b.labels)
+    group = [*examples[0][:3], long, *examples[1]]  # 10 to 13 tokens and one of twice that: they share rows
+    lengths = [len(e.input_ids) for e in group]
+    rows = place(lengths, max(lengths))
+    assert any(len(r) > 1 for r in rows) and len(rows) < len(group)  # several examples share a row
+    batch = collate(group, pad_id=0, packed=True)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (len(rows), max(lengths))
     with torch.no_grad():
-        packed = model(**model_inputs(row, CPU)).logits[0]
-        start = 0
-        for e in group:
-            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
-            n = len(e.input_ids)
-            assert torch.allclose(packed[start : start + n], alone, atol=1e-5), start
-            start += n
+        packed = model(**model_inputs(batch, CPU)).logits
+        for r, members in enumerate(rows):
+            start = 0
+            for i in members:
+                alone = model(input_ids=torch.tensor([group[i].input_ids])).logits[0]
+                n = lengths[i]
+                assert torch.allclose(packed[r, start : start + n], alone, atol=1e-5), (r, i)
+                start += n
 
 
 def test_training_lowers_validation_loss(model_dir: Path, examples: Any) -> None:

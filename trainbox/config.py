@@ -239,12 +239,42 @@ class TrainingConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=4096, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     max_length: int = Field(256, ge=8, le=1_000_000, description="Tokens per example; longer ones are truncated.")
-    packing: bool = Field(
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Padding-free batches: each forward pass's examples are laid end to end in rows no wider "
+        "than its longest example (first fit, longest first), position ids restarting at every example, and "
+        "attention confined to each example (block-diagonal causal mask), so the loss equals the padded "
+        "batch's and no compute goes to padding. auto: on where that is exact for the model, which a probe "
+        "checks at the start of every run (a packed row's logits against each example alone; off, with the "
+        "reason in the job's log, for a model whose attention ignores per-example position ids). true: on "
+        "without the probe. false: right-padded batches.",
+    )
+    group_by_length: bool = Field(
         False,
-        description="Padding-free batches: the examples of each forward pass are laid end to end in one "
-        "row whose position ids restart at every example, and attention is confined to each example "
-        "(block-diagonal causal mask), so the loss equals the padded batch's and no compute goes to padding. "
-        "Pays when example lengths vary a lot; the memory estimate is unchanged (it assumes max_length).",
+        description="Length-grouped batches (Hugging Face's group_by_length): each epoch's shuffled order is cut "
+        "into mega-batches of 50 micro-batches, each sorted by length and split into micro-batches whose order "
+        "is then shuffled, the longest first. Deterministic from the seed; the examples per micro-batch and "
+        "step are unchanged. Off by default: it changes which examples train together, and one epoch of 600 "
+        "texts of long-tailed lengths on the embedded model ended with a 2-13 % higher validation loss (4 "
+        "seeds) for 5-10 % more speed than packing alone, which removes the padding without changing the "
+        "batches. Worth it for padded batches (packing off) on data with very mixed lengths.",
+    )
+    chunked_loss: bool = Field(
+        True,
+        description="Compute the loss over the vocabulary in chunks of trained tokens (256 MiB of fp32 logits "
+        "each), each chunk's gradients made at once in the forward pass (fused linear cross-entropy; a "
+        "LoRA-wrapped head recomputes its chunk in backward instead), so the full logits tensor (tokens x "
+        "vocabulary, fp32) is never held: the largest activation of a small model with a large vocabulary. "
+        "Only trained positions get logits. Off automatically, with the reason in the log, for a head that "
+        "transforms its logits (soft-capping, scaling), where a probe finds the loss differs, or under "
+        "sharding 'fsdp'.",
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model (dynamic shapes; kernels cached in the home's cache/inductor). auto: "
+        "on a GPU; on the CPU only when the job's estimated training time is at least 10 times the compile "
+        "time (about 40 s for the embedded model on one core), so small CPU jobs stay eager; not with "
+        "sharding 'fsdp'. Code that fails to compile runs eagerly with a warning in the log; the job trains.",
     )
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of examples held out for validation when no eval_file is given."
