@@ -215,8 +215,11 @@ def _trainbox(model: Any, cfg: Any, examples: list[Any], pad_id: int, device: to
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if outcome != "completed":
         raise RuntimeError(f"trainbox ended {outcome} at step {trainer.state.step}")
-    settings = {k: getattr(cfg, k) for k in ("packing", "compile") if hasattr(cfg, k)}
-    return wall, cpu, trainer.state.step, statistics.fmean(losses), f"defaults {settings}"
+    sp = trainer.speedups
+    chosen = f"packed {sp.packed}, chunked loss {sp.split is not None}, compiled {trainer.compiled}"
+    fused = trainer.optimizer.defaults.get("fused")
+    settings = f"defaults ({chosen}; {type(trainer.optimizer).__name__} fused={fused})"
+    return wall, cpu, trainer.state.step, statistics.fmean(losses), settings
 
 
 def _hf(model: Any, cfg: Any, examples: list[Any], tok: Any, device: torch.device, mem: PeakMemory, side: str) -> Any:

@@ -576,6 +576,8 @@ def run_side(side: str, prep: Prepared, args: argparse.Namespace, workdir: Path,
         device=args.device,
         threads=args.threads,
         lora=p.lora,
+        packing=False,  # the same padded batches on both sides: this row measures the loop alone
+        compile=False,  # (scripts/bench_defaults.py compares trainbox's defaults with HF's)
     )
     spec = ChildSpec(
         side=side,
