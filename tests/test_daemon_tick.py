@@ -37,8 +37,14 @@ def home(tmp_path: Path) -> Home:
 
 
 @pytest.fixture
-def make_daemon(home: Home) -> Iterator[Callable[..., Daemon]]:
-    yield from daemon_factory(home, _settings())
+def make_daemon(home: Home, any_db_url: str) -> Iterator[Callable[..., Daemon]]:
+    """Every tick test on each backend (tests/conftest.py ``any_db_url``): the daemon's whole use of the DB."""
+    postgres = any_db_url.startswith("postgresql")
+    yield from daemon_factory(home, _settings(), any_db_url if postgres else "")
+    if postgres:  # [db] url reached everything: no SQLite file was made, the workers were told the same URL
+        assert not home.db_file.exists()
+        specs = [json.loads(p.read_text()) for p in home.runs.glob("*/job.json")]
+        assert all(spec["db_url"] == any_db_url for spec in specs)
 
 
 def drop(home: Home, name: str, folder: str = "") -> None:
