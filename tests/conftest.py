@@ -110,3 +110,10 @@ def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'trainbox.db'}"
     return str(request.getfixturevalue("postgres_server").create_database())
+
+
+@pytest.fixture
+def daemon_db_url() -> str:
+    """The ``[db] url`` of daemons made by tests/daemon_stubs.py ``daemon_factory`` through ``make_daemon``: empty,
+    the home's SQLite file (tests/test_daemon_tick.py runs its own tests on both backends)."""
+    return ""
