@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -218,3 +219,32 @@ def test_the_configured_url_wins_and_a_password_is_never_shown(tmp_path: Path) -
     assert Settings.model_validate({"db": {"url": url}}).db.url_for(home.db_url) == url
     shown = display_url(url)
     assert "s3cr3t" not in shown and "trainbox@db.example" in shown.replace(":***", "")
+
+
+def test_health_reads_a_server_db_and_never_shows_its_password(postgres_server: Any, tmp_path: Path) -> None:
+    from safety.checkup import Level, check_db, check_spool_db
+
+    home = Home(tmp_path).ensure()
+    url = postgres_server.create_database()
+    db = ModelDB(url)
+    try:
+        with db.session() as s:
+            s.add(Job(name="a.jsonl", state=JobState.QUEUED.value))  # queued, but its file is nowhere
+    finally:
+        db.close()
+    ok = check_db(home, url)
+    assert ok.level == Level.OK and f"revision {migrate.head()}" in ok.detail
+    spool = check_spool_db(home, url)
+    assert spool.level == Level.WARNING and "job(s) [1]" in spool.detail
+    wrong = url.replace("postgres@", "postgres:s3cr3t@").replace("/t", "/missing_t", 1)
+    down = check_db(home, wrong)
+    assert down.level == Level.CRITICAL and "missing_t" in down.detail and "s3cr3t" not in down.detail
+    assert not home.db_file.exists()
+
+
+def test_the_api_shows_a_jobs_db_url_masked(tmp_path: Path) -> None:
+    from monitoring.views import _spec
+
+    (tmp_path / "job.json").write_text('{"job_id": 1, "db_url": "postgresql+psycopg://tb:s3cr3t@db/tb"}')
+    spec = _spec(tmp_path)
+    assert spec is not None and spec["job_id"] == 1 and "s3cr3t" not in spec["db_url"] and "@db/tb" in spec["db_url"]
