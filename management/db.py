@@ -34,6 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from management.schema_version import at_newest
 from trainbox.states import JobState
 
 
@@ -186,9 +187,10 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_recycle=1800)
-    from management.migrate import upgrade  # alembic is loaded only by processes that open the DB
+    if not at_newest(engine):
+        from management.migrate import upgrade  # Alembic is loaded only when there is something to do
 
-    upgrade(engine)
+        upgrade(engine)
     return engine
 
 

@@ -28,6 +28,7 @@ from management.db import (
     display_url,
     schema_ready,
 )
+from management.schema_version import newest_revision
 from trainbox.config import Settings
 from trainbox.home import Home
 from trainbox.states import JobState
@@ -205,6 +206,10 @@ def test_queries_behave_the_same_on_both_backends(any_db_url: str) -> None:
         assert schema_ready(any_db_url)
     finally:
         db.close()
+
+
+def test_the_newest_revision_read_from_file_names_is_alembics_head() -> None:
+    assert newest_revision() == migrate.head()
 
 
 def test_schema_ready_is_false_before_the_first_opener(tmp_path: Path) -> None:
