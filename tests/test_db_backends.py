@@ -253,3 +253,27 @@ def test_the_api_shows_a_jobs_db_url_masked(tmp_path: Path) -> None:
     (tmp_path / "job.json").write_text('{"job_id": 1, "db_url": "postgresql+psycopg://tb:s3cr3t@db/tb"}')
     spec = _spec(tmp_path)
     assert spec is not None and spec["job_id"] == 1 and "s3cr3t" not in spec["db_url"] and "@db/tb" in spec["db_url"]
+
+
+def test_the_status_servers_paging_queries_on_both_backends(any_db_url: str) -> None:
+    from monitoring import queries
+
+    db = ModelDB(any_db_url)
+    try:
+        assert queries.last_event_id(db) == 0 and queries.job_counts(db) == {}
+        with db.session() as s:
+            s.add_all([Job(name=f"j{i}.jsonl", state="done" if i % 2 else "queued") for i in range(1, 6)])
+        for i in range(1, 8):
+            db.event("bulk", f"event {i}", job_id=1 if i <= 3 else None)
+        assert [e.message for e in queries.events(db, None, 3)] == ["event 5", "event 6", "event 7"]
+        assert [e.id for e in queries.events(db, 2, 2)] == [3, 4]
+        assert [e.id for e in queries.events(db, None, 10, job_id=1, before_id=3)] == [1, 2]
+        assert queries.event_exists(db, None, above=6) and not queries.event_exists(db, 1, above=3)
+        assert queries.last_event_id(db) == 7 and queries.job_counts(db) == {"done": 3, "queued": 2}
+        assert [j.id for j in queries.jobs(db, "done", 2)] == [5, 3]
+        assert [j.id for j in queries.jobs(db, None, 10, before=3)] == [2, 1]
+        version = db.add_pending_version(job_id=2)
+        assert sorted(queries.jobs_by_id(db, [1, 2, 9])) == [1, 2]
+        assert queries.versions_by_job(db, [2, 3])[2].id == version
+    finally:
+        db.close()
