@@ -190,7 +190,11 @@ def make_engine(url: str) -> Engine:
     if not at_newest(engine):
         from management.migrate import upgrade  # Alembic is loaded only when there is something to do
 
-        upgrade(engine)
+        try:
+            upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
 
 

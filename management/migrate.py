@@ -73,9 +73,24 @@ def upgrade(engine: Engine) -> None:
             return
     with engine.connect() as conn:
         _lock(conn)
-        if current(conn) != head():  # someone else may have migrated while we waited for the lock
+        found = current(conn)  # again: someone else may have migrated while we waited for the lock
+        if found != head():
+            _refuse_newer(found)
             command.upgrade(alembic_config(conn), "head")
         conn.commit()
+
+
+class SchemaTooNew(RuntimeError):
+    """The DB was migrated by a newer trainbox (another host of a fleet, or a downgrade)."""
+
+
+def _refuse_newer(found: str | None) -> None:
+    scripts = ScriptDirectory.from_config(alembic_config())
+    if found is not None and found not in {s.revision for s in scripts.walk_revisions()}:
+        raise SchemaTooNew(
+            f"the model DB is at schema revision {found}, which this trainbox does not know (its newest is "
+            f"{head()}): a newer trainbox migrated it; upgrade this one"
+        )
 
 
 def _lock(conn: Connection) -> None:

@@ -277,3 +277,14 @@ def test_the_status_servers_paging_queries_on_both_backends(any_db_url: str) -> 
         assert queries.versions_by_job(db, [2, 3])[2].id == version
     finally:
         db.close()
+
+
+def test_a_db_migrated_by_a_newer_trainbox_is_refused_with_the_reason(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'trainbox.db'}"
+    ModelDB(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(migrate.SchemaTooNew, match=r"revision 9999.*upgrade this one"):
+        ModelDB(url)
