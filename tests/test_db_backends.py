@@ -288,3 +288,27 @@ def test_a_db_migrated_by_a_newer_trainbox_is_refused_with_the_reason(tmp_path: 
     engine.dispose()
     with pytest.raises(migrate.SchemaTooNew, match=r"revision 9999.*upgrade this one"):
         ModelDB(url)
+
+
+def test_the_workers_writes_on_both_backends(any_db_url: str) -> None:
+    """What a worker writes through job.json's ``db_url`` (core/jobdb.py): checkpoint rows, their deletion, events."""
+    from core.jobdb import JobDB
+
+    db = ModelDB(any_db_url)
+    with db.session() as s:
+        job = Job(name="a.jsonl")
+        s.add(job)
+    worker = JobDB(any_db_url, job.id)
+    try:
+        worker.checkpoint_saved(10, Path("/r/c10"), {"train_loss": 1.5, "size_bytes": 3 * 2**31})
+        worker.checkpoint_saved(20, Path("/r/c20"), {"val_loss": 1.25})
+        worker.checkpoints_deleted([Path("/r/c10")])
+        worker.event("checkpoint", "saved", step=20)
+    finally:
+        worker.close()
+    try:
+        rows = [(c.step, c.size_bytes, c.train_loss, c.val_loss, c.deleted_at is None) for c in db.checkpoints(job.id)]
+        assert rows == [(10, 3 * 2**31, 1.5, None, False), (20, 0, None, 1.25, True)]
+        assert [(e.kind, e.data) for e in db.events(job_id=job.id)] == [("checkpoint", {"step": 20})]
+    finally:
+        db.close()
