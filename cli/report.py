@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import HomeOpt, console
+from cli.common import HomeOpt, console, settings_or_exit
 from trainbox.home import Home
 
 
@@ -25,10 +25,11 @@ def report(
     from management.job_report import ensure, generate
 
     h = Home.resolve(home)
-    if not schema_ready(h.db_file):
-        console.print(f"[red]no model DB in {h.root}[/red]")
+    url = settings_or_exit(h).db.url_for(h.db_url)
+    if not schema_ready(url):
+        console.print(f"[red]no model DB for {h.root}[/red]")
         raise typer.Exit(1)
-    db = ModelDB(h.db_url)
+    db = ModelDB(url)
     try:
         if db.job(job) is None and not h.run_dir(job).is_dir():
             console.print(f"[red]no job {job}[/red]")

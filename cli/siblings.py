@@ -158,10 +158,11 @@ def install_systemd(
 def _db(h: Home) -> Any:
     from management.db import ModelDB
 
-    if not h.db_file.exists():
+    url = settings_or_exit(h).db.url_for(h.db_url)
+    if url == h.db_url and not h.db_file.exists():
         console.print("no model versions yet")
         raise typer.Exit(0)
-    return ModelDB(h.db_url)
+    return ModelDB(url)
 
 
 def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:

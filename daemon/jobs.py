@@ -194,7 +194,7 @@ class JobRunner:
             embedded_model_dir=str(self.home.embedded_model),
             run_dir=str(run_dir),
             status_file=str(self.home.status / TRAINING_STATUS),
-            db_url=self.home.db_url,
+            db_url=self.settings.db.url_for(self.home.db_url),
             training=training,
         )
 

@@ -114,7 +114,7 @@ class Daemon:
 
     def start(self) -> None:
         self.spool.ensure()
-        self.db = ModelDB(self.home.db_url)
+        self.db = ModelDB(self.settings.db.url_for(self.home.db_url))
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.notifier = Notifier.open(self.home, self.settings)  # before any event of this start is written
         crashed = unclean_exit(previous)

@@ -48,7 +48,8 @@ class Notifier:
         self.home, self.config = home, settings.notify
         self.server = server_base(self.config.server_url, settings.server)
         self.outbox = Outbox(home.root / OUTBOX)
-        self.db = ModelDB(home.db_url)  # its own engine: its thread never shares a connection with the tick
+        # its own engine: its thread never shares a connection with the tick
+        self.db = ModelDB(settings.db.url_for(home.db_url))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.outbox.sweep()  # no thread runs yet: any temp file is a killed predecessor's

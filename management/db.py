@@ -1,8 +1,9 @@
-"""The model DB: SQLite (WAL) through the SQLAlchemy 2 ORM.
+"""The model DB: SQLite (WAL, the default) or PostgreSQL (``[db] url``) through the SQLAlchemy 2 ORM.
 
 Writers: the daemon (jobs, runs, model versions, events) and the worker (checkpoints, events).
 The spool folders are the truth about where a job's file is; the DB is the record of what
-happened to it. Moving to PostgreSQL is a change of URL.
+happened to it. The schema is the models below plus the Alembic revisions that build it
+(``management/migrations/``): a new column is a model change and a revision (docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -26,12 +28,13 @@ from sqlalchemy import (
     event,
     inspect,
     select,
-    text,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
+from management.schema_version import at_newest
 from trainbox.states import JobState
 
 
@@ -96,7 +99,7 @@ class Checkpoint(Base):
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     val_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
@@ -177,42 +180,27 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine with the schema created; SQLite gets WAL and a busy timeout (several processes write)."""
-    engine = create_engine(url)
-    if engine.dialect.name == "sqlite":
+    """An engine on a DB at the newest schema (``management/migrate.py``). SQLite gets WAL and a busy
+    timeout (several processes write); PostgreSQL a pool that drops connections the server closed."""
+    if make_url(url).get_backend_name() == "sqlite":
+        engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
-    for attempt in range(5):
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_recycle=1800)
+    if not at_newest(engine):
+        from management.migrate import upgrade  # Alembic is loaded only when there is something to do
+
         try:
-            Base.metadata.create_all(engine)
-            break
-        except OperationalError as e:  # another process created a table between check and create
-            if "already exists" not in str(e) or attempt == 4:
-                raise
-    add_missing_columns(engine)
+            upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     return engine
 
 
-def add_missing_columns(engine: Engine) -> None:
-    """Schema changes are additions only: a DB made by an older trainbox gets the newer columns, each
-    with its server default (``create_all`` makes missing tables, never missing columns)."""
-    existing = inspect(engine)
-    for table in Base.metadata.sorted_tables:
-        if not existing.has_table(table.name):
-            continue
-        have = {c["name"] for c in existing.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in have:
-                continue
-            default = column.server_default.arg if column.server_default is not None else None  # type: ignore[attr-defined]
-            ddl = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {column.type.compile(engine.dialect)}"
-            if default is not None:
-                ddl += f" DEFAULT '{default}'" if isinstance(default, str) else f" DEFAULT {default}"
-            try:
-                with engine.begin() as conn:
-                    conn.execute(text(ddl))
-            except OperationalError as e:  # another process added it first
-                if "duplicate column" not in str(e):
-                    raise
+def display_url(url: str) -> str:
+    """The URL as logs, status and the API may show it: any password masked."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 class ModelDB:
@@ -336,9 +324,24 @@ class ModelDB:
             return list(s.scalars(q))
 
 
-def schema_ready(db_file: Path) -> bool:
-    """Whether the model DB exists with its schema (created in one transaction by the first opener)."""
-    if not db_file.exists():
+def schema_ready(url: str) -> bool:
+    """Whether the model DB exists with its tables, made by the first opener; readers that must not be
+    the one to create a SQLite file (watchdog, retention) wait for it. Read-only, never migrates."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_tables_ready(Path(parsed.database or ""))
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return set(Base.metadata.tables) <= set(inspect(conn).get_table_names())
+    except SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def _sqlite_tables_ready(db_file: Path) -> bool:
+    if not db_file.is_file():
         return False
     try:
         con = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True, timeout=10)

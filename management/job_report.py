@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.nice(10)  # a report is never urgent: the next job's worker may be training beside it
     home = Home.resolve(args.home)
-    db = ModelDB(home.db_url)
+    db = ModelDB(load_settings(home.config_file).db.url_for(home.db_url))  # [db] url, as the daemon's
     try:
         path = generate(home, db, args.job_id)
     finally:

@@ -289,6 +289,7 @@ class Retention:
     ) -> None:
         self.home = home
         self.cfg = settings.retention
+        self.db_url = settings.db.url_for(home.db_url)
         self.policy = Policy.from_config(self.cfg)
         self.interval = self.cfg.interval
         self._db = db
@@ -304,8 +305,8 @@ class Retention:
     @property
     def db(self) -> ModelDB | None:
         """Opened once the daemon has created the schema (two processes creating it at once collide)."""
-        if self._db is None and schema_ready(self.home.db_file):
-            self._db = ModelDB(self.home.db_url)
+        if self._db is None and schema_ready(self.db_url):
+            self._db = ModelDB(self.db_url)
         return self._db
 
     def empty_trash(self) -> None:

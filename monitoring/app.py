@@ -43,7 +43,7 @@ def create_app(
         gpus = Gpus()
         gpus.start()
         prime_cpu_percent()
-        db = ModelDB(home.db_url)
+        db = ModelDB(settings.db.url_for(home.db_url))
         app.state.server = ServerState(
             home=home,
             settings=settings,

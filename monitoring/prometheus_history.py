@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Integer, func, select
+from sqlalchemy import func, select
 
 from management.db import Event, Job, ModelDB, VersionGate
 
@@ -40,11 +40,9 @@ def read_history(db: ModelDB) -> History:
             select(Job.state, func.count()).where(Job.state.in_(FINISHED_STATES)).group_by(Job.state)
         ):
             h.jobs_finished[state] = int(n)
-        steps = func.json_extract(Event.data, "$.steps_trained")
-        tokens = func.json_extract(Event.data, "$.tokens")
-        row = s.execute(
-            select(func.sum(steps.cast(Integer)), func.sum(tokens.cast(Integer))).where(Event.kind.in_(RUN_END_EVENTS))
-        ).one()
+        # the JSON accessors SQLAlchemy renders for each backend (SQLite JSON_EXTRACT, PostgreSQL ->>)
+        steps, tokens = Event.data["steps_trained"].as_integer(), Event.data["tokens"].as_integer()
+        row = s.execute(select(func.sum(steps), func.sum(tokens)).where(Event.kind.in_(RUN_END_EVENTS))).one()
         h.steps_trained, h.tokens_trained = int(row[0] or 0), int(row[1] or 0)
         for promoted, n in s.execute(select(VersionGate.promoted, func.count()).group_by(VersionGate.promoted)):
             h.gate_verdicts["promoted" if promoted else "not_promoted"] = int(n)

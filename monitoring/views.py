@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from management.db import Event, Job, ModelDB, ModelVersion
+from management.db import Event, Job, ModelDB, ModelVersion, display_url
 from monitoring import queries
 from monitoring.metrics_log import MetricsCache
 from monitoring.schemas import (
@@ -222,6 +222,14 @@ def _json_file(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _spec(run_dir: Path) -> dict[str, Any] | None:
+    """job.json as the API shows it: the DB URL the worker needs may hold a password."""
+    spec = _json_file(run_dir / JOB_SPEC)
+    if spec is not None and isinstance(spec.get("db_url"), str):
+        spec["db_url"] = display_url(spec["db_url"])
+    return spec
+
+
 def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> JobDetail | None:
     job = db.job(job_id)
     if job is None:
@@ -236,7 +244,7 @@ def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> Job
         job=job_summary(job, version),
         settings=job.settings or {},
         sha256=job.sha256,
-        spec=_json_file(run_dir / JOB_SPEC),
+        spec=_spec(run_dir),
         result=_json_file(run_dir / RESULT),
         runs=[RunView.model_validate(r, from_attributes=True) for r in db.runs(job_id)],
         checkpoints=[CheckpointView.model_validate(c, from_attributes=True) for c in db.checkpoints(job_id)],

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import IntEnum
+from functools import partial
 from pathlib import Path
 
 from trainbox.atomic import read_json
@@ -177,7 +178,13 @@ def check_gpu() -> Check:
             pynvml.nvmlShutdown()
 
 
-def check_db(home: Home) -> Check:
+def check_db(home: Home, url: str | None = None) -> Check:
+    """SQLite: the file's integrity check; a server (``[db] url``): reachable, and its schema revision."""
+    if url is not None and url != home.db_url:
+        from safety.db_server import describe_server
+
+        ok, detail = describe_server(url)
+        return Check("db", Level.OK if ok else Level.CRITICAL, detail)
     if not home.db_file.exists():
         return Check("db", Level.OK, "no DB yet")
     try:
@@ -245,18 +252,28 @@ def _rows(db_file: Path) -> tuple[dict[int, str], set[int]]:
     return states, versions
 
 
-def check_spool_db(home: Home) -> Check:
+def check_spool_db(home: Home, url: str | None = None) -> Check:
     """Rows against files (``trainbox/spool_states.py``, the rules the daemon's start-up reconciliation
     fixes by). Rows, then the folders, then rows again: only a disagreement both readings show is
     reported, so a move the running daemon makes between its rename and its row update is not."""
-    if not home.db_file.exists():
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    if url is not None and url != home.db_url:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from safety.db_server import server_rows
+
+        errors = (sqlite3.Error, SQLAlchemyError)
+        read: Callable[[], tuple[dict[int, str], set[int]]] = partial(server_rows, url)
+    elif not home.db_file.exists():
         return Check("spool-db", Level.OK, "no DB yet")
+    else:
+        read = partial(_rows, home.db_file)
     try:
-        before, _ = _rows(home.db_file)
+        before, _ = read()
         where = places(home)
-        after, versions = _rows(home.db_file)
-    except sqlite3.Error as e:
-        if "no such table" in str(e):
+        after, versions = read()
+    except errors as e:
+        if "no such table" in str(e) or "does not exist" in str(e):
             return Check("spool-db", Level.OK, "no job table yet")
         return Check("spool-db", Level.WARNING, f"cannot compare: {e}")
     wrong: dict[int, str] = {}
@@ -321,9 +338,10 @@ def run_checks(
     checks.append(check_lock(home, settings, now))
     checks += check_disk(home, settings)
     checks.append(gpu())
-    checks.append(check_db(home))
+    url = settings.db.url_for(home.db_url)
+    checks.append(check_db(home, url))
     checks += check_queue(home, settings, now)
-    checks.append(check_spool_db(home))
+    checks.append(check_spool_db(home, url))
     checks.append(check_crashes(home, now))
     return checks
 

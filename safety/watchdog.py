@@ -138,11 +138,11 @@ class Watchdog:
     def db(self) -> ModelDB:
         """Opened once the daemon has created the schema: two processes creating it at once can collide."""
         if self._db is None:
-            self._db = ModelDB(self.home.db_url)
+            self._db = ModelDB(self.settings.db.url_for(self.home.db_url))
         return self._db
 
     def db_ready(self) -> bool:
-        return self._db is not None or schema_ready(self.home.db_file)
+        return self._db is not None or schema_ready(self.settings.db.url_for(self.home.db_url))
 
     # who restarts the daemon
     def restart_owner(self) -> str | None:

@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +84,36 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return next((i for i, prefix in enumerate(LONGEST_FIRST) if item.nodeid.startswith(prefix)), len(LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: the rest keep their files' order
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the whole session (tests/postgres.py); without its binaries the
+    PostgreSQL tests skip here and fail under CI (CI=true), where .ci/run installs them."""
+    from tests import postgres
+
+    reason = postgres.unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL tests cannot run under CI: {reason}")
+        pytest.skip(reason)
+    server = postgres.start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The model DB's URL on each backend: the home's SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'trainbox.db'}"
+    return str(request.getfixturevalue("postgres_server").create_database())
+
+
+@pytest.fixture
+def daemon_db_url() -> str:
+    """The ``[db] url`` of daemons made by tests/daemon_stubs.py ``daemon_factory`` through ``make_daemon``: empty,
+    the home's SQLite file (tests/test_daemon_tick.py runs its own tests on both backends)."""
+    return ""

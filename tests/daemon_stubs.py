@@ -58,15 +58,19 @@ def tick_until(d: Daemon, cond: Callable[[], object], what: str, timeout: float 
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def daemon_factory(home: Home, default: Settings) -> Iterator[Callable[..., Daemon]]:
+def daemon_factory(home: Home, default: Settings, db_url: str = "") -> Iterator[Callable[..., Daemon]]:
     """For a fixture: ``make(settings=None)`` starts an in-process Daemon on ``home`` with the stub worker
-    and gate (``default`` settings unless given); every daemon made is shut down afterwards."""
+    and gate (``default`` settings unless given; ``db_url``, if any, as its ``[db] url``); every daemon made
+    is shut down afterwards."""
     from daemon.main import Daemon
 
     made: list[Daemon] = []
 
     def make(settings: Settings | None = None) -> Daemon:
-        d = Daemon(home, settings or default, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
+        chosen = settings or default
+        if db_url:
+            chosen = chosen.model_copy(update={"db": chosen.db.model_copy(update={"url": db_url})})
+        d = Daemon(home, chosen, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
         d.start()
         made.append(d)
         return d

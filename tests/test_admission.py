@@ -1,4 +1,4 @@
-"""Admission with a real SQLite DB and real files: every dropped file ends in exactly one place."""
+"""Admission with a real DB (SQLite and PostgreSQL) and real files: every dropped file ends in exactly one place."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from trainbox.states import JobState, Priority
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> tuple[Home, Admission, ModelDB]:
+def env(tmp_path: Path, any_db_url: str) -> tuple[Home, Admission, ModelDB]:
+    """On each backend (tests/conftest.py ``any_db_url``): admission's queries are the daemon's busiest."""
     home = Home(tmp_path).ensure()
     spool = Spool(home)
     spool.ensure()
-    db = ModelDB(home.db_url)
+    db = ModelDB(any_db_url)
     yield home, Admission(home, spool, db, DaemonConfig()), db
     db.close()
 

@@ -36,9 +36,22 @@ def home(tmp_path: Path) -> Home:
     return Home(tmp_path / "home").ensure()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def daemon_db_url(request: pytest.FixtureRequest) -> str:
+    """Here every tick test runs on each backend (the daemon's whole use of the DB); the modules that import
+    ``make_daemon`` get tests/conftest.py's, the home's SQLite file."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("postgres_server").create_database())
+
+
 @pytest.fixture
-def make_daemon(home: Home) -> Iterator[Callable[..., Daemon]]:
-    yield from daemon_factory(home, _settings())
+def make_daemon(home: Home, daemon_db_url: str) -> Iterator[Callable[..., Daemon]]:
+    yield from daemon_factory(home, _settings(), daemon_db_url)
+    if daemon_db_url:  # [db] url reached everything: no SQLite file was made, the workers were told the same URL
+        assert not home.db_file.exists()
+        specs = [json.loads(p.read_text()) for p in home.runs.glob("*/job.json")]
+        assert all(spec["db_url"] == daemon_db_url for spec in specs)
 
 
 def drop(home: Home, name: str, folder: str = "") -> None:

@@ -574,6 +574,19 @@ class TrackingConfig(_Strict):
     )
 
 
+class DbConfig(_Strict):
+    url: str = Field(
+        "",
+        description="SQLAlchemy URL of the model DB every process opens (daemon, worker, watchdog, retention, server, "
+        "CLI); empty: the home's SQLite file trainbox.db. PostgreSQL: postgresql+psycopg://USER:PASSWORD@HOST/DB "
+        "(or ?host=/run/postgresql for a Unix socket; a password here is never shown, prefer ~/.pgpass).",
+    )
+
+    def url_for(self, home_db_url: str) -> str:
+        """The URL to open: this one, or the home's SQLite file (``Home.db_url``) when none is set."""
+        return self.url or home_db_url
+
+
 class Settings(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -584,6 +597,7 @@ class Settings(_Strict):
     notify: NotifyConfig = Field(default_factory=NotifyConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    db: DbConfig = Field(default_factory=DbConfig)
 
 
 class JobOverrides(TrainingConfig):
