@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,10 +56,12 @@ def daemon(home: HomeOpt = None) -> None:
     if not h.config_file.exists():
         h.config_file.write_text(defaults_toml(), encoding="utf-8")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # a daemon that stops answering can be asked where it is: `kill -USR1 PID` writes every thread's stack
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         Daemon(h, settings).run()
     except LockHeld as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(f"[red]{e}[/red]", soft_wrap=True, markup=True)  # one line: a path is not cut at a width
         raise typer.Exit(1) from None
 
 

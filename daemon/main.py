@@ -130,7 +130,8 @@ class Daemon:
         self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
         self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
-        self.reports = Reports(self.home, self.db, self.report_program)  # requests a killed daemon left
+        url = self.settings.db.url_for(self.home.db_url)
+        self.reports = Reports(self.home, self.db, self.report_program, url)  # requests a killed daemon left
         self.runner.reports = self.reports
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from management.db import ModelDB
-from management.job_report import REPORT_LOG, REPORT_PENDING
+from management.job_report import DB_URL_ENV, REPORT_LOG, REPORT_PENDING
 from trainbox.atomic import atomic_write_json
 from trainbox.home import Home
 from trainbox.jobspec import JOB_SPEC
@@ -58,8 +58,9 @@ class Reports:
     """Pending report requests and the one child drawing a report. ``program`` replaces
     ``python -m management.job_report`` (tests)."""
 
-    def __init__(self, home: Home, db: ModelDB, program: list[str] | None = None) -> None:
+    def __init__(self, home: Home, db: ModelDB, program: list[str] | None = None, db_url: str = "") -> None:
         self.home, self.db = home, db
+        self.db_url = db_url  # the daemon's DB, handed to the child in its environment (never on its argv)
         self.program = program or [sys.executable, "-m", "management.job_report"]
         self.child: ReportChild | None = None
         self.pending: list[int] = self._scan()
@@ -87,7 +88,8 @@ class Reports:
         run_dir = self.home.run_dir(job_id)
         argv = [*self.program, str(job_id), "--home", str(self.home.root)]
         try:
-            popen = spawn_logged(argv, run_dir / REPORT_LOG, label="report", defaults=QUIET_ENV)
+            env = {DB_URL_ENV: self.db_url} if self.db_url else None
+            popen = spawn_logged(argv, run_dir / REPORT_LOG, env=env, label="report", defaults=QUIET_ENV)
         except OSError as e:  # boundary: a report that cannot start is reported, the daemon goes on
             self._failed(job_id, run_dir, f"could not start: {e}")
             return

@@ -37,6 +37,7 @@ REPORT = "report.md"
 REPORT_PENDING = "report-pending.json"  # the daemon's request; see daemon/reports.py
 REPORT_LOG = "report.log"
 SPOOL_SUFFIX = ".report.md"
+DB_URL_ENV = "TRAINBOX_DB_URL"  # the daemon's DB URL for its report child (a password never on an argv)
 
 
 def spool_copy_path(facts: JobFacts) -> Path | None:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.nice(10)  # a report is never urgent: the next job's worker may be training beside it
     home = Home.resolve(args.home)
-    db = ModelDB(load_settings(home.config_file).db.url_for(home.db_url))  # [db] url, as the daemon's
+    db = ModelDB(os.environ.get(DB_URL_ENV) or load_settings(home.config_file).db.url_for(home.db_url))
     try:
         path = generate(home, db, args.job_id)
     finally:

@@ -89,6 +89,8 @@ class DaemonProc:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGUSR1)  # a hung daemon writes its threads' stacks to its log
+                time.sleep(1)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.log.close()
