@@ -35,7 +35,7 @@ from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
 from trainbox.crashpoints import crash_point
 from trainbox.home import Home
-from trainbox.processes import cmdline, describe_exit, spawn_logged
+from trainbox.processes import cmdline, describe_exit, kill_group, spawn_logged
 
 log = logging.getLogger("trainbox.daemon")
 
@@ -192,10 +192,7 @@ class Gates:
 
     @staticmethod
     def _kill(child: GateChild) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.popen.wait(10)
+        kill_group(child.popen)
 
     def stop_orphans(self) -> None:
         """An evaluation child outlives a daemon killed with -9 (its own session): kill it before the

@@ -13,10 +13,7 @@ Reports never hold up dispatch: the next job trains while the last one's report 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,7 +24,7 @@ from management.job_report import DB_URL_ENV, REPORT_LOG, REPORT_PENDING
 from trainbox.atomic import atomic_write_json
 from trainbox.home import Home
 from trainbox.jobspec import JOB_SPEC
-from trainbox.processes import describe_exit, spawn_logged
+from trainbox.processes import describe_exit, kill_group, spawn_logged
 
 log = logging.getLogger("trainbox.daemon")
 
@@ -119,10 +116,7 @@ class Reports:
 
     @staticmethod
     def _kill(child: ReportChild) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(child.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.popen.wait(10)
+        kill_group(child.popen)
 
     def stop(self) -> None:
         """The daemon stops: the child is killed, its request stays for the next daemon."""

@@ -7,6 +7,7 @@ One place for each, so the daemon (workers, the eval gate), the watchdog (a rest
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -114,6 +115,14 @@ def spawn_logged(
             start_new_session=True,
             env=child_env(env, defaults),
         )
+
+
+def kill_group(popen: subprocess.Popen[bytes], wait: float = 10.0) -> None:
+    """SIGKILL a child started by ``spawn_logged`` with its whole session's group, then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):  # unkillable for now (D state): a later poll reaps it
+        popen.wait(wait)
 
 
 def child_env(env: dict[str, str] | None = None, defaults: dict[str, str] | None = None) -> dict[str, str]:
