@@ -301,7 +301,7 @@ def table(results: dict[str, dict[str, list[SideResult]]], args: argparse.Namesp
         tb = [r.wall_s for r in sides["trainbox"]]
         for side, runs in sides.items():
             wall = statistics.median(r.wall_s for r in runs)
-            ratio = "" if side == "trainbox" else f"{paired_ratio([r.wall_s for r in runs], tb):.2f}x"
+            ratio = "" if side == "trainbox" else f"{paired_ratio([r.wall_s for r in runs], tb[: len(runs)]):.2f}x"
             lines.append(
                 f"| {name} | {side} | {wall:.1f} s | {runs[0].steps} | {runs[0].tokens / wall:,.0f} | "
                 f"{statistics.median(r.peak_bytes for r in runs) / 2**30:.2f} GiB | "
