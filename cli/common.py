@@ -26,3 +26,12 @@ def settings_or_exit(home: Home) -> Settings:
     except ConfigError as e:
         console.print(f"[red]configuration error:[/red] {e}")
         raise typer.Exit(2) from None
+
+
+def eta(seconds: float | None) -> str:
+    """A remaining time for people: 1h05m, 3m20s, or - when unknown."""
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
+from cli.common import HomeOpt, JsonOpt, console, eta, settings_or_exit
 from cli.logs import register as register_logs
 from cli.report import register as register_report
 from cli.siblings import models_list
@@ -136,14 +136,6 @@ def _engine_note(job: dict[str, Any]) -> str:
     )
 
 
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 @app.command()
 def status(
     home: HomeOpt = None,
@@ -176,7 +168,7 @@ def status(
         console.print(
             f"job {job['job_id']} {job['job_name']}: {job['phase']} step {job['step']}/{job['total_steps']}"
             f" ({pct:.0f}%)  loss {_fmt(job['loss'])}  val loss {_fmt(job['val_loss'])}"
-            f"  tokens/s {_fmt(job['tokens_per_s'], '.0f')}  ETA {_eta(job['eta_s'])}  [{job['device']}]"
+            f"  tokens/s {_fmt(job['tokens_per_s'], '.0f')}  ETA {eta(job['eta_s'])}  [{job['device']}]"
             + _engine_note(job)
         )
     else:

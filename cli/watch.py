@@ -18,20 +18,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from cli.common import console
+from cli.common import console, eta
 from cli.terminal import showable
 
 
 def _num(v: float | None, spec: str = ".4f") -> str:
     return "-" if v is None else format(v, spec)
-
-
-def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _job(job: dict[str, Any] | None) -> RenderableType:
@@ -45,7 +37,7 @@ def _job(job: dict[str, Any] | None) -> RenderableType:
     table.add_row("step", f"{step}/{total}", "loss", _num(job.get("loss")), "val loss", _num(job.get("val_loss")))
     table.add_row(
         "tokens/s", _num(job.get("tokens_per_s"), ".0f"), "lr", _num(job.get("learning_rate"), ".2e"),
-        "ETA", _eta(job.get("eta_s")),
+        "ETA", eta(job.get("eta_s")),
     )  # fmt: skip
     bar = ProgressBar(total=float(total or 1), completed=float(step if total else 0), width=50)
     return Group(head, bar, table)
