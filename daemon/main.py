@@ -114,7 +114,8 @@ class Daemon:
 
     def start(self) -> None:
         self.spool.ensure()
-        self.db = ModelDB(self.settings.db.url_for(self.home.db_url))
+        db_url = self.settings.db.url_for(self.home.db_url)  # [db] url, else the home's SQLite file
+        self.db = ModelDB(db_url)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.notifier = Notifier.open(self.home, self.settings)  # before any event of this start is written
         crashed = unclean_exit(previous)
@@ -130,8 +131,7 @@ class Daemon:
         self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
         self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
-        url = self.settings.db.url_for(self.home.db_url)
-        self.reports = Reports(self.home, self.db, self.report_program, url)  # requests a killed daemon left
+        self.reports = Reports(self.home, self.db, self.report_program, db_url)  # requests a killed daemon left
         self.runner.reports = self.reports
         for admitted in self.admission.recover():
             log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
