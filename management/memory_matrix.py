@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from management.db import ModelDB
-from management.memory import EVAL, job_sets, lineage_jobs, stored_scores
+from sqlalchemy import select
+
+from management.db import Job, ModelDB, ModelVersion
+from management.memory import EVAL, job_sets, stored_scores
 
 
 @dataclass
@@ -32,14 +34,27 @@ class Matrix:
         return {"jobs": self.jobs, "rows": [asdict(r) for r in self.rows]}
 
 
+def _trained_on(version_id: int, by_id: dict[int, ModelVersion]) -> list[int]:
+    """``memory.lineage_jobs`` over versions already read (one query for the whole matrix)."""
+    jobs: list[int] = []
+    seen: set[int] = set()
+    v = by_id.get(version_id)
+    while v is not None and v.id not in seen:
+        seen.add(v.id)
+        if v.job_id is not None:
+            jobs.append(v.job_id)
+        v = by_id.get(v.parent_id) if v.parent_id is not None else None
+    return jobs[::-1]
+
+
 def memory_matrix(db: ModelDB) -> Matrix:
     versions = db.versions()
+    by_id = {v.id: v for v in versions}
     all_jobs = sorted({v.job_id for v in versions if v.job_id is not None})
     sets = job_sets(db, all_jobs, EVAL)
-    jobs = []
-    for j in sorted(sets):
-        job = db.job(j)
-        jobs.append({"job": j, "name": job.name if job is not None else "", "examples": sets[j].n_examples})
+    with db.session() as session:
+        names = {j.id: j.name for j in session.scalars(select(Job).where(Job.id.in_(list(sets))))}
+    jobs = [{"job": j, "name": names.get(j, ""), "examples": sets[j].n_examples} for j in sorted(sets)]
     newest: dict[tuple[int, int], tuple[float | None, bool]] = {}
     for s in stored_scores(db):  # oldest first: a later score replaces an earlier one
         current = s.job_id in sets and s.set_sha256 == sets[s.job_id].sha256
@@ -47,7 +62,7 @@ def memory_matrix(db: ModelDB) -> Matrix:
             newest[(s.version_id, s.job_id)] = (s.loss, current)
     rows = []
     for v in versions:
-        row = MatrixRow(v.id, lineage_jobs(db, v.id))
+        row = MatrixRow(v.id, _trained_on(v.id, by_id))
         for j in sets:
             if (v.id, j) in newest:
                 loss, current = newest[(v.id, j)]

@@ -164,6 +164,14 @@ class VersionView(BaseModel):
     created_at: float
     current: bool = Field(description="the newest version: what the next job starts from")
     lineage: list[int] = Field(description="ancestors, parent first")
+    trained_on: list[int] = Field(
+        default_factory=list, description="the jobs whose files this version was trained on, oldest first"
+    )
+    memory_losses: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="loss on each job's memory set (job id -> loss) as the eval gates scored it: the version x job "
+        "matrix's row (issue 17)",
+    )
 
 
 class MetricsSummary(BaseModel):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from management.db import Event, Job, ModelDB, ModelVersion, display_url
+from management.memory_matrix import memory_matrix
 from monitoring import queries
 from monitoring.metrics_log import MetricsCache
 from monitoring.schemas import (
@@ -191,7 +192,14 @@ def models(db: ModelDB) -> list[VersionView]:
         j.id: j.name for j in queries.jobs_by_id(db, [v.job_id for v in versions if v.job_id is not None]).values()
     }
     newest = max(parents, default=None)
-    return [version_view(v, parents, names, newest) for v in reversed(versions)]
+    matrix = {r.version: r for r in memory_matrix(db).rows}
+    out = []
+    for v in reversed(versions):
+        view = version_view(v, parents, names, newest)
+        if (row := matrix.get(v.id)) is not None:
+            view.trained_on, view.memory_losses = row.lineage, row.losses
+        out.append(view)
+    return out
 
 
 def version_view(

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from daemon.admission import write_error
-from management.db import Checkpoint, Job, ModelDB, ModelVersion, Run
+from management.db import Checkpoint, Job, MemoryScore, MemorySet, ModelDB, ModelVersion, Run
 from monitoring.server import URL_PREFIX
 from monitoring.token import read_token
 from trainbox.atomic import atomic_write_json
@@ -222,6 +222,7 @@ def populate(home: Home, step: int = 120) -> None:
         now = time.time()
         _add_jobs(db, now)
         _add_versions_runs_checkpoints(home, db, now)
+        _add_memory(db)
         _add_events(db)
     finally:
         db.close()
@@ -258,6 +259,17 @@ def _add_jobs(db: ModelDB, now: float) -> None:
                     settings={"max_steps": 300} if jid == 5 else {},
                 )
             )
+
+
+def _add_memory(db: ModelDB) -> None:
+    """Jobs 1 and 2's memory sets and the gate's scores of versions 1 and 2 on them (issue 17): v2 forgot
+    some of job 1 (0.5 -> 0.9)."""
+    with db.session() as s:
+        for job_id in (1, 2):
+            s.add(MemorySet(job_id=job_id, kind="eval", sha256=f"{job_id:064x}", n_examples=4, size_bytes=100))
+        for version_id, job_id, loss in ((1, 1, 0.5), (1, 2, 3.0), (2, 1, 0.9), (2, 2, 0.7)):
+            sha = f"{job_id:064x}"
+            s.add(MemoryScore(version_id=version_id, job_id=job_id, set_sha256=sha, n_examples=4, loss=loss))
 
 
 def _add_versions_runs_checkpoints(home: Home, db: ModelDB, now: float) -> None:

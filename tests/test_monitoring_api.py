@@ -142,6 +142,9 @@ def test_models(client: httpx.Client) -> None:
         (1, None, False, []),
     ]
     assert models[0]["job_name"] == "second.jsonl" and models[0]["val_loss"] == 1.4
+    # issue 17: each version's row of the version x job matrix, and the jobs it was trained on
+    assert models[0]["memory_losses"] == {"1": 0.9, "2": 0.7} and models[0]["trained_on"] == [1, 2]
+    assert models[1]["memory_losses"] == {"1": 0.5, "2": 3.0} and models[1]["trained_on"] == [1]
 
 
 def test_system(client: httpx.Client) -> None:

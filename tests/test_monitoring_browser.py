@@ -78,12 +78,21 @@ def test_dashboard_follows_training_and_pauses(tmp_path: Path, browser: Any) -> 
             ("queue-table", "urgent.jsonl"),
             ("jobs-table", "RuntimeError: boom"),
             ("models-table", "v2"),
+            ("memory-table", "first.jsonl"),
             ("sys-cpu", "cores"),
         ]:
             page.wait_for_function(
                 f"document.getElementById('{selector}').textContent.includes('{text}')", timeout=10_000
             )
 
+        # the memory matrix is colour-scaled per job: job 1's lowest loss (v1, 0.5) green, its highest (v2) red
+        colours = page.evaluate(
+            "[...document.querySelectorAll('#memory-table td.memory-cell')].map(c => [c.closest('tr').dataset.version,"
+            " c.dataset.loss, getComputedStyle(c).backgroundColor])"
+        )
+        by_cell = {(v, float(loss)): colour for v, loss, colour in colours}
+        assert len(by_cell) == 4 and by_cell[("1", 0.5)] != by_cell[("2", 0.9)]
+        assert by_cell[("1", 0.5)] == by_cell[("2", 0.7)]  # each job's best loss: the same green
         for step in range(41, 81, 10):  # the worker trains on: new metric lines, a new status
             append_metrics(home, step, step + 9)
             write_training_status(home, step + 9)

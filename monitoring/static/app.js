@@ -255,6 +255,32 @@ async function refreshModels() {
       <td class="name" title="${esc(v.job_name || "")}">${v.job_id ? `<bdi>#${v.job_id} ${esc(v.job_name || "")}</bdi>` : "—"}</td><td class="num">${v.steps}</td>
       <td class="num">${num(v.train_loss)}</td><td class="num">${num(v.val_loss)}</td></tr>`).join("");
   rows($("models-table").tBodies[0], html, 6, "no model versions yet");
+  drawMemory(models);
+}
+
+// the version x job matrix: each version's loss on every job's memory set, colour-scaled per job (column)
+// from green (that job's lowest loss) to red (its highest), so forgetting shows as a column turning red
+function memoryColour(loss, lo, hi) {
+  const t = hi > lo ? (loss - lo) / (hi - lo) : 0;
+  return `hsl(${Math.round(120 * (1 - t))}, 55%, 32%)`;
+}
+
+function drawMemory(models) {
+  const names = new Map(models.filter((v) => v.job_id).map((v) => [String(v.job_id), v.job_name || ""]));
+  const jobs = [...new Set(models.flatMap((v) => Object.keys(v.memory_losses || {})))].sort((a, b) => a - b);
+  const table = $("memory-table");
+  table.tHead.innerHTML = `<tr><th>version</th>${jobs.map((j) => `<th class="num" title="${esc(names.get(j) || "")}"><bdi>#${esc(j)} ${esc(names.get(j) || "")}</bdi></th>`).join("")}<th>trained on</th></tr>`;
+  const range = new Map(jobs.map((j) => {
+    const ls = models.map((v) => (v.memory_losses || {})[j]).filter((x) => x !== null && x !== undefined);
+    return [j, [Math.min(...ls), Math.max(...ls)]];
+  }));
+  const html = jobs.length ? [...models].reverse().map((v) => `<tr data-version="${v.id}"><td>v${v.id}</td>${jobs.map((j) => {
+    const loss = (v.memory_losses || {})[j];
+    if (loss === null || loss === undefined) return '<td class="num">—</td>';
+    const [lo, hi] = range.get(j);
+    return `<td class="num memory-cell" data-loss="${loss}" style="background:${memoryColour(loss, lo, hi)}">${num(loss)}</td>`;
+  }).join("")}<td>${(v.trained_on || []).map((j) => "#" + j).join(" › ")}</td></tr>`).join("") : "";
+  rows(table.tBodies[0], html, jobs.length + 2, "no memory sets scored yet (the eval gate scores them)");
 }
 
 async function refreshSystem() {
