@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from management.db import ModelDB, ModelVersion
+from management.db import Job, ModelDB, ModelVersion
 from management.versions import (
     CURRENT,
     VersionError,
@@ -19,6 +19,7 @@ from management.versions import (
     decide_promotion,
     promote,
     rollback,
+    rollback_before_job,
     set_current,
     starting_version,
 )
@@ -71,6 +72,27 @@ def test_pointer_promote_rollback(tmp_path: Path) -> None:
         set_current(home, v2)
     assert current_id(home) == 1  # a failed switch leaves the pointer alone
     assert [p.action for p in db.promotions()] == ["promote", "promote", "promote", "rollback", "rollback"]
+    db.close()
+
+
+def test_rollback_before_job(tmp_path: Path) -> None:
+    home = Home(tmp_path / "home").ensure()
+    db = ModelDB(home.db_url)
+    with db.session() as s:
+        s.add_all([Job(id=i, name=f"f{i}.jsonl") for i in (1, 2, 3)])
+    versions = _fake_versions(home, db, 3)
+    with db.session() as s:
+        for v in versions:
+            s.get(ModelVersion, v.id).job_id = v.id  # type: ignore[union-attr]  # version N trained job N's file
+    with pytest.raises(VersionError, match="no current version"):
+        rollback_before_job(home, db, 2)
+    promote(home, db, Settings(), 3)
+    with pytest.raises(VersionError, match="not trained on job 9"):
+        rollback_before_job(home, db, 9)
+    with pytest.raises(VersionError, match="no version before it"):
+        rollback_before_job(home, db, 1)
+    assert rollback_before_job(home, db, 2).id == 1 and current_id(home) == 1  # v3 > v2 > v1: before job 2
+    assert db.promotions()[-1].action == "rollback" and "before job 2" in db.promotions()[-1].reason
     db.close()
 
 
