@@ -16,7 +16,9 @@ last-N; within a rule the oldest (or, for best-K, the worst loss) first.
 crash leaves a whole checkpoint either in place or in the trash), record it in the DB
 (``checkpoints.deleted_at`` and a ``checkpoint_deleted`` event with the reason), then remove the
 trashed folder. Leftovers in ``trash/`` are removed at start. It is the only process that deletes
-checkpoints other than the worker pruning its own run beyond ``training.keep_checkpoints``.
+checkpoints other than the worker pruning its own run beyond ``training.keep_checkpoints``. It never
+touches ``memory/`` (issue 17): a job's memory sets are what later gates score versions on and later jobs
+replay, and only their own down-sampling replaces one (``management/memory.py``).
 """
 
 from __future__ import annotations
