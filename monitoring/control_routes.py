@@ -99,6 +99,8 @@ def _job_control(st: ServerState, job_id: int, action: Action, priority: Priorit
     if st.spool.find_job(job_id, folders) is None:
         where = st.spool.find_job(job_id)
         what = "waiting or training" if action == Action.CANCEL else "waiting"
-        raise HTTPException(409, f"job {job_id} is not {what}" + (f" (it is in {where.parent.name}/)" if where else ""))
+        raise HTTPException(
+            409, f"job {job_id} is not {what}" + (f" (it is in {where.parent.name}/)" if where else "")
+        )
     path = submit(st.home.control, action, job_id, priority)
     return ControlResponse(action=action.value, file=path.name, created=path.stat().st_mtime)
