@@ -59,6 +59,7 @@ def markdown(facts: JobFacts, plots: list[Plot], image_prefix: str = "", prices:
         [(e.step, e.time) for e in facts.series.evals if e.time is not None],
         facts.checkpoint_times,
         facts.cfg.nproc,
+        facts.series.timing,
     )
     prices = prices or ReportConfig()
     energy = job_energy(facts.energy, prices) if facts.energy else None
