@@ -155,7 +155,7 @@ class Reporter:
             steps_trained=max(0, (result.step or 0) - self.start_step) if self.metrics is not None else 0,
             tokens=self.tokens_trained,
         )
-        self.tracking.close()
+        self.tracking.close(result.outcome.value)
         self.db.close()
 
     # --- the engine's events ----------------------------------------------------------------------
