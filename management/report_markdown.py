@@ -25,6 +25,12 @@ def _text(value: object) -> str:
     return _SPECIAL.sub(r"\\\1", display_name(str(value)).replace("\n", " "))
 
 
+def _prose(value: str) -> str:
+    """Text of the report's own making (no name from outside): Markdown's special characters escaped, never
+    cut short as ``_text`` cuts names."""
+    return _SPECIAL.sub(r"\\\1", value)
+
+
 def _when(t: float | None) -> str:
     if t is None:
         return "-"
@@ -124,7 +130,7 @@ def _time(split: TimeSplit, processes: int, device: str) -> list[str]:
         lines += ["", "| part | time | share |", "| --- | --- | --- |"]
         lines += [f"| {_text(k)} | {_dur(v)} | {v / split.wall_s:.0%} |" for k, v in split.parts.items()]
     found = bottleneck(split)
-    lines += ["", *([f"**{_text(found)}**", ""] if found else []), *(f"- {_text(n)}" for n in split.notes)]
+    lines += ["", *([f"**{_prose(found)}**", ""] if found else []), *(f"- {_prose(n)}" for n in split.notes)]
     return [*lines, ""]
 
 

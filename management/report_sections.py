@@ -111,7 +111,7 @@ LOOP_PARTS = {  # a timing line's phase -> the report's label
     "optimizer": "optimizer step",
     "eval": "evaluation",
     "checkpoint": "checkpoints",
-    "other": "other loop work (logging, checks)",
+    "other": "other loop work (reporting, trackers, health checks)",
 }
 
 

@@ -122,7 +122,7 @@ class _Breaks:
         self.calls += 1
         raise OSError(28, "No space left on device")
 
-    def close(self) -> None:
+    def close(self, outcome: str = "") -> None:
         raise OSError(28, "No space left on device")
 
 
