@@ -1,10 +1,12 @@
 """Where the training loop's wall-clock goes: waiting for data, forward and backward, the optimizer step,
 evaluation and checkpoints, so the job report can name what dominates (issue 19).
 
-The loop wraps its phases in ``LoopClock.span`` (or ``timed``) and, at each ``log_every`` step and when it
-ends, emits ``LoopClock.event``: a ``TimingEvent`` with the seconds each phase took since the previous one,
-the loop's own wall-clock over the same interval, and ``other`` (the rest: logging, health checks, hybrid
-jumps, the learning rate). The reporter writes it as a ``{"kind": "timing"}`` metrics line.
+The loop wraps its phases in ``LoopClock.span`` (or ``timed``) and, at a ``log_every`` step once ``every_s``
+seconds (10) have passed since the last one, and when it ends, emits ``LoopClock.event``: a ``TimingEvent``
+with the seconds each phase took since the previous one, the loop's own wall-clock over the same interval,
+and ``other`` (the rest: reporting each step to the metrics file, status file and trackers, health checks,
+hybrid jumps). The reporter writes it as a ``{"kind": "timing"}`` metrics line: at most one per ``every_s``,
+so a long job's metrics file grows by a few lines a minute, not one per step.
 
 Cheap and honest on both devices:
 - On the CPU every phase is synchronous, so ``time.perf_counter`` around it is the phase's time; nothing is
@@ -13,7 +15,7 @@ Cheap and honest on both devices:
   phases never count a second twice and ``other`` is what the loop did besides them.
 - On CUDA the host only queues forward, backward and the optimizer's kernels, so host time would book them
   wherever the host next waits. Those two phases are therefore timed with CUDA events recorded on the
-  stream (no sync) and read when the interval's event is built, once per ``log_every`` steps: the one added
+  stream (no sync) and read when the interval's event is built, once per interval: the one added
   sync waits for the last queued kernel, which the step's own loss read has mostly done already. Data,
   evaluation and checkpoints stay host-timed: evaluation and a save read their results back, so the host
   waits for the device inside them. The next step's batches are prepared while the device runs this one, so
@@ -51,6 +53,7 @@ class LoopClock:
     """The loop's phase clock (see the module docstring). ``device`` decides host or CUDA-event timing."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    every_s: float = 10.0  # the shortest interval ``due`` lets pass
     _totals: dict[str, float] = field(default_factory=dict)
     _open: list[_Open] = field(default_factory=list)
     _events: list[tuple[str, Any, Any]] = field(default_factory=list)  # (phase, start, end) CUDA events
@@ -85,6 +88,10 @@ class LoopClock:
             self._totals[phase] = self._totals.get(phase, 0.0) + took - entry.inner
             if self._open:
                 self._open[-1].inner += took
+
+    def due(self) -> bool:
+        """Whether this interval is long enough to be emitted at a logged step."""
+        return time.perf_counter() - self._since >= self.every_s
 
     def timed(self, phase: str, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` inside ``span(phase)``: one line at a call site that returns a value."""

@@ -12,7 +12,7 @@ What a step must get right besides the arithmetic is in objects with small inter
 - ``recovery`` (core.recovery): out-of-memory back-off, NaN skips and rollbacks, fp16 overflow reruns;
 - ``faults`` (core.faults): test-only failures at named points; the default one does nothing;
 - ``clock`` (core.step_timing): the seconds of each phase (data, forward and backward, optimizer, evaluation,
-  checkpoints), emitted as a ``TimingEvent`` every ``log_every`` steps and at the loop's end.
+  checkpoints), emitted as a ``TimingEvent`` at a logged step every 10 s and at the loop's end.
 
 ``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): at a step boundary it may
 take a verified weight-extrapolation jump in place of the step (accepted jumps advance the step
@@ -215,7 +215,7 @@ class Trainer:
                     self.hybrid.after_real_step(result.loss, result.grad_norm, dt, emit)
             # 4. log
             self._emit_step(emit, self._step_event(result, lr, dt, started, engine_phase))
-            if s.step % self.cfg.log_every == 0:
+            if s.step % self.cfg.log_every == 0 and self.clock.due():
                 emit(self.clock.event(s.step))
             warmup_done = s.step > warmup_steps(self.total_steps, self.cfg.warmup_ratio)
             self._alerts(

@@ -192,11 +192,13 @@ def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
 
 
 def test_worker_records_where_the_loops_time_went(straight_run: Path) -> None:
-    """The timing lines the job report splits the time by: one per logged step and one at the loop's end, every
-    phase measured, together covering the loop from just after the worker said it started training."""
+    """The timing lines the job report splits the time by: at a logged step 10 s or more after the previous one
+    and at the loop's end, every phase measured, together covering the loop from just after the worker said
+    it started training."""
     lines = read_metrics(straight_run / "metrics.jsonl")
     timing = [m for m in lines if m["kind"] == "timing"]
-    assert [m["step"] for m in timing] == [*range(1, 25), 24]  # log_every 1; the last: final eval and checkpoint
+    assert timing and timing[-1]["step"] == 24  # the last: the final evaluation and checkpoint included
+    assert all(a["time"] - b["time"] >= 9.5 for a, b in zip(timing[1:-1], timing[:-2], strict=True))
     phases = ("data", "forward_backward", "optimizer", "eval", "checkpoint", "other")
     for m in timing:
         assert sum(m[f"{p}_s"] for p in phases) == pytest.approx(m["loop_s"], abs=1e-5)
