@@ -175,6 +175,21 @@ def test_no_tracking_by_default(tmp_path: Path) -> None:
 # --- MLflow and W&B ---------------------------------------------------------------------------------------
 
 
+TRACKER_ENV = (  # what the trackers set in their process where the user has not (trainbox/tracker_runs.py)
+    "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_ALLOW_FILE_STORE",
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def own_tracker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's trackers set these for its own home (a worker has one home per process); unset before, and
+    restored after by monkeypatch, so one test's W&B folders are not the next one's."""
+    for var in TRACKER_ENV:
+        monkeypatch.setenv(var, "")  # recorded by monkeypatch, so its value after the test is undone...
+        monkeypatch.delenv(var)  # ...and absent during it, as in a fresh worker
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     """An MLflow file store (a folder): opens at once, where a new SQLite store (the default: its URI is checked below)
