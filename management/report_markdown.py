@@ -150,6 +150,20 @@ def _energy(e: JobEnergy | None, currency: str) -> list[str]:
     return [*lines, ""]
 
 
+def _trackers(f: JobFacts) -> list[str]:
+    """Where the job's MLflow and W&B runs are (ids only: a server URI may carry a password)."""
+    lines = []
+    if f.trackers.mlflow is not None:
+        lines.append(f"- MLflow run `{_text(f.trackers.mlflow.run_id)}` (this report is in its artefacts, `report/`)")
+    w = f.trackers.wandb
+    if w is not None:
+        where = f"offline: `wandb sync runs/job-{f.job_id}/wandb/offline-run-*`" if w.mode == "offline" else "online"
+        lines.append(
+            f"- W&B run `{_text(w.run_id)}` in project {_text(w.project)} ({where}; artefact job-{f.job_id}-report)"
+        )
+    return ["## Trackers", "", *lines, ""] if lines else []
+
+
 def _warnings(f: JobFacts) -> list[str]:
     if not f.series.warnings:
         return []
@@ -181,6 +195,7 @@ def render(
     if facts.hybrid:
         lines += ["## Hybrid engine", "", ", ".join(f"{_text(k)} = {_num(v)}" for k, v in facts.hybrid.items()), ""]
     lines += _changes(facts, diff)
+    lines += _trackers(facts)
     lines += _time(split, facts.cfg.nproc, facts.cfg.device)
     lines += _energy(energy, currency)
     return "\n".join(lines).rstrip() + "\n"
