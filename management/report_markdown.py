@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 from typing import Any
 
 from management.diagnosis import Finding
@@ -157,7 +158,8 @@ def _trackers(f: JobFacts) -> list[str]:
         lines.append(f"- MLflow run `{_text(f.trackers.mlflow.run_id)}` (this report is in its artefacts, `report/`)")
     w = f.trackers.wandb
     if w is not None:
-        where = f"offline: `wandb sync runs/job-{f.job_id}/wandb/offline-run-*`" if w.mode == "offline" else "online"
+        folder = f"runs/{_text(Path(w.dir).name)}/wandb/offline-run-*"  # the run folder the worker gave wandb
+        where = f"offline: `wandb sync {folder}`" if w.mode == "offline" else "online"
         lines.append(
             f"- W&B run `{_text(w.run_id)}` in project {_text(w.project)} ({where}; artefact job-{f.job_id}-report)"
         )

@@ -321,9 +321,9 @@ def test_a_jobs_scalars_and_report_reach_its_mlflow_and_wandb_runs(tmp_path: Pat
     plots = sorted(p.name for p in run_dir.glob("*.png"))
     assert plots and result.step == 6
     text = report.read_text()  # the report says where its runs are
-    assert (
-        f"- MLflow run `{runs.mlflow.run_id}`" in text and f"- W&B run `{runs.wandb.run_id}` in project tb-test" in text
-    )
+    assert f"- MLflow run `{runs.mlflow.run_id}`" in text
+    assert f"- W&B run `{runs.wandb.run_id}` in project tb-test" in text
+    assert f"`wandb sync runs/{run_dir.name}/wandb/offline-run-*`" in text
     listed = sorted(f.path for f in client.list_artifacts(runs.mlflow.run_id, ARTIFACT_FOLDER))
     assert listed == sorted(f"report/{name}" for name in ["report.md", *plots])
     copy = client.download_artifacts(runs.mlflow.run_id, "report/report.md", str(tmp_path))
