@@ -66,5 +66,24 @@ class WarningEvent:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent | JumpEvent | RollbackEvent
+@dataclass(frozen=True)
+class TimingEvent:
+    """Seconds per phase of the training loop since the previous timing event (or the loop's start), up to
+    ``step`` (core.step_timing)."""
+
+    step: int
+    seconds: dict[str, float]  # data, forward_backward, optimizer, eval, checkpoint, other
+    loop_s: float  # the loop's wall-clock over the same interval
+    device_timed: bool = False  # forward_backward and optimizer measured with CUDA events
+
+    def as_record(self) -> dict[str, Any]:
+        """The metrics line's fields (``core/metrics.py``)."""
+        fields = {f"{name}_s": round(s, 6) for name, s in self.seconds.items()}
+        record: dict[str, Any] = {"kind": "timing", "step": self.step, "loop_s": round(self.loop_s, 6), **fields}
+        if self.device_timed:
+            record["device_timed"] = True
+        return record
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent | TimingEvent | JumpEvent | RollbackEvent
 Outcome = Literal["completed", "interrupted"]

@@ -4,6 +4,10 @@ Train lines: {"kind": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s"
 Eval lines:  {"kind": "eval", "step", "val_loss", "time"}.
 Warning lines: {"kind": "warning", "step", "warning" (loss_spike, grad_spike, non_finite, overfitting,
 lr_near_zero, oom_backoff, eval_oom_backoff, rollback, preflight, ...), "message", "time", + numbers}.
+Timing lines: {"kind": "timing", "step", "loop_s", "data_s", "forward_backward_s", "optimizer_s", "eval_s",
+"checkpoint_s", "other_s", "time" (+ "device_timed": true on CUDA)}: the training loop's seconds per phase since
+the previous timing line, at a log_every step 10 s or more after the previous one and at the loop's end
+(core/step_timing.py).
 A skipped (non-finite) step's train line has "skipped": true and null loss / grad_norm.
 A resumed run first cuts the file back to its checkpoint's step, so the steps it repeats are not
 duplicated and the file reads as one continuous run.

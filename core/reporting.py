@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, WarningEvent
+from core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, TimingEvent, WarningEvent
 from core.heartbeat import LoadingBeat, Progress, StatusFile
 from core.hybrid.engine import HybridEngine
 from core.hybrid.events import JumpEvent, RollbackEvent
@@ -155,7 +155,7 @@ class Reporter:
             steps_trained=max(0, (result.step or 0) - self.start_step) if self.metrics is not None else 0,
             tokens=self.tokens_trained,
         )
-        self.tracking.close()
+        self.tracking.close(result.outcome.value)
         self.db.close()
 
     # --- the engine's events ----------------------------------------------------------------------
@@ -183,6 +183,8 @@ class Reporter:
             log.info("phase %s at step %d", ev.phase, ev.step)
         elif isinstance(ev, WarningEvent):
             self.warning(ev)
+        elif isinstance(ev, TimingEvent):  # where the loop's time went, for the job report
+            self._line({**ev.as_record(), "time": now})
         elif isinstance(ev, JumpEvent):
             self._on_jump(ev, now)
         elif isinstance(ev, RollbackEvent):

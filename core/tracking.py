@@ -1,16 +1,22 @@
 """Experiment trackers: one more consumer of the training loop's events, beside ``metrics.jsonl``.
 
-``[tracking] tensorboard = true`` writes TensorBoard event files under ``runs/job-N/tb/`` through
-``torch.utils.tensorboard.SummaryWriter``: the scalars of the metrics lines (loss, lr, grad_norm,
-tokens_per_s every ``log_every`` steps, val_loss at each evaluation) and the job's settings as hparams and
-as a text table. The Reporter forwards every event here (``core/reporting.py``).
+Every tracker gets the scalars of the metrics lines (loss, lr, grad_norm, tokens_per_s every ``log_every``
+steps, val_loss at each evaluation: ``scalars_at``) and the job's settings. The Reporter forwards every event
+here (``core/reporting.py``).
+- ``[tracking] tensorboard = true`` writes TensorBoard event files under ``runs/job-N/tb/`` through
+  ``torch.utils.tensorboard.SummaryWriter``, the settings as hparams and as a text table;
+- ``mlflow = true`` logs to an MLflow run (``core/tracking_mlflow.py``), ``wandb = true`` to a W&B run
+  (``core/tracking_wandb.py``), each only where its package is installed; their run ids go to
+  ``runs/job-N/trackers.json``, so a resumed worker logs into the same run and the job report, written by a
+  child after the worker exits, is attached to it (``management/report_trackers.py``).
 
 A tracker is a convenience, never a reason for a job to fail: ``Tracking`` catches whatever a tracker
 raises (the package missing, a full disk, a bad folder), logs one warning naming it, and drops that
 tracker for the rest of the run. A resumed run opens the writer with ``purge_step`` just past its
 checkpoint's step, so TensorBoard hides the steps the previous run wrote after it, as ``metrics.jsonl`` is
-cut back (a NaN rollback inside one run is not purged: its steps show twice).
-MLflow and Weights & Biases are not written to: asked for, they get a log line saying why.
+cut back (a NaN rollback inside one run is not purged: its steps show twice). MLflow and W&B cannot take
+back what they were sent: a resumed run logs the steps after its checkpoint again (MLflow keeps both values
+at such a step; W&B drops a step below the run's last one).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from core.events import EvalEvent, Event, StepEvent
-from trainbox.config import ConfigError, TrackingConfig, load_settings
+from trainbox.config import ConfigError, load_settings
 from trainbox.home import Home
 from trainbox.jobspec import JobSpec
 
@@ -39,7 +45,7 @@ class Tracker(Protocol):
 
     def __call__(self, ev: Event) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, outcome: str = "") -> None: ...
 
 
 def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,6 +74,16 @@ def step_scalars(ev: StepEvent) -> dict[str, float]:
     return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
+def scalars_at(ev: Event, log_every: int) -> tuple[int, dict[str, float]] | None:
+    """(step, scalars) a tracker records for an event, as metrics.jsonl has them: a step's at every
+    ``log_every`` steps (a hybrid jump always), an evaluation's val_loss; None for anything else."""
+    if isinstance(ev, StepEvent) and (ev.predicted or ev.step % log_every == 0):
+        return ev.step, step_scalars(ev)
+    if isinstance(ev, EvalEvent) and math.isfinite(ev.val_loss):
+        return ev.step, {"val_loss": ev.val_loss}
+    return None
+
+
 class TensorBoardTracker:
     name = "tensorboard"
 
@@ -91,15 +107,13 @@ class TensorBoardTracker:
         self.writer.add_text("settings", table, start_step)
 
     def __call__(self, ev: Event) -> None:
-        if self.writer is None:
-            return
-        if isinstance(ev, StepEvent) and (ev.predicted or ev.step % self.log_every == 0):
-            for tag, value in step_scalars(ev).items():
-                self.writer.add_scalar(tag, value, ev.step)
-        elif isinstance(ev, EvalEvent) and math.isfinite(ev.val_loss):
-            self.writer.add_scalar("val_loss", ev.val_loss, ev.step)
+        found = scalars_at(ev, self.log_every) if self.writer is not None else None
+        if found is not None:
+            step, scalars = found
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "") -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -122,7 +136,7 @@ class Tracking:
                 log.warning("tracker %s failed (%s): it is off for the rest of this run", tracker.name, why)
                 self.trackers.remove(tracker)
                 with contextlib.suppress(Exception):  # boundary: already reported
-                    tracker.close()
+                    tracker.close("failed")
 
     def start(self, start_step: int, log_every: int) -> None:
         self._each("start", start_step, log_every)
@@ -130,17 +144,16 @@ class Tracking:
     def __call__(self, ev: Event) -> None:
         self._each("event", ev)
 
-    def close(self) -> None:
-        self._each("close")
+    def close(self, outcome: str = "") -> None:
+        """``outcome``: how the run ended (completed, interrupted, failed), for trackers that keep a status."""
+        self._each("close", outcome)
 
 
-def _not_written(config: TrackingConfig) -> None:
-    for key, package in (("mlflow", "mlflow"), ("wandb", "wandb")):
-        if getattr(config, key):
-            if importlib.util.find_spec(package) is None:
-                log.warning("tracking.%s is on, but the %s package is not installed: not tracked", key, package)
-            else:
-                log.warning("tracking.%s is on, but this trainbox writes only TensorBoard files: not tracked", key)
+def _installed(key: str, package: str) -> bool:
+    if importlib.util.find_spec(package) is None:
+        log.warning("tracking.%s is on, but the %s package is not installed: not tracked", key, package)
+        return False
+    return True
 
 
 def open_tracking(spec: JobSpec) -> Tracking:
@@ -152,8 +165,16 @@ def open_tracking(spec: JobSpec) -> Tracking:
     except (ConfigError, OSError) as e:
         log.warning("no tracking: cannot read %s: %s", home.config_file, e)
         return Tracking([])
-    _not_written(config)
+    settings = spec.training.model_dump(mode="json")
     trackers: list[Tracker] = []
     if config.tensorboard:
-        trackers.append(TensorBoardTracker(Path(spec.run_dir) / TB_FOLDER, spec.training.model_dump(mode="json")))
+        trackers.append(TensorBoardTracker(Path(spec.run_dir) / TB_FOLDER, settings))
+    if config.mlflow and _installed("mlflow", "mlflow"):
+        from core.tracking_mlflow import MlflowTracker
+
+        trackers.append(MlflowTracker(spec, config, home, settings))
+    if config.wandb and _installed("wandb", "wandb"):
+        from core.tracking_wandb import WandbTracker
+
+        trackers.append(WandbTracker(spec, config, home, settings))
     return Tracking(trackers)

@@ -10,7 +10,9 @@ What a step must get right besides the arithmetic is in objects with small inter
 - ``ranks`` (core.distributed.Lockstep): this process's share of the step, FSDP's padding passes, the sums
   after the accumulation and the decisions every rank takes together (one process is the trivial case);
 - ``recovery`` (core.recovery): out-of-memory back-off, NaN skips and rollbacks, fp16 overflow reruns;
-- ``faults`` (core.faults): test-only failures at named points; the default one does nothing.
+- ``faults`` (core.faults): test-only failures at named points; the default one does nothing;
+- ``clock`` (core.step_timing): the seconds of each phase (data, forward and backward, optimizer, evaluation,
+  checkpoints), emitted as a ``TimingEvent`` at a logged step every 10 s and at the loop's end.
 
 ``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): at a step boundary it may
 take a verified weight-extrapolation jump in place of the step (accepted jumps advance the step
@@ -46,6 +48,7 @@ from core.precision import Precision, weights_finite
 from core.recovery import Recovery
 from core.schedule import lr_at, make_optimizer, warmup_steps
 from core.state import StepResult, TrainState, crossed, first_line
+from core.step_timing import LoopClock
 from trainbox.config import TrainingConfig
 
 
@@ -75,6 +78,7 @@ class Trainer:
         self.recovery = Recovery(self)
         self.speedups = speedups.choose(model, cfg, device, self.ranks)
         self.lookahead = Lookahead(self._prepare_step)
+        self.clock = LoopClock(device)  # where the loop's time goes, for the job report (core.step_timing)
         mean_length = sum(len(e.input_ids) for e in train) / max(len(train), 1)
         tokens = int(self.total_steps * self.effective_batch * mean_length)
         self.compiled = speedups.compile_if_it_pays(model, self.speedups.split, cfg, device, tokens)
@@ -172,20 +176,23 @@ class Trainer:
         for note in self.speedups.notes:
             emit(WarningEvent(self.state.step, "speedup_off", note, {}))
         started = time.time()
+        self.clock.restart()
         while True:
             s = self.state  # a rollback replaces it
             # 1. learning rate of the step about to run
             lr = self.lr()
             # 2. evaluate and checkpoint at this step boundary
             if self._eval_due():
-                self._evaluate(emit)
-            if self._checkpoint_due() and not self._checkpoint(emit, save_checkpoint):
+                self.clock.timed("eval", self._evaluate, emit)
+            if self._checkpoint_due() and not self.clock.timed("checkpoint", self._checkpoint, emit, save_checkpoint):
                 continue  # refused (non-finite weights) and rolled back
             if s.step >= self.total_steps or s.stop_reason:
+                emit(self.clock.event(s.step))
                 return "completed"
             if should_stop():
                 if s.step > 0 and s.last_checkpoint_step != s.step:
-                    self._checkpoint(emit, save_checkpoint)
+                    self.clock.timed("checkpoint", self._checkpoint, emit, save_checkpoint)
+                emit(self.clock.event(s.step))
                 return "interrupted"
             # 3. one optimizer step, or a hybrid jump in its place
             self._set_phase(emit, "training")
@@ -208,6 +215,8 @@ class Trainer:
                     self.hybrid.after_real_step(result.loss, result.grad_norm, dt, emit)
             # 4. log
             self._emit_step(emit, self._step_event(result, lr, dt, started, engine_phase))
+            if s.step % self.cfg.log_every == 0 and self.clock.due():
+                emit(self.clock.event(s.step))
             warmup_done = s.step > warmup_steps(self.total_steps, self.cfg.warmup_ratio)
             self._alerts(
                 self.health.on_step(
@@ -261,13 +270,13 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        prepared = self.lookahead.take(self.state.position, self.micro_batch_size)
+        prepared = self.clock.timed("data", self.lookahead.take, self.state.position, self.micro_batch_size)
         plan = prepared.plan
         self.faults.arm_step(step)
         rng_before = rng.torch_rng()
         oom = ""
         try:
-            loss, norm, tokens = self._accumulate(prepared)
+            loss, norm, tokens = self.clock.timed("forward_backward", self._accumulate, prepared)
         except torch.OutOfMemoryError as e:
             oom = first_line(e)  # keep no reference: the traceback holds the activations
         if oom:
@@ -283,7 +292,7 @@ class Trainer:
             self._drop_gradients()  # never reaches the weights; the data moves on
             self.state.position = plan.end
             return StepResult(loss, norm, tokens, skipped=True)
-        oom = self._update()
+        oom = self.clock.timed("optimizer", self._update)
         if oom:
             self._drop_gradients(free=True)
             self.recovery.out_of_memory_in_update(oom, step)
@@ -318,7 +327,7 @@ class Trainer:
                 raise
             oom = first_line(e)
         if not oom:
-            self.lookahead.prepare(plan.end, self.micro_batch_size)
+            self.clock.timed("data", self.lookahead.prepare, plan.end, self.micro_batch_size)
         loss_sum, tokens = self.ranks.reduce(oom, loss_sum, tokens, self.model.parameters())
         self.precision.unscale(self.optimizer)  # the true gradients, before clipping and the norm
         loss, norm = torch.stack([loss_sum.float(), self._clip_gradients().float()]).tolist()

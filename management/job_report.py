@@ -27,6 +27,7 @@ from management.report_facts import JobFacts, gather
 from management.report_markdown import render
 from management.report_plots import PLOT_NAMES, Plot, draw
 from management.report_sections import job_energy, settings_diff, time_split
+from management.report_trackers import send_report
 from trainbox.atomic import atomic_write_text
 from trainbox.config import ConfigError, ReportConfig, load_settings
 from trainbox.home import Home
@@ -59,6 +60,7 @@ def markdown(facts: JobFacts, plots: list[Plot], image_prefix: str = "", prices:
         [(e.step, e.time) for e in facts.series.evals if e.time is not None],
         facts.checkpoint_times,
         facts.cfg.nproc,
+        facts.series.timing,
     )
     prices = prices or ReportConfig()
     energy = job_energy(facts.energy, prices) if facts.energy else None
@@ -88,6 +90,9 @@ def generate(home: Home, db: ModelDB, job_id: int) -> Path:
     if copy is not None:
         prefix = os.path.relpath(run_dir, copy.parent) + "/"
         atomic_write_text(copy, markdown(facts, plots, prefix, prices))
+    sent = send_report(home, job_id, [run_dir / REPORT, *(run_dir / p.file for p in plots)])
+    if sent:
+        log.info("job %d: report attached to the %s run(s)", job_id, " and ".join(sent))
     return run_dir / REPORT
 
 

@@ -24,6 +24,7 @@ from trainbox.energy_log import EnergyRecord
 from trainbox.home import Home
 from trainbox.jobspec import JobSpec, WorkerResult
 from trainbox.spool import Spool
+from trainbox.tracker_runs import TrackerRuns
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class JobFacts:
     hybrid: dict[str, Any] | None = None  # the last hybrid_summary event's numbers
     spool_file: Path | None = None
     energy: list[EnergyRecord] = field(default_factory=list)  # one per run that reached its training loop
+    trackers: TrackerRuns = field(default_factory=TrackerRuns)  # the MLflow and W&B runs the worker logged to
 
     @property
     def cfg(self) -> TrainingConfig:
@@ -114,6 +116,7 @@ def gather(home: Home, db: ModelDB, job_id: int) -> JobFacts:
     facts.result = load_result(run_dir)
     facts.series = read_series(run_dir)
     facts.energy = energy_log.read(run_dir)
+    facts.trackers = TrackerRuns.load(run_dir)
     facts.stats = DataStats.load(run_dir)
     facts.runs = [RunSpan(r.attempt, r.started_at, r.ended_at, r.outcome or "") for r in db.runs(job_id)]
     for e in db.events(job_id):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 from typing import Any
 
 from management.diagnosis import Finding
@@ -23,6 +24,12 @@ _SPECIAL = re.compile(r"([\\`*\[\]<|])")  # what could make a link, an image, HT
 
 def _text(value: object) -> str:
     return _SPECIAL.sub(r"\\\1", display_name(str(value)).replace("\n", " "))
+
+
+def _prose(value: str) -> str:
+    """Text of the report's own making (no name from outside): Markdown's special characters escaped, never
+    cut short as ``_text`` cuts names."""
+    return _SPECIAL.sub(r"\\\1", value)
 
 
 def _when(t: float | None) -> str:
@@ -124,7 +131,7 @@ def _time(split: TimeSplit, processes: int, device: str) -> list[str]:
         lines += ["", "| part | time | share |", "| --- | --- | --- |"]
         lines += [f"| {_text(k)} | {_dur(v)} | {v / split.wall_s:.0%} |" for k, v in split.parts.items()]
     found = bottleneck(split)
-    lines += ["", *([f"**{_text(found)}**", ""] if found else []), *(f"- {_text(n)}" for n in split.notes)]
+    lines += ["", *([f"**{_prose(found)}**", ""] if found else []), *(f"- {_prose(n)}" for n in split.notes)]
     return [*lines, ""]
 
 
@@ -142,6 +149,21 @@ def _energy(e: JobEnergy | None, currency: str) -> list[str]:
     if e.cost is not None:
         lines.append(f"Cost at the `[report]` prices: {e.cost:.2f} {_text(currency)}".rstrip() + ".")
     return [*lines, ""]
+
+
+def _trackers(f: JobFacts) -> list[str]:
+    """Where the job's MLflow and W&B runs are (ids only: a server URI may carry a password)."""
+    lines = []
+    if f.trackers.mlflow is not None:
+        lines.append(f"- MLflow run `{_text(f.trackers.mlflow.run_id)}` (this report is in its artefacts, `report/`)")
+    w = f.trackers.wandb
+    if w is not None:
+        folder = f"runs/{_text(Path(w.dir).name)}/wandb/offline-run-*"  # the run folder the worker gave wandb
+        where = f"offline: `wandb sync {folder}`" if w.mode == "offline" else "online"
+        lines.append(
+            f"- W&B run `{_text(w.run_id)}` in project {_text(w.project)} ({where}; artefact job-{f.job_id}-report)"
+        )
+    return ["## Trackers", "", *lines, ""] if lines else []
 
 
 def _warnings(f: JobFacts) -> list[str]:
@@ -175,6 +197,7 @@ def render(
     if facts.hybrid:
         lines += ["## Hybrid engine", "", ", ".join(f"{_text(k)} = {_num(v)}" for k, v in facts.hybrid.items()), ""]
     lines += _changes(facts, diff)
+    lines += _trackers(facts)
     lines += _time(split, facts.cfg.nproc, facts.cfg.device)
     lines += _energy(energy, currency)
     return "\n".join(lines).rstrip() + "\n"

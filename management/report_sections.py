@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from management.run_series import TimingPoint
 from trainbox.config import ReportConfig
 from trainbox.energy_log import EnergyRecord
 
@@ -58,10 +59,16 @@ class JobEnergy:
     cost: float | None  # None: no price set, or nothing measured to price
 
 
-BOTTLENECK_SHARE = 0.3  # a part other than the steps taking this share of the wall-clock is named
+BOTTLENECK_SHARE = 0.3  # a part other than the model's own work taking this share of the wall-clock is named
 BOTTLENECK_FIX = {
     "start-up": "each job pays its worker's start (imports, model and data load, first step): put small files "
     "together into one job; keep daemon.warm_worker on (the default), which does the imports ahead",
+    "waiting for data": "the training process collates and stages every batch itself: keep training.packing = "
+    '"auto" (fewer, denser rows), lower training.max_length if few examples need it, give the worker more '
+    "CPU threads (training.threads); on a GPU the next step's batches are already prepared while the current "
+    "one runs, so a large share there means the host's CPU is the limit",
+    "optimizer": "the update costs as much as the passes: raise training.grad_accum (one update for more "
+    "tokens), or train a LoRA adapter (training.lora = true: AdamW then updates only the adapter)",
     "evaluation": "raise training.eval_every or lower training.eval_max_examples",
     "checkpoints": "raise training.checkpoint_every (a resume then repeats more steps)",
 }
@@ -98,23 +105,79 @@ def _at_or_before(times: list[tuple[int, float]], step: int) -> float | None:
     return max(found) if found else None
 
 
+LOOP_PARTS = {  # a timing line's phase -> the report's label
+    "data": "waiting for data (collating and staging batches)",
+    "forward_backward": "forward and backward",
+    "optimizer": "optimizer step",
+    "eval": "evaluation",
+    "checkpoint": "checkpoints",
+    "other": "other loop work (reporting, trackers, health checks)",
+}
+
+
 def time_split(
     runs: list[RunSpan],
     train_times: list[tuple[int, float]],
     eval_times: list[tuple[int, float]],
     checkpoint_times: list[tuple[int, float]],
     processes: int,
+    loop: list[TimingPoint] | None = None,
 ) -> TimeSplit:
-    """Wall-clock from the run rows; evaluation and checkpoint time as the gap between a step's line and
-    the evaluation's line / the checkpoint's event that follows it (the loop's order: step, eval,
-    checkpoint); start-up as each run's start to its first step line; the rest is training and finishing.
-    Metrics lines a resume cut back are gone, so a resumed job's split covers what its file still holds."""
+    """Wall-clock from the run rows, split by the worker's timing lines (``loop``) where it wrote them, else
+    estimated from the other lines' times. Metrics lines a resume cut back are gone, so a resumed job's split
+    covers what its file still holds."""
     out = TimeSplit()
     closed = [r for r in runs if r.ended_at is not None]
     out.wall_s = sum(max(0.0, (r.ended_at or r.started_at) - r.started_at) for r in closed)
     out.process_hours = out.wall_s * max(1, processes) / 3600
     if len(closed) < len(runs):
         out.notes.append(f"{len(runs) - len(closed)} run(s) without an end time are not counted")
+    timed = [p for p in loop or [] if p.time is not None]
+    if timed and closed:
+        _measured_split(out, closed, timed)
+    else:
+        _estimated_split(out, closed, train_times, eval_times, checkpoint_times)
+    return out
+
+
+def _at(p: TimingPoint) -> float:
+    return p.time or 0.0
+
+
+def _measured_split(out: TimeSplit, closed: list[RunSpan], loop: list[TimingPoint]) -> None:
+    """Start-up is each run's start to its loop's start (its first timing line's time less that line's
+    interval); the loop's phases are the timing lines' sums; the rest (the final save, scoring the training
+    examples, the exit) is finishing."""
+    starting, inside = 0.0, []
+    for r in closed:
+        mine = sorted((p for p in loop if r.started_at <= (p.time or 0.0) <= (r.ended_at or 0.0)), key=_at)
+        if mine:
+            starting += max(0.0, _at(mine[0]) - mine[0].loop_s - r.started_at)
+        inside += mine
+    loop = inside  # a line of a run without an end time is not counted, as its run is not
+    phases = {name: sum(p.seconds.get(name, 0.0) for p in loop) for name in LOOP_PARTS}
+    in_loop = sum(p.loop_s for p in loop)
+    out.parts = {"start-up (process start, loading)": starting}
+    out.parts.update({label: phases[name] for name, label in LOOP_PARTS.items()})
+    out.parts["finishing (final save, scoring the examples, exit)"] = max(0.0, out.wall_s - starting - in_loop)
+    if any(p.device_timed for p in loop):
+        out.notes.append(
+            "on the GPU, forward and backward and the optimizer step are the device's time (CUDA events); "
+            "data time is the host's, partly overlapping it, so the parts may add up to more than the loop took"
+        )
+
+
+def _estimated_split(
+    out: TimeSplit,
+    closed: list[RunSpan],
+    train_times: list[tuple[int, float]],
+    eval_times: list[tuple[int, float]],
+    checkpoint_times: list[tuple[int, float]],
+) -> None:
+    """A run from before the worker wrote timing lines: evaluation and checkpoint time as the gap between a
+    step's line and the evaluation's line / the checkpoint's event that follows it (the loop's order: step,
+    eval, checkpoint); start-up as each run's start to its first step line; the rest is training and
+    finishing."""
     evaluating = 0.0
     for step, t in eval_times:
         before = _at_or_before(train_times, step)
@@ -139,6 +202,5 @@ def time_split(
         "checkpoints": checkpointing,
     }
     out.notes.append(
-        "forward, backward and optimizer time are not recorded separately by the worker (only tokens/s per step)"
+        "this run's worker recorded no timing lines: forward, backward, optimizer and data time are not split"
     )
-    return out

@@ -44,11 +44,26 @@ class WarningPoint:
     time: float | None = None
 
 
+@dataclass(frozen=True)
+class TimingPoint:
+    """The training loop's seconds per phase since the previous timing line (``core/step_timing.py``)."""
+
+    step: int
+    loop_s: float
+    seconds: dict[str, float]  # data, forward_backward, optimizer, eval, checkpoint, other
+    time: float | None = None
+    device_timed: bool = False  # forward_backward and optimizer are CUDA-event (device) time
+
+
+TIMING_PHASES = ("data", "forward_backward", "optimizer", "eval", "checkpoint", "other")
+
+
 @dataclass
 class Series:
     train: list[TrainPoint] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
     warnings: list[WarningPoint] = field(default_factory=list)
+    timing: list[TimingPoint] = field(default_factory=list)
 
     def losses(self) -> list[tuple[int, float]]:
         """(step, loss) of every real step with a finite loss: jumps and skipped steps excluded."""
@@ -70,7 +85,15 @@ def _num(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _point(obj: dict[str, Any]) -> TrainPoint | EvalPoint | WarningPoint | None:
+def _timing(step: int, obj: dict[str, Any]) -> TimingPoint | None:
+    loop = _num(obj.get("loop_s"))
+    if loop is None:
+        return None
+    seconds = {name: _num(obj.get(f"{name}_s")) or 0.0 for name in TIMING_PHASES}
+    return TimingPoint(step, loop, seconds, _num(obj.get("time")), obj.get("device_timed") is True)
+
+
+def _point(obj: dict[str, Any]) -> TrainPoint | EvalPoint | WarningPoint | TimingPoint | None:
     step = obj.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
         return None
@@ -94,6 +117,8 @@ def _point(obj: dict[str, Any]) -> TrainPoint | EvalPoint | WarningPoint | None:
         return EvalPoint(step, val, _num(obj.get("time"))) if val is not None else None
     if kind == "warning":
         return WarningPoint(step, str(obj.get("warning", "")), str(obj.get("message", "")), _num(obj.get("time")))
+    if kind == "timing":
+        return _timing(step, obj)
     return None
 
 
@@ -111,6 +136,8 @@ def parse_metrics(text: str) -> Series:
             series.evals.append(point)
         elif isinstance(point, WarningPoint):
             series.warnings.append(point)
+        elif isinstance(point, TimingPoint):
+            series.timing.append(point)
     return series
 
 

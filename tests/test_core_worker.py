@@ -191,6 +191,26 @@ def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:
     db.close()
 
 
+def test_worker_records_where_the_loops_time_went(straight_run: Path) -> None:
+    """The timing lines the job report splits the time by: at a logged step 10 s or more after the previous one
+    and at the loop's end, every phase measured, together covering the loop from just after the worker said
+    it started training."""
+    lines = read_metrics(straight_run / "metrics.jsonl")
+    timing = [m for m in lines if m["kind"] == "timing"]
+    assert timing and timing[-1]["step"] == 24  # the last: the final evaluation and checkpoint included
+    assert all(a["time"] - b["time"] >= 9.5 for a, b in zip(timing[1:-1], timing[:-2], strict=True))
+    phases = ("data", "forward_backward", "optimizer", "eval", "checkpoint", "other")
+    for m in timing:
+        assert sum(m[f"{p}_s"] for p in phases) == pytest.approx(m["loop_s"], abs=1e-5)
+    assert all(sum(m[f"{p}_s"] for m in timing) > 0 for p in phases)
+    db = ModelDB(f"sqlite:///{straight_run / 'trainbox.db'}")
+    [started] = [e.time for e in db.events(job_id=7) if e.kind == "training_started"]
+    db.close()
+    span = timing[-1]["time"] - started  # the worker's "training started" to the loop's last line
+    loop = sum(m["loop_s"] for m in timing)
+    assert 0 < loop <= span and span - loop < max(0.5, 0.2 * span), (loop, span)
+
+
 def test_sigterm_checkpoints_and_rerun_resumes_exactly(
     tmp_path: Path, data_file: Path, model_dir: Path, straight_run: Path
 ) -> None:

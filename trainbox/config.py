@@ -612,10 +612,28 @@ class TrackingConfig(_Strict):
         False, description="Write TensorBoard event files under runs/job-N/tb/ from the worker (scalars, settings)."
     )
     mlflow: bool = Field(
-        False, description="MLflow: not written yet; on, the worker log says so (and whether mlflow is installed)."
+        False,
+        description="Log to MLflow from the worker (needs the mlflow or mlflow-skinny package): the scalars, the "
+        "settings as params, the job report as artefacts.",
+    )
+    mlflow_uri: str = Field(
+        "",
+        max_length=2000,
+        description="MLflow tracking URI: sqlite:///PATH.db, http(s)://SERVER, or a folder (MLflow's file store); "
+        "relative paths are in the home. Empty: sqlite:///HOME/mlflow.db, artefacts in HOME/mlflow-artifacts/.",
     )
     wandb: bool = Field(
-        False, description="Weights & Biases: not written yet; on, the worker log says so (and if wandb is installed)."
+        False,
+        description="Log to Weights & Biases from the worker (needs the wandb package): the scalars, the settings "
+        "as config, the job report as an artefact. Files under runs/job-N/wandb/.",
+    )
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: W&B writes only local files (upload later with `wandb sync`); online needs "
+        "WANDB_API_KEY in the worker's environment and the network.",
+    )
+    project: str = Field(
+        "trainbox", min_length=1, max_length=128, description="The MLflow experiment and the W&B project name."
     )
 
 
