@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from core import checkpoint, distributed, lora, rng, sharding
+from core import checkpoint, distributed, lora, replay, rng, sharding
 from core.data import read_records, split_heldout
 from core.distributed import Dist
 from core.embedded import ensure_embedded_model
@@ -32,6 +32,7 @@ from core.train import Trainer
 from trainbox.config import TrainingConfig, auto_learning_rate
 from trainbox.data_stats import SHORT_TOKENS, DataStats
 from trainbox.jobspec import JobSpec
+from trainbox.records import Record
 
 log = logging.getLogger("core.worker")
 
@@ -123,6 +124,8 @@ class DataSets:
     val: list[Example]
     stats: DataStats | None = None  # for the job report (runs/job-N/data-stats.json)
     train_lines: list[int] = field(default_factory=list)  # each training example's line in its file
+    val_records: list[Record] = field(default_factory=list)  # kept as the job's memory (core.replay)
+    train_records: list[Record] = field(default_factory=list)  # its own, without the replayed ones
 
 
 def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Progress | None = None) -> DataSets:
@@ -140,6 +143,10 @@ def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Prog
     else:
         train_records, val_records = split_heldout(records, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
         train_numbers = split_heldout(numbers, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)[0]
+    own_train = train_records
+    replayed = replay.replay_records(spec, len(train_records), distributed.from_env().is_main)
+    if replayed:  # earlier jobs' examples (issue 17); line 0: not a line of this job's file
+        train_records, train_numbers = [*train_records, *replayed], [*train_numbers, *[0] * len(replayed)]
     progress.stage("encoding", len(train_records) + len(val_records))
     train = encode_all(tokenizer, train_records, cfg.max_length, progress.tick)
     val = encode_all(tokenizer, val_records, cfg.max_length, progress.tick)
@@ -160,7 +167,7 @@ def load_data(spec: JobSpec, cfg: TrainingConfig, tokenizer: Any, progress: Prog
         )
     log.info("data: %d training, %d validation examples", len(train.examples), len(val.examples))
     lines = [train_numbers[i] for i in train.kept]
-    return DataSets(train.examples, val.examples, data_stats(len(records), train, val), lines)
+    return DataSets(train.examples, val.examples, data_stats(len(records), train, val), lines, val_records, own_train)
 
 
 def data_stats(records: int, train: Encoded, val: Encoded) -> DataStats:
@@ -241,6 +248,9 @@ def load_job(spec: JobSpec, report: Report, faults: Faults) -> LoadedJob:
     data = load_data(spec, cfg, tokenizer, report.progress())
     if ranks.is_main and data.stats is not None:
         data.stats.save(run_dir)
+    ranks.any_flag(False)  # every rank has read the replay sources before rank 0's keeping may cut them
+    if ranks.is_main:
+        replay.keep_memory(spec, data.val_records, data.train_records)
     if shard:  # after the weights, before the optimizer; every rank read the same files, so no broadcast
         layers = sharding.wrap(model, device, ranks.world)
         log.info("fsdp: %d decoder layers and the root sharded across %d ranks", layers, ranks.world)

@@ -19,6 +19,7 @@ from daemon.standby import WarmWorker
 from daemon.worker_process import WORKER_LOG, WorkerCommand, WorkerProcess, job_nproc, log_tail
 from management import registration
 from management.db import Job, ModelDB, Run
+from management.memory import replay_sources
 from management.versions import starting_version
 from trainbox import oom_counter
 from trainbox.atomic import fsync_dir
@@ -26,7 +27,7 @@ from trainbox.config import Settings, job_training_config
 from trainbox.control import Action
 from trainbox.crashpoints import crash_point
 from trainbox.home import Home
-from trainbox.jobspec import JOB_SPEC, RESULT, JobSpec, WorkerResult
+from trainbox.jobspec import JOB_SPEC, RESULT, JobSpec, MemorySpec, WorkerResult
 from trainbox.markers import kills_of
 from trainbox.processes import describe_exit, exit_parts, last_start_lines
 from trainbox.spool import Spool, job_id_of
@@ -196,6 +197,20 @@ class JobRunner:
             status_file=str(self.home.status / TRAINING_STATUS),
             db_url=self.settings.db.url_for(self.home.db_url),
             training=training,
+            memory=self._memory_spec(init_version),
+        )
+
+    def _memory_spec(self, init_version: int | None) -> MemorySpec:
+        """Where the job keeps its memory, its caps, and the earlier jobs' samples it may replay: those of
+        the lineage of the version it starts from (issue 17, ``management/memory.py``)."""
+        m = self.settings.models
+        return MemorySpec(
+            dir=str(self.home.memory),
+            eval_examples=m.memory_eval_examples,
+            train_examples=m.memory_train_examples,
+            job_bytes=int(m.memory_job_mb * 1e6),
+            total_bytes=int(m.memory_total_mb * 1e6),
+            replay=replay_sources(self.db, init_version),
         )
 
     def worker_phase(self, worker: WorkerProcess) -> str:

@@ -170,6 +170,38 @@ class VersionGate(Base):
     tolerance: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class MemorySet(Base):
+    """A job's memory (issue 17): its validation examples (kind ``eval``, scored by every later gate) or a
+    sample of its training examples (kind ``train``, replayed by later jobs), kept content-addressed as
+    ``memory/<sha256>.jsonl`` (``management/memory.py``). One row per job and kind; a down-sample for the
+    total cap replaces the row's sha."""
+
+    __tablename__ = "memory_sets"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String, doc="eval or train")
+    sha256: Mapped[str] = mapped_column(String, doc="of the file's bytes: memory/<sha256>.jsonl")
+    n_examples: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    source_examples: Mapped[int] = mapped_column(Integer, default=0, doc="examples it was sampled from")
+    seed: Mapped[int] = mapped_column(BigInteger, default=0, doc="the job's seed: the stored order")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class MemoryScore(Base):
+    """A version's loss on one job's memory set (the first ``n_examples`` of the set ``set_sha256``), as an
+    eval gate scored it; stored so a later gate reuses it instead of scoring the current version again."""
+
+    __tablename__ = "memory_scores"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True, doc="the job whose memory set was scored")
+    set_sha256: Mapped[str] = mapped_column(String)
+    n_examples: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    time: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

@@ -279,6 +279,15 @@ class TrainingConfig(_Strict):
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of examples held out for validation when no eval_file is given."
     )
+    replay_share: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="Share of the job's training data replayed from earlier jobs' kept training samples (the "
+        "lineage of the version it starts from), in proportion to each sample's size, chosen by the seed and "
+        "recorded in the run (runs/job-N/replay.jsonl) so a resume trains the same; 0: off. Against "
+        "forgetting an earlier file (issue 17).",
+    )
     eval_max_examples: int = Field(256, ge=1, le=100_000, description="Cap on the held-out validation set.")
     eval_every: int = Field(
         25, ge=0, le=10_000_000, description="Evaluate every N steps (and at the end); 0: only at the end."
@@ -509,6 +518,41 @@ class ModelsConfig(_Strict):
         gt=0,
         le=86400,
         description="Seconds (at most a day) the gate evaluation may take; on timeout the version is not promoted.",
+    )
+    forgetting_tolerance: float = Field(
+        0.25,
+        ge=0,
+        le=10,
+        description="Promote a new version only if its loss on every earlier job's memory set (its lineage's "
+        "validation examples) is at most (1 + this) times the current version's, and its own job's set "
+        "improves. Relative; 0.25 lets ordinary continual training through (a new file always costs the "
+        "earlier ones a little: docs/ARCHITECTURE.md) and stops a file that wrecks an earlier job's.",
+    )
+    memory_eval_examples: int = Field(
+        256, ge=1, le=100_000, description="Cap on the validation examples kept per job as its memory set."
+    )
+    memory_train_examples: int = Field(
+        512,
+        ge=0,
+        le=1_000_000,
+        description="Cap on the training examples kept per job for later jobs to replay (0: none kept).",
+    )
+    memory_job_mb: float = Field(
+        8.0, gt=0, le=100_000, description="Cap in MB on each of a job's two memory sets (at least one example)."
+    )
+    memory_total_mb: float = Field(
+        512.0,
+        gt=0,
+        le=10_000_000,
+        description="Cap in MB on all memory sets together: over it, every older set is cut to the same share "
+        "of its size (its seeded sample's first examples), each keeping one at least; none is dropped.",
+    )
+    memory_eval_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="Time budget of a gate's scoring of earlier jobs' memory sets: each is scored on as many of "
+        "its examples as the measured speed allows, in equal shares.",
     )
 
 

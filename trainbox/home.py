@@ -70,6 +70,11 @@ class Home:
         return self.root / "models"
 
     @property
+    def memory(self) -> Path:
+        """Every job's memory sets, content-addressed: ``<sha256>.jsonl`` (``management/memory.py``)."""
+        return self.root / "memory"
+
+    @property
     def cache(self) -> Path:
         return self.root / "cache"
 

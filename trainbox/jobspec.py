@@ -21,6 +21,30 @@ RESULT = "result.json"
 WORKER_LOG = "worker.log"  # the worker's stdout and stderr, each start after a "--- worker start" line
 
 
+class ReplaySource(BaseModel):
+    """An earlier job's kept training sample (``memory/<sha256>.jsonl``) this job may replay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: int
+    sha256: str
+    n_examples: int
+
+
+class MemorySpec(BaseModel):
+    """Where the job keeps its memory sets and with which caps, and the earlier jobs' training samples it
+    replays (issue 17: ``management/memory.py``). Fixed at the job's first start, with the rest of the spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str  # the home's memory/ folder
+    eval_examples: int = 256
+    train_examples: int = 512
+    job_bytes: int = 8_000_000
+    total_bytes: int = 512_000_000
+    replay: list[ReplaySource] = []
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +58,7 @@ class JobSpec(BaseModel):
     status_file: str
     db_url: str
     training: TrainingConfig
+    memory: MemorySpec | None = None  # None: keeps no memory sets and replays nothing (specs from before)
 
     def save(self) -> None:
         atomic_write_json(Path(self.run_dir) / JOB_SPEC, self.model_dump(mode="json"))
