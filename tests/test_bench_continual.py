@@ -69,8 +69,11 @@ def test_arm_order_rotates_per_seed(bench: ModuleType) -> None:
     assert [o[0] for o in orders] == arms  # each arm runs first once
 
 
-def _run(bench: ModuleType, share: float, seed: int, scale: float, train: list[float]) -> Any:
-    times = [bench.JobTimes(worker_s=t + 5, train_s=t, gate_s=0.5, steps=90) for t in train]
+def _run(bench: ModuleType, share: float, seed: int, scale: float, train: list[float], steps: int = 90) -> Any:
+    times = [
+        bench.JobTimes(worker_s=t + 5, train_s=t, gate_s=0.5, steps=90 if k == 0 else steps)
+        for k, t in enumerate(train)
+    ]
     matrix = [[None if x is None else x * scale for x in row] for row in MATRIX]
     for i in range(3):
         matrix[i][i] = MATRIX[i][i]
@@ -80,9 +83,9 @@ def _run(bench: ModuleType, share: float, seed: int, scale: float, train: list[f
 def test_summary_pairs_each_arm_with_plain_of_the_same_seed(bench: ModuleType) -> None:
     runs = [
         _run(bench, 0.0, 0, 1.0, [5.0, 10.0, 10.0]),
-        _run(bench, 0.2, 0, 0.5, [5.0, 12.0, 12.0]),
+        _run(bench, 0.2, 0, 0.5, [5.0, 12.0, 12.0], steps=99),
         _run(bench, 0.0, 1, 1.0, [5.0, 20.0, 20.0]),  # a slower seed: its ratio, not its seconds, counts
-        _run(bench, 0.2, 1, 0.5, [5.0, 22.0, 22.0]),
+        _run(bench, 0.2, 1, 0.5, [5.0, 22.0, 22.0], steps=99),
     ]
     plain, replay = bench.summarise(runs)
     assert (plain.arm, replay.arm) == ("plain", "replay 0.2")
@@ -93,7 +96,8 @@ def test_summary_pairs_each_arm_with_plain_of_the_same_seed(bench: ModuleType) -
     # jobs 2-3 only (job 1 has no past to replay): medians of 24/20 and 44/40
     assert replay.train_ratio == pytest.approx((1.2 + 1.1) / 2)
     assert replay.worker_ratio == pytest.approx((34 / 30 + 54 / 50) / 2)
-    assert replay.gate_s == 1.5 and replay.steps == [90, 90, 90]
+    assert replay.steps_ratio == pytest.approx(1.1)
+    assert replay.gate_s == 1.5 and replay.steps == [90, 99, 99]
 
 
 def test_tables_render_every_arm_and_cell(bench: ModuleType) -> None:
@@ -142,3 +146,19 @@ def test_arithmetic_answers_are_right(data: ModuleType) -> None:
         op = "+" if "+" in prompt else "-"
         a, b = (int(x) for x in prompt.split(op))
         assert int(row["completion"]) == (a + b if op == "+" else a - b) >= 0
+
+
+def test_saved_runs_load_back_equal(bench: ModuleType) -> None:
+    from dataclasses import asdict
+
+    run = _run(bench, 0.1, 2, 0.5, [5.0, 11.0, 11.0])
+    assert bench.load_run(json.loads(json.dumps(asdict(run)))) == run
+
+
+def test_verdict_names_both_time_measures_when_they_disagree(bench: ModuleType) -> None:
+    row = bench.ArmSummary("replay 0.2", 3, 0.5, 0.6, 1.2, 1.3, 1.3, 10.0, 20.0, 0.1, [81, 108, 108])
+    text = bench.verdict(row)
+    assert text.startswith("forgetting cut by 60% at 1.20x the training time (1.30x the steps")
+    assert text.endswith("holds on the measured time, not on the steps")
+    halved_too_slow = bench.ArmSummary("replay 0.3", 3, 0.5, 0.9, 1.4, 1.4, 1.4, 10.0, 20.0, 0.1)
+    assert bench.verdict(halved_too_slow).endswith("holds on neither the measured time nor the steps")
