@@ -335,6 +335,31 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id (see `trainbox queue`
 
 
 @app.command()
+def requeue(
+    jobs: Annotated[list[int], typer.Argument(help="Job ids of trained files (see `trainbox queue`).")],
+    home: HomeOpt = None,
+) -> None:
+    """Put trained jobs' files back into the inbox to train again on top of the current version (after
+    `trainbox models rollback --before-job N`), with their settings; not refused as duplicates."""
+    from cli.requeue import RequeueError
+    from cli.requeue import requeue as requeue_job
+    from management.db import ModelDB
+
+    h = _home(home)
+    db = ModelDB(settings_or_exit(h).db.url_for(h.db_url))
+    try:
+        for job in jobs:
+            try:
+                path = requeue_job(h, db, job)
+            except RequeueError as e:
+                console.print(f"[red]{e}[/red]")
+                raise typer.Exit(1) from None
+            console.print(f"job {job}: {path.name} requeued into {path.parent}", highlight=False, markup=False)
+    finally:
+        db.close()
+
+
+@app.command()
 def prioritize(
     job: Annotated[int, typer.Argument(help="Job id (see `trainbox queue`).")],
     priority: Annotated[Priority, typer.Argument(help="high, normal or low.")],

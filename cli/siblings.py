@@ -166,7 +166,9 @@ def _db(h: Home) -> Any:
 
 
 def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Model versions with lineage, the eval gate's verdict, and which one is current."""
+    """Model versions with lineage, the eval gate's verdict, which one is current, and each version's loss on
+    every job's memory set (issue 17)."""
+    from management.memory_matrix import format_matrix, memory_matrix
     from management.versions import current_id
 
     h = Home.resolve(home)
@@ -191,9 +193,10 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                 "adapter_of": v.adapter_of,
             }
         )
+    matrix = memory_matrix(db)
     db.close()
     if as_json:
-        print(json.dumps({"current": cur, "versions": rows}, indent=2))
+        print(json.dumps({"current": cur, "versions": rows, "memory": matrix.as_dict()}, indent=2))
         return
     table = Table("version", "parent", "job", "val loss", "eval loss", "gate", "reason")
     for r in rows:
@@ -208,6 +211,7 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             r["reason"][:90],
         )
     console.print(table)
+    print(format_matrix(matrix, cur))
 
 
 def models_promote(
@@ -230,15 +234,37 @@ def models_promote(
     console.print(f"version {version} is current: {verdict.reason}")
 
 
-def models_rollback(home: HomeOpt = None) -> None:
-    """Make the version that was current before the current one current again."""
-    from management.versions import VersionError, current_id, rollback
+def models_scores(
+    version: Annotated[int, typer.Argument(help="Version number.")],
+    home: HomeOpt = None,
+) -> None:
+    """One version's loss on each job's memory set, and the jobs whose files it was trained on."""
+    from management.memory_matrix import format_row, memory_matrix
+
+    h = Home.resolve(home)
+    db = _db(h)
+    try:
+        print(format_row(memory_matrix(db), version))
+    finally:
+        db.close()
+
+
+def models_rollback(
+    home: HomeOpt = None,
+    before_job: Annotated[
+        int | None,
+        typer.Option("--before-job", help="Make current the last version not trained on this job's file."),
+    ] = None,
+) -> None:
+    """Make the version that was current before the current one current again (or, with --before-job N, the
+    last version of the current lineage not trained on job N's file; trainbox requeue retrains later files)."""
+    from management.versions import VersionError, current_id, rollback, rollback_before_job
 
     h = Home.resolve(home)
     db = _db(h)
     before = current_id(h)
     try:
-        v = rollback(h, db)
+        v = rollback(h, db) if before_job is None else rollback_before_job(h, db, before_job)
     except VersionError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
@@ -298,4 +324,5 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     models_app.command("list")(models_list)
     models_app.command("promote")(models_promote)
     models_app.command("rollback")(models_rollback)
+    models_app.command("scores")(models_scores)
     models_app.command("export")(models_export)

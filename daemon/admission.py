@@ -40,7 +40,8 @@ from trainbox.spool import JOB_SUFFIX, Spool, spool_name
 from trainbox.states import JobState, Priority
 
 ADMITTING = "admitting"
-LIVE_OR_DONE = [JobState.QUEUED, JobState.RUNNING, JobState.PAUSED, JobState.DONE]
+LIVE = [JobState.QUEUED, JobState.RUNNING, JobState.PAUSED]
+LIVE_OR_DONE = [*LIVE, JobState.DONE]
 TRACEBACK_FRAMES = 6
 
 
@@ -50,6 +51,16 @@ class Admitted:
     state: JobState
     path: Path
     reason: str = ""
+
+
+def requeued(db: ModelDB, requeue_of: int | None, sha256: str) -> bool:
+    """A file ``trainbox requeue`` put back (its sidecar's ``requeue_of`` names a done job with the same
+    content): only a waiting or training copy makes it a duplicate, not the trained one (issue 17: a file
+    retrained on top of an earlier version after ``models rollback --before-job``)."""
+    if requeue_of is None:
+        return False
+    job = db.job(requeue_of)
+    return job is not None and job.sha256 == sha256 and job.state == JobState.DONE.value
 
 
 class Rejected(Exception):
@@ -72,6 +83,7 @@ class Staged:
     overrides: dict[str, Any] = field(default_factory=dict)
     priority: Priority = Priority.NORMAL
     eval_source: Path | None = None  # an eval file elsewhere in the home, copied when queued
+    requeue_of: int | None = None  # ``trainbox requeue``: job N's file again, not a duplicate of it
 
     @property
     def job_id(self) -> int:
@@ -327,6 +339,7 @@ class Admission:
         overrides = parsed.model_dump(mode="json", exclude_unset=True)
         staged.priority = Priority(overrides.pop("priority", None) or staged.priority.value)
         chosen = overrides.pop("eval_file", None)
+        staged.requeue_of = overrides.pop("requeue_of", None)
         problems = self.settings_check.problems(overrides)
         if problems:
             raise Rejected("bad_input", "sidecar: " + "; ".join(problems))
@@ -364,7 +377,8 @@ class Admission:
 
     def _conclude(self, staged: Staged) -> Admitted:
         self.check_validated(staged)
-        duplicate = self.db.job_with_sha(staged.validations[0].sha256, LIVE_OR_DONE)
+        sha = staged.validations[0].sha256
+        duplicate = self.db.job_with_sha(sha, LIVE if requeued(self.db, staged.requeue_of, sha) else LIVE_OR_DONE)
         if duplicate is not None and duplicate.id != staged.job_id:
             return self.reject_duplicate(staged, duplicate.id, duplicate.name)
         queued = self.place(staged)

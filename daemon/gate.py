@@ -25,11 +25,12 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from management.db import ModelDB
-from management.evaluation import parse_losses
+from management.evaluation import parse_losses, parse_memory
 from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, plan_version_gate
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
@@ -159,17 +160,22 @@ class Gates:
             self._kill(child)
             verdict = child.plan.judge(None, f"evaluation took longer than models.eval_timeout ({limit}s)", 0)
         else:
-            verdict = child.plan.judge(*self._losses(child, rc), self._tolerance)
+            losses, memory, error = self._losses(child, rc)
+            verdict = child.plan.judge(losses, error, self._tolerance, memory)
         self.child = None
         self._apply(child.run_dir, child.request, verdict)
 
-    def _losses(self, child: GateChild, rc: int) -> tuple[dict[str, float | None] | None, str]:
+    def _losses(
+        self, child: GateChild, rc: int
+    ) -> tuple[dict[str, float | None] | None, list[dict[str, Any]] | None, str]:
+        """(losses on the frozen or held-out set, losses on the memory sets, why there are none)."""
         if rc != 0:
-            return None, f"evaluation failed ({describe_exit(rc)}): see {child.run_dir / GATE_LOG}"
+            return None, None, f"evaluation failed ({describe_exit(rc)}): see {child.run_dir / GATE_LOG}"
         try:
-            return parse_losses((child.run_dir / GATE_RESULT).read_text(encoding="utf-8")), ""
+            text = (child.run_dir / GATE_RESULT).read_text(encoding="utf-8")
+            return parse_losses(text), parse_memory(text), ""
         except (OSError, ValueError, KeyError, TypeError) as e:
-            return None, f"evaluation gave no result ({e})"
+            return None, None, f"evaluation gave no result ({e})"
 
     @property
     def _tolerance(self) -> float:

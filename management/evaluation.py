@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from trainbox.config import Settings
 
@@ -35,15 +36,18 @@ def evaluate_argv(
     argv = list(program or [sys.executable, "-m", "core.evaluate"])
     for m in models:
         argv += ["--model", str(m)]
-    argv += ["--eval", str(eval_path)] if eval_path is not None else ["--run-dir", str(run_dir)]
+    if eval_path is not None:
+        argv += ["--eval", str(eval_path)]
+    elif run_dir is not None:
+        argv += ["--run-dir", str(run_dir)]
     argv += ["--max-examples", str(settings.models.eval_max_examples)]
     argv += ["--max-length", str(settings.models.eval_max_length or max_length)]
     return argv
 
 
-def run_evaluate(argv: list[str], timeout: float) -> dict[str, float | None]:
+def run_evaluate(argv: list[str], timeout: float) -> str:
     """Run an evaluation child to its end (``trainbox models promote``: a person waits; the daemon
-    never calls this, it starts and reaps the child in its tick: ``daemon/gate.py``)."""
+    never calls this, it starts and reaps the child in its tick: ``daemon/gate.py``); its JSON line."""
     try:
         proc = subprocess.run(
             argv,
@@ -57,10 +61,16 @@ def run_evaluate(argv: list[str], timeout: float) -> dict[str, float | None]:
     if proc.returncode != 0:
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise EvaluationError(f"evaluation failed (exit {proc.returncode}): {' | '.join(tail)}")
-    return parse_losses(proc.stdout.decode().strip().splitlines()[-1])
+    return proc.stdout.decode().strip().splitlines()[-1]  # the JSON object: ``parse_losses``, ``parse_memory``
 
 
 def parse_losses(text: str) -> dict[str, float | None]:
     """The losses out of ``core.evaluate``'s JSON object."""
     losses: dict[str, float | None] = json.loads(text)["losses"]
     return losses
+
+
+def parse_memory(text: str) -> list[dict[str, Any]] | None:
+    """The memory-set rows out of ``core.evaluate``'s JSON object (None: it scored none)."""
+    rows: list[dict[str, Any]] | None = json.loads(text).get("memory")
+    return rows

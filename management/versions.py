@@ -41,9 +41,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from management.db import ModelDB, ModelVersion, Promotion, VersionGate
-from management.evaluation import EvaluationError, evaluate_argv, run_evaluate
+from management.db import MemoryScore, ModelDB, ModelVersion, Promotion, VersionGate
+from management.evaluation import EvaluationError, evaluate_argv, parse_losses, parse_memory, run_evaluate
+from management.memory import lineage
+from management.memory_gate import MemoryTask, judge_memory, memory_argv, memory_tasks
 from management.registration import version_number
 from trainbox.atomic import fsync_dir
 from trainbox.config import Settings
@@ -128,6 +131,7 @@ class GateVerdict:
     current_loss: float | None = None
     current_id: int | None = None
     eval_set: str = ""
+    scores: list[MemoryScore] = field(default_factory=list)  # memory-set losses the gate measured (issue 17)
 
 
 def decide_promotion(
@@ -193,15 +197,40 @@ class GatePlan:
     current_path: str = ""
     current_id: int | None = None
     eval_set: str = ""
+    frozen: bool = True  # scored on a frozen file or the job's held-out set (False: the memory sets alone)
+    memory: list[MemoryTask] = field(default_factory=list)  # issue 17: the lineage's memory sets
+    forgetting_tolerance: float = 0.25
 
-    def judge(self, losses: dict[str, float | None] | None, error: str, tolerance: float) -> GateVerdict:
-        """The verdict from the child's losses, or ``error`` (why it gave none)."""
+    def judge(
+        self,
+        losses: dict[str, float | None] | None,
+        error: str,
+        tolerance: float,
+        memory: list[dict[str, Any]] | None = None,
+    ) -> GateVerdict:
+        """The verdict from the child's losses (and its ``memory`` rows when memory sets were scored), or
+        ``error`` (why it gave none). Promoted only when both the frozen set and the memory sets pass."""
         if self.verdict is not None:
             return self.verdict
-        if losses is None:
+        if losses is None or (self.memory and memory is None):
             return GateVerdict(False, f"not evaluated: {error}", current_id=self.current_id, eval_set=self.eval_set)
-        v = decide_promotion(losses.get(self.new_path), losses.get(self.current_path), tolerance, self.current_id)
-        v.eval_set = self.eval_set
+        v = GateVerdict(True, "", current_id=self.current_id, eval_set=self.eval_set)
+        reasons = []
+        if self.frozen:
+            v = decide_promotion(losses.get(self.new_path), losses.get(self.current_path), tolerance, self.current_id)
+            v.eval_set = self.eval_set
+            reasons.append(v.reason)
+        if self.memory and memory is not None:
+            assert self.current_id is not None
+            forgetting, v.scores = judge_memory(
+                self.memory, memory, self.forgetting_tolerance, self.version_id, self.current_id
+            )
+            own = next((r for r in memory if self.memory and int(r["job_id"]) == self.memory[0].job_id), None)
+            if not self.frozen and own is not None and self.memory[0].own:
+                v.new_loss, v.current_loss = own.get("new"), own.get("current")
+            v.promoted = v.promoted and forgetting.promoted
+            reasons.append(f"memory sets: {forgetting.reason}")
+        v.reason = "; ".join(r for r in reasons if r)
         return v
 
 
@@ -230,9 +259,19 @@ def plan_gate(
         plan.verdict = GateVerdict(True, f"version {new.id} is current already", current_id=new.id, eval_set="none")
         return plan
     plan.current_path, plan.current_id = current.path, current.id
+    plan.forgetting_tolerance = settings.models.forgetting_tolerance
     models = [Path(new.path), Path(current.path)]
     frozen = eval_file(home, settings)
-    if frozen is not None:
+    tasks = memory_tasks(home, db, new)
+    if any(not t.own for t in tasks):  # earlier jobs to check: the child scores the lineage's memory sets
+        plan.memory = tasks
+        seconds = settings.models.memory_eval_seconds
+        extra = memory_argv(db, tasks, home.memory, current.id, seconds)
+        sets = f"memory sets of jobs {', '.join(str(t.job_id) for t in tasks)}"
+        plan.argv = [*evaluate_argv(models, settings, frozen, None, max_length, program), *extra]
+        plan.frozen = frozen is not None
+        plan.eval_set = f"{frozen} and the {sets}" if frozen is not None else f"the {sets}"
+    elif frozen is not None:
         plan.argv = evaluate_argv(models, settings, frozen, None, max_length, program)
         plan.eval_set = str(frozen)
     elif run_dir is not None and init_version == current.id and own_first_val_loss is not None:
@@ -256,10 +295,10 @@ def score_against_current(
     if plan.verdict is not None or not plan.argv:
         return plan.judge(None, "nothing to evaluate", settings.models.regression_tolerance)
     try:
-        losses = run_evaluate(plan.argv, settings.models.eval_timeout)
+        text = run_evaluate(plan.argv, settings.models.eval_timeout)
     except EvaluationError as e:
         return plan.judge(None, str(e), settings.models.regression_tolerance)
-    return plan.judge(losses, "", settings.models.regression_tolerance)
+    return plan.judge(parse_losses(text), "", settings.models.regression_tolerance, parse_memory(text))
 
 
 def plan_version_gate(
@@ -320,6 +359,7 @@ def _record(db: ModelDB, version_id: int, verdict: GateVerdict, tolerance: float
                 tolerance=tolerance,
             )
         )
+        s.add_all(verdict.scores)
         if verdict.promoted:
             s.add(Promotion(version_id=version_id, previous_id=previous, action="gate", reason=verdict.reason))
 
@@ -351,12 +391,16 @@ def apply_gate(
     if verdict.promoted:
         branch = branch_verdict(version_id, new.parent_id, current_id(home))
         if branch is not None:
-            verdict = GateVerdict(False, branch.reason, verdict.new_loss, verdict.current_loss, branch.current_id)
+            verdict = GateVerdict(
+                False, branch.reason, verdict.new_loss, verdict.current_loss, branch.current_id, scores=verdict.scores
+            )
     if verdict.promoted:
         try:
             set_current(home, new)
         except VersionError as e:
-            verdict = GateVerdict(False, str(e), verdict.new_loss, verdict.current_loss, verdict.current_id)
+            verdict = GateVerdict(
+                False, str(e), verdict.new_loss, verdict.current_loss, verdict.current_id, scores=verdict.scores
+            )
     _record(db, version_id, verdict, settings.models.regression_tolerance, previous)
     kind = "version_promoted" if verdict.promoted else "version_not_promoted"
     db.event(
@@ -419,3 +463,31 @@ def rollback(home: Home, db: ModelDB) -> ModelVersion:
     _switch(home, db, previous, "rollback", f"rolled back from version {cur}")
     db.event("version_rollback", f"current version {cur} -> {previous_id}", previous.job_id, version=previous_id)
     return previous
+
+
+def rollback_before_job(home: Home, db: ModelDB, job_id: int) -> ModelVersion:
+    """Make current the last version of the current one's lineage not trained on job ``job_id``'s file: the
+    parent of that job's version (issue 17: undo a bad file; ``trainbox requeue`` retrains later files)."""
+    cur = current_version(home, db)
+    if cur is None:
+        raise VersionError("no current version to roll back from")
+    chain = lineage(db, cur.id)
+    at = next((i for i, v in enumerate(chain) if v.job_id == job_id), None)
+    if at is None:
+        raise VersionError(f"current version {cur.id} was not trained on job {job_id}'s file: nothing to roll back")
+    if at == 0:
+        raise VersionError(f"job {job_id}'s file is the first version {cur.id} descends from: no version before it")
+    target = chain[at - 1]
+    if not is_complete_model(Path(target.path)):
+        raise VersionError(f"version {target.id} is missing or incomplete")
+    later = [v.job_id for v in chain[at + 1 :] if v.job_id is not None]
+    reason = f"rolled back before job {job_id}: from version {cur.id}"
+    _switch(home, db, target, "rollback", reason)
+    db.event(
+        "version_rollback",
+        f"current version {cur.id} -> {target.id} ({reason})",
+        job_id,
+        version=target.id,
+        later_jobs=later,
+    )
+    return target

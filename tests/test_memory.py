@@ -59,12 +59,24 @@ def test_forgetting_verdict() -> None:
     assert ok.promoted and ok.worst_job == 1 and ok.worst_change is not None and abs(ok.worst_change - 0.1) < 1e-9
     assert "job 1 (a.jsonl)" in ok.reason
     bad = judge_forgetting(own, [SetScore(1, "a.jsonl", 6.0, 2.0), SetScore(2, "c.jsonl", 1.2, 1.0)], 0.25)
-    assert not bad.promoted and bad.worst_job == 1 and "job 1 (a.jsonl): 2.0000 -> 6.0000 (+200%)" in bad.reason
+    assert (
+        not bad.promoted
+        and bad.worst_job == 1
+        and "job 1 (a.jsonl): 2.0000 -> 6.0000 (+200% of its loss)" in bad.reason
+    )
     assert "forgetting_tolerance 25%" in bad.reason
     no_gain = judge_forgetting(SetScore(5, "b.jsonl", 3.1, 3.0), [], 0.25)
     assert not no_gain.promoted and "did not improve" in no_gain.reason
     nan = judge_forgetting(own, [SetScore(1, "a.jsonl", math.nan, 2.0)], 0.25)
     assert not nan.promoted and "not finite" in nan.reason
+    # with the loss the job started from, the share of what it taught that is lost: 0.12 -> 0.27 of a
+    # 6.87 -> 0.12 drop is 2 %, though the loss more than doubled
+    learned = judge_forgetting(own, [SetScore(3, "fr.jsonl", 0.27, 0.12, baseline=6.87)], 0.25)
+    assert learned.promoted and learned.worst_change is not None and abs(learned.worst_change - 0.15 / 6.75) < 1e-9
+    assert "of the 6.8700 -> 0.1200 it had learned" in learned.reason
+    lost = judge_forgetting(own, [SetScore(3, "fr.jsonl", 3.0, 0.12, baseline=6.87)], 0.25)
+    assert not lost.promoted and lost.worst_job == 3 and "+43% of the 6.8700" in lost.reason
+    assert SetScore(3, "x", 1.3, 1.0, baseline=0.9).change == SetScore(3, "x", 1.3, 1.0).change  # taught nothing
     unscored = judge_forgetting(own, [SetScore(1, "a.jsonl", 2.0, None)], 0.25)
     assert unscored.promoted and "not scored" in unscored.reason
     assert judge_forgetting(None, [], 0.25).promoted
