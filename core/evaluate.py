@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 
-def heldout_records(run_dir: Path) -> tuple[list[Any], int]:
+def heldout_records(run_dir: Path, data_file: Path | None = None) -> tuple[list[Any], int]:
+    """The job's held-out set and max length; ``data_file``: where its file is now, if no longer where
+    the spec says (a filed job's is in ``queue/done/``)."""
     from core.data import split_heldout
     from trainbox.jobspec import JobSpec
     from trainbox.records import load_records
@@ -34,7 +36,7 @@ def heldout_records(run_dir: Path) -> tuple[list[Any], int]:
     cfg = spec.training
     if spec.eval_file:
         return load_records(Path(spec.eval_file))[: cfg.eval_max_examples], cfg.max_length
-    records = load_records(Path(spec.data_file))
+    records = load_records(data_file or Path(spec.data_file))
     _train, val = split_heldout(records, cfg.eval_fraction, cfg.eval_max_examples, cfg.seed)
     return val, cfg.max_length
 
