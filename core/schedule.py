@@ -1,4 +1,5 @@
-"""The optimizer (AdamW) and its learning-rate schedule: linear warmup, then cosine decay to a floor.
+"""The optimizer (AdamW) and its learning-rate schedules: linear warmup, then cosine decay to a floor; and the
+hybrid engine's warmup-stable-decay (``wsd_lr_at``), whose decay starts where its curve model says.
 
 The schedule is a pure function of the step (nanoGPT's ``get_lr``), so there is no scheduler object whose
 state could drift from the step counter: resuming at step k gives exactly the lr of step k.
@@ -43,3 +44,18 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float, min_lr_
     decay_steps = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / decay_steps)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def wsd_lr_at(
+    step: int, total_steps: int, peak: float, warmup_ratio: float, min_lr_ratio: float, decay: tuple[int, int] | None
+) -> float:
+    """Warmup-stable-decay (Hu et al. 2024, MiniCPM): the same warmup, then the peak until ``decay = (start,
+    steps)`` begins, then a linear decay to the floor over ``steps`` (held there after). ``None``: no decay yet."""
+    warmup = warmup_steps(total_steps, warmup_ratio)
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if decay is None or step < decay[0]:
+        return peak
+    floor = peak * min_lr_ratio
+    progress = min(1.0, (step - decay[0] + 1) / max(decay[1], 1))
+    return peak - progress * (peak - floor)
