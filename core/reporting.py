@@ -23,7 +23,7 @@ from typing import Any
 from core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, WarningEvent
 from core.heartbeat import LoadingBeat, Progress, StatusFile
 from core.hybrid.engine import HybridEngine
-from core.hybrid.events import JumpEvent, RollbackEvent
+from core.hybrid.events import CorrectionEvent, CurveEvent, RollbackEvent
 from core.jobdb import JobDB
 from core.metrics import MetricsLog, truncate_to_step
 from core.tracking import Tracking
@@ -104,9 +104,10 @@ class Reporter:
         summary = engine.summary()
         saved = summary["time_saved_s"]
         message = (
-            f"hybrid engine: {summary['accepted']}/{summary['attempts']} jumps accepted, "
-            f"{summary['backward_skipped']} backward passes skipped, "
-            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s")
+            f"hybrid engine: {summary['examples_skipped']} examples skipped ({summary['skipped_share']:.0%}), "
+            f"{summary['came_back']} of {summary['remeasured']} re-measured came back, "
+            f"{summary['rollbacks']} rollbacks; {summary['stopped']}; "
+            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s (estimated)")
         )
         try:
             self.db.event("hybrid_summary", message, step=step, **summary)
@@ -183,8 +184,8 @@ class Reporter:
             log.info("phase %s at step %d", ev.phase, ev.step)
         elif isinstance(ev, WarningEvent):
             self.warning(ev)
-        elif isinstance(ev, JumpEvent):
-            self._on_jump(ev, now)
+        elif isinstance(ev, CorrectionEvent | CurveEvent):
+            self._on_hybrid(ev, now)
         elif isinstance(ev, RollbackEvent):
             self._on_hybrid_rollback(ev)
 
@@ -268,6 +269,7 @@ class Reporter:
             log.info("%s", message)
             self.engine_phase = ev.phase
         fields: dict[str, Any] = {
+            "skipped_share": ev.skipped_share,
             "speedup_estimate": ev.speedup_estimate,
             "backward_skipped": ev.backward_skipped,
             "time_saved_s": ev.time_saved_s,
@@ -275,24 +277,31 @@ class Reporter:
         self.status.update(engine_phase=ev.phase, **fields)
         return {"phase": ev.phase, "predicted": ev.predicted, **fields}
 
-    def _on_jump(self, ev: JumpEvent, now: float) -> None:
-        """One jump attempt: a metrics line and a DB event with its numbers."""
+    def _on_hybrid(self, ev: CorrectionEvent | CurveEvent, now: float) -> None:
+        """A correction (skipped examples re-measured) or a curve fit after an evaluation: a metrics line and a DB
+        event with its numbers."""
         record = json_safe(ev.as_record())
         self._line({**record, "time": now})
-        verdict = f"accepted, {ev.advanced} steps advanced" if ev.accepted else f"rejected ({ev.reason}), rolled back"
-        message = (
-            f"hybrid jump at step {ev.step - ev.advanced}: H={ev.horizon:g} x{ev.scale:g}, probe loss "
-            f"{ev.probe_before:.4f} -> {ev.probe_after:.4f}, earned {ev.earned_steps:.1f} steps: {verdict}"
-        )
-        self.db.event("hybrid_jump", message, **{k: v for k, v in record.items() if k != "kind"})
+        if isinstance(ev, CorrectionEvent):
+            message = (
+                f"hybrid correction at step {ev.step}: {ev.examples} skipped examples re-measured, mean loss "
+                f"{ev.mean_before:.4f} -> {ev.mean_after:.4f}, {ev.came_back} came back"
+            )
+        else:
+            final = "-" if ev.predicted_final is None else f"{ev.predicted_final:.4f}"
+            message = (
+                f"hybrid curve at step {ev.step}: val {ev.val_loss:.4f}, predicted final {final}, expected stop "
+                f"{ev.stop_step if ev.stop_step is not None else '-'}, keep share {ev.keep_share:g}"
+            )
+        self.db.event(str(record["kind"]), message, **{k: v for k, v in record.items() if k != "kind"})
         log.info("%s", message)
 
     def _on_hybrid_rollback(self, ev: RollbackEvent) -> None:
         message = (
-            f"hybrid engine: {ev.reason} at step {ev.step}; restored the weights and optimizer state of real "
-            f"step {ev.restored_real_step}"
+            f"hybrid engine: {ev.reason} at step {ev.step}; restored the weights and optimizer state of step "
+            f"{ev.restored_step}"
         )
-        data = {"reason": ev.reason, "restored_real_step": ev.restored_real_step}
+        data = {"reason": ev.reason, "restored_step": ev.restored_step}
         self.db.event("hybrid_rollback", message, step=ev.step, **data)
         self.warning(WarningEvent(ev.step, "hybrid_rollback", message, data))
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from core.hybrid.selection import LossTable, Rule, calibrate, keep_probability, select
+from core.hybrid.selection import FIELDS, LossTable, Rule, calibrate, keep_probability, select
 
 
 def table_with(losses: list[float], step: int = 0) -> LossTable:
@@ -65,6 +65,10 @@ def test_select_keeps_unmeasured_and_stale_examples_and_at_least_one() -> None:
     assert {4, 5} <= set(sel.kept)  # stale, never measured
     sel = select([0, 1, 2], t, step=30, seed=0, rule=rule)  # all learned: the step still trains one
     assert len(sel.kept) == 1 and len(sel.skipped) == 2
+    t.force[sel.skipped] = True  # their re-measured loss rose: trained at their next turn
+    assert select([0, 1, 2], t, step=30, seed=0, rule=rule).kept == [0, 1, 2]
+    t.trained([0, 1, 2])
+    assert not t.force.any()
     assert select([], t, 30, 0, rule).kept == []
 
 
@@ -80,11 +84,15 @@ def test_skips_record_and_state_round_trip() -> None:
     t.mark_skipped([0, 2], step=4)
     t.mark_skipped([2], step=9)
     assert t.skips.tolist() == [1, 0, 2, 0] and t.first_skip.tolist() == [4, -1, 4, -1]
+    assert t.skipped_since_measured().tolist() == [0, 2]
+    t.record([0], [0.3], step=10)  # re-measured: no longer a candidate for the next correction
+    assert t.skipped_since_measured().tolist() == [2]
+    t.force[2] = True
     assert t.most_skipped(5) == [(2, 2, 4), (0, 1, 4)]  # learned early: skipped most
     assert t.highest_loss(2) == [(1, 3.0), (3, 1.0)]  # never learned: highest last loss
     other = LossTable(4)
     other.load_state_dict(t.state_dict())
-    for name in ("loss", "step", "seen", "skips", "first_skip"):
+    for name in FIELDS:
         assert np.array_equal(getattr(other, name), getattr(t, name))
     with pytest.raises(ValueError, match="4 examples"):
         LossTable(5).load_state_dict(t.state_dict())

@@ -9,7 +9,8 @@ how often it was measured and skipped. Nothing here runs a model: the engine rec
 table's losses at or below its predicted loss, so the hardest examples are always trained and the learned ones
 (low loss) mostly skipped; ``beta = 1 / keep_share - 1`` makes the expected kept share ``keep_share`` when the
 losses are spread (a uniform ``F``). Examples never measured, or last measured more than ``max_stale`` steps ago, are
-always kept: a skipped example's loss is a prediction, and it is trusted only while recent. The draw is seeded by
+always kept: a skipped example's loss is a prediction, and it is trusted only while recent; so is one whose
+re-measured loss rose (``force``, set by the correct phase) until it is trained. The draw is seeded by
 (seed, step), so a resumed run selects exactly what an uninterrupted one did.
 
 The predicted loss of an example is its last measured loss grown by the measured forgetting rate for the steps
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+FIELDS = ("loss", "step", "seen", "skips", "first_skip", "last_skip", "force")
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class LossTable:
         self.seen = np.zeros(n, dtype=np.int64)  # times measured
         self.skips = np.zeros(n, dtype=np.int64)  # times skipped as learned
         self.first_skip = np.full(n, -1, dtype=np.int64)  # step it was first skipped (-1: never)
+        self.last_skip = np.full(n, -1, dtype=np.int64)  # step it was last skipped (-1: never)
+        self.force = np.zeros(n, dtype=bool)  # trained at its next turn (its re-measured loss rose)
 
     def __len__(self) -> int:
         return len(self.loss)
@@ -53,12 +58,22 @@ class LossTable:
                 self.loss[i], self.step[i] = value, step
                 self.seen[i] += 1
 
+    def trained(self, ids: list[int]) -> None:
+        """These examples got their forward and backward pass: a pending ``force`` is served."""
+        if ids:
+            self.force[np.asarray(ids, dtype=np.int64)] = False
+
     def mark_skipped(self, ids: list[int], step: int) -> None:
         if ids:
             idx = np.asarray(ids, dtype=np.int64)
             self.skips[idx] += 1
             first = idx[self.first_skip[idx] < 0]
             self.first_skip[first] = step
+            self.last_skip[idx] = step
+
+    def skipped_since_measured(self) -> np.ndarray:
+        """Indices of the examples skipped since their loss was last measured: what a correction re-measures."""
+        return np.flatnonzero(self.last_skip > self.step)
 
     def coverage(self) -> float:
         """Share of the examples measured at least once."""
@@ -82,18 +97,12 @@ class LossTable:
         return [(int(i), float(self.loss[i])) for i in order[:k]]
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss": torch.from_numpy(self.loss.copy()),
-            "step": torch.from_numpy(self.step.copy()),
-            "seen": torch.from_numpy(self.seen.copy()),
-            "skips": torch.from_numpy(self.skips.copy()),
-            "first_skip": torch.from_numpy(self.first_skip.copy()),
-        }
+        return {name: torch.from_numpy(getattr(self, name).copy()) for name in FIELDS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["loss"]) != len(self.loss):
             raise ValueError(f"loss table of {len(state['loss'])} examples, this run has {len(self.loss)}")
-        for name in ("loss", "step", "seen", "skips", "first_skip"):
+        for name in FIELDS:
             setattr(self, name, state[name].numpy().copy())
 
 
@@ -127,7 +136,7 @@ def select(ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, a
     idx = np.asarray(ids, dtype=np.int64)
     pred = pred_all[idx]
     p = keep_probability(np.nan_to_num(pred, nan=np.inf), reference, rule.keep_share, rule.floor)
-    must = ~np.isfinite(pred) | (step - table.step[idx] > rule.max_stale)
+    must = ~np.isfinite(pred) | (step - table.step[idx] > rule.max_stale) | table.force[idx]
     u = np.random.Generator(np.random.PCG64([seed, step])).random(len(ids))
     keep = must | (u < p)
     if keep.sum() < min(at_least, len(ids)):
