@@ -288,6 +288,7 @@ class Reporter:
                 f"{ev.mean_before:.4f} -> {ev.mean_after:.4f}, {ev.came_back} came back"
             )
         else:
+            self.status.update(force=True, predicted_final=ev.predicted_final, expected_stop=ev.stop_step)
             final = "-" if ev.predicted_final is None else f"{ev.predicted_final:.4f}"
             message = (
                 f"hybrid curve at step {ev.step}: val {ev.val_loss:.4f}, predicted final {final}, expected stop "
