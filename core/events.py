@@ -31,8 +31,6 @@ class StepEvent:
     grad_accum: int = 0  # forward passes per optimizer step
     # the hybrid engine ("" / defaults with the plain one)
     phase: str = ""  # engine phase the step ran in: warmup, full, predict, plain
-    predicted: bool = False  # a hybrid jump (the first design, removed): never set now
-    advanced: int = 1  # schedule steps this event covers
     skipped_share: float | None = None  # hybrid: share of this step's examples skipped (predicted learned)
     backward_skipped: int = 0  # examples skipped so far (no forward or backward pass)
     speedup_estimate: float | None = None  # running estimate over plain steps (HybridEngine.speedup_estimate)

@@ -205,8 +205,8 @@ class Reporter:
 
     def _on_step(self, ev: StepEvent, now: float) -> None:
         engine = self._on_engine(ev) if ev.phase else {}
-        if ev.predicted or ev.skipped:  # a hybrid jump (every one gets a line) or a skipped update
-            if ev.predicted or ev.step % self.log_every == 0:
+        if ev.skipped:  # a skipped update
+            if ev.step % self.log_every == 0:
                 self._line(self._train_line(ev, now, engine))
             self.status.update(step=ev.step, total_steps=ev.total_steps, learning_rate=ev.lr)
             return
@@ -242,28 +242,25 @@ class Reporter:
 
     @staticmethod
     def _train_line(ev: StepEvent, now: float, engine: dict[str, Any]) -> dict[str, Any]:
-        """A step's metrics line. A jump has no gradient norm or throughput and its loss is the probe loss after
-        it; a skipped step has no loss or gradient norm (they were not finite)."""
+        """A step's metrics line; a skipped step has no loss or gradient norm (they were not finite)."""
         line: dict[str, Any] = {
             "kind": "train",
             "step": ev.step,
             "loss": None if ev.skipped else ev.loss,
             "lr": ev.lr,
-            "grad_norm": ev.grad_norm if not (ev.predicted or ev.skipped) else None,
-            "tokens_per_s": None if ev.predicted else ev.tokens_per_s,
+            "grad_norm": None if ev.skipped else ev.grad_norm,
+            "tokens_per_s": ev.tokens_per_s,
             "epoch": ev.epoch,
             "time": now,
         }
-        if ev.predicted:
-            line["advanced"] = ev.advanced
-        elif ev.skipped:
+        if ev.skipped:
             line["skipped"] = True
         return {**line, **engine}
 
     def _on_engine(self, ev: StepEvent) -> dict[str, Any]:
         """A hybrid step: status fields, a DB event when the phase of real steps changes; returns the
         fields of its metrics line."""
-        if not ev.predicted and ev.phase != self.engine_phase:
+        if ev.phase != self.engine_phase:
             message = f"hybrid engine phase {ev.phase} from step {ev.step}"
             self.db.event("phase_change", message, step=ev.step, engine_phase=ev.phase, previous=self.engine_phase)
             log.info("%s", message)
@@ -275,7 +272,7 @@ class Reporter:
             "time_saved_s": ev.time_saved_s,
         }
         self.status.update(engine_phase=ev.phase, **fields)
-        return {"phase": ev.phase, "predicted": ev.predicted, **fields}
+        return {"phase": ev.phase, **fields}
 
     def _on_hybrid(self, ev: CorrectionEvent | CurveEvent, now: float) -> None:
         """A correction (skipped examples re-measured) or a curve fit after an evaluation: a metrics line and a DB

@@ -57,13 +57,13 @@ def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def step_scalars(ev: StepEvent) -> dict[str, float]:
-    """A step's scalars as its metrics line has them: a skipped update has no loss or gradient norm, a
-    hybrid jump no gradient norm or throughput; non-finite values are left out."""
+    """A step's scalars as its metrics line has them: a skipped update has no loss or gradient norm; non-finite
+    values are left out."""
     values: dict[str, float | None] = {
         "loss": None if ev.skipped else ev.loss,
         "lr": ev.lr,
-        "grad_norm": None if (ev.predicted or ev.skipped) else ev.grad_norm,
-        "tokens_per_s": None if ev.predicted else ev.tokens_per_s,
+        "grad_norm": None if ev.skipped else ev.grad_norm,
+        "tokens_per_s": ev.tokens_per_s,
     }
     return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
@@ -93,7 +93,7 @@ class TensorBoardTracker:
     def __call__(self, ev: Event) -> None:
         if self.writer is None:
             return
-        if isinstance(ev, StepEvent) and (ev.predicted or ev.step % self.log_every == 0):
+        if isinstance(ev, StepEvent) and ev.step % self.log_every == 0:
             for tag, value in step_scalars(ev).items():
                 self.writer.add_scalar(tag, value, ev.step)
         elif isinstance(ev, EvalEvent) and math.isfinite(ev.val_loss):

@@ -12,10 +12,10 @@ What a step must get right besides the arithmetic is in objects with small inter
 - ``recovery`` (core.recovery): out-of-memory back-off, NaN skips and rollbacks, fp16 overflow reruns;
 - ``faults`` (core.faults): test-only failures at named points; the default one does nothing.
 
-``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): it sets the learning rate (a
-warmup-stable-decay schedule), picks which examples of a step get their passes, records their losses from the
-forward pass, re-measures skipped ones at step boundaries, reads each evaluation, and may end the run early
-(``stop_reason``). Its state is part of ``state_dict()``.
+``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): it sets the learning rate (the cosine,
+cut short where its curve model says the run is done), picks which examples of a step get their passes, records
+their losses from the forward pass, re-measures skipped ones at step boundaries, reads each evaluation, and may
+end the run early (``stop_reason``). Its state is part of ``state_dict()``.
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ def test_plots_only_for_recorded_series() -> None:
     assert [p.file for p, _, _ in plan(Series())] == []
     names = [p.file for p, _, _ in plan(series())]
     assert names == ["loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"]
-    hybrid = Series(train=[TrainPoint(s, 1.0, backward_skipped=s // 2) for s in range(1, 11)])
+    hybrid = Series(train=[TrainPoint(s, 1.0, skipped_share=0.1 * (s % 3)) for s in range(1, 11)])
     assert "hybrid_skipped.png" in [p.file for p, _, _ in plan(hybrid)]
 
 

@@ -1,5 +1,5 @@
 """The hybrid engine's validation-curve model and stop rule (core.hybrid.curve) on synthetic curves, and the
-warmup-stable-decay schedule whose decay it starts (core.schedule.wsd_lr_at)."""
+schedule it cuts short (core.schedule.cut_lr_at)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.hybrid.curve import fit, plateau_step
-from core.schedule import lr_at, wsd_lr_at
+from core.schedule import cut_lr_at, lr_at
 
 
 def test_fit_recovers_a_power_law_and_predicts_ahead() -> None:
@@ -56,13 +56,12 @@ def test_plateau_step_is_where_the_remaining_gain_falls_below_the_tolerance() ->
     assert steep is not None and plateau_step(steep, 100, 200, 0.01) >= 198
 
 
-def test_wsd_schedule_holds_the_peak_until_the_decay_then_falls_to_the_floor() -> None:
+def test_cut_schedule_follows_the_cosine_then_decays_linearly_to_the_floor() -> None:
     total, peak = 100, 1e-3
-    assert [wsd_lr_at(s, total, peak, 0.1, 0.1, None) for s in range(10)] == [
-        lr_at(s, total, peak, 0.1, 0.1) for s in range(10)
-    ]
-    assert all(wsd_lr_at(s, total, peak, 0.1, 0.1, None) == peak for s in range(10, total))  # no decay planned
-    lrs = [wsd_lr_at(s, total, peak, 0.1, 0.1, (40, 20)) for s in range(total)]
-    assert all(x == peak for x in lrs[10:40])
-    assert all(a > b for a, b in itertools.pairwise(lrs[39:60]))  # the decay: 20 steps down
+    plain = [lr_at(s, total, peak, 0.1, 0.1) for s in range(total)]
+    assert [cut_lr_at(s, total, peak, 0.1, 0.1, None) for s in range(total)] == plain  # no cut: the plain schedule
+    lrs = [cut_lr_at(s, total, peak, 0.1, 0.1, (40, 20)) for s in range(total)]
+    assert lrs[:40] == plain[:40]
+    assert all(a > b for a, b in itertools.pairwise(lrs[39:60]))  # 20 steps down, faster than the cosine
+    assert all(x < p for x, p in zip(lrs[40:60], plain[40:60], strict=True))
     assert lrs[59] == pytest.approx(0.1 * peak) and all(x == pytest.approx(0.1 * peak) for x in lrs[59:])

@@ -142,7 +142,7 @@ class HybridConfig(_Strict):
         0.05, ge=0, le=1, description="Least probability of any example to be trained in a step (learned or not)."
     )
     max_stale_epochs: float = Field(
-        1.0,
+        2.0,
         gt=0,
         le=1000,
         description="An example whose loss was last measured more than this many epochs ago is trained again.",
@@ -185,8 +185,8 @@ class HybridConfig(_Strict):
     )
     curve_stop: bool = Field(
         True,
-        description="Fit the validation curve and start the learning-rate decay (then stop) where it flattens; "
-        "off: the decay takes the last decay_ratio of the job's steps.",
+        description="Fit the validation curve and, where it flattens, cut the cosine schedule short (a linear "
+        "decay to the floor over decay_ratio of the steps so far) and stop after it; off: the job's planned steps.",
     )
     stop_tolerance: float = Field(
         0.01,
@@ -202,8 +202,8 @@ class HybridConfig(_Strict):
         0.2,
         gt=0,
         lt=1,
-        description="Length of the learning-rate decay as a share of the steps trained before it "
-        "(warmup-stable-decay: the lr stays at its peak until the decay).",
+        description="Length of the decay that ends a run the curve stopped, as a share of the run's steps "
+        "(decay_ratio / (1 - decay_ratio) x the steps before it).",
     )
 
 

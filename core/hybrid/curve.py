@@ -1,15 +1,15 @@
 """The validation-curve model and the stop rule: when has a run learnt what it will learn?
 
-Learning-curve extrapolation (Domhan et al. 2015) in its smallest useful form: the evaluations so far, at a
-constant learning rate (the stable part of a warmup-stable-decay schedule), fitted by a saturating curve
+Learning-curve extrapolation (Domhan et al. 2015) in its smallest useful form: the evaluations so far (after the
+learning-rate warmup, under the job's cosine schedule), fitted by a saturating curve
 ``L(t) = a + b g(t)`` with ``g`` either a power law ``(t + 1) ** -c`` or an exponential ``exp(-c t / span)``. For each
 ``c`` on a log grid, ``a`` and ``b`` are a linear least-squares fit (``b >= 0``: the loss falls); the best ``c`` and
 the better family (least squared error) win. No optimiser: the grid makes the fit deterministic and bounded in time.
 
 The stop rule: the first step ``t`` from now whose remaining improvement to the planned end, ``L(t) - L(end)``,
-is below ``tolerance x L(t)``: training on at a constant rate past it would buy less than that share. The
-engine starts the learning-rate decay there (the decay's own gain comes on top: WSD's cooldown) and stops
-after it. ``predicted`` is ``L`` at that step: the loss expected before the decay.
+is below ``tolerance x L(t)``: training on past it would buy less than that share. The engine cuts the schedule
+short there (a linear decay to the floor, ``core.schedule.cut_lr_at``) and stops after it. The engine reports
+``L`` at that step as the predicted final loss (before the short decay's own gain).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 The Trainer runs the loop and every step (batches, accumulation, clipping, AdamW, NaN skips and rollbacks); the
 engine decides, through hooks (``TrainerView`` is everything it uses of the Trainer):
-- ``lr(step)``: a warmup-stable-decay schedule (``core.schedule.wsd_lr_at``) whose decay starts where the
-  validation curve flattens (``curve.py``), or over the last ``decay_ratio`` of the job when it never does;
+- ``lr(step)``: the plain loop's warmup and cosine, cut short by a linear decay to the floor where the
+  validation curve flattens (``curve.py``, ``core.schedule.cut_lr_at``); then the run stops;
 - ``keep(indices)`` while the step's batches are built: in phase predict, the examples predicted learned
   (``selection.py``: low loss among the rest, measured recently) are left out of the step: no forward, no backward.
   So the saving is real compute, not zeroed rows of a batched matmul (scripts/bench_skip_cost.py measured both
@@ -47,7 +47,7 @@ from core.hybrid.phases import Phase, PhaseMachine
 from core.hybrid.rows import example_losses, owners
 from core.hybrid.selection import LossTable, Rule, calibrate, select
 from core.loss import example_trained
-from core.schedule import warmup_steps, wsd_lr_at
+from core.schedule import cut_lr_at, warmup_steps
 from trainbox.config import HybridConfig, TrainingConfig
 
 STATE_VERSION = 2
@@ -142,19 +142,11 @@ class HybridEngine:
         return str(self.machine.phase)
 
     def lr(self, step: int) -> float:
-        """Warmup, the peak, then the decay the curve started (or the job's last ``decay_ratio``)."""
+        """The plain loop's warmup and cosine, cut short by a linear decay where the curve flattened."""
         tcfg = self.trainer.cfg
-        return wsd_lr_at(
-            step, self.trainer.total_steps, tcfg.learning_rate, tcfg.warmup_ratio, tcfg.min_lr_ratio, self.window()
+        return cut_lr_at(
+            step, self.trainer.total_steps, tcfg.learning_rate, tcfg.warmup_ratio, tcfg.min_lr_ratio, self.decay
         )
-
-    def window(self) -> tuple[int, int]:
-        """The decay's (start, steps): the curve's, else the last ``decay_ratio`` of the job."""
-        if self.decay is not None:
-            return self.decay
-        total = self.trainer.total_steps
-        length = max(1, math.ceil(self.cfg.decay_ratio * total))
-        return total - length, length
 
     def keep(self, indices: list[int]) -> list[int]:
         """The examples of one micro-batch of the step about to run that get their passes (all but in predict)."""
@@ -354,7 +346,7 @@ class HybridEngine:
         iv.arm, iv.context = None, None
 
     def _fit_curve(self, step: int, val: float) -> None:
-        """Fit the evaluations of the stable stretch; start the decay where the curve has flattened."""
+        """Fit the evaluations after the lr warmup; cut the schedule short where the curve has flattened."""
         total = self.trainer.total_steps
         if step <= warmup_steps(total, self.trainer.cfg.warmup_ratio) or self.decay is not None:
             return
@@ -365,12 +357,11 @@ class HybridEngine:
         if fit is None:
             return
         self.curve = fit
-        start = self.window()[0]
-        plateau = curves.plateau_step(fit, step, start, self.cfg.stop_tolerance)
+        plateau = curves.plateau_step(fit, step, total, self.cfg.stop_tolerance)
         self.predicted_final = float(fit.value(float(plateau)))
         self.expected_stop = min(total, plateau + self._decay_length(plateau))
-        if plateau <= step and step < start:
-            self.decay = (step, min(self._decay_length(step), total - step))
+        if plateau <= step and step + self._decay_length(step) < total:
+            self.decay = (step, self._decay_length(step))
 
     def _decay_length(self, start: int) -> int:
         r = self.cfg.decay_ratio
