@@ -62,6 +62,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid": {},  # the shipped [training.hybrid] defaults
     "hybrid-noskip": {"keep_shares": (1.0,)},  # the curve stop alone
     "hybrid-nostop": {"curve_stop": False},  # skipping alone
+    "hybrid-plain": {"keep_shares": (1.0,), "curve_stop": False},  # neither: must train as plain does
 }
 
 # --- data -----------------------------------------------------------------------------------------
@@ -219,6 +220,7 @@ class RunResult:
     trained: int = 0  # examples with a forward and backward pass
     overhead_s: float = 0.0
     remeasured: int = 0
+    rollbacks: int = 0
     stopped: str = ""
 
     @property
@@ -388,7 +390,7 @@ def run_hybrid(
     tr.run(emit, lambda: False, lambda: Path("."))
     c = eng.counters
     res.steps, res.trained, res.overhead_s = c.steps, c.examples_trained, c.overhead_s
-    res.remeasured, res.stopped = c.remeasured, eng.stopped or "planned steps"
+    res.remeasured, res.rollbacks, res.stopped = c.remeasured, c.rollbacks, eng.stopped or "planned steps"
     return res
 
 
@@ -494,7 +496,7 @@ def main() -> None:
             print(
                 f"seed {seed} {name:14s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
                 f"train {r.train_s:.1f}s steps {r.steps} trained {r.trained} overhead {r.overhead_s:.2f}s "
-                f"{r.stopped}",
+                f"rollbacks {r.rollbacks} {r.stopped}",
                 flush=True,
             )
 
@@ -524,8 +526,8 @@ def main() -> None:
         f"for up to {max(epochs):g} epochs.",
         "",
         "| seed | engine | final val (vs baseline) | time to target (s / step) | speedup | steps | examples trained "
-        "| overhead share | stop |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| rollbacks | overhead share | stop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, dict[str, float | None]] = {}
     for name in runs:
@@ -541,7 +543,8 @@ def main() -> None:
             share = r.overhead_s / max(r.train_s, 1e-9)
             lines.append(
                 f"| {r.seed} | {name} | {r.final:.4f} ({r.final / p.final - 1:+.1%}) | {fmt_t(tt)} | "
-                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.steps} | {r.trained} | {share:.1%} | {r.stopped or '-'} |"
+                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.steps} | {r.trained} | {r.rollbacks} | {share:.1%} | "
+                f"{r.stopped or '-'} |"
             )
         summary[name] = {
             "median_speedup": statistics.median(speedups) if speedups else None,

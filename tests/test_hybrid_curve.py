@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from core.hybrid.curve import fit, plateau_step
+from core.hybrid.curve import fit, measured_flat, plateau_step
 from core.schedule import cut_lr_at, lr_at
 
 
@@ -54,6 +54,13 @@ def test_plateau_step_is_where_the_remaining_gain_falls_below_the_tolerance() ->
     # gain drops below 1 % only in the last two steps
     steep = fit(steps, [3.0 - 0.01 * t for t in steps])
     assert steep is not None and plateau_step(steep, 100, 200, 0.01) >= 198
+
+
+def test_measured_flat_needs_the_last_evaluations_to_have_stopped_improving() -> None:
+    assert measured_flat([2.0, 1.5, 1.0, 0.995, 0.994, 0.993], points=4, tolerance=0.01)  # 0.7 % over the last 4
+    assert not measured_flat([2.0, 1.5, 1.0, 0.98, 0.97, 0.96], points=4, tolerance=0.01)  # 4 %: still learning
+    assert not measured_flat([1.0, 1.0], points=4, tolerance=0.01)  # too few evaluations
+    assert measured_flat([1.0, 1.2, 1.1, 1.05], points=4, tolerance=0.01)  # worse than the start: flat
 
 
 def test_cut_schedule_follows_the_cosine_then_decays_linearly_to_the_floor() -> None:

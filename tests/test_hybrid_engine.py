@@ -182,8 +182,13 @@ def test_validation_rise_rolls_back_to_the_best_evaluation(model_dir: Path, data
         for p in tr.model.parameters():
             p.add_(0.01)
     events: list[Any] = []
+    eng.interval.skipped = 0  # an interval that skipped nothing: a worse loss is not skipping's doing
+    eng.after_eval(tr.state.step, eng.best_val * 1.5, events.append)
+    assert not [e for e in events if isinstance(e, RollbackEvent)]
+    eng.interval.skipped = 3
     eng.after_eval(tr.state.step, eng.best_val * 1.001, events.append)  # within val_tol: no rollback
     assert not [e for e in events if isinstance(e, RollbackEvent)]
+    eng.interval.skipped = 3
     eng.after_eval(tr.state.step, eng.best_val * 1.5, events.append)
     (rb,) = [e for e in events if isinstance(e, RollbackEvent)]
     assert rb.reason == "val_rise" and rb.restored_step == eng.good.step

@@ -167,10 +167,12 @@ class HybridConfig(_Strict):
         "its last good point (weights and optimizer state at the best evaluation since skipping began).",
     )
     val_tol: float = Field(
-        0.02,
+        0.05,
         ge=0,
         le=100,
-        description="A validation loss this share above the best since skipping began rolls the engine back.",
+        description="A validation loss this share above the best since skipping began, after an interval that "
+        "skipped examples, rolls the engine back (at 0.02 the noise of a from-scratch run at its tuned lr rolled "
+        "back an interval that had skipped nothing).",
     )
     cooldown_steps: int = Field(
         50, ge=1, le=10_000_000, description="Full steps after a rollback before skipping again; doubles each time."
@@ -193,7 +195,8 @@ class HybridConfig(_Strict):
         ge=0,
         le=1,
         description="The curve has flattened where training on to the job's last step would improve the "
-        "validation loss by less than this share.",
+        "validation loss by less than this share (as fitted), and the last curve_min_points evaluations improved "
+        "by less than this share (as measured).",
     )
     curve_min_points: int = Field(
         4, ge=3, le=1000, description="Evaluations after the learning-rate warmup before the curve is fitted."

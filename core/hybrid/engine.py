@@ -106,6 +106,7 @@ class Interval:
     cost: float = 0.0  # seconds (bandit_cost wall) or compute units since
     arm: int | None = None  # the arm that ran it (None: full steps)
     context: list[float] | None = None
+    skipped: int = 0  # examples skipped in it: only then can a worse validation loss be skipping's doing
 
 
 class HybridEngine:
@@ -184,6 +185,7 @@ class HybridEngine:
         self.table.mark_skipped(plan.skipped, step)
         c.examples_trained += len(ids)
         c.examples_skipped += len(plan.skipped)
+        self.interval.skipped += len(plan.skipped)
         c.tokens_trained += int(self.trained_tokens[ids].sum()) if ids else 0
         c.tokens_skipped += int(self.trained_tokens[plan.skipped].sum()) if plan.skipped else 0
         self.last_share = len(plan.skipped) / max(len(ids) + len(plan.skipped), 1)
@@ -224,7 +226,8 @@ class HybridEngine:
         """An evaluation at ``step``: the divergence check, the bandit's reward and next arm, the curve."""
         t0 = self.clock()
         skipping = self.good is not None and self.machine.phase in (Phase.PREDICT, Phase.CORRECT)
-        verdict = divergence.evaluated(val, self.best_val, self.cfg.val_tol) if skipping else None
+        judged = skipping and self.interval.skipped > 0
+        verdict = divergence.evaluated(val, self.best_val, self.cfg.val_tol) if judged else None
         if verdict is not None:
             self._rollback(verdict, emit)
         elif skipping and (self.best_val is None or val <= self.best_val):
@@ -234,7 +237,7 @@ class HybridEngine:
         self._fit_curve(step, val)
         if self.machine.phase in (Phase.PREDICT, Phase.CORRECT):
             self._choose(step)
-        self.interval.val, self.interval.cost = val, 0.0
+        self.interval.val, self.interval.cost, self.interval.skipped = val, 0.0, 0
         self.counters.overhead_s += self.clock() - t0
         emit(
             CurveEvent(
@@ -360,7 +363,8 @@ class HybridEngine:
         plateau = curves.plateau_step(fit, step, total, self.cfg.stop_tolerance)
         self.predicted_final = float(fit.value(float(plateau)))
         self.expected_stop = min(total, plateau + self._decay_length(plateau))
-        if plateau <= step and step + self._decay_length(step) < total:
+        flat = curves.measured_flat([v for _, v in self.evals], self.cfg.curve_min_points, self.cfg.stop_tolerance)
+        if flat and plateau <= step and step + self._decay_length(step) < total:
             self.decay = (step, self._decay_length(step))
 
     def _decay_length(self, start: int) -> int:
