@@ -515,11 +515,13 @@ def main() -> None:
         f"{len(train)} train / {len(val)} val examples, batch {args.batch_size}, max length {args.max_length}, "
         f"eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",
         "",
-        ("Plain sweep reused: " if args.reuse_sweep else "Plain sweep (seed ")
-        + ("" if args.reuse_sweep else str(seeds[0]))
-        + "): "
-        + ", ".join(
-            f"lr {r.lr:.0e} x {r.epochs:g} ep -> best {r.best:.4f} ({fmt_t(r.to_target(target))})" for r in sweep
+        (
+            "Plain sweep not rerun (--reuse-sweep, an earlier run's)"
+            if args.reuse_sweep
+            else f"Plain sweep (seed {seeds[0]}): "
+            + ", ".join(
+                f"lr {r.lr:.0e} x {r.epochs:g} ep -> best {r.best:.4f} ({fmt_t(r.to_target(target))})" for r in sweep
+            )
         )
         + f". Target = best {target / (1 + args.tolerance):.4f} x {1 + args.tolerance:.2f} = {target:.4f}; baseline "
         f"lr {base.lr:.0e} x {base.epochs:g} epochs (the fastest to the target); the hybrid runs lr {base.lr:.0e} "
