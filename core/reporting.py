@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +97,11 @@ class Reporter:
     def checkpoints_deleted(self, paths: list[Path]) -> None:
         self.db.checkpoints_deleted(paths)
 
-    def hybrid_summary(self, engine: HybridEngine, step: int) -> None:
+    def hybrid_summary(self, engine: HybridEngine, step: int, lines: Sequence[int] = ()) -> None:
         """What the hybrid engine did and cost, as a DB event whenever a worker's run ends (completed, paused,
         interrupted, failed). Its counters ride in checkpoints, so each event holds the job's totals so far: the
-        last one is the job's."""
-        summary = engine.summary()
+        last one is the job's. ``lines``: each training example's line in the job's file."""
+        summary = engine.summary(lines)
         saved = summary["time_saved_s"]
         message = (
             f"hybrid engine: {summary['examples_skipped']} examples skipped ({summary['skipped_share']:.0%}), "
@@ -331,7 +331,7 @@ class NullReporter:
     def checkpoints_deleted(self, paths: list[Path]) -> None:
         pass
 
-    def hybrid_summary(self, engine: HybridEngine, step: int) -> None:
+    def hybrid_summary(self, engine: HybridEngine, step: int, lines: Sequence[int] = ()) -> None:
         pass
 
     def resumed_at(self, step: int, total_steps: int, val_loss: float | None, resumed: bool) -> None:

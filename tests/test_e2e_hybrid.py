@@ -75,6 +75,7 @@ def test_hybrid_job_matches_plain_and_records_what_it_skipped(tmp_path: Path, em
         assert summary["remeasured"] == sum(c["examples"] for c in corrections)
         assert summary["stopped"] and summary["time_saved_s"] is not None
         assert summary["learned_early"] and summary["never_learned"]
+        assert all(isinstance(e["line"], int) for e in summary["learned_early"] + summary["never_learned"])
         assert [e.data["engine_phase"] for e in events if e.kind == "phase_change"][:3] == ["warmup", "full", "predict"]
         assert not [e for e in db.events(job_id=jobs["plain.jsonl"]) if e.kind.startswith(("hybrid", "phase"))]
     finally:

@@ -132,6 +132,9 @@ def test_predicted_learned_examples_get_no_pass(model_dir: Path, data: Any) -> N
     assert summary["examples_skipped"] == c.examples_skipped and summary["stopped"] == "ran its planned steps"
     assert summary["learned_early"] and summary["never_learned"]
     assert summary["never_learned"][0]["loss"] == pytest.approx(float(max(eng.table.loss)), abs=1e-4)
+    assert summary["never_learned"][0]["line"] is None  # no lines given: the training-set index only
+    by_line = eng.summary(lines=[100 + i for i in range(40)])  # the file's line of each training example
+    assert all(e["line"] == 100 + e["example"] for e in by_line["learned_early"] + by_line["never_learned"])
 
 
 def test_correction_brings_back_risen_examples_and_rolls_back_when_they_rose_too_far(

@@ -283,11 +283,16 @@ class HybridEngine:
             "time_saved_s": self.time_saved_s(),
         }
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, lines: Sequence[int] = ()) -> dict[str, Any]:
         """The engine's record of a run, for the job's ``hybrid_summary`` DB event: what it skipped and saved, why it
         stopped, and which examples it found learned early (skipped most) and never learned (highest last loss,
-        often the file's bad data), as indices into the training set."""
+        often the file's bad data), each by its line in the job's file (``lines``: one per training example) and
+        its index in the training set."""
         c = self.counters
+
+        def line(i: int) -> int | None:
+            return lines[i] if i < len(lines) else None
+
         shown = c.examples_trained + c.examples_skipped
         return {
             "steps": c.steps,
@@ -305,9 +310,12 @@ class HybridEngine:
             "decay_start": self.decay[0] if self.decay else None,
             "predicted_final": self.predicted_final,
             "learned_early": [
-                {"example": i, "skips": n, "first_skipped": s} for i, n, s in self.table.most_skipped(RECORD_LISTED)
+                {"line": line(i), "example": i, "skips": n, "first_skipped": s}
+                for i, n, s in self.table.most_skipped(RECORD_LISTED)
             ],
-            "never_learned": [{"example": i, "loss": round(x, 4)} for i, x in self.table.highest_loss(RECORD_LISTED)],
+            "never_learned": [
+                {"line": line(i), "example": i, "loss": round(x, 4)} for i, x in self.table.highest_loss(RECORD_LISTED)
+            ],
         }
 
     # --- pieces -------------------------------------------------------------------------------------
