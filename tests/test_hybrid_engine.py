@@ -135,6 +135,14 @@ def test_predicted_learned_examples_get_no_pass(model_dir: Path, data: Any) -> N
     assert summary["never_learned"][0]["line"] is None  # no lines given: the training-set index only
     by_line = eng.summary(lines=[100 + i for i in range(40)])  # the file's line of each training example
     assert all(e["line"] == 100 + e["example"] for e in by_line["learned_early"] + by_line["never_learned"])
+    # the interval in which skipping began was part full steps: it rewards no arm; a whole one does
+    iv, pulls = eng.interval, list(eng.bandit.pulls)
+    iv.mixed, iv.arm, iv.context, iv.val, iv.cost = True, 0, [1.0, 0.5], 1.0, 1.0
+    eng.after_eval(40, 0.5, lambda e: None)
+    assert eng.bandit.pulls == pulls and not iv.mixed
+    iv.arm, iv.context, iv.val, iv.cost = 0, [1.0, 0.5], 1.0, 1.0
+    eng.after_eval(40, 0.5, lambda e: None)
+    assert sum(eng.bandit.pulls) == sum(pulls) + 1
 
 
 def test_correction_brings_back_risen_examples_and_rolls_back_when_they_rose_too_far(

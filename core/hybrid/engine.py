@@ -107,6 +107,7 @@ class Interval:
     arm: int | None = None  # the arm that ran it (None: full steps)
     context: list[float] | None = None
     skipped: int = 0  # examples skipped in it: only then can a worse validation loss be skipping's doing
+    mixed: bool = False  # skipping began inside it: part full steps, part the arm's, so it rewards nothing
 
 
 class HybridEngine:
@@ -333,6 +334,7 @@ class HybridEngine:
         """Skipping begins: the weights now are full training's, the point a rollback returns to."""
         self.good = GoodPoint.take(self.trainer.state.step, self.trainer.model, self.trainer.optimizer)
         self._choose(self.trainer.state.step)
+        self.interval.mixed = True
 
     def _choose(self, step: int) -> None:
         context = [1.0, step / max(self.trainer.total_steps, 1)]
@@ -344,6 +346,9 @@ class HybridEngine:
         """The interval that ended here: a full-step interval sets the reference rate, a skipping one rewards its arm
         with its progress rate relative to that reference."""
         iv = self.interval
+        if iv.mixed:
+            iv.mixed, iv.arm, iv.context = False, None, None
+            return
         if iv.val is None or iv.cost <= 0:
             return
         rate = (iv.val - val) / iv.cost
