@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-noskip": {"keep_shares": (1.0,)},  # the curve stop alone
     "hybrid-nostop": {"curve_stop": False},  # skipping alone
     "hybrid-plain": {"keep_shares": (1.0,), "curve_stop": False},  # neither: must train as plain does
+    "hybrid-norollback": {"curve_stop": False, "val_tol": 100.0, "remeasure_tol": 100.0},  # skipping, never undone
 }
 
 # --- data -----------------------------------------------------------------------------------------
