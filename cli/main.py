@@ -131,8 +131,13 @@ def _engine_note(job: dict[str, Any]) -> str:
     speedup, saved = job.get("speedup_estimate"), job.get("time_saved_s")
     return (
         f"  engine hybrid: {job.get('engine_phase') or '-'}, speedup {_fmt(speedup, '.2f')}x"
-        + (f", {job['backward_skipped']} backward passes skipped" if job.get("backward_skipped") else "")
+        + (f", {job['backward_skipped']} examples skipped" if job.get("backward_skipped") else "")
         + ("" if saved is None else f", time saved {saved:+.1f} s")
+        + (
+            f", predicted final loss {job['predicted_final']:.4f} at step {job.get('expected_stop')}"
+            if job.get("predicted_final") is not None
+            else ""
+        )
     )
 
 

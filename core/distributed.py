@@ -37,7 +37,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -158,6 +158,8 @@ class StepPlan:
     padding: int  # the last `padding` passes are zero-loss ones (sharded: see core.sharding)
     n_trained: int  # trained tokens the step's loss is divided by
     end: DataPosition  # the data position once the step is applied
+    rows: list[list[int]] = field(default_factory=list)  # the example indices of each pass but the padding ones
+    skipped: list[int] = field(default_factory=list)  # examples the hybrid engine left out of the step
 
 
 @dataclass(frozen=True)
@@ -188,19 +190,28 @@ class Lockstep:
         grad_accum: int,
         micro: int,
         collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+        keep: Callable[[list[int]], list[int]] | None = None,
     ) -> StepPlan:
         """This rank's passes over ``grad_accum`` configured micro-batches from ``pos``: its share of each
         (``Dist.shard``) in passes of ``micro`` examples. With several ranks the loss is divided by the whole
-        global step's trained tokens, so their summed gradients equal one process's."""
+        global step's trained tokens, so their summed gradients equal one process's. ``keep`` (the hybrid engine,
+        one process only) picks the examples of each micro-batch that get their passes; the rest are skipped."""
         passes: list[dict[str, torch.Tensor]] = []
+        rows: list[list[int]] = []
+        skipped: list[int] = []
         padding = n_trained = 0
         indices: list[int] = []
         for _ in range(grad_accum):
             indices, pos = batches.take(pos)
+            if keep is not None:
+                kept = keep(indices)
+                skipped += sorted(set(indices) - set(kept))
+                indices = kept
             if self.dist.active:
                 n_trained += sum(example_trained(examples[i]) for i in indices)
             for part in chunks(self.dist.shard(indices), micro):
                 passes.append(collate([examples[i] for i in part]))
+                rows.append(part)
             if self.sharded:  # FSDP's collectives need the same forward passes on every rank
                 padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro)
         if padding:  # real forward+backward passes (FSDP's gathers and reduce-scatters run in them) on one of the
@@ -208,7 +219,7 @@ class Lockstep:
             passes += [sharding.zero_loss(collate([examples[indices[0]]]))] * padding
         if not self.dist.active:
             n_trained = sum(trained_positions(b["labels"]) for b in passes)
-        return StepPlan(passes, padding, n_trained, pos)
+        return StepPlan(passes, padding, n_trained, pos, rows, skipped)
 
     def reduce(
         self, oom: str, loss_sum: torch.Tensor, tokens: int, params: Iterable[torch.nn.Parameter]

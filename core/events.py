@@ -2,7 +2,8 @@
 
 The loop (core.train) knows nothing of files, the DB or HTTP: the worker's reporter (core.reporting) turns
 these into metrics lines, the status file, DB events and log lines, while a test or a benchmark just keeps
-them in a list. The hybrid engine's own events (jumps, its rollbacks) live beside it, in core.hybrid.events.
+them in a list. The hybrid engine's own events (corrections, curve fits, rollbacks) live beside it, in
+core.hybrid.events.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.hybrid.events import JumpEvent, RollbackEvent
+from core.hybrid.events import CorrectionEvent, CurveEvent, RollbackEvent
 
 
 @dataclass(frozen=True)
@@ -30,9 +31,8 @@ class StepEvent:
     grad_accum: int = 0  # forward passes per optimizer step
     # the hybrid engine ("" / defaults with the plain one)
     phase: str = ""  # engine phase the step ran in: warmup, full, predict, plain
-    predicted: bool = False  # a jump: `advanced` steps with no backward pass; loss is the probe loss
-    advanced: int = 1  # schedule steps this event covers
-    backward_skipped: int = 0  # backward passes skipped so far
+    skipped_share: float | None = None  # hybrid: share of this step's examples skipped (predicted learned)
+    backward_skipped: int = 0  # examples skipped so far (no forward or backward pass)
     speedup_estimate: float | None = None  # running estimate over plain steps (HybridEngine.speedup_estimate)
     time_saved_s: float | None = None  # estimated seconds saved so far, negative when lost (HybridEngine)
 
@@ -85,5 +85,15 @@ class TimingEvent:
         return record
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | PhaseEvent | WarningEvent | TimingEvent | JumpEvent | RollbackEvent
+Event = (
+    StepEvent
+    | EvalEvent
+    | CheckpointEvent
+    | PhaseEvent
+    | WarningEvent
+    | TimingEvent
+    | CorrectionEvent
+    | CurveEvent
+    | RollbackEvent
+)
 Outcome = Literal["completed", "interrupted"]

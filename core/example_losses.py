@@ -14,15 +14,17 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from core.data import collate, model_inputs
 from core.encode import IGNORE, Example
-from core.reporting import Report
 from trainbox.data_stats import DataStats, ExampleLoss, ExampleLosses
+
+if TYPE_CHECKING:  # the hybrid engine imports per_example, and core.reporting imports the engine
+    from core.reporting import Report
 
 log = logging.getLogger("core.worker")
 

@@ -21,12 +21,21 @@ import torch.nn.functional as F
 
 
 def chunk_loss_and_grad(
-    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, grad: bool
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    grad: bool,
+    per_token: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk's summed cross-entropy and, with ``grad``, the gradient of that sum w.r.t. its logits."""
+    """One chunk's summed cross-entropy and, with ``grad``, the gradient of that sum w.r.t. its logits;
+    ``per_token`` (a slice of the caller's buffer) gets each position's loss (the hybrid engine's table)."""
     logits = F.linear(h, weight, bias).float()
     lse = torch.logsumexp(logits, dim=-1)
-    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    token = lse - logits.gather(1, targets[:, None]).squeeze(1)
+    if per_token is not None:
+        per_token.copy_(token.detach())
+    loss = token.sum()
     if not grad:
         return loss, None
     g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
@@ -43,6 +52,7 @@ class FusedHeadLoss(torch.autograd.Function):
         bias: torch.Tensor | None,
         targets: torch.Tensor,
         chunk: int,
+        per_token: torch.Tensor | None,
     ) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -52,7 +62,8 @@ class FusedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
-            loss, g = chunk_loss_and_grad(h, weight, bias, targets[start : start + chunk], True)
+            out = per_token[start : start + chunk] if per_token is not None else None
+            loss, g = chunk_loss_and_grad(h, weight, bias, targets[start : start + chunk], True, out)
             total += loss
             assert g is not None
             gc = g.to(
@@ -78,16 +89,25 @@ class FusedHeadLoss(torch.autograd.Function):
             (grad_b * grad_out).to(b_dtype) if grad_b is not None else None,
             None,
             None,
+            None,
         )
 
 
-def fused_head_loss(hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (rows of trained positions only)."""
+def fused_head_loss(
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    chunk: int,
+    per_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (rows of trained positions only); each
+    position's loss into ``per_token`` when given (float32, one per row of ``hidden``)."""
     if not torch.is_grad_enabled():  # evaluation: the losses alone
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             part = hidden[start : start + chunk]
-            total += chunk_loss_and_grad(part, head.weight, head.bias, targets[start : start + chunk], False)[0]
+            into = per_token[start : start + chunk] if per_token is not None else None
+            total += chunk_loss_and_grad(part, head.weight, head.bias, targets[start : start + chunk], False, into)[0]
         return total
-    out: torch.Tensor = FusedHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk)
+    out: torch.Tensor = FusedHeadLoss.apply(hidden, head.weight, head.bias, targets, chunk, per_token)
     return out

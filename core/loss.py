@@ -114,18 +114,52 @@ def stage(batch: dict[str, torch.Tensor], device: torch.device, split: Head | No
     return Staged(inputs, None, put(where), put(shifted[where]))
 
 
-def staged_loss_sum(model: torch.nn.Module, staged: Staged, split: Head | None = None) -> torch.Tensor:
+def staged_loss_sum(
+    model: torch.nn.Module, staged: Staged, split: Head | None = None, per_token: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """``token_loss_sum`` of the model's logits for a staged batch: plain, or through ``split``. A plain
     linear head goes through the fused loss (core.head_loss: gradients made chunk by chunk in forward); any
-    other head (a LoRA-wrapped one) above one chunk has each chunk's logits recomputed in backward."""
+    other head (a LoRA-wrapped one) above one chunk has each chunk's logits recomputed in backward.
+
+    ``per_token``: the forward's loss at each position is appended to it, detached (the hybrid engine's
+    per-example losses, at no extra pass): plain, one per position of the shifted labels (0 where ignored);
+    chunked, one per trained position in ``staged.where``'s order."""
     if split is None or staged.where is None or staged.targets is None:
         assert staged.labels is not None
-        return token_loss_sum(model(**staged.inputs).logits, staged.labels)
+        logits = model(**staged.inputs).logits
+        if per_token is None:
+            return token_loss_sum(logits, staged.labels)
+        shifted = F.pad(staged.labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+        token = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE, reduction="none"
+        )
+        per_token.append(token.detach())
+        return token.sum()
     hidden = split.body(**staged.inputs).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, staged.where)
     targets = staged.targets
     if type(split.head) is torch.nn.Linear:
-        return fused_head_loss(picked, split.head, targets, split.chunk)
+        into = (
+            torch.empty(picked.shape[0], dtype=torch.float32, device=picked.device) if per_token is not None else None
+        )
+        total = fused_head_loss(picked, split.head, targets, split.chunk, into)
+        if per_token is not None and into is not None:
+            per_token.append(into)
+        return total
+    if per_token is not None:  # each chunk's per-position losses; recomputed in backward like the sums below
+        parts = [
+            checkpoint(
+                _chunk_token_losses,
+                split.head,
+                picked[s : s + split.chunk],
+                targets[s : s + split.chunk],
+                use_reentrant=False,
+            )
+            for s in range(0, picked.shape[0], split.chunk)
+        ]
+        token = torch.cat(parts)
+        per_token.append(token.detach())
+        return token.sum()
     if picked.shape[0] <= split.chunk:  # one chunk: nothing to recompute
         return _chunk_loss(split.head, picked, targets)
     total = torch.zeros((), device=picked.device)
@@ -134,6 +168,10 @@ def staged_loss_sum(model: torch.nn.Module, staged: Staged, split: Head | None =
         part = checkpoint(_chunk_loss, split.head, picked[start:end], targets[start:end], use_reentrant=False)
         total = total + part
     return total
+
+
+def _chunk_token_losses(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def batch_loss_sum(

@@ -17,7 +17,6 @@ import torch
 
 from trainbox.config import TrainingConfig
 
-FIT_COPIES = 8  # fp32-sized copies of the largest tensor in the hybrid engine's linear fit (float64 buffers, results)
 USABLE_FRACTION = 0.9  # of free memory: allocator fragmentation and other processes
 GPU_OVERHEAD = 512 * 1024**2  # CUDA context, cuBLAS workspaces, allocator slack
 CPU_OVERHEAD = 256 * 1024**2
@@ -113,17 +112,17 @@ def estimate_memory(
         optimizer=-(-shape.trainable * 8 // shards),
         activations=kept + logits,
         overhead=GPU_OVERHEAD if cuda else CPU_OVERHEAD,
-        engine=shape.trainable * 4 * engine_copies
-        + (FIT_COPIES * 4 * min(shape.trainable, shape.vocab * shape.hidden) if engine_copies else 0),
+        engine=shape.trainable * 4 * engine_copies,
     )
 
 
+GOOD_POINT_COPIES = 3  # core.hybrid.goodpoint: weights, exp_avg, exp_avg_sq
+
+
 def hybrid_copies(cfg: TrainingConfig) -> int:
-    """fp32 copies of the trainable parameters the hybrid engine holds during a jump: its ``history`` weight
-    snapshots, the last good point it rolls back to (the weights and AdamW's two moments) and the predicted
-    weights; 0 for the plain engine. On a full fine-tune that is (history + 4) x the weights again, more than
-    the AdamW state itself. ``estimate_memory`` adds the fit's float64 buffers for the largest tensor."""
-    return cfg.hybrid.history + 4 if cfg.engine == "hybrid" else 0
+    """fp32 copies of the trainable parameters the hybrid engine holds: the last good point it rolls back to (the
+    weights and AdamW's two moments); 0 for the plain engine."""
+    return GOOD_POINT_COPIES if cfg.engine == "hybrid" else 0
 
 
 def halvings(configured: int) -> list[int]:

@@ -208,7 +208,7 @@ class Recovery:
             setattr(t.state, k, v)
         t.state.skips_since = t.state.step
         if t.hybrid is not None:
-            t.hybrid.reset_trajectory()
+            t.hybrid.after_rollback()
         t.warn(
             "rollback",
             f"{reason}: rolled back from step {from_step} to step {t.state.step}, "

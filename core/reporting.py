@@ -16,14 +16,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from core.events import CheckpointEvent, EvalEvent, Event, PhaseEvent, StepEvent, TimingEvent, WarningEvent
 from core.heartbeat import LoadingBeat, Progress, StatusFile
 from core.hybrid.engine import HybridEngine
-from core.hybrid.events import JumpEvent, RollbackEvent
+from core.hybrid.events import CorrectionEvent, CurveEvent, RollbackEvent
 from core.jobdb import JobDB
 from core.metrics import MetricsLog, truncate_to_step
 from core.tracking import Tracking
@@ -97,16 +97,17 @@ class Reporter:
     def checkpoints_deleted(self, paths: list[Path]) -> None:
         self.db.checkpoints_deleted(paths)
 
-    def hybrid_summary(self, engine: HybridEngine, step: int) -> None:
+    def hybrid_summary(self, engine: HybridEngine, step: int, lines: Sequence[int] = ()) -> None:
         """What the hybrid engine did and cost, as a DB event whenever a worker's run ends (completed, paused,
         interrupted, failed). Its counters ride in checkpoints, so each event holds the job's totals so far: the
-        last one is the job's."""
-        summary = engine.summary()
+        last one is the job's. ``lines``: each training example's line in the job's file."""
+        summary = engine.summary(lines)
         saved = summary["time_saved_s"]
         message = (
-            f"hybrid engine: {summary['accepted']}/{summary['attempts']} jumps accepted, "
-            f"{summary['backward_skipped']} backward passes skipped, "
-            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s")
+            f"hybrid engine: {summary['examples_skipped']} examples skipped ({summary['skipped_share']:.0%}), "
+            f"{summary['came_back']} of {summary['remeasured']} re-measured came back, "
+            f"{summary['rollbacks']} rollbacks; {summary['stopped']}; "
+            + ("time saved -" if saved is None else f"time saved {saved:+.1f} s (estimated)")
         )
         try:
             self.db.event("hybrid_summary", message, step=step, **summary)
@@ -185,8 +186,8 @@ class Reporter:
             self.warning(ev)
         elif isinstance(ev, TimingEvent):  # where the loop's time went, for the job report
             self._line({**ev.as_record(), "time": now})
-        elif isinstance(ev, JumpEvent):
-            self._on_jump(ev, now)
+        elif isinstance(ev, CorrectionEvent | CurveEvent):
+            self._on_hybrid(ev, now)
         elif isinstance(ev, RollbackEvent):
             self._on_hybrid_rollback(ev)
 
@@ -206,8 +207,8 @@ class Reporter:
 
     def _on_step(self, ev: StepEvent, now: float) -> None:
         engine = self._on_engine(ev) if ev.phase else {}
-        if ev.predicted or ev.skipped:  # a hybrid jump (every one gets a line) or a skipped update
-            if ev.predicted or ev.step % self.log_every == 0:
+        if ev.skipped:  # a skipped update
+            if ev.step % self.log_every == 0:
                 self._line(self._train_line(ev, now, engine))
             self.status.update(step=ev.step, total_steps=ev.total_steps, learning_rate=ev.lr)
             return
@@ -243,58 +244,64 @@ class Reporter:
 
     @staticmethod
     def _train_line(ev: StepEvent, now: float, engine: dict[str, Any]) -> dict[str, Any]:
-        """A step's metrics line. A jump has no gradient norm or throughput and its loss is the probe loss after
-        it; a skipped step has no loss or gradient norm (they were not finite)."""
+        """A step's metrics line; a skipped step has no loss or gradient norm (they were not finite)."""
         line: dict[str, Any] = {
             "kind": "train",
             "step": ev.step,
             "loss": None if ev.skipped else ev.loss,
             "lr": ev.lr,
-            "grad_norm": ev.grad_norm if not (ev.predicted or ev.skipped) else None,
-            "tokens_per_s": None if ev.predicted else ev.tokens_per_s,
+            "grad_norm": None if ev.skipped else ev.grad_norm,
+            "tokens_per_s": ev.tokens_per_s,
             "epoch": ev.epoch,
             "time": now,
         }
-        if ev.predicted:
-            line["advanced"] = ev.advanced
-        elif ev.skipped:
+        if ev.skipped:
             line["skipped"] = True
         return {**line, **engine}
 
     def _on_engine(self, ev: StepEvent) -> dict[str, Any]:
         """A hybrid step: status fields, a DB event when the phase of real steps changes; returns the
         fields of its metrics line."""
-        if not ev.predicted and ev.phase != self.engine_phase:
+        if ev.phase != self.engine_phase:
             message = f"hybrid engine phase {ev.phase} from step {ev.step}"
             self.db.event("phase_change", message, step=ev.step, engine_phase=ev.phase, previous=self.engine_phase)
             log.info("%s", message)
             self.engine_phase = ev.phase
         fields: dict[str, Any] = {
+            "skipped_share": ev.skipped_share,
             "speedup_estimate": ev.speedup_estimate,
             "backward_skipped": ev.backward_skipped,
             "time_saved_s": ev.time_saved_s,
         }
         self.status.update(engine_phase=ev.phase, **fields)
-        return {"phase": ev.phase, "predicted": ev.predicted, **fields}
+        return {"phase": ev.phase, **fields}
 
-    def _on_jump(self, ev: JumpEvent, now: float) -> None:
-        """One jump attempt: a metrics line and a DB event with its numbers."""
+    def _on_hybrid(self, ev: CorrectionEvent | CurveEvent, now: float) -> None:
+        """A correction (skipped examples re-measured) or a curve fit after an evaluation: a metrics line and a DB
+        event with its numbers."""
         record = json_safe(ev.as_record())
         self._line({**record, "time": now})
-        verdict = f"accepted, {ev.advanced} steps advanced" if ev.accepted else f"rejected ({ev.reason}), rolled back"
-        message = (
-            f"hybrid jump at step {ev.step - ev.advanced}: H={ev.horizon:g} x{ev.scale:g}, probe loss "
-            f"{ev.probe_before:.4f} -> {ev.probe_after:.4f}, earned {ev.earned_steps:.1f} steps: {verdict}"
-        )
-        self.db.event("hybrid_jump", message, **{k: v for k, v in record.items() if k != "kind"})
+        if isinstance(ev, CorrectionEvent):
+            message = (
+                f"hybrid correction at step {ev.step}: {ev.examples} skipped examples re-measured, mean loss "
+                f"{ev.mean_before:.4f} -> {ev.mean_after:.4f}, {ev.came_back} came back"
+            )
+        else:
+            self.status.update(force=True, predicted_final=ev.predicted_final, expected_stop=ev.stop_step)
+            final = "-" if ev.predicted_final is None else f"{ev.predicted_final:.4f}"
+            message = (
+                f"hybrid curve at step {ev.step}: val {ev.val_loss:.4f}, predicted final {final}, expected stop "
+                f"{ev.stop_step if ev.stop_step is not None else '-'}, keep share {ev.keep_share:g}"
+            )
+        self.db.event(str(record["kind"]), message, **{k: v for k, v in record.items() if k != "kind"})
         log.info("%s", message)
 
     def _on_hybrid_rollback(self, ev: RollbackEvent) -> None:
         message = (
-            f"hybrid engine: {ev.reason} at step {ev.step}; restored the weights and optimizer state of real "
-            f"step {ev.restored_real_step}"
+            f"hybrid engine: {ev.reason} at step {ev.step}; restored the weights and optimizer state of step "
+            f"{ev.restored_step}"
         )
-        data = {"reason": ev.reason, "restored_real_step": ev.restored_real_step}
+        data = {"reason": ev.reason, "restored_step": ev.restored_step}
         self.db.event("hybrid_rollback", message, step=ev.step, **data)
         self.warning(WarningEvent(ev.step, "hybrid_rollback", message, data))
 
@@ -326,7 +333,7 @@ class NullReporter:
     def checkpoints_deleted(self, paths: list[Path]) -> None:
         pass
 
-    def hybrid_summary(self, engine: HybridEngine, step: int) -> None:
+    def hybrid_summary(self, engine: HybridEngine, step: int, lines: Sequence[int] = ()) -> None:
         pass
 
     def resumed_at(self, step: int, total_steps: int, val_loss: float | None, resumed: bool) -> None:

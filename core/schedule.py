@@ -1,4 +1,5 @@
-"""The optimizer (AdamW) and its learning-rate schedule: linear warmup, then cosine decay to a floor.
+"""The optimizer (AdamW) and its learning-rate schedule: linear warmup, then cosine decay to a floor; the hybrid
+engine may cut the cosine short where its curve model says the run is done (``cut_lr_at``).
 
 The schedule is a pure function of the step (nanoGPT's ``get_lr``), so there is no scheduler object whose
 state could drift from the step counter: resuming at step k gives exactly the lr of step k.
@@ -43,3 +44,18 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_ratio: float, min_lr_
     decay_steps = max(1, total_steps - warmup)
     progress = min(1.0, (step - warmup) / decay_steps)
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def cut_lr_at(
+    step: int, total_steps: int, peak: float, warmup_ratio: float, min_lr_ratio: float, cut: tuple[int, int] | None
+) -> float:
+    """``lr_at``, until ``cut = (start, steps)``: from ``start`` a linear decay from the lr there to the floor over
+    ``steps`` (held after). The hybrid engine's early stop: the rest of the cosine compressed into ``steps``.
+    (Measured against warmup-stable-decay, which holds the peak until a late decay: on the tiny default-job
+    profile WSD with the last 20 % decaying ended 14.9 % worse than the cosine at the same lr, docs/BENCHMARKS.md.)"""
+    if cut is None or step < cut[0]:
+        return lr_at(step, total_steps, peak, warmup_ratio, min_lr_ratio)
+    start_lr = lr_at(cut[0], total_steps, peak, warmup_ratio, min_lr_ratio)
+    floor = peak * min_lr_ratio
+    progress = min(1.0, (step - cut[0] + 1) / max(cut[1], 1))
+    return start_lr - progress * (start_lr - floor)

@@ -63,21 +63,21 @@ def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def step_scalars(ev: StepEvent) -> dict[str, float]:
-    """A step's scalars as its metrics line has them: a skipped update has no loss or gradient norm, a
-    hybrid jump no gradient norm or throughput; non-finite values are left out."""
+    """A step's scalars as its metrics line has them: a skipped update has no loss or gradient norm; non-finite
+    values are left out."""
     values: dict[str, float | None] = {
         "loss": None if ev.skipped else ev.loss,
         "lr": ev.lr,
-        "grad_norm": None if (ev.predicted or ev.skipped) else ev.grad_norm,
-        "tokens_per_s": None if ev.predicted else ev.tokens_per_s,
+        "grad_norm": None if ev.skipped else ev.grad_norm,
+        "tokens_per_s": ev.tokens_per_s,
     }
     return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def scalars_at(ev: Event, log_every: int) -> tuple[int, dict[str, float]] | None:
     """(step, scalars) a tracker records for an event, as metrics.jsonl has them: a step's at every
-    ``log_every`` steps (a hybrid jump always), an evaluation's val_loss; None for anything else."""
-    if isinstance(ev, StepEvent) and (ev.predicted or ev.step % log_every == 0):
+    ``log_every`` steps, an evaluation's val_loss; None for anything else."""
+    if isinstance(ev, StepEvent) and ev.step % log_every == 0:
         return ev.step, step_scalars(ev)
     if isinstance(ev, EvalEvent) and math.isfinite(ev.val_loss):
         return ev.step, {"val_loss": ev.val_loss}

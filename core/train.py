@@ -14,16 +14,15 @@ What a step must get right besides the arithmetic is in objects with small inter
 - ``clock`` (core.step_timing): the seconds of each phase (data, forward and backward, optimizer, evaluation,
   checkpoints), emitted as a ``TimingEvent`` at a logged step every 10 s and at the loop's end.
 
-``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): at a step boundary it may
-take a verified weight-extrapolation jump in place of the step (accepted jumps advance the step
-counter, so evaluation and checkpoints fall due when the step crosses a multiple, not only on it);
-after each applied step it snapshots and checks. Its state is part of ``state_dict()``.
+``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): it sets the learning rate (the cosine,
+cut short where its curve model says the run is done), picks which examples of a step get their passes, records
+their losses from the forward pass, re-measures skipped ones at step boundaries, reads each evaluation, and may
+end the run early (``stop_reason``). Its state is part of ``state_dict()``.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -89,9 +88,7 @@ class Trainer:
     def _make_hybrid(self) -> HybridEngine | None:
         if self.cfg.engine != "hybrid":
             return None
-        n = min(len(self.train_set), self.cfg.hybrid.probe_examples)
-        probe = random.Random(self.cfg.seed).sample(self.train_set, n)  # fixed training examples
-        return HybridEngine(self, self.cfg.hybrid, probe)
+        return HybridEngine(self, self.cfg.hybrid, packed=self.speedups.packed)
 
     # sizes
     @property
@@ -113,6 +110,8 @@ class Trainer:
 
     def lr(self) -> float:
         s, cfg = self.state, self.cfg
+        if self.hybrid is not None:
+            return self.hybrid.lr(s.step) * s.lr_scale
         return lr_at(s.step, self.total_steps, cfg.learning_rate, cfg.warmup_ratio, cfg.min_lr_ratio) * s.lr_scale
 
     # resume
@@ -194,11 +193,10 @@ class Trainer:
                     self.clock.timed("checkpoint", self._checkpoint, emit, save_checkpoint)
                 emit(self.clock.event(s.step))
                 return "interrupted"
-            # 3. one optimizer step, or a hybrid jump in its place
+            # 3. one optimizer step (the hybrid engine may re-measure skipped examples first)
             self._set_phase(emit, "training")
-            if self.hybrid is not None and self.hybrid.wants_jump():
-                self._jump(emit, lr, started)
-                continue
+            if self.hybrid is not None:
+                self.hybrid.before_step(emit)
             engine_phase = self.hybrid.phase if self.hybrid is not None else ""
             self.faults.hang("training", s.step + 1)
             t0 = time.time()
@@ -213,6 +211,7 @@ class Trainer:
                 s.record_loss(result.loss)
                 if self.hybrid is not None:
                     self.hybrid.after_real_step(result.loss, result.grad_norm, dt, emit)
+                    s.stop_reason = s.stop_reason or self.hybrid.stop_reason()
             # 4. log
             self._emit_step(emit, self._step_event(result, lr, dt, started, engine_phase))
             if s.step % self.cfg.log_every == 0 and self.clock.due():
@@ -240,26 +239,8 @@ class Trainer:
             r.skipped,
             self.micro_batch_size,
             self.accum_steps,
-            **self._engine_fields(engine_phase, predicted=False, advanced=1),
+            **(self.hybrid.step_fields(engine_phase) if self.hybrid is not None else {}),
         )
-
-    def _jump(self, emit: Callable[[Event], None], lr: float, started: float) -> None:
-        """A hybrid jump at this step boundary; an accepted one advances the step by what it earned (the data
-        position stays: no batch was trained)."""
-        assert self.hybrid is not None
-        s = self.state
-        jump = self.hybrid.jump(emit)
-        if jump.advanced <= 0:
-            return
-        s.step += jump.advanced
-        fields = self._engine_fields("predict", predicted=True, advanced=jump.advanced)
-        ev = StepEvent(
-            s.step, self.total_steps, jump.probe_after, lr, 0.0, 0, 0.0, self._epoch(), time.time() - started, **fields
-        )
-        self._emit_step(emit, ev)
-
-    def _engine_fields(self, phase: str, predicted: bool, advanced: int) -> dict[str, Any]:
-        return self.hybrid.step_fields(phase, predicted, advanced) if self.hybrid is not None else {}
 
     # the step
     def _optimizer_step(self, lr: float) -> StepResult | None:
@@ -297,13 +278,16 @@ class Trainer:
             self._drop_gradients(free=True)
             self.recovery.out_of_memory_in_update(oom, step)
             return None
+        if self.hybrid is not None:
+            self.hybrid.trained(plan, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.faults.after_update(self.model, step)
         self.state.position = plan.end
         return StepResult(loss, norm, tokens, skipped=False)
 
     def _prepare_step(self, pos: DataPosition, micro: int) -> PreparedStep:
-        plan = self.ranks.plan(self.batches, pos, self.train_set, self.cfg.grad_accum, micro, self._collate)
+        keep = self.hybrid.keep if self.hybrid is not None else None
+        plan = self.ranks.plan(self.batches, pos, self.train_set, self.cfg.grad_accum, micro, self._collate, keep)
         return PreparedStep(plan, [stage(b, self.device, self.speedups.split) for b in plan.passes])
 
     def _accumulate(self, prepared: PreparedStep) -> tuple[float, float, int]:
@@ -312,11 +296,12 @@ class Trainer:
         step's one sync), after queueing the passes and preparing the next step's batches."""
         plan = prepared.plan
         loss_sum = torch.zeros((), device=self.device)
+        per_token = self.hybrid.start_step() if self.hybrid is not None else None  # per-example losses for it
         tokens, oom = 0, ""  # with several ranks an OOM is agreed on before the gradients are summed
         try:
             for i, (batch, staged) in self.faults.forward_passes(list(zip(plan.passes, prepared.staged, strict=True))):
                 with self.precision.autocast():
-                    loss = staged_loss_sum(self.model, staged, self.speedups.split) / plan.n_trained
+                    loss = staged_loss_sum(self.model, staged, self.speedups.split, per_token) / plan.n_trained
                 loss = self.faults.poison(loss, i)
                 self.precision.backward(loss)
                 loss_sum += loss.detach()
@@ -326,7 +311,7 @@ class Trainer:
             if not self.ranks.defers_oom:
                 raise
             oom = first_line(e)
-        if not oom:
+        if not oom and self.hybrid is None:  # the hybrid's next step depends on this one's losses: built then
             self.clock.timed("data", self.lookahead.prepare, plan.end, self.micro_batch_size)
         loss_sum, tokens = self.ranks.reduce(oom, loss_sum, tokens, self.model.parameters())
         self.precision.unscale(self.optimizer)  # the true gradients, before clipping and the norm
@@ -381,12 +366,13 @@ class Trainer:
         """Mean loss per trained token over collated batches, no gradient (evaluation, the hybrid probe)."""
         return mean_loss(self.model, batches, self.device, self.precision.autocast, self.speedups.split)
 
-    # boundaries: "crossed a multiple of every since the last one", since a hybrid jump advances several steps
+    # boundaries: "crossed a multiple of every since the last one" (with steps of 1: step % every == 0)
     def _eval_due(self) -> bool:
         s, every = self.state, self.cfg.eval_every
         if not self.val_set or s.last_eval_step == s.step:
             return False
-        return s.step == 0 or s.step >= self.total_steps or crossed(s.step, s.last_eval_step, every)
+        done = s.step >= self.total_steps or bool(s.stop_reason)
+        return s.step == 0 or done or crossed(s.step, s.last_eval_step, every)
 
     def _checkpoint_due(self) -> bool:
         s, every = self.state, self.cfg.checkpoint_every
@@ -414,6 +400,8 @@ class Trainer:
         if s.best_val_loss is None or val < s.best_val_loss:
             s.best_val_loss = val
         emit(EvalEvent(s.step, val))
+        if self.hybrid is not None:
+            self.hybrid.after_eval(s.step, val, emit)
         if s.step > 0:
             alerts = self.health.on_eval(s.step, val, s.train_loss)
             self._alerts(alerts)

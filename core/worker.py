@@ -110,7 +110,7 @@ def train_job(spec: JobSpec, stop: StopFlag, report: Report, info: RunInfo | Non
         energy.stop()
         report.close_metrics()
         if trainer.hybrid is not None:
-            report.hybrid_summary(trainer.hybrid, trainer.state.step)
+            report.hybrid_summary(trainer.hybrid, trainer.state.step, job.data.train_lines)
     return ended_result(trainer, job.base, outcome, final)
 
 

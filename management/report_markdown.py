@@ -54,6 +54,27 @@ def _num(v: Any) -> str:
     return _text(v)
 
 
+def _hybrid(summary: dict[str, Any]) -> list[str]:
+    """The hybrid engine's numbers, then the examples it found learned early and never learned, by line."""
+    lists = {"learned_early", "never_learned"}
+    out = ["## Hybrid engine", "", ", ".join(f"{_text(k)} = {_num(v)}" for k, v in summary.items() if k not in lists)]
+
+    def where(e: dict[str, Any]) -> str:
+        return f"line {e['line']}" if e.get("line") is not None else f"example {e.get('example')}"
+
+    early = [e for e in summary.get("learned_early") or [] if isinstance(e, dict)]
+    if early:
+        out += ["", "Learned early (skipped most): " + ", ".join(f"{where(e)} ({e.get('skips')}x)" for e in early)]
+    never = [e for e in summary.get("never_learned") or [] if isinstance(e, dict)]
+    if never:
+        out += [
+            "",
+            "Never learned (highest last loss; often the file's bad data): "
+            + ", ".join(f"{where(e)} ({_num(e.get('loss'))})" for e in never),
+        ]
+    return [*out, ""]
+
+
 def _outcome(f: JobFacts) -> list[str]:
     r = f.result
     lines = [f"# Job {f.job_id}: {_text(f.name)}", "", f"**Outcome: {_text(f.state or 'unknown')}**"]
@@ -195,7 +216,7 @@ def render(
             lines += [f"![{_text(p.title)}]({image_prefix}{p.file})", ""]
     lines += _warnings(facts)
     if facts.hybrid:
-        lines += ["## Hybrid engine", "", ", ".join(f"{_text(k)} = {_num(v)}" for k, v in facts.hybrid.items()), ""]
+        lines += _hybrid(facts.hybrid)
     lines += _changes(facts, diff)
     lines += _trackers(facts)
     lines += _time(split, facts.cfg.nproc, facts.cfg.device)

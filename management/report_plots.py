@@ -45,13 +45,11 @@ def plan(series: Series) -> list[tuple[Plot, list[tuple[str, list[int], list[flo
         xy = _xy([(p.step, getattr(p, attr)) for p in train])
         if xy[0]:
             out.append((Plot(file, title), [(title, *xy)], unit))
-    share = _xy(
-        [(p.step, p.backward_skipped / p.step) for p in series.train if p.backward_skipped is not None and p.step > 0]
-    )
+    share = _xy([(p.step, p.skipped_share) for p in series.train])
     if share[0]:
         out.append(
             (
-                Plot("hybrid_skipped.png", "Hybrid engine: share of steps without a backward pass"),
+                Plot("hybrid_skipped.png", "Hybrid engine: share of each step's examples skipped (no pass)"),
                 [("skipped share", *share)],
                 "share",
             )

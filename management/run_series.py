@@ -25,8 +25,8 @@ class TrainPoint:
     epoch: float | None = None
     time: float | None = None
     skipped: bool = False  # a non-finite step whose update was skipped
-    predicted: bool = False  # a hybrid jump (no backward pass)
-    backward_skipped: int | None = None  # the hybrid engine's running count, when it ran
+    predicted: bool = False  # a jump of the first hybrid design (no step computed): in metrics of old runs only
+    skipped_share: float | None = None  # the hybrid engine's share of the step's examples skipped, when it ran
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,6 @@ def _point(obj: dict[str, Any]) -> TrainPoint | EvalPoint | WarningPoint | Timin
         return None
     kind = obj.get("kind")
     if kind == "train":
-        bs = obj.get("backward_skipped")
         return TrainPoint(
             step=step,
             loss=_num(obj.get("loss")),
@@ -110,7 +109,7 @@ def _point(obj: dict[str, Any]) -> TrainPoint | EvalPoint | WarningPoint | Timin
             time=_num(obj.get("time")),
             skipped=obj.get("skipped") is True,
             predicted=obj.get("predicted") is True,
-            backward_skipped=bs if isinstance(bs, int) and not isinstance(bs, bool) else None,
+            skipped_share=_num(obj.get("skipped_share")),
         )
     if kind == "eval":
         val = _num(obj.get("val_loss"))

@@ -1,23 +1,23 @@
-"""Benchmark: hybrid-predict engine vs the tuned plain loop, time to the same validation loss (issue 3).
+"""Benchmark: hybrid-predict engine (second design, issue 16) vs a tuned plain loop, time to the same validation loss.
 
-Profiles (``--profile``): ``tiny``, the embedded tiny Llama (core.embedded) re-initialised per seed (training
-from scratch; the CPU profile); ``smollm2-lora``, seeded LoRA adapters on the pretrained SmolLM2-135M-Instruct (a
-real fine-tune); ``smollm2-full``, a full fine-tune of SmolLM2-135M-Instruct (the GPU profile: ``--device cuda``,
-bf16 autocast by the Trainer's ``precision = "auto"``; seeds differ in data order and probe, not in the start).
-``--profile auto`` (the default) is ``tiny`` on the CPU and ``smollm2-full`` on a GPU.
-Data: a deterministic generated dataset harder and larger than examples/ (stories, three-operation arithmetic,
-translations, list copying; mixed text / prompt-completion / chat records); on the CPU one thread, denormals flushed.
+Models (``--profile``): ``tiny``, the embedded tiny Llama (core.embedded) re-initialised per seed (training from
+scratch; the CPU profile); ``smollm2-lora``, seeded LoRA adapters on the pretrained SmolLM2-135M-Instruct;
+``smollm2-full``, all of SmolLM2's weights (the GPU profile, ``--device cuda``). ``auto``: tiny on the CPU.
+Data (``--data``): ``one-epoch``, the deterministic four-task mix of the first design's benchmark (little
+redundancy); ``default-job``, a realistic file for the default 3 epochs: a long-tailed length mix (a few examples
+many times longer than the median), about a third near-duplicates of other examples (one word changed), and a share
+of easy examples (short fixed answers). On the CPU one thread, denormals flushed.
 
-1. Plain learning-rate sweep (``--lrs``) on the first seed with core.train.Trainer (the real loop);
-   the best final validation loss picks the lr. Target = that best loss x (1 + ``--tolerance``).
-2. Per seed (``--seeds``): the same initial weights (``Profile.init(seed)``) and data order for plain and
-   for each hybrid variant, runs alternating (plain, hybrid, plain, ...) so machine drift hits both.
-3. Time to target: training wall-clock (evaluation excluded: it is the benchmark's measurement, not
-   the job's work; the hybrid's probes ARE counted) at the first evaluation whose val loss <= target.
+1. The plain baseline: a sweep over learning rate (``--lrs``) and epochs (``--epochs``, 1 to 3 for default-job) on
+   the first seed with core.train.Trainer (the real loop, its cosine schedule). Target = the sweep's best validation
+   loss x (1 + ``--tolerance``); the baseline is the sweep's run that reaches the target soonest (so stopping early
+   is not credited against a badly configured baseline).
+2. Per seed (``--seeds``): the baseline's settings, and the hybrid at the baseline's lr over the sweep's most epochs
+   (it decides its own stop), from the same initial weights and data order; runs alternate, the order rotating.
+3. Time to target: training wall-clock (evaluation excluded: the benchmark's measurement, not the job's work; the
+   hybrid's re-measurements ARE counted) at the first evaluation whose val loss <= target.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py [--quick] [--variants hybrid,hybrid-exp]
-GPU: HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_hybrid.py --device cuda --write (profile smollm2-full, its
-defaults: batch 16, max length 256, 300 steps, lrs 1e-5,3e-5,1e-4)
+Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --data default-job --seeds 0 [--write]
 Prints a markdown table; ``--write`` appends it to docs/BENCHMARKS.md.
 """
 
@@ -53,18 +53,17 @@ from core.embedded import build_model, ensure_embedded_model  # noqa: E402
 from core.encode import Example, encode_all, prepare_tokenizer  # noqa: E402
 from core.events import EvalEvent, PhaseEvent  # noqa: E402
 from core.hybrid import HybridConfig  # noqa: E402
-from core.hybrid.events import JumpEvent  # noqa: E402
+from core.hybrid.events import CorrectionEvent  # noqa: E402
 from core.train import Trainer  # noqa: E402
 from trainbox.config import TrainingConfig  # noqa: E402
 from trainbox.records import Record  # noqa: E402
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "hybrid": {},
-    "hybrid-exp": {"method": "exponential"},
-    "hybrid-noadv": {"advance_schedule": False},
-    "hybrid-scale": {"scales": (1.0, 2.0)},
-    "freeze": {"freeze": True, "warmup_steps": 10**9},  # freezing alone, no jumps
-    "freeze-loose": {"freeze": True, "freeze_threshold": 0.02, "warmup_steps": 10**9},
+    "hybrid": {},  # the shipped [training.hybrid] defaults
+    "hybrid-noskip": {"keep_shares": (1.0,)},  # the curve stop alone
+    "hybrid-nostop": {"curve_stop": False},  # skipping alone
+    "hybrid-plain": {"keep_shares": (1.0,), "curve_stop": False},  # neither: must train as plain does
+    "hybrid-norollback": {"curve_stop": False, "val_tol": 100.0, "remeasure_tol": 100.0},  # skipping, never undone
 }
 
 # --- data -----------------------------------------------------------------------------------------
@@ -164,6 +163,49 @@ def make_records(n: int, seed: int = 11) -> list[Record]:
     return out
 
 
+def make_job_records(n: int, seed: int = 13) -> list[Record]:
+    """The default-job profile's file: ``make_records``'s tasks with a long-tailed length mix (a story repeated
+    1 + a Pareto-distributed number of times), about a third near-duplicates of earlier records (one word changed)
+    and a sixth easy ones (a fixed greeting and its fixed answer, in a few wordings)."""
+    rng = random.Random(seed)
+    base = make_records(n, seed)
+    out: list[Record] = []
+    for rec in base:
+        roll = rng.random()
+        if roll < 1 / 6:
+            who = rng.choice(["friend", "there", "everyone", "team"])
+            out.append(
+                Record(kind="prompt_completion", prompt=f"Say hello to {who}.\nReply:", completion=f" Hello, {who}!")
+            )
+        elif roll < 1 / 2 and out:
+            src = out[rng.randrange(len(out))]  # a near-duplicate of an earlier record: one word swapped
+            out.append(_swap_word(src, rng))
+        elif rec.kind == "text":
+            repeats = 1 + min(int(rng.paretovariate(1.5)) - 1, 12)  # long tail: most once, a few up to 13x
+            out.append(Record(kind="text", text=" ".join([rec.text] * repeats)))
+        else:
+            out.append(rec)
+    return out
+
+
+def _swap_word(rec: Record, rng: random.Random) -> Record:
+    pool = ANIMALS + COLORS
+
+    def swap(text: str) -> str:
+        words = text.split(" ")
+        hits = [k for k, w in enumerate(words) if w.strip(".,'?") in pool]
+        if hits:
+            k = rng.choice(hits)
+            words[k] = words[k].replace(words[k].strip(".,'?"), rng.choice(pool))
+        return " ".join(words)
+
+    if rec.kind == "text":
+        return Record(kind="text", text=swap(rec.text))
+    if rec.kind == "prompt_completion":
+        return Record(kind="prompt_completion", prompt=swap(rec.prompt), completion=rec.completion)
+    return rec
+
+
 # --- runs -----------------------------------------------------------------------------------------
 
 
@@ -172,19 +214,23 @@ class RunResult:
     name: str
     seed: int
     lr: float
+    epochs: float
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train seconds, val loss)
     train_s: float = 0.0
-    real_steps: int = 0
-    backward: int = 0
+    steps: int = 0
+    trained: int = 0  # examples with a forward and backward pass
     overhead_s: float = 0.0
-    attempts: int = 0
-    accepted: int = 0
-    advanced: int = 0
-    frozen: list[str] = field(default_factory=list)
+    remeasured: int = 0
+    rollbacks: int = 0
+    stopped: str = ""
 
     @property
     def final(self) -> float:
         return self.evals[-1][2]
+
+    @property
+    def best(self) -> float:
+        return min(v for *_, v in self.evals)
 
     def to_target(self, target: float) -> tuple[int, float] | None:
         for step, t, v in self.evals:
@@ -269,17 +315,24 @@ class Profile:
         return lora.load_causal_lm(self.folder, dtype=torch.float32)
 
 
-def dataset(tok: Any, examples: int, n_val: int, max_length: int) -> tuple[list[Example], list[Example]]:
-    """The benchmark's (train, val) examples: ``make_records(examples)`` with ``n_val`` held out."""
-    records = make_records(examples)
+def dataset(
+    tok: Any, examples: int, n_val: int, max_length: int, data: str = "one-epoch"
+) -> tuple[list[Example], list[Example]]:
+    """The benchmark's (train, val) examples: ``make_records`` (one-epoch) or ``make_job_records`` (default-job)
+    of ``examples`` records, ``n_val`` held out."""
+    records = make_job_records(examples) if data == "default-job" else make_records(examples)
     train_recs, val_recs = split_heldout(records, n_val / len(records), n_val, seed=5)
     return encode_all(tok, train_recs, max_length).examples, encode_all(tok, val_recs, max_length).examples
 
 
-def train_config(steps: int, batch_size: int, lr: float, eval_every: int, seed: int) -> TrainingConfig:
-    """The settings of every benchmark run: no checkpoints, 5 % warmup, cosine decay (the Trainer's schedule)."""
+def train_config(
+    steps: int, batch_size: int, lr: float, eval_every: int, seed: int, epochs: float = 3.0
+) -> TrainingConfig:
+    """The settings of every benchmark run: no checkpoints, 5 % warmup, the Trainer's schedule; ``steps`` 0: by
+    ``epochs``."""
     return TrainingConfig(
         max_steps=steps,
+        epochs=epochs,
         batch_size=batch_size,
         learning_rate=lr,
         eval_every=eval_every,
@@ -304,11 +357,12 @@ def make_trainer(
 def run_plain(
     prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str, device: torch.device
 ) -> RunResult:
-    res = RunResult(name, cfg.seed, cfg.learning_rate)
+    res = RunResult(name, cfg.seed, cfg.learning_rate, cfg.epochs)
     tr = make_trainer(prof, init, data, cfg, device)
     clock = Clock(res, device)
     tr.run(clock, lambda: False, lambda: Path("."))
-    res.real_steps = res.backward = tr.state.step
+    res.steps = tr.state.step
+    res.trained = tr.state.step * cfg.batch_size * cfg.grad_accum
     return res
 
 
@@ -321,26 +375,23 @@ def run_hybrid(
     name: str,
     device: torch.device,
 ) -> RunResult:
-    """The real loop with ``engine = "hybrid"`` (core.train.Trainer builds the engine, probe included)."""
-    res = RunResult(name, cfg.seed, cfg.learning_rate)
+    """The real loop with ``engine = "hybrid"`` (core.train.Trainer builds the engine)."""
+    res = RunResult(name, cfg.seed, cfg.learning_rate, cfg.epochs)
     tr = make_trainer(prof, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}), device)
     eng = tr.hybrid
     assert eng is not None
     clock = Clock(res, device)
-    jumps: list[JumpEvent] = []
+    corrections: list[CorrectionEvent] = []
 
     def emit(ev: Any) -> None:
         clock(ev)
-        if isinstance(ev, JumpEvent):
-            jumps.append(ev)
+        if isinstance(ev, CorrectionEvent):
+            corrections.append(ev)
 
     tr.run(emit, lambda: False, lambda: Path("."))
     c = eng.counters
-    res.real_steps, res.backward = c.real_steps, c.real_steps * cfg.grad_accum
-    res.overhead_s, res.attempts, res.accepted, res.advanced = c.overhead_s, c.attempts, c.accepted, c.advanced_steps
-    res.frozen = list(c.frozen)
-    # round trip of the engine state (what a checkpoint would hold) must survive json-like data
-    assert eng.state_dict()["version"] == 1
+    res.steps, res.trained, res.overhead_s = c.steps, c.examples_trained, c.overhead_s
+    res.remeasured, res.rollbacks, res.stopped = c.remeasured, c.rollbacks, eng.stopped or "planned steps"
     return res
 
 
@@ -353,12 +404,8 @@ def fmt_t(x: tuple[int, float] | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--profile",
-        default="auto",
-        help="tiny (from scratch), smollm2-lora (pretrained, LoRA), smollm2-full (pretrained, all weights); "
-        "auto: tiny on the CPU, smollm2-full on a GPU",
-    )
+    ap.add_argument("--profile", default="auto", help="tiny, smollm2-lora, smollm2-full; auto: tiny on the CPU")
+    ap.add_argument("--data", default="default-job", choices=["default-job", "one-epoch"])
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     ap.add_argument("--max-length", type=int, help="default: per profile (PROFILE_DEFAULTS)")
     ap.add_argument(
@@ -369,14 +416,17 @@ def main() -> None:
     )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--lrs", help="plain lr sweep; default: per profile")
-    ap.add_argument("--steps", type=int, help="default: per profile")
+    ap.add_argument("--epochs", help="plain epochs sweep; default: 1,2,3 (default-job), 1 (one-epoch)")
     ap.add_argument("--examples", type=int, help="default: per profile")
     ap.add_argument("--batch-size", type=int, help="default: per profile")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--val", type=int, help="default: per profile")
     ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--variants", default="hybrid", help=f"comma list of {', '.join(VARIANTS)}")
-    ap.add_argument("--quick", action="store_true", help="1 seed, the sweep's middle lr, 120 steps: a smoke run")
+    ap.add_argument(
+        "--reuse-sweep",
+        help="TARGET,LR,EPOCHS of an earlier run's sweep (printed by it): skip the sweep, for iterating on the hybrid",
+    )
     ap.add_argument("--write", action="store_true", help="append the table to docs/BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="write every run's numbers here")
     args = ap.parse_args()
@@ -385,42 +435,53 @@ def main() -> None:
         args.profile = "smollm2-full" if device.type == "cuda" else "tiny"
     if args.profile not in PROFILE_DEFAULTS:
         raise SystemExit(f"unknown profile {args.profile!r}: {', '.join(PROFILE_DEFAULTS)}")
-    batch, length, steps, examples, n_val, lrs_default = PROFILE_DEFAULTS[args.profile]
+    batch, length, _, examples, n_val, lrs_default = PROFILE_DEFAULTS[args.profile]
     args.batch_size = args.batch_size or batch
     args.max_length = args.max_length or length
-    args.steps = args.steps or steps
     args.examples = args.examples or examples
     args.val = args.val or n_val
     args.lrs = args.lrs or lrs_default
-    if args.quick:  # the middle lr of the sweep
-        args.seeds, args.lrs, args.steps = "0", args.lrs.split(",")[len(args.lrs.split(",")) // 2], 120
+    args.epochs = args.epochs or ("1,2,3" if args.data == "default-job" else "1")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_flush_denormal(True)
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
+    epochs = [float(x) for x in args.epochs.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     t_start = time.time()
 
     tmp = tempfile.TemporaryDirectory()
     prof = Profile(args.profile, Path(tmp.name) if args.profile == "tiny" else args.cache)
-    tok = prof.tok
-    data = dataset(tok, args.examples, args.val, args.max_length)
+    data = dataset(prof.tok, args.examples, args.val, args.max_length, args.data)
     train, val = data
 
-    def cfg_for(seed: int, lr: float) -> TrainingConfig:
-        return train_config(args.steps, args.batch_size, lr, args.eval_every, seed)
+    def cfg_for(seed: int, lr: float, ep: float) -> TrainingConfig:
+        return train_config(0, args.batch_size, lr, args.eval_every, seed, ep)
 
-    # 1. lr sweep on the first seed
-    sweep = [run_plain(prof, prof.init(seeds[0]), data, cfg_for(seeds[0], lr), "plain", device) for lr in lrs]
+    # 1. the plain sweep over lr and epochs on the first seed; target from its best loss, baseline the fastest to it
+    if args.reuse_sweep:
+        t_s, lr_s, ep_s = args.reuse_sweep.split(",")
+        sweep, target = [], float(t_s)
+        base = RunResult("plain", seeds[0], float(lr_s), float(ep_s))
+    else:
+        sweep = [
+            run_plain(prof, prof.init(seeds[0]), data, cfg_for(seeds[0], lr, ep), "plain", device)
+            for lr in lrs
+            for ep in epochs
+        ]
+        target = min(r.best for r in sweep) * (1 + args.tolerance)
+        reached = [r for r in sweep if r.to_target(target)]
+        base = min(reached, key=lambda r: r.to_target(target)[1])  # type: ignore[index]
     for r in sweep:
-        print(f"sweep lr {r.lr:.0e}: final val {r.final:.4f}, best {min(v for *_, v in r.evals):.4f}", flush=True)
-    best = min(sweep, key=lambda r: r.final)
-    lr = best.lr
-    target = best.final * (1 + args.tolerance)
-    print(f"best lr {lr:.0e}; target val loss {target:.4f}", flush=True)
+        print(
+            f"sweep lr {r.lr:.0e} epochs {r.epochs:g}: best val {r.best:.4f} final {r.final:.4f} "
+            f"to-target {fmt_t(r.to_target(target))}",
+            flush=True,
+        )
+    print(f"target {target:.4f}; baseline lr {base.lr:.0e} epochs {base.epochs:g}", flush=True)
 
-    # 2. per seed: plain and variants, alternating; order rotates per seed
+    # 2. per seed: the baseline and the variants, alternating; order rotates per seed
     runs: dict[str, list[RunResult]] = {"plain": [], **{v: [] for v in variants}}
     for i, seed in enumerate(seeds):
         init = prof.init(seed)
@@ -428,40 +489,48 @@ def main() -> None:
         order = order[i % len(order) :] + order[: i % len(order)]
         for name in order:
             if name == "plain":
-                r = run_plain(prof, init, data, cfg_for(seed, lr), "plain", device)
+                r = run_plain(prof, init, data, cfg_for(seed, base.lr, base.epochs), "plain", device)
             else:
-                r = run_hybrid(prof, init, data, cfg_for(seed, lr), HybridConfig(**VARIANTS[name]), name, device)
+                hcfg = HybridConfig(**VARIANTS[name])
+                r = run_hybrid(prof, init, data, cfg_for(seed, base.lr, max(epochs)), hcfg, name, device)
             runs[name].append(r)
             print(
-                f"seed {seed} {name:12s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
-                f"train {r.train_s:.1f}s real {r.real_steps} jumps {r.accepted}/{r.attempts} adv {r.advanced} "
-                f"overhead {r.overhead_s:.2f}s frozen {r.frozen}",
+                f"seed {seed} {name:14s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
+                f"train {r.train_s:.1f}s steps {r.steps} trained {r.trained} overhead {r.overhead_s:.2f}s "
+                f"rollbacks {r.rollbacks} {r.stopped}",
                 flush=True,
             )
 
     # 3. table
     lines = [
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --profile {args.profile} "
-        f"--device {device.type} "
-        f"--seeds {args.seeds} --lrs {args.lrs} --steps {args.steps} --batch-size {args.batch_size} "
-        f"--max-length {args.max_length} --examples {args.examples} --val {args.val} --eval-every {args.eval_every} "
-        f"--variants {args.variants}`",
+        f"--data {args.data} --device {device.type} --seeds {args.seeds} --lrs {args.lrs} --epochs {args.epochs} "
+        f"--batch-size {args.batch_size} --max-length {args.max_length} --examples {args.examples} --val {args.val} "
+        f"--eval-every {args.eval_every} --variants {args.variants}"
+        + (f" --reuse-sweep {args.reuse_sweep}" if args.reuse_sweep else "")
+        + "`",
         "",
         f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else '1 CPU thread'}, "
-        f"Python {platform.python_version()}; profile {args.profile} ({prof.folder.name}); "
+        f"Python {platform.python_version()}; profile {args.profile} ({prof.folder.name}), data {args.data}: "
         f"{len(train)} train / {len(val)} val examples, batch {args.batch_size}, max length {args.max_length}, "
-        f"{args.steps} steps, eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",
+        f"eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",
         "",
-        "LR sweep (plain, seed "
-        + str(seeds[0])
-        + "): "
-        + ", ".join(f"{r.lr:.0e} -> {r.final:.4f}" for r in sweep)
-        + f". Chosen lr {lr:.0e}; target = {best.final:.4f} x {1 + args.tolerance:.2f} = {target:.4f}.",
+        (
+            "Plain sweep not rerun (--reuse-sweep, an earlier run's)"
+            if args.reuse_sweep
+            else f"Plain sweep (seed {seeds[0]}): "
+            + ", ".join(
+                f"lr {r.lr:.0e} x {r.epochs:g} ep -> best {r.best:.4f} ({fmt_t(r.to_target(target))})" for r in sweep
+            )
+        )
+        + f". Target = best {target / (1 + args.tolerance):.4f} x {1 + args.tolerance:.2f} = {target:.4f}; baseline "
+        f"lr {base.lr:.0e} x {base.epochs:g} epochs (the fastest to the target); the hybrid runs lr {base.lr:.0e} "
+        f"for up to {max(epochs):g} epochs.",
         "",
-        "| seed | engine | final val | time to target (s / step) | speedup | backward passes | jumps acc/tried "
-        "| steps advanced | overhead share |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| seed | engine | final val (vs baseline) | time to target (s / step) | speedup | steps | examples trained "
+        "| rollbacks | overhead share | stop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, dict[str, float | None]] = {}
     for name in runs:
@@ -477,27 +546,26 @@ def main() -> None:
             share = r.overhead_s / max(r.train_s, 1e-9)
             lines.append(
                 f"| {r.seed} | {name} | {r.final:.4f} ({r.final / p.final - 1:+.1%}) | {fmt_t(tt)} | "
-                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.backward} | {r.accepted}/{r.attempts} | {r.advanced} | "
-                f"{share:.1%} |"
+                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.steps} | {r.trained} | {r.rollbacks} | {share:.1%} | "
+                f"{r.stopped or '-'} |"
             )
-        reached = sum(1 for r in runs[name] if r.to_target(target))
         summary[name] = {
             "median_speedup": statistics.median(speedups) if speedups else None,
             "median_final": statistics.median(finals),
             "median_final_rel": statistics.median(rel),
-            "reached": reached,
+            "reached": sum(1 for r in runs[name] if r.to_target(target)),
             "overhead": statistics.median(r.overhead_s / max(r.train_s, 1e-9) for r in runs[name]),
         }
     lines += [
         "",
-        "| engine | median speedup | median final val (vs plain) | seeds reaching target | median overhead share |",
+        "| engine | median speedup | median final val (vs baseline) | seeds reaching target | median overhead share |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for name, s in summary.items():
-        ms = s["median_speedup"]
+    for name, sm in summary.items():
+        ms = sm["median_speedup"]
         lines.append(
-            f"| {name} | {'-' if ms is None else f'{ms:.2f}x'} | {s['median_final']:.4f} "
-            f"({s['median_final_rel']:+.1%}) | {s['reached']}/{len(seeds)} | {s['overhead']:.1%} |"
+            f"| {name} | {'-' if ms is None else f'{ms:.2f}x'} | {sm['median_final']:.4f} "
+            f"({sm['median_final_rel']:+.1%}) | {sm['reached']}/{len(seeds)} | {sm['overhead']:.1%} |"
         )
     table = "\n".join(lines)
     print("\n" + table)

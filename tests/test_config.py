@@ -45,7 +45,7 @@ def test_defaults_file_documents_every_key_and_round_trips(tmp_path: Path) -> No
     path.write_text(uncommented)
     assert load_settings(path) == Settings()
     assert tomllib.loads(uncommented)["training"]["learning_rate"] == TrainingConfig().learning_rate
-    assert tomllib.loads(uncommented)["training"]["hybrid"]["horizons"] == [5, 10, 20]
+    assert tomllib.loads(uncommented)["training"]["hybrid"]["keep_shares"] == [1.0, 0.6, 0.4, 0.25]
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
@@ -94,18 +94,18 @@ def test_job_config_layers_sidecar_over_instance() -> None:
 def test_hybrid_settings_layer_per_key(tmp_path: Path) -> None:
     """[training.hybrid] in trainbox.toml, [hybrid] in a sidecar: the sidecar replaces only the keys it sets."""
     path = tmp_path / "trainbox.toml"
-    path.write_text('[training]\nengine = "hybrid"\n[training.hybrid]\nwarmup_steps = 7\nhorizons = [3]\n')
+    path.write_text('[training]\nengine = "hybrid"\n[training.hybrid]\nwarmup_steps = 7\nkeep_shares = [0.5]\n')
     base = load_settings(path).training
-    assert base.engine == "hybrid" and base.hybrid.horizons == (3,)
+    assert base.engine == "hybrid" and base.hybrid.keep_shares == (0.5,)
     side = tmp_path / "job.toml"
     side.write_text("max_steps = 9\n[hybrid]\nfull_steps = 2\n")
     overrides = load_sidecar(side).model_dump(mode="json", exclude_unset=True)
     assert overrides == {"max_steps": 9, "hybrid": {"full_steps": 2}}
     merged = job_training_config(base, overrides)
-    assert (merged.hybrid.warmup_steps, merged.hybrid.full_steps, merged.hybrid.horizons) == (7, 2, (3,))
+    assert (merged.hybrid.warmup_steps, merged.hybrid.full_steps, merged.hybrid.keep_shares) == (7, 2, (0.5,))
     assert TrainingConfig.model_validate(merged.model_dump(mode="json")) == merged  # as job.json / checkpoints
-    side.write_text('[hybrid]\nmethod = "exponential"\nhistory = 2\n')
-    with pytest.raises(ConfigError, match="history >= 3"):
+    side.write_text("[hybrid]\nhorizons = [5]\n")  # a key of the first design: refused, named
+    with pytest.raises(ConfigError, match="horizons"):
         load_sidecar(side)
 
 
@@ -133,7 +133,7 @@ def test_every_number_is_bounded_both_ways() -> None:
         for name, field in model.model_fields.items():
             if field.annotation in (int, float):
                 assert _bounds(field.metadata) == (True, True), f"{model.__name__}.{name}"
-            elif get_origin(field.annotation) is tuple:  # hybrid horizons / scales: each element and the count
+            elif get_origin(field.annotation) is tuple:  # hybrid keep_shares: each element and the count
                 (element, _) = get_args(field.annotation)
                 assert _bounds(get_args(element)[1].metadata) == (True, True), f"{model.__name__}.{name}"
                 assert any(isinstance(m, annotated_types.MaxLen) for m in field.metadata), f"{model.__name__}.{name}"
@@ -150,10 +150,10 @@ def test_every_number_is_bounded_both_ways() -> None:
         ("seed = -1\n", "seed"),
         ("epochs = inf\n", "epochs"),
         ("nan_max_skips = 26\n", "nan_max_skips"),
-        ("[hybrid]\nmin_rel_gain = nan\n", "hybrid.min_rel_gain"),
-        ("[hybrid]\nhorizons = [0]\n", "hybrid.horizons.0"),
-        ("[hybrid]\nscales = [1.0, -2.0]\n", "hybrid.scales.1"),
-        (f"[hybrid]\nhorizons = {list(range(1, 34))}\n", "hybrid.horizons"),
+        ("[hybrid]\nkeep_floor = nan\n", "hybrid.keep_floor"),
+        ("[hybrid]\nkeep_shares = [0]\n", "hybrid.keep_shares.0"),
+        ("[hybrid]\nkeep_shares = [1.0, -2.0]\n", "hybrid.keep_shares.1"),
+        (f"[hybrid]\nkeep_shares = {[0.5] * 33}\n", "hybrid.keep_shares"),
     ],
 )
 def test_sidecar_values_out_of_bounds_are_refused_by_name(tmp_path: Path, text: str, key: str) -> None:
@@ -173,7 +173,7 @@ def test_json_sidecar_with_a_huge_seed(tmp_path: Path) -> None:
 def test_bounds_keep_their_limits_and_the_config_file_valid(tmp_path: Path) -> None:
     cfg = TrainingConfig(max_steps=10_000_000, seed=2**32 - 1, nproc=256, disk_margin_mb=1_000_000, nan_max_skips=25)
     assert (cfg.max_steps, cfg.seed) == (10_000_000, 2**32 - 1)
-    assert HybridConfig(max_overhead=1e6, min_earned=-1e9, prediction_tol=10.0).max_overhead == 1e6  # test settings
+    assert HybridConfig(warmup_steps=10**9, remeasure_tol=100.0, keep_floor=1.0).warmup_steps == 10**9  # test settings
     path = tmp_path / "trainbox.toml"
     path.write_text("[daemon]\nworker_stop_timeout = 3601\n")
     with pytest.raises(ConfigError, match=r"daemon\.worker_stop_timeout: .*less than or equal to 3600"):

@@ -16,7 +16,7 @@ from core.encode import Example, encode_all
 from core.events import StepEvent
 from core.loading import enable_gradient_checkpointing
 from core.loss import chunk_tokens
-from core.memory import FIT_COPIES, estimate_memory, hybrid_copies, model_shape, pick_micro_batch
+from core.memory import estimate_memory, hybrid_copies, model_shape, pick_micro_batch
 from core.preflight import check_memory, check_settings
 from core.schedule import make_optimizer
 from core.train import Trainer
@@ -113,17 +113,15 @@ def test_preflight_refuses_hybrid_with_several_processes() -> None:
 
 
 def test_preflight_counts_the_hybrid_engines_copies() -> None:
-    """During a jump the hybrid engine holds ``history`` weight snapshots, a good point (weights + AdamW moments)
-    and the predicted weights, plus the linear fit's buffers for the largest tensor: a full fine-tune that fits
+    """The hybrid engine holds a good point to roll back to (weights + AdamW moments): a full fine-tune that fits
     plain can need a smaller micro-batch with it, or not fit at all (and the fix then names the engine)."""
     plain_cfg = TrainingConfig()
     hybrid_cfg = TrainingConfig(engine="hybrid")
     copies = hybrid_copies(hybrid_cfg)
-    assert hybrid_copies(plain_cfg) == 0 and copies == hybrid_cfg.hybrid.history + 4
+    assert hybrid_copies(plain_cfg) == 0 and copies == 3
     plain = estimate_memory(SHAPE, 8, 1024, True, True)
     hybrid = estimate_memory(SHAPE, 8, 1024, True, True, engine_copies=copies)
-    largest = min(SHAPE.trainable, SHAPE.vocab * SHAPE.hidden)
-    assert hybrid.engine == SHAPE.trainable * 4 * copies + FIT_COPIES * 4 * largest
+    assert hybrid.engine == SHAPE.trainable * 4 * copies
     assert hybrid.total - plain.total == hybrid.engine and plain.engine == 0
     room = int(plain.total / 0.9) + 1
     assert pick_micro_batch(SHAPE, 8, 1024, True, True, room)[0] == 8

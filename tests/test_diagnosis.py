@@ -175,7 +175,7 @@ def test_plots_only_for_recorded_series() -> None:
     assert [p.file for p, _, _ in plan(Series())] == []
     names = [p.file for p, _, _ in plan(series())]
     assert names == ["loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"]
-    hybrid = Series(train=[TrainPoint(s, 1.0, backward_skipped=s // 2) for s in range(1, 11)])
+    hybrid = Series(train=[TrainPoint(s, 1.0, skipped_share=0.1 * (s % 3)) for s in range(1, 11)])
     assert "hybrid_skipped.png" in [p.file for p, _, _ in plan(hybrid)]
 
 
@@ -183,3 +183,18 @@ def test_markdown_escapes_names_so_they_cannot_become_links_or_html() -> None:
     facts = JobFacts(job_id=3, name="[click](javascript:x) <img src=y> *x*", state="failed", error="boom | bad")
     text = render(facts, [], [], [], None, TimeSplit())
     assert "\\[click\\](javascript:x) \\<img src=y> \\*x\\*" in text and "boom \\| bad" in text
+
+
+def test_the_hybrid_section_names_learned_early_and_never_learned_examples_by_line() -> None:
+    summary = {
+        "examples_skipped": 40,
+        "skipped_share": 0.25,
+        "learned_early": [{"line": 12, "example": 11, "skips": 3, "first_skipped": 40}],
+        "never_learned": [{"line": 7, "example": 6, "loss": 3.21}, {"line": None, "example": 9, "loss": 2.5}],
+    }
+    text = render(JobFacts(job_id=3, name="a.jsonl", state="done", hybrid=summary), [], [], [], None, TimeSplit())
+    section = text.split("## Hybrid engine", 1)[1]
+    assert "examples\\_skipped = 40" in section or "examples_skipped = 40" in section
+    assert "Learned early (skipped most): line 12 (3x)" in section
+    assert "Never learned (highest last loss; often the file's bad data): line 7 (3.21), example 9 (2.5)" in section
+    assert "first_skipped" not in section.split("Learned early")[0]  # the lists are not dumped into the numbers

@@ -233,7 +233,7 @@ def test_mlflow_and_wandb_get_the_scalars_and_settings_and_a_resume_goes_on_in_t
     assert run.info.run_name == "job-1 a.jsonl" and run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "tb-test"
     assert run.data.params["max_steps"] == "6" and run.data.params["learning_rate"] == "0.001"
-    assert run.data.params["hybrid.history"] == str(TrainingConfig().hybrid.history)  # nested: dotted names
+    assert run.data.params["hybrid.warmup_steps"] == str(TrainingConfig().hybrid.warmup_steps)  # nested: dotted names
     assert _history(client, run.info.run_id, "loss") == [(1, 3.0), (3, 1.0), (4, 0.0)]  # as TensorBoard's
     assert _history(client, run.info.run_id, "val_loss") == [(0, 3.0), (4, 1.5)]
     assert [s for s, _ in _history(client, run.info.run_id, "lr")] == [1, 2, 3, 4]

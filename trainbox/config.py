@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from trainbox.states import Priority
 
@@ -111,103 +111,103 @@ class DaemonConfig(_Strict):
 
 class HybridConfig(_Strict):
     """The hybrid-predict engine's knobs (``core/hybrid/``): ``[training.hybrid]`` in trainbox.toml, ``[hybrid]``
-    in a sidecar. Defaults are the ones docs/BENCHMARKS.md measured."""
+    in a sidecar. It skips the forward and backward passes of examples predicted learned (their last measured
+    loss low among the rest, and recent), re-measures a sample of them, and starts the learning-rate decay
+    where the validation curve flattens."""
 
     warmup_steps: int = Field(
         20,
         ge=0,
         le=10**9,
-        description="Real steps before the first weight snapshot (at most 1e9; more than the job's steps: never).",
+        description="Full steps before the engine predicts anything (at most 1e9; more than the job's steps: never).",
     )
-    full_steps: int = Field(10, ge=1, le=1_000_000, description="Real steps between jump attempts (at least).")
-    snapshot_every: int = Field(
-        5, ge=1, le=1_000_000, description="Real steps between weight snapshots (the fitted trajectory)."
-    )
-    history: int = Field(3, ge=2, le=100, description="Snapshots the extrapolation fits.")
-    method: Literal["linear", "exponential"] = Field(
-        "linear", description="Per-weight extrapolation: least-squares line, or geometric (Aitken) convergence."
-    )
-    horizons: tuple[Annotated[int, Field(ge=1, le=100_000)], ...] = Field(
-        (5, 10, 20),
-        min_length=1,
-        max_length=32,
-        description="Bandit arms: real steps a jump predicts ahead (1 to 100,000 each, at most 32 of them).",
-    )
-    scales: tuple[Annotated[float, Field(gt=0, le=100)], ...] = Field(
-        (1.0,),
-        min_length=1,
-        max_length=32,
-        description="Bandit arms: multipliers on the predicted displacement (above 0 and at most 100 each, at "
-        "most 32 of them).",
-    )
-    probe_examples: int = Field(
-        16,
-        ge=1,
-        le=10_000,
-        description="Training examples (a seeded sample) every jump is verified on, before and after.",
-    )
-    min_rel_gain: float = Field(
-        1e-3,
-        ge=-1,
-        le=1,
-        description="A jump must lower the probe loss by more than this share (the probe's noise level).",
-    )
-    min_earned: float = Field(
-        1.0,
-        ge=-1e9,
-        le=1e9,
-        description="A jump must be worth at least this many plain steps more than its own cost (probes, copies). "
-        "Negative accepts jumps that cost more than they earn (for experiments and tests); +-1e9 at most.",
-    )
-    advance_schedule: bool = Field(
-        True, description="Accepted jumps advance the step counter (and the learning rate) by the steps earned."
-    )
-    bandit_alpha: float = Field(0.5, ge=0, le=100, description="LinUCB exploration weight over (horizon, scale) arms.")
-    fallback_after: int = Field(
-        2, ge=1, le=1000, description="Rejected (or time-losing) attempts in a row before falling back to plain steps."
-    )
-    cooldown_steps: int = Field(
-        50, ge=1, le=10_000_000, description="First plain stretch after a fallback; doubles each time."
-    )
-    max_cooldown_steps: int = Field(640, ge=1, le=10_000_000, description="Longest plain stretch after a fallback.")
-    max_overhead: float = Field(
-        0.03,
+    full_steps: int = Field(
+        10,
         ge=0,
-        le=1e6,
-        description="A jump is attempted only while the engine's time (probes, snapshots, rollbacks), the "
-        "attempt's expected cost included, stays within this share of the time spent in real steps: what the "
-        "attempts of a job whose jumps never pay can cost it (one starting probe and the snapshots come on top); "
-        "at most 1e6, which lifts the budget (for tests).",
+        le=10**9,
+        description="Full steps after the warmup before examples may be skipped; skipping also waits until "
+        "min_coverage of the examples have a measured loss.",
     )
-    rate_smoothing: float = Field(
-        0.5, ge=0, lt=1, description="EMA weight of the plain progress rate (probe loss per step)."
+    min_coverage: float = Field(
+        0.9, ge=0, le=1, description="Share of training examples with a measured loss before any is skipped."
     )
-    prediction_tol: float = Field(
+    keep_shares: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
+        (1.0, 0.6, 0.4, 0.25),
+        min_length=1,
+        max_length=32,
+        description="Bandit arms: expected share of each step's examples that get a forward and backward pass "
+        "(above 0 and at most 1 each, at most 32 of them); the bandit picks by validation progress per second.",
+    )
+    keep_floor: float = Field(
+        0.05, ge=0, le=1, description="Least probability of any example to be trained in a step (learned or not)."
+    )
+    max_stale_epochs: float = Field(
+        2.0,
+        gt=0,
+        le=1000,
+        description="An example whose loss was last measured more than this many epochs ago is trained again.",
+    )
+    correct_every: int = Field(
+        20, ge=1, le=10**7, description="Steps between re-measurements of skipped examples (forward only)."
+    )
+    correct_examples: int = Field(
+        16, ge=1, le=100_000, description="Skipped examples re-measured at each correction (a seeded sample)."
+    )
+    rise_tol: float = Field(
+        0.1,
+        ge=0,
+        le=100,
+        description="A re-measured example whose loss rose by more than this share is trained at its next turn.",
+    )
+    remeasure_tol: float = Field(
+        0.5,
+        ge=0,
+        le=100,
+        description="Re-measured examples whose mean loss rose by more than this share roll the engine back to "
+        "its last good point (weights and optimizer state at the best evaluation since skipping began).",
+    )
+    val_tol: float = Field(
         0.05,
         ge=0,
-        le=10,
-        description="Probe loss this much worse (relative) after a jump counts as a prediction error.",
+        le=100,
+        description="A validation loss this share above the best since skipping began, after an interval that "
+        "skipped examples, rolls the engine back (at 0.02 the noise of a from-scratch run at its tuned lr rolled "
+        "back an interval that had skipped nothing).",
     )
-    spike_factor: float = Field(
-        2.0,
-        ge=1,
-        le=1000,
-        description="Once a jump was accepted, a loss above this times its running mean (and 6 sigma) restores "
-        "the last good weights and optimizer state.",
+    cooldown_steps: int = Field(
+        50, ge=1, le=10_000_000, description="Full steps after a rollback before skipping again; doubles each time."
     )
-    freeze: bool = Field(False, description="Freeze converged leading blocks (AutoFreeze-style).")
-    freeze_window: int = Field(
-        50, ge=1, le=1_000_000, description="Real steps over which a block's relative change is measured."
+    max_cooldown_steps: int = Field(640, ge=1, le=10_000_000, description="Longest full stretch after a rollback.")
+    bandit_alpha: float = Field(0.5, ge=0, le=100, description="LinUCB exploration weight over the keep_shares arms.")
+    bandit_cost: Literal["wall", "compute"] = Field(
+        "wall",
+        description="What the bandit divides validation progress by: wall-clock seconds of training, or "
+        "compute (tokens with a forward and backward pass x 3 + tokens re-measured): deterministic, for tests "
+        "and for resumed runs that must repeat an uninterrupted run's choices.",
     )
-    freeze_threshold: float = Field(
-        2e-3, ge=0, le=1, description="A block whose weights moved less than this share over the window is frozen."
+    curve_stop: bool = Field(
+        True,
+        description="Fit the validation curve and, where it flattens, cut the cosine schedule short (a linear "
+        "decay to the floor over decay_ratio of the steps so far) and stop after it; off: the job's planned steps.",
     )
-
-    @model_validator(mode="after")
-    def _exponential_needs_three(self) -> HybridConfig:
-        if self.method == "exponential" and self.history < 3:
-            raise ValueError("method 'exponential' needs history >= 3")
-        return self
+    stop_tolerance: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="The curve has flattened where training on to the job's last step would improve the "
+        "validation loss by less than this share (as fitted), and the last curve_min_points evaluations improved "
+        "by less than this share (as measured).",
+    )
+    curve_min_points: int = Field(
+        4, ge=3, le=1000, description="Evaluations after the learning-rate warmup before the curve is fitted."
+    )
+    decay_ratio: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Length of the decay that ends a run the curve stopped, as a share of the run's steps "
+        "(decay_ratio / (1 - decay_ratio) x the steps before it).",
+    )
 
 
 class TrainingConfig(_Strict):
@@ -345,8 +345,9 @@ class TrainingConfig(_Strict):
     )
     engine: Literal["plain", "hybrid"] = Field(
         "plain",
-        description="Training engine. hybrid: plain steps plus verified weight-extrapolation jumps "
-        "([training.hybrid]); experimental, measured no speedup yet (docs/BENCHMARKS.md).",
+        description="Training engine. hybrid: examples predicted learned skip their forward and backward "
+        "passes, and the lr decay starts where the validation curve flattens ([training.hybrid]); "
+        "experimental (docs/BENCHMARKS.md).",
     )
     hybrid: HybridConfig = Field(
         default_factory=HybridConfig, description="Settings of the hybrid engine (used when engine is 'hybrid')."

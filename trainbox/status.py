@@ -59,8 +59,11 @@ class TrainingStatus(_Status):
     engine: str = "plain"
     engine_phase: str = ""  # hybrid: warmup, full, predict, plain
     speedup_estimate: float | None = None  # hybrid: running estimate over plain steps
-    backward_skipped: int = 0  # hybrid: backward passes skipped by accepted jumps
+    backward_skipped: int = 0  # hybrid: examples skipped so far (no forward or backward pass)
+    skipped_share: float | None = None  # hybrid: share of the last step's examples skipped
     time_saved_s: float | None = None  # hybrid: estimated seconds saved so far (negative: lost to its overhead)
+    predicted_final: float | None = None  # hybrid: the curve model's validation loss at the expected stop
+    expected_stop: int | None = None  # hybrid: the step the curve model expects the run to stop at
     message: str = ""
 
 

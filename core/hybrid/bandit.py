@@ -1,8 +1,8 @@
-"""LinUCB (disjoint arms, Li et al. 2010) choosing the jump's horizon and scale.
+"""LinUCB (disjoint arms, Li et al. 2010) choosing how aggressive the engine is: the share of examples kept.
 
-Each arm is a (horizon, scale) pair. The context describes where training is (a bias, the share of
-the run done, the recent acceptance rate); the reward is the attempt's net steps saved divided by
-the largest horizon (so rewards are O(1)). Each arm keeps ``A = lambda I + sum x x^T`` and
+Each arm is a keep share. The context says where training is (a bias and the share of the run done); the reward
+is the validation progress per unit of cost over the interval the arm ran (between two evaluations), relative to
+the progress rate of full steps measured before skipping began. Each arm keeps ``A = ridge I + sum x x^T`` and
 ``b = sum r x``; it is chosen by ``theta^T x + alpha sqrt(x^T A^-1 x)`` with ``theta = A^-1 b``.
 Plain numpy in float64; the state is lists, so it goes into a checkpoint as is.
 """
@@ -16,10 +16,10 @@ import numpy as np
 
 
 class LinUCB:
-    def __init__(self, arms: Sequence[tuple[float, float]], dim: int, alpha: float = 0.5, ridge: float = 1.0) -> None:
+    def __init__(self, arms: Sequence[float], dim: int, alpha: float = 0.5, ridge: float = 1.0) -> None:
         if not arms:
             raise ValueError("LinUCB needs at least one arm")
-        self.arms = [(float(h), float(s)) for h, s in arms]
+        self.arms = [float(a) for a in arms]
         self.dim, self.alpha, self.ridge = dim, alpha, ridge
         self.A = [np.eye(dim) * ridge for _ in self.arms]
         self.b = [np.zeros(dim) for _ in self.arms]
@@ -35,8 +35,13 @@ class LinUCB:
         return out
 
     def choose(self, context: Sequence[float]) -> int:
+        """Each arm once, in order (list the safest first), then the highest upper confidence bound: an arm never
+        pulled has no estimate, and its bonus alone can lose to a pulled arm's mean, so it would never be tried."""
+        for arm, pulls in enumerate(self.pulls):
+            if pulls == 0:
+                return arm
         s = self.scores(context)
-        return int(np.argmax(s))  # ties: the first arm (list arms cheapest first)
+        return int(np.argmax(s))  # ties: the first arm
 
     def update(self, arm: int, context: Sequence[float], reward: float) -> None:
         x = self._x(context)
@@ -57,7 +62,7 @@ class LinUCB:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "arms": [list(a) for a in self.arms],
+            "arms": list(self.arms),
             "dim": self.dim,
             "alpha": self.alpha,
             "ridge": self.ridge,
@@ -67,7 +72,7 @@ class LinUCB:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.arms = [(float(h), float(s)) for h, s in state["arms"]]
+        self.arms = [float(a) for a in state["arms"]]
         self.dim, self.alpha, self.ridge = int(state["dim"]), float(state["alpha"]), float(state["ridge"])
         self.A = [np.asarray(a, dtype=np.float64) for a in state["A"]]
         self.b = [np.asarray(v, dtype=np.float64) for v in state["b"]]

@@ -1,55 +1,59 @@
-"""``HybridEngine``: plain steps plus verified extrapolation jumps, driven by ``core.train.Trainer``.
+"""``HybridEngine`` (issue 16): predict which examples still need a backward pass, and when a run is done.
 
-The Trainer runs the loop and every real step (same batches, accumulation, clipping, AdamW, NaN
-skips and rollbacks), so with no jump accepted the engine trains exactly like the plain loop. It
-calls three hooks (``TrainerView`` is everything the engine uses of it):
-- ``wants_jump()`` at a step boundary; if so, ``jump(emit)`` in place of the step: the extrapolated
-  weights ``H`` real steps ahead are written into the model (no forward or backward pass but the
-  probe), verified on the probe (one no-grad forward over ``probe_examples`` fixed training examples)
-  before and after, and kept or rolled back (weights and AdamW state); an accepted jump tells the
-  Trainer how many schedule steps it earned (``JumpEvent.advanced``, ``acceptance.py``);
-- ``after_real_step(loss, grad_norm, dt, emit)`` after an applied step: a weight snapshot every
-  ``snapshot_every`` real steps in phase full, phase transitions (``phases.py``), and, once a jump
-  was accepted, the divergence monitor (loss and gradient-norm spikes restore the last good point;
-  non-finite steps never get here: the Trainer skips them);
-- ``reset_trajectory()`` after the Trainer rolled back (the snapshots no longer lead to the weights).
-The bandit picks (H, scale) per attempt from the net steps saved. An attempt starts only while the engine's
-overhead, that attempt's expected cost included, stays within ``max_overhead`` of the time in real steps: jumps
-at a tuned lr have not paid in any measurement (docs/BENCHMARKS.md), so this bounds what the attempts can cost a
-job. Outside the budget: one probe when the first trajectory starts (it also times an attempt) and the weight
-snapshots (1.8 % on the SmolLM2 LoRA profile, where no attempt fitted in 100 steps).
-
-Optional cheap alternative (off by default, measured in scripts/bench_hybrid.py):
-- ``freeze``: AutoFreeze-style freezing of converged leading blocks (relative weight change over
-  ``freeze_window`` real steps below ``freeze_threshold``), bottom-up, so backward stops early.
-
-``state_dict()``/``load_state_dict()`` hold everything the engine learned (phase, snapshots,
-bandit, monitor, progress rate, counters); the Trainer keeps it in its own state, so checkpoints,
-pause/resume and crashes do not reset it.
+The Trainer runs the loop and every step (batches, accumulation, clipping, AdamW, NaN skips and rollbacks); the
+engine decides, through hooks (``TrainerView`` is everything it uses of the Trainer):
+- ``lr(step)``: the plain loop's warmup and cosine, cut short by a linear decay to the floor where the
+  validation curve flattens (``curve.py``, ``core.schedule.cut_lr_at``); then the run stops;
+- ``keep(indices)`` while the step's batches are built: in phase predict, the examples predicted learned
+  (``selection.py``: low loss among the rest, measured recently) are left out of the step: no forward, no backward.
+  So the saving is real compute, not zeroed rows of a batched matmul (scripts/bench_skip_cost.py measured both
+  ways; docs/BENCHMARKS.md). The kept examples' gradient is their mean loss per trained token, as a full step's
+  is; the step count and the schedule are unchanged, so a step trains fewer examples: Selective-Backprop with the
+  learning rate as tuned for full batches;
+- ``start_step()`` / ``trained(plan, step)``: each forward pass hands back its per-position losses
+  (``core.loss.staged_loss_sum``'s ``per_token``), mapped to examples (``rows.py``) and recorded in the loss table
+  at no extra pass;
+- ``before_step(emit)``: in phase correct, a forward-only re-measurement of a seeded sample of skipped examples;
+  those whose loss rose come back (trained at their next turn) and the predictor's forgetting rate is recalibrated;
+- ``after_real_step(...)``: counters and phase transitions; ``after_eval(step, val, emit)``: the divergence
+  monitor (``divergence.py``: a validation or re-measured loss that worsened restores the last good point, the
+  weights and AdamW state at the best evaluation since skipping began), the bandit's reward for the interval
+  (validation progress per second, or per unit of compute) and its next keep share, and the curve fit.
+``state_dict()`` holds all of it (table, predictor, curve points, bandit, good point, phase, counters), and the
+Trainer keeps it in its checkpoints, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from core.data import collate
+from core.distributed import StepPlan
 from core.encode import Example
-from core.hybrid.acceptance import ProgressRate, Verdict, judge
+from core.example_losses import per_example
+from core.hybrid import curve as curves
+from core.hybrid import divergence
 from core.hybrid.bandit import LinUCB
-from core.hybrid.divergence import DivergenceMonitor
-from core.hybrid.events import HybridEvent, JumpEvent, RollbackEvent
-from core.hybrid.extrapolate import TrajectoryPredictor
+from core.hybrid.events import CorrectionEvent, CurveEvent, HybridEvent, RollbackEvent
+from core.hybrid.goodpoint import GoodPoint
 from core.hybrid.phases import Phase, PhaseMachine
+from core.hybrid.rows import example_losses, owners
+from core.hybrid.selection import LossTable, Rule, calibrate, select
+from core.loss import example_trained
+from core.schedule import cut_lr_at, warmup_steps
 from trainbox.config import HybridConfig, TrainingConfig
 
-STATE_VERSION = 1
-MAX_CONSECUTIVE_DIVERGENCES = 3  # restores in a row with no good step between: leave it to the Trainer
+STATE_VERSION = 2
+FORGET_SMOOTHING = 0.5  # EMA weight of the previous forgetting rate at each correction
+REWARD_CLIP = 3.0  # bandit rewards are progress rates relative to full steps', clipped to +-this
+RECORD_LISTED = 20  # examples named in the summary's learned-early and never-learned lists
 
 
 class StepCounter(Protocol):
@@ -57,7 +61,7 @@ class StepCounter(Protocol):
 
 
 class TrainerView(Protocol):
-    """What the engine uses of ``core.train.Trainer``: public attributes and one method, nothing private."""
+    """What the engine uses of ``core.train.Trainer``: public attributes, nothing private."""
 
     @property
     def model(self) -> torch.nn.Module: ...
@@ -72,49 +76,66 @@ class TrainerView(Protocol):
     @property
     def total_steps(self) -> int: ...
     @property
+    def train_set(self) -> list[Example]: ...
+    @property
     def state(self) -> StepCounter: ...  # read only: the Trainer advances its own step
-
-    def mean_loss(self, batches: Iterable[dict[str, torch.Tensor]]) -> float: ...
 
 
 @dataclass
 class Counters:
-    real_steps: int = 0
-    attempts: int = 0
-    accepted: int = 0
-    rolled_back: int = 0
-    divergence_rollbacks: int = 0
-    advanced_steps: int = 0  # schedule steps advanced by accepted jumps
-    backward_skipped: int = 0
-    real_step_s: float = 0.0  # time in real steps
-    overhead_s: float = 0.0  # probes, snapshots, predictions, restores, freezing checks
-    frozen: list[str] = field(default_factory=list)
+    steps: int = 0  # training steps applied
+    examples_trained: int = 0  # forward and backward passes (one per example)
+    examples_skipped: int = 0  # predicted learned: no pass at all
+    tokens_trained: int = 0  # trained positions of the examples trained
+    tokens_skipped: int = 0  # trained positions of the examples skipped
+    remeasured: int = 0  # forward-only re-measurements (correct phase)
+    came_back: int = 0  # re-measured examples whose loss rose: trained again
+    corrections: int = 0
+    rollbacks: int = 0
+    step_s: float = 0.0  # time in the Trainer's steps
+    full_steps: int = 0  # steps with nothing skipped (their mean time is a plain step's)
+    full_step_s: float = 0.0
+    overhead_s: float = 0.0  # corrections, selection, curve fits, good-point copies
+
+
+@dataclass
+class Interval:
+    """The stretch since the last evaluation: what the bandit is rewarded for."""
+
+    val: float | None = None  # the validation loss it started from
+    cost: float = 0.0  # seconds (bandit_cost wall) or compute units since
+    arm: int | None = None  # the arm that ran it (None: full steps)
+    context: list[float] | None = None
+    skipped: int = 0  # examples skipped in it: only then can a worse validation loss be skipping's doing
+    mixed: bool = False  # skipping began inside it: part full steps, part the arm's, so it rewards nothing
 
 
 class HybridEngine:
-    def __init__(self, trainer: TrainerView, cfg: HybridConfig, probe: Sequence[Example]) -> None:
-        self.trainer, self.cfg = trainer, cfg
-        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
-        self.probe_batches = [
-            collate(list(probe[i : i + trainer.cfg.batch_size]), trainer.pad_id)
-            for i in range(0, min(len(probe), cfg.probe_examples), trainer.cfg.batch_size)
-        ]
+    def __init__(self, trainer: TrainerView, cfg: HybridConfig, packed: bool = False) -> None:
+        self.trainer, self.cfg, self.packed = trainer, cfg, packed
+        train = trainer.train_set
+        self.trained_tokens = np.asarray([example_trained(e) for e in train], dtype=np.int64)
+        self.per_epoch = max(1, math.ceil(len(train) / trainer.cfg.batch_size / max(trainer.cfg.grad_accum, 1)))
+        self.table = LossTable(len(train))
         self.machine = PhaseMachine(
-            cfg.warmup_steps, cfg.full_steps, cfg.fallback_after, cfg.cooldown_steps, cfg.max_cooldown_steps
+            cfg.warmup_steps, cfg.full_steps, cfg.correct_every, cfg.cooldown_steps, cfg.max_cooldown_steps
         )
-        self.predictor = TrajectoryPredictor(cfg.history)
-        self.bandit = LinUCB([(h, s) for h in cfg.horizons for s in cfg.scales], dim=3, alpha=cfg.bandit_alpha)
-        self.monitor = DivergenceMonitor(spike_factor=cfg.spike_factor, prediction_tol=cfg.prediction_tol)
-        self.rate = ProgressRate(cfg.rate_smoothing)
+        self.bandit = LinUCB(cfg.keep_shares, dim=2, alpha=cfg.bandit_alpha)
+        self.keep_share = 1.0
+        self.forget_rate = 0.0
         self.counters = Counters()
-        self.step_time: float | None = None  # EMA of a real step's seconds
-        self.accept_ema = 0.5
-        self.last_probe: tuple[float, int] | None = None  # (probe loss, real step) with only real steps since
-        self.attempt_s: float | None = None  # expected seconds of one attempt (two probes, copies, restore)
-        self._good: tuple[int, list[torch.Tensor], dict[int, dict[str, Any]]] | None = None
-        self._freeze_ref: tuple[int, dict[str, list[torch.Tensor]]] | None = None
-        self._divergences_in_row = 0
-        self._traj_start = 0  # real step where the current trajectory (snapshot spacing) began
+        self.interval = Interval()
+        self.ref_rate: float | None = None  # validation progress per cost unit of full steps
+        self.good: GoodPoint | None = None
+        self.best_val: float | None = None  # best validation loss since skipping began
+        self.evals: list[tuple[int, float]] = []  # (step, val loss) after the lr warmup, before the decay
+        self.curve: curves.CurveFit | None = None
+        self.decay: tuple[int, int] | None = None  # (start, steps), once the curve said so
+        self.expected_stop: int | None = None
+        self.predicted_final: float | None = None
+        self.stopped = ""  # why the engine ended the run early ("" while it did not)
+        self.last_share = 0.0  # share of the last step's examples skipped
+        self._per_token: list[torch.Tensor] = []
 
     # --- the hooks the Trainer calls ----------------------------------------------------------------
 
@@ -122,268 +143,315 @@ class HybridEngine:
     def phase(self) -> str:
         return str(self.machine.phase)
 
-    def wants_jump(self) -> bool:
-        """Whether the next action at this step boundary is a jump instead of a real step."""
-        return self.machine.phase == Phase.PREDICT
+    def lr(self, step: int) -> float:
+        """The plain loop's warmup and cosine, cut short by a linear decay where the curve flattened."""
+        tcfg = self.trainer.cfg
+        return cut_lr_at(
+            step, self.trainer.total_steps, tcfg.learning_rate, tcfg.warmup_ratio, tcfg.min_lr_ratio, self.decay
+        )
+
+    def keep(self, indices: list[int]) -> list[int]:
+        """The examples of one micro-batch of the step about to run that get their passes (all but in predict)."""
+        if not self.machine.skipping:
+            return indices
+        t0 = time.perf_counter()
+        rule = Rule(self.keep_share, self.cfg.keep_floor, self._max_stale(), self.forget_rate)
+        kept = select(indices, self.table, self.trainer.state.step + 1, self.trainer.cfg.seed, rule).kept
+        self.counters.overhead_s += time.perf_counter() - t0
+        return kept
+
+    def start_step(self) -> list[torch.Tensor]:
+        """A fresh list for the step's per-position losses (``staged_loss_sum``'s ``per_token``)."""
+        self._per_token = []
+        return self._per_token
+
+    def trained(self, plan: StepPlan, step: int) -> None:
+        """The step's update was applied: its examples' losses into the table, its skipped examples counted."""
+        c = self.counters
+        ids: list[int] = []
+        sums: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []
+        for part, batch, token in zip(plan.rows, plan.passes, self._per_token, strict=False):
+            own = owners([self.trainer.train_set[i] for i in part], batch["labels"], self.packed)
+            s, n = example_losses(token, own, len(part))
+            ids += part
+            sums.append(s)
+            counts.append(n)
+        self._per_token = []
+        if ids:
+            n_all = torch.cat(counts)
+            means = (torch.cat(sums).cpu() / n_all.clamp(min=1)).tolist()
+            self.table.record(ids, [m if k > 0 else math.nan for m, k in zip(means, n_all.tolist(), strict=True)], step)
+            self.table.trained(ids)
+        self.table.mark_skipped(plan.skipped, step)
+        c.examples_trained += len(ids)
+        c.examples_skipped += len(plan.skipped)
+        self.interval.skipped += len(plan.skipped)
+        c.tokens_trained += int(self.trained_tokens[ids].sum()) if ids else 0
+        c.tokens_skipped += int(self.trained_tokens[plan.skipped].sum()) if plan.skipped else 0
+        self.last_share = len(plan.skipped) / max(len(ids) + len(plan.skipped), 1)
+        if self.cfg.bandit_cost == "compute":
+            self.interval.cost += 3 * float(self.trained_tokens[ids].sum()) if ids else 0.0
+
+    def before_step(self, emit: Callable[[HybridEvent], None]) -> None:
+        """At a step boundary: the correction when one is due."""
+        if self.machine.phase == Phase.CORRECT:
+            self._correct(emit)
 
     def after_real_step(self, loss: float, grad_norm: float, dt: float, emit: Callable[[HybridEvent], None]) -> None:
-        """An applied (finite) real step of ``dt`` seconds: snapshots, phase transitions, divergence checks."""
+        """An applied (finite) step of ``dt`` seconds: counters, phase transitions, the stop."""
         c = self.counters
-        reason = self.monitor.observe(loss, grad_norm)
-        c.real_steps += 1
-        c.real_step_s += dt
-        if reason is not None and self._divergence_rollback(emit, reason):
-            return
-        self._divergences_in_row = 0
-        self.step_time = dt if self.step_time is None else 0.9 * self.step_time + 0.1 * dt
-
-        t1 = self.clock()
-        if (c.real_steps - self._traj_start) % self.cfg.snapshot_every == 0:
-            if c.accepted > 0:  # only then can a divergence roll back (until then the weights are plain's)
-                self._save_good()  # kept recent, so a divergence never rolls back far
-            if self.machine.snapshotting:
-                self.predictor.add(c.real_steps, self.params)
-        if self.cfg.freeze:
-            self._maybe_freeze()
+        c.steps += 1
+        c.step_s += dt
+        if self.last_share == 0.0:
+            c.full_steps += 1
+            c.full_step_s += dt
+        if self.cfg.bandit_cost == "wall":
+            self.interval.cost += dt
         before = self.machine.phase
-        after = self.machine.on_real_step(self.predictor.ready(self.cfg.method) and self.within_budget())
-        if before != Phase.FULL and after == Phase.FULL:  # a new trajectory starts here
-            self.predictor.clear()
-            self.predictor.add(c.real_steps, self.params)
-            self._traj_start = c.real_steps
-            if self.last_probe is None:
-                t_probe = self.clock()
-                self.last_probe = (self.probe_loss(), c.real_steps)  # the first point of the progress rate
-                if self.attempt_s is None:  # an attempt runs the probe twice
-                    self.attempt_s = 2 * (self.clock() - t_probe)
-        c.overhead_s += self.clock() - t1
+        after = self.machine.on_step(self.table.coverage() >= self.cfg.min_coverage)
+        if after == Phase.PREDICT and before != Phase.PREDICT and before != Phase.CORRECT:
+            self._start_skipping()
+        step = self.trainer.state.step  # the Trainer counted the step before this hook
+        if self.decay is not None and step >= sum(self.decay) and not self.stopped:
+            self.stopped = (
+                f"stopped early at step {step}: the validation curve flattened at step {self.decay[0]} "
+                f"(predicted loss {self.predicted_final or math.nan:.4f}), then the learning rate decayed over "
+                f"{self.decay[1]} steps"
+            )
 
-    def within_budget(self) -> bool:
-        """Whether one more attempt keeps the engine's time within ``max_overhead`` of the real steps' time."""
-        c = self.counters
-        return c.overhead_s + (self.attempt_s or 0.0) <= self.cfg.max_overhead * c.real_step_s
+    def stop_reason(self) -> str:
+        return self.stopped
 
-    def jump(self, emit: Callable[[HybridEvent], None]) -> JumpEvent:
-        """One verified jump (only when ``wants_jump()``); emits and returns its ``JumpEvent``. The caller
-        advances its step counter by ``advanced`` (0 when rejected: weights and AdamW state restored)."""
-        tr, c, cfg = self.trainer, self.counters, self.cfg
-        step = tr.state.step
+    def after_eval(self, step: int, val: float, emit: Callable[[HybridEvent], None]) -> None:
+        """An evaluation at ``step``: the divergence check, the bandit's reward and next arm, the curve."""
         t0 = self.clock()
-        self.machine.on_jump()
-        before = self.probe_loss()
-        if self.last_probe is not None:
-            self.rate.observe(self.last_probe[0], before, c.real_steps - self.last_probe[1])
-        context = self._context()
-        arm = self.bandit.choose(context)
-        horizon, scale = self.bandit.arms[arm]
-        self._save_good()
-        predicted = self.predictor.predict(horizon, cfg.method, scale)
-        with torch.no_grad():
-            for p, new in zip(self.params, predicted, strict=True):
-                p.copy_(new)
-        after = self.probe_loss()
-        step_time = self.step_time or 1.0
-        cost_s = self.clock() - t0
-        # a jump may claim at most its own horizon, or the snapshot window it averaged over (H = 0 is LAWA)
-        cap = max(horizon * scale, cfg.snapshot_every * (cfg.history - 1))
-        verdict = judge(
-            before, after, self.rate.value or 0.0, cap, cost_s / step_time, cfg.min_rel_gain, cfg.min_earned
+        skipping = self.good is not None and self.machine.phase in (Phase.PREDICT, Phase.CORRECT)
+        judged = skipping and self.interval.skipped > 0
+        verdict = divergence.evaluated(val, self.best_val, self.cfg.val_tol) if judged else None
+        if verdict is not None:
+            self._rollback(verdict, emit)
+        elif skipping and (self.best_val is None or val <= self.best_val):
+            self.best_val = val
+            self.good = GoodPoint.take(step, self.trainer.model, self.trainer.optimizer)
+        self._reward(step, val)
+        self._fit_curve(step, val)
+        if self.machine.phase in (Phase.PREDICT, Phase.CORRECT):
+            self._choose(step)
+        self.interval.val, self.interval.cost, self.interval.skipped = val, 0.0, 0
+        self.counters.overhead_s += self.clock() - t0
+        emit(
+            CurveEvent(
+                step,
+                val,
+                self.predicted_final,
+                self.expected_stop,
+                self.decay[0] if self.decay else None,
+                self.keep_share,
+            )
         )
-        error = self.monitor.check_prediction(before, after)
-        if error is not None and verdict.accepted:
-            verdict = Verdict(False, verdict.gain, 0.0, verdict.net_steps - verdict.earned_steps, error)
-        c.attempts += 1
-        advanced = 0
-        if verdict.accepted:
-            c.accepted += 1
-            if cfg.advance_schedule:
-                advanced = min(int(verdict.earned_steps), tr.total_steps - step)
-            c.advanced_steps += advanced
-            c.backward_skipped += advanced * tr.cfg.grad_accum
-            self.predictor.clear()
-            self.predictor.add(c.real_steps, self.params)  # the new trajectory starts at the jump
-            self._traj_start = c.real_steps
-            self.last_probe = (after, c.real_steps)
-            self._save_good()
-        else:
-            c.rolled_back += 1
-            self._restore_good()
-            self.last_probe = (before, c.real_steps)
-        self.accept_ema = 0.7 * self.accept_ema + 0.3 * float(verdict.accepted)
-        self.bandit.update(arm, context, verdict.net_steps / max(max(cfg.horizons) * max(cfg.scales), 1.0))
-        self.machine.on_verdict(verdict.accepted, verdict.net_steps)
-        cost_s = self.clock() - t0
-        c.overhead_s += cost_s
-        self.attempt_s = cost_s if self.attempt_s is None else 0.5 * (self.attempt_s + cost_s)
-        event = JumpEvent(
-            step + advanced,
-            c.real_steps,
-            horizon,
-            scale,
-            before,
-            after,
-            verdict.accepted,
-            verdict.reason,
-            verdict.earned_steps,
-            advanced,
-            verdict.net_steps,
-            cost_s,
-        )
-        emit(event)
-        return event
 
-    def reset_trajectory(self) -> None:
-        """The Trainer rolled back (to a checkpoint or the start): the snapshots and the last good point no
-        longer lead to the weights, so a new trajectory starts; a pending jump waits for it."""
-        self.predictor.clear()
-        self._good = None
-        self.last_probe = None
-        self._traj_start = self.counters.real_steps
-        self._divergences_in_row = 0
+    def after_rollback(self) -> None:
+        """The Trainer rolled back (to a checkpoint or the start): skipping restarts after full steps."""
         self.machine.restart()
+        self._per_token = []
 
-    def speedup_estimate(self) -> float | None:
-        """Schedule steps done per second of engine time, over what plain steps alone would give: the
-        plain-equivalent time (steps done x mean real step time) over the time spent (steps + overhead)."""
-        c = self.counters
-        if c.real_steps == 0 or c.real_step_s <= 0:
-            return None
-        step_s = c.real_step_s / c.real_steps
-        return (c.real_steps + c.advanced_steps) * step_s / (c.real_step_s + c.overhead_s)
+    # --- what the user sees -------------------------------------------------------------------------
 
     def time_saved_s(self) -> float | None:
-        """Seconds saved so far: the schedule steps jumps advanced, at the mean real step's time, less everything
-        the engine spent (probes, copies, restores). Negative when it cost time, the usual case (BENCHMARKS.md)."""
+        """Estimated seconds saved so far: the steps done (and, after an early stop, the job's steps not run) at a
+        full step's mean time, less the time spent in steps and overhead. Negative when the engine cost time."""
         c = self.counters
-        if c.real_steps == 0:
+        if c.full_steps == 0:
             return None
-        return c.advanced_steps * c.real_step_s / c.real_steps - c.overhead_s
+        full = c.full_step_s / c.full_steps
+        planned = self.trainer.total_steps if self.stopped else c.steps
+        return planned * full - (c.step_s + c.overhead_s)
 
-    def step_fields(self, phase: str, predicted: bool, advanced: int) -> dict[str, Any]:
-        """The engine's fields of a ``StepEvent`` (core.events): the phase it ran in and the counters so far."""
+    def speedup_estimate(self) -> float | None:
+        c = self.counters
+        saved = self.time_saved_s()
+        spent = c.step_s + c.overhead_s
+        return None if saved is None or spent <= 0 else (spent + saved) / spent
+
+    def step_fields(self, phase: str) -> dict[str, Any]:
+        """The engine's fields of a ``StepEvent`` (core.events): the phase the step ran in, its skipped share."""
         return {
             "phase": phase,
-            "predicted": predicted,
-            "advanced": advanced,
-            "backward_skipped": self.counters.backward_skipped,
+            "skipped_share": self.last_share,
+            "backward_skipped": self.counters.examples_skipped,
             "speedup_estimate": self.speedup_estimate(),
             "time_saved_s": self.time_saved_s(),
         }
 
-    def summary(self) -> dict[str, Any]:
-        """The engine's record of a run, for the job's DB event at its end."""
+    def summary(self, lines: Sequence[int] = ()) -> dict[str, Any]:
+        """The engine's record of a run, for the job's ``hybrid_summary`` DB event: what it skipped and saved, why it
+        stopped, and which examples it found learned early (skipped most) and never learned (highest last loss,
+        often the file's bad data), each by its line in the job's file (``lines``: one per training example) and
+        its index in the training set."""
         c = self.counters
+
+        def line(i: int) -> int | None:
+            return lines[i] if i < len(lines) else None
+
+        shown = c.examples_trained + c.examples_skipped
         return {
-            "attempts": c.attempts,
-            "accepted": c.accepted,
-            "rolled_back": c.rolled_back,
-            "divergence_rollbacks": c.divergence_rollbacks,
-            "real_steps": c.real_steps,
-            "advanced_steps": c.advanced_steps,
-            "backward_skipped": c.backward_skipped,
+            "steps": c.steps,
+            "examples_trained": c.examples_trained,
+            "examples_skipped": c.examples_skipped,
+            "backward_skipped": c.examples_skipped,
+            "skipped_share": round(c.examples_skipped / shown, 4) if shown else 0.0,
+            "remeasured": c.remeasured,
+            "came_back": c.came_back,
+            "rollbacks": c.rollbacks,
             "overhead_s": round(c.overhead_s, 3),
             "time_saved_s": self.time_saved_s(),
             "speedup_estimate": self.speedup_estimate(),
+            "stopped": self.stopped or "ran its planned steps",
+            "decay_start": self.decay[0] if self.decay else None,
+            "predicted_final": self.predicted_final,
+            "learned_early": [
+                {"line": line(i), "example": i, "skips": n, "first_skipped": s}
+                for i, n, s in self.table.most_skipped(RECORD_LISTED)
+            ],
+            "never_learned": [
+                {"line": line(i), "example": i, "loss": round(x, 4)} for i, x in self.table.highest_loss(RECORD_LISTED)
+            ],
         }
 
-    # --- pieces -----------------------------------------------------------------------------------
+    # --- pieces -------------------------------------------------------------------------------------
 
     def clock(self) -> float:
-        """Seconds, after the device finished its queued work: on a GPU the engine's copies and probes run
-        asynchronously, and their time would otherwise land in the next real step's instead of the overhead."""
+        """Seconds, after the device finished its queued work (on a GPU the engine's work runs asynchronously)."""
         if self.trainer.device.type == "cuda":
             torch.cuda.synchronize(self.trainer.device)
         return time.time()
 
-    def probe_loss(self) -> float:
-        """Mean loss per trained token on the fixed probe examples (no gradient)."""
-        return self.trainer.mean_loss(self.probe_batches)
+    def _max_stale(self) -> int:
+        return max(1, math.ceil(self.cfg.max_stale_epochs * self.per_epoch))
 
-    def _context(self) -> list[float]:
-        s = self.trainer.state
-        return [1.0, s.step / max(self.trainer.total_steps, 1), self.accept_ema]
+    def _start_skipping(self) -> None:
+        """Skipping begins: the weights now are full training's, the point a rollback returns to."""
+        self.good = GoodPoint.take(self.trainer.state.step, self.trainer.model, self.trainer.optimizer)
+        self._choose(self.trainer.state.step)
+        self.interval.mixed = True
 
-    def _save_good(self) -> None:
-        """The last good point: trainable weights and the optimizer state (copies)."""
-        opt_state = {
-            i: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-            for i, p in enumerate(self.params)
-            if (st := self.trainer.optimizer.state.get(p))
-        }
-        self._good = (self.counters.real_steps, [p.detach().clone() for p in self.params], opt_state)
+    def _choose(self, step: int) -> None:
+        context = [1.0, step / max(self.trainer.total_steps, 1)]
+        arm = self.bandit.choose(context)
+        self.keep_share = self.bandit.arms[arm]
+        self.interval.arm, self.interval.context = arm, context
 
-    def _restore_good(self) -> None:
-        assert self._good is not None
-        _, weights, opt_state = self._good
-        opt = self.trainer.optimizer
-        with torch.no_grad():
-            for i, (p, w) in enumerate(zip(self.params, weights, strict=True)):
-                p.copy_(w)
-                saved = opt_state.get(i)
-                if saved is None:
-                    opt.state.pop(p, None)
-                    continue
-                live = opt.state[p]
-                for k, v in saved.items():
-                    if torch.is_tensor(v) and torch.is_tensor(live.get(k)):
-                        live[k].copy_(v)
-                    else:
-                        live[k] = v.clone() if torch.is_tensor(v) else v
-
-    def _divergence_rollback(self, emit: Callable[[HybridEvent], None], reason: str) -> bool:
-        """Restore the last good point after a spike; True when it did. Only once a jump was accepted:
-        until then the weights are exactly plain training's, and a spike is the Trainer's business."""
-        if self.counters.accepted == 0 or self._good is None:
-            return False
-        self._divergences_in_row += 1
-        if self._divergences_in_row > MAX_CONSECUTIVE_DIVERGENCES:
-            return False  # restoring does not help: carry on as plain training would
-        self._restore_good()
-        self.counters.divergence_rollbacks += 1
-        self.predictor.clear()
-        self._traj_start = self.counters.real_steps
-        self.last_probe = None
-        if self.machine.phase in (Phase.FULL, Phase.PLAIN):
-            self.machine.fall_back()
-        emit(RollbackEvent(self.trainer.state.step, reason, self._good[0]))
-        return True
-
-    def _maybe_freeze(self) -> None:
-        """Freeze the leading block whose weights stopped moving (AutoFreeze), one block at a time."""
-        c, cfg = self.counters, self.cfg
-        if c.real_steps % cfg.freeze_window != 0:
+    def _reward(self, step: int, val: float) -> None:
+        """The interval that ended here: a full-step interval sets the reference rate, a skipping one rewards its arm
+        with its progress rate relative to that reference."""
+        iv = self.interval
+        if iv.mixed:
+            iv.mixed, iv.arm, iv.context = False, None, None
             return
-        blocks = self._blocks()
-        current = {name: [p.detach().clone() for p in ps] for name, ps in blocks.items() if name not in c.frozen}
-        ref = self._freeze_ref
-        self._freeze_ref = (c.real_steps, current)
-        if ref is None:
+        if iv.val is None or iv.cost <= 0:
             return
-        for name, ps in blocks.items():
-            if name in c.frozen:
-                continue
-            old = ref[1].get(name)
-            if old is None:
-                return
-            num = math.sqrt(sum(float((p.detach() - o).pow(2).sum()) for p, o in zip(ps, old, strict=True)))
-            den = math.sqrt(sum(float(o.pow(2).sum()) for o in old)) or 1.0
-            if num / den >= cfg.freeze_threshold:
-                return  # only a prefix of blocks is frozen, so backward can stop early
-            for p in ps:
-                p.requires_grad_(False)
-                p.grad = None
-            c.frozen.append(name)
+        rate = (iv.val - val) / iv.cost
+        if iv.arm is None or iv.context is None:
+            lr_warm = step > warmup_steps(self.trainer.total_steps, self.trainer.cfg.warmup_ratio)
+            if lr_warm and rate > 0:
+                self.ref_rate = rate
             return
+        reward = rate / self.ref_rate if self.ref_rate else math.copysign(1.0, rate)
+        self.bandit.update(iv.arm, iv.context, max(-REWARD_CLIP, min(REWARD_CLIP, reward)))
+        iv.arm, iv.context = None, None
 
-    def _blocks(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Trainable parameters grouped by transformer block in forward order (embeddings are not frozen)."""
-        out: dict[str, list[torch.nn.Parameter]] = {}
-        for name, p in self.trainer.model.named_parameters():
-            parts = name.split(".")
-            if "layers" in parts:
-                i = parts.index("layers")
-                out.setdefault(".".join(parts[: i + 2]), []).append(p)
+    def _fit_curve(self, step: int, val: float) -> None:
+        """Fit the evaluations after the lr warmup; cut the schedule short where the curve has flattened."""
+        total = self.trainer.total_steps
+        if step <= warmup_steps(total, self.trainer.cfg.warmup_ratio) or self.decay is not None:
+            return
+        self.evals.append((step, val))
+        if not self.cfg.curve_stop or len(self.evals) < self.cfg.curve_min_points:
+            return
+        fit = curves.fit([s for s, _ in self.evals], [v for _, v in self.evals])
+        if fit is None:
+            return
+        self.curve = fit
+        plateau = curves.plateau_step(fit, step, total, self.cfg.stop_tolerance)
+        self.predicted_final = float(fit.value(float(plateau)))
+        self.expected_stop = min(total, plateau + self._decay_length(plateau))
+        flat = curves.measured_flat([v for _, v in self.evals], self.cfg.curve_min_points, self.cfg.stop_tolerance)
+        if flat and plateau <= step and step + self._decay_length(step) < total:
+            self.decay = (step, self._decay_length(step))
+
+    def _decay_length(self, start: int) -> int:
+        r = self.cfg.decay_ratio
+        return max(1, math.ceil(r * start / (1 - r)))  # the decay is decay_ratio of the run's steps
+
+    def _correct(self, emit: Callable[[HybridEvent], None]) -> None:
+        """Re-measure a seeded sample of the skipped examples, forward only; bring back those whose loss rose."""
+        t0 = self.clock()
+        tr, cfg, c = self.trainer, self.cfg, self.counters
+        step = tr.state.step
+        candidates = self.table.skipped_since_measured()
+        if len(candidates) == 0:
+            self.machine.on_corrected()
+            return
+        rng = np.random.Generator(np.random.PCG64([tr.cfg.seed, step, 1]))
+        pick = sorted(rng.choice(candidates, size=min(cfg.correct_examples, len(candidates)), replace=False).tolist())
+        old = [float(self.table.loss[i]) for i in pick]
+        ages = [int(step - self.table.step[i]) for i in pick]
+        new = self._measure(pick)
+        rate = calibrate(old, new, ages)
+        if rate is not None:
+            self.forget_rate = FORGET_SMOOTHING * self.forget_rate + (1 - FORGET_SMOOTHING) * rate
+        back = [i for i, o, n in zip(pick, old, new, strict=True) if n > o * (1 + cfg.rise_tol)]
+        self.table.record(pick, new, step)
+        self.table.force[back] = True
+        c.corrections += 1
+        c.remeasured += len(pick)
+        c.came_back += len(back)
+        if cfg.bandit_cost == "compute":
+            self.interval.cost += float(self.trained_tokens[pick].sum())
+        verdict = divergence.remeasured(old, new, cfg.remeasure_tol)
+        if verdict is not None:
+            self._rollback(verdict, emit)
+        else:
+            self.machine.on_corrected()
+        cost = self.clock() - t0
+        c.overhead_s += cost
+        if cfg.bandit_cost == "wall":
+            self.interval.cost += cost
+        emit(
+            CorrectionEvent(
+                step, len(pick), float(np.mean(old)), float(np.mean(new)), len(back), self.forget_rate, cost
+            )
+        )
+
+    def _measure(self, ids: Sequence[int]) -> list[float]:
+        """Each example's loss per trained token under the current weights, no gradient."""
+        tr = self.trainer
+        model = tr.model
+        was_training = model.training
+        model.eval()
+        out: list[float] = []
+        size = tr.cfg.batch_size
+        for i in range(0, len(ids), size):
+            batch = collate([tr.train_set[j] for j in ids[i : i + size]], tr.pad_id)
+            out += per_example(model, batch, tr.device)
+        model.train(was_training)
         return out
+
+    def _rollback(self, reason: str, emit: Callable[[HybridEvent], None]) -> None:
+        """Restore the last good point, punish the arm that ran, and train full steps for a cooldown."""
+        restored = -1
+        if self.good is not None:
+            self.good.restore(self.trainer.model, self.trainer.optimizer)
+            restored = self.good.step
+        iv = self.interval
+        if iv.arm is not None and iv.context is not None:
+            self.bandit.update(iv.arm, iv.context, -REWARD_CLIP)
+        iv.arm, iv.context = None, None
+        self.keep_share = 1.0
+        self.counters.rollbacks += 1
+        self.machine.fall_back()
+        emit(RollbackEvent(self.trainer.state.step, reason, restored))
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -392,36 +460,42 @@ class HybridEngine:
             "version": STATE_VERSION,
             "config": self.cfg.model_dump(mode="json"),
             "machine": self.machine.state_dict(),
-            "predictor": self.predictor.state_dict(),
+            "table": self.table.state_dict(),
             "bandit": self.bandit.state_dict(),
-            "monitor": self.monitor.state_dict(),
-            "rate": self.rate.state_dict(),
+            "keep_share": self.keep_share,
+            "forget_rate": self.forget_rate,
             "counters": asdict(self.counters),
-            "step_time": self.step_time,
-            "accept_ema": self.accept_ema,
-            "traj_start": self._traj_start,
-            "last_probe": list(self.last_probe) if self.last_probe else None,
-            "attempt_s": self.attempt_s,
+            "interval": asdict(self.interval),
+            "ref_rate": self.ref_rate,
+            "good": self.good.state_dict() if self.good is not None else None,
+            "best_val": self.best_val,
+            "evals": [list(e) for e in self.evals],
+            "curve": self.curve.state_dict() if self.curve is not None else None,
+            "decay": list(self.decay) if self.decay is not None else None,
+            "expected_stop": self.expected_stop,
+            "predicted_final": self.predicted_final,
+            "stopped": self.stopped,
+            "last_share": self.last_share,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"hybrid engine state version {state.get('version')!r}, expected {STATE_VERSION}")
         self.machine.load_state_dict(state["machine"])
-        self.predictor.load_state_dict(state["predictor"], device=self.trainer.device)
+        self.table.load_state_dict(state["table"])
         self.bandit.load_state_dict(state["bandit"])
-        self.monitor.load_state_dict(state["monitor"])
-        self.rate.load_state_dict(state["rate"])
+        self.keep_share = float(state["keep_share"])
+        self.forget_rate = float(state["forget_rate"])
         known = {f.name for f in fields(Counters)}
         self.counters = Counters(**{k: v for k, v in state["counters"].items() if k in known})
-        self.step_time = state["step_time"]
-        self.accept_ema = float(state["accept_ema"])
-        self._traj_start = int(state["traj_start"])
-        lp = state["last_probe"]
-        self.last_probe = (float(lp[0]), int(lp[1])) if lp else None
-        self.attempt_s = state.get("attempt_s")  # absent in checkpoints written before the overhead budget
-        names = dict(self._blocks())
-        for name in self.counters.frozen:
-            for p in names.get(name, []):
-                p.requires_grad_(False)
-        self._good = None  # taken again at the next snapshot or jump
+        self.interval = Interval(**state["interval"])
+        self.ref_rate = state["ref_rate"]
+        self.good = GoodPoint.from_state(state["good"], self.trainer.device) if state["good"] is not None else None
+        self.best_val = state["best_val"]
+        self.evals = [(int(s), float(v)) for s, v in state["evals"]]
+        self.curve = curves.CurveFit(**state["curve"]) if state["curve"] is not None else None
+        self.decay = (int(state["decay"][0]), int(state["decay"][1])) if state["decay"] is not None else None
+        self.expected_stop = state["expected_stop"]
+        self.predicted_final = state["predicted_final"]
+        self.stopped = state["stopped"]
+        self.last_share = float(state["last_share"])
