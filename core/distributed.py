@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,10 +146,6 @@ def resolve_nproc(configured: int) -> int:
 # --- one global step on every rank ----------------------------------------------------------------
 
 
-def chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
 @dataclass
 class StepPlan:
     """One optimizer step's forward passes on this rank."""
@@ -199,7 +195,7 @@ class Lockstep:
             indices, pos = batches.take(pos)
             if self.dist.active:
                 n_trained += sum(example_trained(examples[i]) for i in indices)
-            for part in chunks(self.dist.shard(indices), micro):
+            for part in batches.passes(self.dist.shard(indices), micro):
                 passes.append(collate([examples[i] for i in part]))
             if self.sharded:  # FSDP's collectives need the same forward passes on every rank
                 padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro)
