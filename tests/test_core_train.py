@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import checkpoint
-from core.data import collate, model_inputs
+from core.data import DataPosition, collate, model_inputs
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.events import CheckpointEvent, EvalEvent, Event, StepEvent
@@ -82,7 +82,8 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     straight_events: list[Event] = []
     a = make_trainer(model_dir, examples)
     assert a.batches.per_epoch == 6  # 24 examples / 4: 12 steps x 2 micro-batches = 4 epochs
-    assert a.speedups.packed and a.speedups.split is not None  # the defaults: packed rows, the split loss
+    assert a.speedups.packed and a.speedups.split is not None  # the defaults: packed rows, the split loss,
+    assert a.batches.order_kind == "token_balanced"  # micro-batches of steady tokens
     assert a.run(straight_events.append, lambda: False, saver(a, tmp_path / "a", tok)) == "completed"
 
     b = make_trainer(model_dir, examples)
@@ -111,16 +112,24 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     assert evals == [0, 4, 8, 12]  # no repeated evaluation at the resume step
 
 
-def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(model_dir: Path, examples: Any) -> None:
-    """A checkpoint whose data position counts plain shuffled epochs (no "order" recorded) is continued in
-    that order, not refused and not regrouped: its run's remaining batches are the ones it would have seen."""
-    a = make_trainer(model_dir, examples, group_by_length=True)
+@pytest.mark.parametrize(("over", "kind"), [({"group_by_length": True}, "length_grouped"), ({}, "token_balanced")])
+def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(
+    model_dir: Path, examples: Any, over: dict[str, Any], kind: str
+) -> None:
+    """A checkpoint whose data position counts plain shuffled epochs (no "order" recorded: made before length
+    grouping or token balancing) is continued in that order, not refused and not regrouped or recut: its run's
+    remaining batches are the ones it would have seen."""
+    a = make_trainer(model_dir, examples, **over)
     state = a.state_dict()
-    assert state["data"]["order"] == "length_grouped"
+    assert state["data"]["order"] == kind
     del state["data"]["order"]
-    b = make_trainer(model_dir, examples, group_by_length=True)
+    b = make_trainer(model_dir, examples, **over)
     b.load_state_dict(state)
-    assert b.batches.order_kind == "random" and b.batches.order(0) == make_trainer(model_dir, examples).batches.order(0)
+    plain = make_trainer(model_dir, examples, packing=False).batches
+    assert b.batches.order_kind == plain.order_kind == "random"
+    assert [b.batches.take(DataPosition(1, k))[0] for k in range(6)] == [
+        plain.take(DataPosition(1, k))[0] for k in range(6)
+    ]
     assert b.state_dict()["data"] == state["data"]
 
 
