@@ -53,6 +53,8 @@ def even_parts(items: Sequence[int], parts: int) -> list[list[int]]:
     """``items`` in ``parts`` consecutive runs whose sizes differ by at most one (fewer when there are fewer
     items): a balanced micro-batch's forward passes after an out-of-memory back-off, whose example count is not
     a multiple of the micro-batch."""
+    if not items:
+        return []
     parts = max(1, min(parts, len(items)))
     size, extra = divmod(len(items), parts)
     out, at = [], 0

@@ -141,6 +141,10 @@ class Batches:
             return even_parts(indices, math.ceil(self.batch_size / micro))
         return [indices[i : i + micro] for i in range(0, len(indices), micro)]
 
+    def pass_count(self, n: int, micro: int) -> int:
+        """How many forward passes ``passes`` makes of ``n`` examples (FSDP pads every rank to rank 0's)."""
+        return len(self.passes(list(range(n)), micro))
+
 
 MEGA_BATCH = 50  # micro-batches per length group: Hugging Face's LengthGroupedSampler's mega_batch_mult
 

@@ -35,6 +35,7 @@ decoder layer, then the root) after loading and before the optimizer, so each ra
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -198,7 +199,8 @@ class Lockstep:
             for part in batches.passes(self.dist.shard(indices), micro):
                 passes.append(collate([examples[i] for i in part]))
             if self.sharded:  # FSDP's collectives need the same forward passes on every rank
-                padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro)
+                count = functools.partial(batches.pass_count, micro=micro)
+                padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro, count)
         if padding:  # real forward+backward passes (FSDP's gathers and reduce-scatters run in them) on one of the
             # step's examples with every label ignored: they add nothing to the loss, gradients or token count
             passes += [sharding.zero_loss(collate([examples[indices[0]]]))] * padding

@@ -56,15 +56,14 @@ def compile_if_it_pays(
     return on
 
 
-def batches(train: list[Example], cfg: TrainingConfig, packed: bool, sharded: bool) -> Batches:
+def batches(train: list[Example], cfg: TrainingConfig, packed: bool) -> Batches:
     """The run's micro-batches: length-grouped (``group_by_length``), else token-balanced where rows are packed
     (``balance_tokens``; a padded batch costs its longest example times its rows, which balancing does not
-    steady), else plain; not under sharding 'fsdp', whose ranks pad to equal pass counts of fixed-size
-    micro-batches."""
+    steady), else plain."""
     lengths = [len(e.input_ids) for e in train]
     if cfg.group_by_length:
         return Batches(len(train), cfg.batch_size, cfg.seed, lengths=lengths)
-    if cfg.balance_tokens and packed and not sharded:
+    if cfg.balance_tokens and packed:
         return Batches(len(train), cfg.batch_size, cfg.seed, balance=lengths)
     return Batches(len(train), cfg.batch_size, cfg.seed)
 

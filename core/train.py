@@ -64,15 +64,17 @@ class Trainer:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.ranks = Lockstep(dist or Dist(), sharding.is_sharded(model))
         self.pad_id, self.device = pad_id, device
-        self.speedups = speedups.choose(model, cfg, device, self.ranks)
-        self.batches = speedups.batches(train, cfg, self.speedups.packed, self.ranks.sharded)
-        self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
+        # the optimizer before the probes' forward passes: under FSDP2 a forward leaves the root module's
+        # parameters unsharded, and the optimizer must hold the sharded ones
         self.optimizer = make_optimizer(model, cfg, device)
         self.precision = Precision(cfg, device)
         self.state = TrainState()
         self.health = HealthMonitor(patience=cfg.overfit_patience)
         self.faults = faults if faults is not None else Faults()
         self.recovery = Recovery(self)
+        self.speedups = speedups.choose(model, cfg, device, self.ranks)
+        self.batches = speedups.batches(train, cfg, self.speedups.packed)
+        self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
         self.lookahead = Lookahead(self._prepare_step)
         mean_length = sum(len(e.input_ids) for e in train) / max(len(train), 1)
         tokens = int(self.total_steps * self.effective_batch * mean_length)

@@ -150,7 +150,8 @@ def test_balanced_cuts_and_passes() -> None:
     b = Batches(4, 4, seed=0, balance=[1, 2, 3, 4])
     assert b.passes(list(range(11)), 4) == [list(range(11))]  # a micro-batch of short examples: one pass
     assert b.passes(list(range(11)), 2) == [list(range(6)), list(range(6, 11))]  # backed off: half each
-    assert even_parts([7], 3) == [[7]]
+    assert even_parts([7], 3) == [[7]] and even_parts([], 3) == []  # an empty share (a rank's) makes no pass
+    assert (b.pass_count(0, 4), b.pass_count(11, 4), b.pass_count(11, 2), b.pass_count(1, 2)) == (0, 1, 2, 1)
     assert Batches(4, 4, seed=0).passes(list(range(11)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
 
 

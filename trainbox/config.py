@@ -264,8 +264,7 @@ class TrainingConfig(_Strict):
         description="With packed rows, cut each epoch's shuffled order into micro-batches of near-equal token "
         "counts instead of batch_size examples each: as many micro-batches (so the same steps and schedule), "
         "batch_size examples on average, every example once per epoch in the same random order, so a step's "
-        "time and memory are steady on data of mixed lengths. Off with padded batches, group_by_length or "
-        "sharding 'fsdp'.",
+        "time and memory are steady on data of mixed lengths. Off with padded batches or group_by_length.",
     )
     chunked_loss: bool = Field(
         True,
