@@ -133,6 +133,24 @@ def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(
     assert b.state_dict()["data"] == state["data"]
 
 
+def test_a_steps_numbers_are_read_after_the_next_step_is_queued(model_dir: Path, examples: Any) -> None:
+    """No host sync between steps (core.readback): step k's event comes once step k+1 was applied, except at a
+    boundary (evaluation every 4 steps, the end), where the last step is read before anything else happens."""
+    t = make_trainer(model_dir, examples)
+    applied = [0]
+    t.optimizer.register_step_post_hook(lambda *_: applied.__setitem__(0, applied[0] + 1))
+    seen: list[tuple[str, int, int]] = []
+
+    def emit(e: Event) -> None:
+        if isinstance(e, StepEvent | EvalEvent):
+            seen.append((type(e).__name__, e.step, applied[0]))
+
+    assert t.defers_reads and t.run(emit, lambda: False, lambda: Path()) == "completed"
+    steps = [(step, done) for kind, step, done in seen if kind == "StepEvent"]
+    assert steps == [(k, k if k % 4 == 0 else k + 1) for k in range(1, 13)]
+    assert [(step, done) for kind, step, done in seen if kind == "EvalEvent"] == [(0, 0), (4, 4), (8, 8), (12, 12)]
+
+
 def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -> None:
     """Loss is normalised by the trained tokens of the whole step, so 2 x 4 examples == 1 x 8, and so
     is one configured micro-batch of 8 split into forward passes of 4 (the OOM back-off), and so are
