@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from core.balance import balanced, even_parts
 from core.encode import IGNORE, Example
 from core.errors import DataError
 from core.packing import pack_rows
@@ -72,27 +73,42 @@ class Batches:
 
     With ``lengths`` (``training.group_by_length``) each epoch's order is length-grouped (``group_by_length``):
     still a pure function of (seed, epoch), with the same number of micro-batches of the same size, so the
-    data position, resume and the step count are unchanged."""
+    data position, resume and the step count are unchanged. With ``balance`` (tokens per example;
+    ``training.balance_tokens``) the plain shuffled order is cut into micro-batches of near-equal tokens
+    (core.balance): the same number of micro-batches, of varying example counts."""
 
-    def __init__(self, n_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        n_examples: int,
+        batch_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        balance: Sequence[int] | None = None,
+    ) -> None:
         if n_examples < 1:
             raise ValueError("no training examples")
-        if lengths is not None and len(lengths) != n_examples:
+        if any(x is not None and len(x) != n_examples for x in (lengths, balance)):
             raise ValueError("one length per example")
+        if lengths is not None and balance is not None:
+            raise ValueError("length grouping and token balancing are two orders: one at a time")
         self.n = n_examples
         self.batch_size = batch_size
         self.seed = seed
         self.lengths = lengths
+        self.balance = balance
         self.per_epoch = math.ceil(n_examples / batch_size)
         self._cached: tuple[int, list[int]] | None = None
+        self._cuts: tuple[int, list[list[int]]] | None = None
 
     @property
     def order_kind(self) -> str:
+        if self.balance is not None:
+            return "token_balanced"
         return "random" if self.lengths is None else "length_grouped"
 
     def ungroup(self) -> None:
-        """Back to plain shuffled order (a checkpoint made before length grouping existed)."""
-        self.lengths, self._cached = None, None
+        """Back to plain shuffled order (a checkpoint made before length grouping or token balancing existed)."""
+        self.lengths, self.balance, self._cached, self._cuts = None, None, None, None
 
     def order(self, epoch: int) -> list[int]:
         if self._cached is None or self._cached[0] != epoch:
@@ -105,12 +121,29 @@ class Batches:
 
     def take(self, pos: DataPosition) -> tuple[list[int], DataPosition]:
         """The indices of the micro-batch at ``pos`` and the position after it."""
-        start = pos.index * self.batch_size
-        indices = self.order(pos.epoch)[start : start + self.batch_size]
+        if self.balance is not None:
+            if self._cuts is None or self._cuts[0] != pos.epoch:
+                self._cuts = (pos.epoch, balanced(self.order(pos.epoch), self.balance, self.batch_size))
+            indices = self._cuts[1][pos.index]
+        else:
+            start = pos.index * self.batch_size
+            indices = self.order(pos.epoch)[start : start + self.batch_size]
         nxt = DataPosition(pos.epoch, pos.index + 1)
         if nxt.index >= self.per_epoch:
             nxt = DataPosition(pos.epoch + 1, 0)
         return indices, nxt
+
+    def passes(self, indices: list[int], micro: int) -> list[list[int]]:
+        """One micro-batch's (or a rank's share's) forward passes at ``micro`` examples per pass: consecutive
+        runs of ``micro``; token-balanced, as many even runs as ``batch_size / micro`` (a balanced micro-batch of
+        short examples holds more than ``batch_size``: still one pass until an out-of-memory back-off)."""
+        if self.balance is not None:
+            return even_parts(indices, math.ceil(self.batch_size / micro))
+        return [indices[i : i + micro] for i in range(0, len(indices), micro)]
+
+    def pass_count(self, n: int, micro: int) -> int:
+        """How many forward passes ``passes`` makes of ``n`` examples (FSDP pads every rank to rank 0's)."""
+        return len(self.passes(list(range(n)), micro))
 
 
 MEGA_BATCH = 50  # micro-batches per length group: Hugging Face's LengthGroupedSampler's mega_batch_mult

@@ -35,8 +35,9 @@ decoder layer, then the root) after loading and before the optimizer, so each ra
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,10 +147,6 @@ def resolve_nproc(configured: int) -> int:
 # --- one global step on every rank ----------------------------------------------------------------
 
 
-def chunks(items: Sequence[int], size: int) -> list[list[int]]:
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
 @dataclass
 class StepPlan:
     """One optimizer step's forward passes on this rank."""
@@ -209,11 +206,12 @@ class Lockstep:
                 indices = kept
             if self.dist.active:
                 n_trained += sum(example_trained(examples[i]) for i in indices)
-            for part in chunks(self.dist.shard(indices), micro):
+            for part in batches.passes(self.dist.shard(indices), micro):
                 passes.append(collate([examples[i] for i in part]))
                 rows.append(part)
             if self.sharded:  # FSDP's collectives need the same forward passes on every rank
-                padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro)
+                count = functools.partial(batches.pass_count, micro=micro)
+                padding += sharding.padding(len(indices), self.dist.world, self.dist.rank, micro, count)
         if padding:  # real forward+backward passes (FSDP's gathers and reduce-scatters run in them) on one of the
             # step's examples with every label ignored: they add nothing to the loss, gradients or token count
             passes += [sharding.zero_loss(collate([examples[indices[0]]]))] * padding

@@ -27,7 +27,7 @@ What this module keeps the same as the replicate mode, and why:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +105,13 @@ def full(t: torch.Tensor) -> torch.Tensor:
 # --- the same forward passes on every rank --------------------------------------------------------
 
 
-def padding(n: int, world: int, rank: int, micro: int) -> int:
+def padding(n: int, world: int, rank: int, micro: int, passes: Callable[[int], int] | None = None) -> int:
     """Extra forward passes this rank runs for one configured micro-batch of ``n`` examples, of which it trains
-    every ``world``-th (``Dist.shard``) in passes of ``micro``: rank 0's share is the largest, so every rank
+    every ``world``-th (``Dist.shard``) in passes of ``micro`` (or ``passes(share)`` of them, e.g. a
+    token-balanced micro-batch's: core.data.Batches.pass_count): rank 0's share is the largest, so every rank
     runs as many passes as rank 0."""
-    most = math.ceil(math.ceil(n / world) / micro)
-    mine = math.ceil(len(range(rank, n, world)) / micro)
-    return most - mine
+    count = passes or (lambda k: math.ceil(k / micro))
+    return count(math.ceil(n / world)) - count(len(range(rank, n, world)))
 
 
 def zero_loss(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

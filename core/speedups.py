@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from core import compiling, sharding
+from core.data import Batches
 from core.distributed import Lockstep
+from core.encode import Example
 from core.loss import Head, head_problem, split_head
 from core.packing import packing_problem
 from trainbox.config import TrainingConfig
@@ -52,6 +54,18 @@ def compile_if_it_pays(
     if on:
         compiling.compile_in_place(split.body if split is not None else model)
     return on
+
+
+def batches(train: list[Example], cfg: TrainingConfig, packed: bool) -> Batches:
+    """The run's micro-batches: length-grouped (``group_by_length``), else token-balanced where rows are packed
+    (``balance_tokens``; a padded batch costs its longest example times its rows, which balancing does not
+    steady), else plain."""
+    lengths = [len(e.input_ids) for e in train]
+    if cfg.group_by_length:
+        return Batches(len(train), cfg.batch_size, cfg.seed, lengths=lengths)
+    if cfg.balance_tokens and packed:
+        return Batches(len(train), cfg.batch_size, cfg.seed, balance=lengths)
+    return Batches(len(train), cfg.batch_size, cfg.seed)
 
 
 def choose(model: torch.nn.Module, cfg: TrainingConfig, device: torch.device, ranks: Lockstep) -> Speedups:

@@ -62,6 +62,10 @@ class StepResult(NamedTuple):
     tokens: int
     skipped: bool  # non-finite loss or gradient norm: nothing was applied, the data moved on
 
+    def read(self) -> StepResult:
+        """Itself: a step read at once (core.readback.Pending is one whose numbers are still on the device)."""
+        return self
+
 
 def crossed(step: int, last: int, every: int) -> bool:
     """Whether a multiple of ``every`` lies in (last, step]: with steps of 1, the same as step % every == 0."""

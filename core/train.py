@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from core import rng, sharding, speedups
-from core.data import Batches, DataPosition, collate, real_tokens, total_steps
+from core import readback, rng, sharding, speedups
+from core.data import DataPosition, collate, real_tokens, total_steps
 from core.distributed import Dist, Lockstep
 from core.encode import Example
 from core.errors import CheckpointError
@@ -66,9 +66,8 @@ class Trainer:
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.ranks = Lockstep(dist or Dist(), sharding.is_sharded(model))
         self.pad_id, self.device = pad_id, device
-        lengths = [len(e.input_ids) for e in train] if cfg.group_by_length else None
-        self.batches = Batches(len(train), cfg.batch_size, cfg.seed, lengths)
-        self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
+        # the optimizer before the probes' forward passes: under FSDP2 a forward leaves the root module's
+        # parameters unsharded, and the optimizer must hold the sharded ones
         self.optimizer = make_optimizer(model, cfg, device)
         self.precision = Precision(cfg, device)
         self.state = TrainState()
@@ -76,6 +75,8 @@ class Trainer:
         self.faults = faults if faults is not None else Faults()
         self.recovery = Recovery(self)
         self.speedups = speedups.choose(model, cfg, device, self.ranks)
+        self.batches = speedups.batches(train, cfg, self.speedups.packed)
+        self.total_steps = total_steps(cfg.max_steps, cfg.epochs, self.batches.per_epoch, cfg.grad_accum)
         self.lookahead = Lookahead(self._prepare_step)
         self.clock = LoopClock(device)  # where the loop's time goes, for the job report (core.step_timing)
         mean_length = sum(len(e.input_ids) for e in train) / max(len(train), 1)
@@ -84,6 +85,7 @@ class Trainer:
         self._emit: Callable[[Event], None] = lambda e: None
         self._phase = ""
         self.hybrid = self._make_hybrid()
+        self._held: readback.Held | None = None  # the last step, its numbers not yet read (core.readback)
 
     def _make_hybrid(self) -> HybridEngine | None:
         if self.cfg.engine != "hybrid":
@@ -107,6 +109,11 @@ class Trainer:
     def set_micro_batch(self, size: int) -> None:
         """Start with a smaller micro-batch (preflight, the cache of what worked); never above batch_size."""
         self.state.micro_size = max(1, min(size, self.cfg.batch_size))
+
+    @property
+    def defers_reads(self) -> bool:
+        """Whether a step's numbers are read one step late (core.readback), its non-finite skip made on the device."""
+        return self.precision.scaler is None and self.hybrid is None and readback.can_mask(self.optimizer)
 
     def lr(self) -> float:
         s, cfg = self.state, self.cfg
@@ -136,7 +143,7 @@ class Trainer:
         mine = {**self._data_shape(), "total_steps": self.total_steps}
         if saved != mine:
             raise CheckpointError(f"checkpoint was made for {saved}, this run has {mine}: data or settings changed")
-        self.state = TrainState(**state["trainer"])
+        self.state, self._held = TrainState(**state["trainer"]), None
         self.ranks.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         rng.restore(state["rng"])
         if "health" in state:
@@ -148,7 +155,7 @@ class Trainer:
     def reset(self) -> None:
         """Back to step 0 (the caller reloads the initial weights): fresh optimizer, counters, RNG."""
         self.optimizer = make_optimizer(self.model, self.cfg, self.device)
-        self.state = TrainState()
+        self.state, self._held = TrainState(), None
         self.health = HealthMonitor(patience=self.cfg.overfit_patience)
         self.hybrid = self._make_hybrid()
         self.precision.reset()
@@ -157,7 +164,7 @@ class Trainer:
     def _data_shape(self) -> dict[str, Any]:
         shape: dict[str, Any] = {"n_train": len(self.train_set), "n_val": len(self.val_set)}
         shape["batch_size"] = self.cfg.batch_size
-        if self.batches.lengths is not None:  # absent (plain shuffle) in checkpoints from before length grouping
+        if self.batches.order_kind != "random":  # absent (plain shuffle) in checkpoints from before length grouping
             shape["order"] = self.batches.order_kind
         return shape
 
@@ -180,15 +187,20 @@ class Trainer:
             s = self.state  # a rollback replaces it
             # 1. learning rate of the step about to run
             lr = self.lr()
-            # 2. evaluate and checkpoint at this step boundary
+            # 2. evaluate and checkpoint at this step boundary (the last step's numbers read first)
+            if self._held is not None and (self._eval_due() or self._checkpoint_due() or self._finished()):
+                self._settle()
+                continue  # a rollback may have replaced the state
             if self._eval_due():
                 self.clock.timed("eval", self._evaluate, emit)
             if self._checkpoint_due() and not self.clock.timed("checkpoint", self._checkpoint, emit, save_checkpoint):
                 continue  # refused (non-finite weights) and rolled back
-            if s.step >= self.total_steps or s.stop_reason:
+            if self._finished():
                 emit(self.clock.event(s.step))
                 return "completed"
             if should_stop():
+                self._settle()
+                s = self.state
                 if s.step > 0 and s.last_checkpoint_step != s.step:
                     self.clock.timed("checkpoint", self._checkpoint, emit, save_checkpoint)
                 emit(self.clock.event(s.step))
@@ -200,53 +212,79 @@ class Trainer:
             engine_phase = self.hybrid.phase if self.hybrid is not None else ""
             self.faults.hang("training", s.step + 1)
             t0 = time.time()
-            result = self._optimizer_step(lr)
-            if result is None:
+            outcome = self._optimizer_step(lr)
+            if outcome is None:
                 continue  # out of memory (backed off) or an fp16 overflow (scale halved): the step runs again
+            self._settle()  # the previous step's numbers, now that this one is queued
+            if self.state is not s:
+                continue  # they rolled the run back (this step's update went with it)
             # the hybrid engine compares its overhead with this: on a GPU, wait for the step's queued kernels
             dt = max((self.hybrid.clock() if self.hybrid is not None else time.time()) - t0, 1e-9)
             s.step += 1
-            s.tokens_seen += result.tokens
-            if not result.skipped:
-                s.record_loss(result.loss)
-                if self.hybrid is not None:
-                    self.hybrid.after_real_step(result.loss, result.grad_norm, dt, emit)
-                    s.stop_reason = s.stop_reason or self.hybrid.stop_reason()
-            # 4. log
-            self._emit_step(emit, self._step_event(result, lr, dt, started, engine_phase))
-            if s.step % self.cfg.log_every == 0 and self.clock.due():
-                emit(self.clock.event(s.step))
-            warmup_done = s.step > warmup_steps(self.total_steps, self.cfg.warmup_ratio)
-            self._alerts(
-                self.health.on_step(
-                    s.step, self.total_steps, result.loss, result.grad_norm, lr, self.cfg.learning_rate, warmup_done
-                )
+            s.tokens_seen += outcome.tokens
+            self._held = readback.Held(
+                s.step,
+                lr,
+                dt,
+                self._epoch(),
+                time.time() - started,
+                self.micro_batch_size,
+                self.accum_steps,
+                engine_phase,
+                outcome,
             )
-            if result.skipped:  # recorded; too many within the window roll back
-                self.recovery.skipped(s.step, result.loss, result.grad_norm, lr)
+            # 4. log (now, or after the next step is queued)
+            if not self.defers_reads:
+                self._settle()
 
-    def _step_event(self, r: StepResult, lr: float, dt: float, started: float, engine_phase: str) -> StepEvent:
+    def _finished(self) -> bool:
+        return self.state.step >= self.total_steps or bool(self.state.stop_reason)
+
+    def _settle(self) -> None:
+        """Read the held step's loss and gradient norm and make its records: the loss history, the hybrid
+        engine's, its event, the health checks, a skip (too many within the window roll back)."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        r, s = held.result(), self.state
+        if not r.skipped:
+            s.record_loss(r.loss)
+            if self.hybrid is not None:
+                self.hybrid.after_real_step(r.loss, r.grad_norm, held.dt, self._emit)
+                s.stop_reason = s.stop_reason or self.hybrid.stop_reason()
+        self._emit_step(self._emit, self._step_event(r, held))
+        if held.step % self.cfg.log_every == 0 and self.clock.due():
+            self._emit(self.clock.event(held.step))
+        warmup_done = held.step > warmup_steps(self.total_steps, self.cfg.warmup_ratio)
+        peak = self.cfg.learning_rate
+        self._alerts(self.health.on_step(held.step, self.total_steps, r.loss, r.grad_norm, held.lr, peak, warmup_done))
+        if r.skipped:
+            self.recovery.skipped(held.step, r.loss, r.grad_norm, held.lr)
+
+    def _step_event(self, r: StepResult, h: readback.Held) -> StepEvent:
         return StepEvent(
-            self.state.step,
+            h.step,
             self.total_steps,
             r.loss,
-            lr,
+            h.lr,
             r.grad_norm,
             r.tokens,
-            r.tokens / dt,
-            self._epoch(),
-            time.time() - started,
+            r.tokens / h.dt,
+            h.epoch,
+            h.elapsed,
             r.skipped,
-            self.micro_batch_size,
-            self.accum_steps,
-            **(self.hybrid.step_fields(engine_phase) if self.hybrid is not None else {}),
+            h.micro_batch,
+            h.grad_accum,
+            **(self.hybrid.step_fields(h.engine_phase) if self.hybrid is not None else {}),
         )
 
     # the step
-    def _optimizer_step(self, lr: float) -> StepResult | None:
+    def _optimizer_step(self, lr: float) -> StepResult | readback.Pending | None:
         """One optimizer step over grad_accum configured micro-batches, each split into forward passes of
         ``micro_batch_size``; loss normalised by all trained tokens of the step. None when the step must run
-        again (out of memory: backed off; an fp16 overflow: the scale halved); nothing was applied then."""
+        again (out of memory: backed off; an fp16 overflow: the scale halved); nothing was applied then. Its
+        loss and gradient norm are read now, or left on the device (``defers_reads``: ``Pending``), a non-finite
+        step then masked in the update."""
         step = self.state.step + 1
         self.model.train()
         for group in self.optimizer.param_groups:
@@ -257,7 +295,7 @@ class Trainer:
         rng_before = rng.torch_rng()
         oom = ""
         try:
-            loss, norm, tokens = self.clock.timed("forward_backward", self._accumulate, prepared)
+            values, tokens = self.clock.timed("forward_backward", self._accumulate, prepared)
         except torch.OutOfMemoryError as e:
             oom = first_line(e)  # keep no reference: the traceback holds the activations
         if oom:
@@ -265,6 +303,19 @@ class Trainer:
             rng.set_torch_rng(rng_before)
             self.recovery.out_of_memory(oom, step)
             return None
+        if self.defers_reads:
+            with readback.masked_if_not_finite(self.optimizer, values):
+                oom = self.clock.timed("optimizer", self._update)
+            if oom:
+                self._drop_gradients(free=True)
+                self._settle()  # the held step's records before the rollback replaces the state
+                self.recovery.out_of_memory_in_update(oom, step)
+                return None
+            self.optimizer.zero_grad(set_to_none=True)
+            self.faults.after_update(self.model, step)
+            self.state.position = plan.end
+            return readback.Pending(values, tokens)
+        loss, norm = values.tolist()
         if self.precision.overflowed(loss, norm) and self.recovery.retry_overflow():
             self.optimizer.zero_grad(set_to_none=True)
             rng.set_torch_rng(rng_before)
@@ -290,10 +341,10 @@ class Trainer:
         plan = self.ranks.plan(self.batches, pos, self.train_set, self.cfg.grad_accum, micro, self._collate, keep)
         return PreparedStep(plan, [stage(b, self.device, self.speedups.split) for b in plan.passes])
 
-    def _accumulate(self, prepared: PreparedStep) -> tuple[float, float, int]:
+    def _accumulate(self, prepared: PreparedStep) -> tuple[torch.Tensor, int]:
         """Forward and backward over the step's passes (the last ``plan.padding`` of them zero-loss ones);
-        returns (loss, grad norm, tokens) of the whole global step. The host reads them once, at the end (the
-        step's one sync), after queueing the passes and preparing the next step's batches."""
+        returns ([loss, grad norm] on the device, tokens) of the whole global step, after queueing the passes
+        and preparing the next step's batches; reading them is the step's one sync."""
         plan = prepared.plan
         loss_sum = torch.zeros((), device=self.device)
         per_token = self.hybrid.start_step() if self.hybrid is not None else None  # per-example losses for it
@@ -315,8 +366,7 @@ class Trainer:
             self.clock.timed("data", self.lookahead.prepare, plan.end, self.micro_batch_size)
         loss_sum, tokens = self.ranks.reduce(oom, loss_sum, tokens, self.model.parameters())
         self.precision.unscale(self.optimizer)  # the true gradients, before clipping and the norm
-        loss, norm = torch.stack([loss_sum.float(), self._clip_gradients().float()]).tolist()
-        return loss, norm, tokens
+        return torch.stack([loss_sum.float(), self._clip_gradients().float()]), tokens
 
     def _clip_gradients(self) -> torch.Tensor:
         """The gradient norm before clipping (``grad_clip`` > 0 clips), on the device; sharded, over the shards."""

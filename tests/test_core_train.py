@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import checkpoint
-from core.data import collate, model_inputs
+from core.data import DataPosition, collate, model_inputs
 from core.embedded import ensure_embedded_model
 from core.encode import Example, encode_all
 from core.events import CheckpointEvent, EvalEvent, Event, StepEvent
@@ -82,7 +82,8 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     straight_events: list[Event] = []
     a = make_trainer(model_dir, examples)
     assert a.batches.per_epoch == 6  # 24 examples / 4: 12 steps x 2 micro-batches = 4 epochs
-    assert a.speedups.packed and a.speedups.split is not None  # the defaults: packed rows, the split loss
+    assert a.speedups.packed and a.speedups.split is not None  # the defaults: packed rows, the split loss,
+    assert a.batches.order_kind == "token_balanced"  # micro-batches of steady tokens
     assert a.run(straight_events.append, lambda: False, saver(a, tmp_path / "a", tok)) == "completed"
 
     b = make_trainer(model_dir, examples)
@@ -111,17 +112,43 @@ def test_resume_from_checkpoint_is_bitwise_identical(model_dir: Path, examples: 
     assert evals == [0, 4, 8, 12]  # no repeated evaluation at the resume step
 
 
-def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(model_dir: Path, examples: Any) -> None:
-    """A checkpoint whose data position counts plain shuffled epochs (no "order" recorded) is continued in
-    that order, not refused and not regrouped: its run's remaining batches are the ones it would have seen."""
-    a = make_trainer(model_dir, examples, group_by_length=True)
+@pytest.mark.parametrize(("over", "kind"), [({"group_by_length": True}, "length_grouped"), ({}, "token_balanced")])
+def test_checkpoint_from_before_length_grouping_resumes_in_its_own_order(
+    model_dir: Path, examples: Any, over: dict[str, Any], kind: str
+) -> None:
+    """A checkpoint whose data position counts plain shuffled epochs (no "order" recorded: made before length
+    grouping or token balancing) is continued in that order, not refused and not regrouped or recut: its run's
+    remaining batches are the ones it would have seen."""
+    a = make_trainer(model_dir, examples, **over)
     state = a.state_dict()
-    assert state["data"]["order"] == "length_grouped"
+    assert state["data"]["order"] == kind
     del state["data"]["order"]
-    b = make_trainer(model_dir, examples, group_by_length=True)
+    b = make_trainer(model_dir, examples, **over)
     b.load_state_dict(state)
-    assert b.batches.order_kind == "random" and b.batches.order(0) == make_trainer(model_dir, examples).batches.order(0)
+    plain = make_trainer(model_dir, examples, packing=False).batches
+    assert b.batches.order_kind == plain.order_kind == "random"
+    assert [b.batches.take(DataPosition(1, k))[0] for k in range(6)] == [
+        plain.take(DataPosition(1, k))[0] for k in range(6)
+    ]
     assert b.state_dict()["data"] == state["data"]
+
+
+def test_a_steps_numbers_are_read_after_the_next_step_is_queued(model_dir: Path, examples: Any) -> None:
+    """No host sync between steps (core.readback): step k's event comes once step k+1 was applied, except at a
+    boundary (evaluation every 4 steps, the end), where the last step is read before anything else happens."""
+    t = make_trainer(model_dir, examples)
+    applied = [0]
+    t.optimizer.register_step_post_hook(lambda *_: applied.__setitem__(0, applied[0] + 1))
+    seen: list[tuple[str, int, int]] = []
+
+    def emit(e: Event) -> None:
+        if isinstance(e, StepEvent | EvalEvent):
+            seen.append((type(e).__name__, e.step, applied[0]))
+
+    assert t.defers_reads and t.run(emit, lambda: False, lambda: Path()) == "completed"
+    steps = [(step, done) for kind, step, done in seen if kind == "StepEvent"]
+    assert steps == [(k, k if k % 4 == 0 else k + 1) for k in range(1, 13)]
+    assert [(step, done) for kind, step, done in seen if kind == "EvalEvent"] == [(0, 0), (4, 4), (8, 8), (12, 12)]
 
 
 def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -> None:
@@ -140,8 +167,8 @@ def test_accumulated_step_equals_one_big_batch(model_dir: Path, examples: Any) -
             {k: v.grad.clone() for k, v in p.items() if v.grad is not None}
         )
         out = t._optimizer_step(1e-3)
-        assert out is not None and not out[3]
-        results.append((*out[:3], grads))
+        assert out is not None and not out.read().skipped
+        results.append((*out.read()[:3], grads))
     loss_a, norm_a, tok_a, grads_a = results[0]
     for loss_b, norm_b, tok_b, grads_b in results[1:]:
         assert tok_a == tok_b

@@ -10,6 +10,7 @@ example: rank 1 runs a zero-loss forward there so both ranks run FSDP's collecti
 # ruff: noqa: F811 (pytest fixtures imported from the other core test modules)
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from core import checkpoint, sharding
+from core.data import Batches
 from core.encode import IGNORE
 from core.memory import USABLE_FRACTION, estimate_memory, pick_micro_batch
 from core.metrics import read_metrics
@@ -135,6 +137,11 @@ def test_padding_gives_every_rank_rank_0s_number_of_forward_passes() -> None:
         assert len({passes(n, world, r, micro) for r in range(world)}) == 1, (n, world, micro)
     assert sharding.padding(1, 2, 1, 4) == 1  # an empty share still runs one (zero-loss) pass
     assert sharding.padding(6, 2, 1, 3) == 0
+    balanced = Batches(8, 8, seed=0, balance=[1] * 8)  # a share of a token-balanced micro-batch: even parts
+    for n, world, micro in [(1, 2, 4), (5, 2, 2), (13, 2, 4), (7, 3, 1), (2, 4, 1), (20, 2, 8)]:
+        count = functools.partial(balanced.pass_count, micro=micro)
+        mine = [count(len(range(r, n, world))) + sharding.padding(n, world, r, micro, count) for r in range(world)]
+        assert len(set(mine)) == 1, (n, world, micro)
 
 
 def test_zero_loss_batch_trains_nothing() -> None:

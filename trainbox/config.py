@@ -259,6 +259,13 @@ class TrainingConfig(_Strict):
         "seeds) for 5-10 % more speed than packing alone, which removes the padding without changing the "
         "batches. Worth it for padded batches (packing off) on data with very mixed lengths.",
     )
+    balance_tokens: bool = Field(
+        True,
+        description="With packed rows, cut each epoch's shuffled order into micro-batches of near-equal token "
+        "counts instead of batch_size examples each: as many micro-batches (so the same steps and schedule), "
+        "batch_size examples on average, every example once per epoch in the same random order, so a step's "
+        "time and memory are steady on data of mixed lengths. Off with padded batches or group_by_length.",
+    )
     chunked_loss: bool = Field(
         True,
         description="Compute the loss over the vocabulary in chunks of trained tokens (256 MiB of fp32 logits "
