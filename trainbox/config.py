@@ -287,7 +287,7 @@ class TrainingConfig(_Strict):
         0.1, ge=0, lt=1, description="Share of examples held out for validation when no eval_file is given."
     )
     replay_share: float = Field(
-        0.2,
+        0.15,
         ge=0,
         lt=1,
         description="Share of the job's training data replayed from earlier jobs' kept training samples (the "
