@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -48,8 +49,12 @@ from core import sharding
 from core.data import Batches, DataPosition
 from core.encode import Example
 from core.loss import example_trained, trained_positions
+from core.state import first_line
+
+log = logging.getLogger("core.worker")
 
 INIT_TIMEOUT_S = 300
+SHUTDOWN_WAIT_S = 120  # how long a finished rank waits at exit for the others (one may be saving the model)
 ANOTHER_RANK_OOM = "out of memory on another rank"
 
 
@@ -133,8 +138,20 @@ def init(device_type: str) -> Dist:
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group together: a rank that destroyed its gloo group while another was still
+    writing the final model was seen to abort at exit (SIGABRT, "terminate called without an active
+    exception"), failing a job that had completed. A rank that does not arrive within the bound (it failed)
+    is not waited for longer."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=SHUTDOWN_WAIT_S))
+        else:
+            dist.barrier()
+    except Exception as e:  # boundary: a peer that failed or left; the group is destroyed all the same
+        log.warning("leaving the process group without every rank: %s", first_line(e))
+    dist.destroy_process_group()
 
 
 def resolve_nproc(configured: int) -> int:

@@ -64,7 +64,9 @@ def test_cancel_training_then_paused_job(tmp_path: Path, embedded: Path) -> None
         cli(home, "cancel", str(first))
         error = wait_for(lambda: _error(home, first), 60, "the first job filed as cancelled")
         assert error["class"] == "cancelled"
-        m = re.fullmatch(r"cancelled while training at step (\d+), by a control request", error["reason"])
+        # the request lands while it trains, or during the evaluation every eval_every steps
+        reason = r"cancelled while (?:training|evaluating) at step (\d+), by a control request"
+        m = re.fullmatch(reason, error["reason"])
         assert m is not None, error["reason"]
         step = int(m[1])
         assert step >= 3 and not pid_alive(worker_pid)
