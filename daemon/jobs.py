@@ -145,7 +145,7 @@ class JobRunner:
             return
         if job_training_config(self.settings.training, job.settings or {}).model:
             return
-        start = starting_version(self.home, self.db)
+        start = starting_version(self.home, self.db, job.lineage)
         if start is None or start.id == job.init_version:
             return  # nothing current to move to (never throw training away for the embedded model)
         self._discard_checkpoints(job.id, run_dir)
@@ -177,7 +177,7 @@ class JobRunner:
         training = job_training_config(self.settings.training, job.settings or {})
         init_model, init_version = training.model, None
         if not init_model:
-            start = starting_version(self.home, self.db)  # models/current (the eval gate's choice)
+            start = starting_version(self.home, self.db, job.lineage)  # its lineage's current version
             if start is not None:
                 init_model, init_version = start.path, start.id
         with self.db.session() as s:
@@ -445,6 +445,7 @@ class JobRunner:
             steps=result.step,
             kind="adapter" if result.adapter else "full",
             adapter_of=result.base_model if result.adapter else "",
+            lineage=job.lineage,
         )
         crash_point("version.row_pending")
         self._place_pending(job_id, version_id, Path(result.final_model))

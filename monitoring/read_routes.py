@@ -108,9 +108,12 @@ def get_metrics(st: State, job_id: JobIdPath, since: StepSince = -1, max_points:
     )
 
 
-def get_models(st: State) -> list[VersionView]:
-    """Model versions, newest first, each with its lineage (parent, grandparent, ...) and losses."""
-    return views.models(st.db)
+def get_models(
+    st: State,
+    lineage: Annotated[str | None, Query(max_length=32, description="only this lineage's versions")] = None,
+) -> list[VersionView]:
+    """Model versions, newest first, each with its lineage, ancestors (parent, grandparent, ...) and losses."""
+    return views.models(st.home, st.db, lineage)
 
 
 def get_system(st: State) -> SystemInfo:

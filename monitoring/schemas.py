@@ -93,6 +93,7 @@ class JobSummary(BaseModel):
     name: str
     state: str
     priority: str
+    lineage: str = Field("main", description="the chain of model versions the job continues")
     admitted_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -162,8 +163,12 @@ class VersionView(BaseModel):
     val_loss: float | None
     steps: int
     created_at: float
-    current: bool = Field(description="the newest version: what the next job starts from")
-    lineage: list[int] = Field(description="ancestors, parent first")
+    current: bool = Field(
+        description="its lineage's current version (models/current, models/current@<lineage>): what the lineage's "
+        "next job starts from"
+    )
+    lineage: str = Field("main", description="the chain of versions it belongs to (its job's lineage)")
+    ancestors: list[int] = Field(description="parent, grandparent, ... (parent first)")
     trained_on: list[int] = Field(
         default_factory=list, description="the jobs whose files this version was trained on, oldest first"
     )
@@ -217,4 +222,5 @@ class UploadResponse(BaseModel):
     file: str = Field(description="the sanitised name it was given in the inbox")
     path: str = Field(description="where it was written, relative to the home")
     priority: str
+    lineage: str = "main"
     bytes: int

@@ -14,8 +14,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainbox.lineage import check_lineage
 from trainbox.states import Priority
 
 
@@ -675,6 +676,11 @@ class JobOverrides(TrainingConfig):
     """A sidecar: any [training] key, plus where the job queues and what it validates on."""
 
     priority: Priority | None = Field(None, description="Queue for this job: high, normal or low.")
+    lineage: str | None = Field(
+        None,
+        description="The chain of model versions this job continues (default: the inbox folder it was dropped "
+        "in, inbox/<lineage>/, else main). Each lineage has its own current version, gate and memory.",
+    )
     eval_file: str | None = Field(None, description="Validation JSONL (absolute, or relative to the sidecar's folder).")
     requeue_of: int | None = Field(
         None,
@@ -682,6 +688,11 @@ class JobOverrides(TrainingConfig):
         description="Set by trainbox requeue: this file is job N's again, to train on top of the current version; "
         "admitted although job N's identical file was trained (not while one is waiting or training).",
     )
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_lineage(v)
 
 
 def _describe(err: ValidationError, source: str, prefix: str = "") -> str:

@@ -248,9 +248,24 @@ async function refreshJobs(q) {
   rows($("jobs-table").tBodies[0], html, 5, "no jobs yet");
 }
 
+// lineages (issue 18): each a chain of versions with its own current one; the select shows one or all
+let modelsCache = [];
 async function refreshModels() {
-  const models = await api("/api/models");
-  const html = models.map((v) => `<tr><td>v${v.id}${v.current ? '<span class="tag">current</span>' : ""}</td>
+  modelsCache = await api("/api/models");
+  const pick = $("models-lineage");
+  const names = [...new Set(modelsCache.map((v) => v.lineage || "main"))].sort((a, b) => (a !== "main") - (b !== "main") || a.localeCompare(b));
+  const chosen = pick.value;
+  pick.innerHTML = ["all", ...names].map((n) => `<option value="${esc(n)}">${n === "all" ? "all lineages" : esc(n)}</option>`).join("");
+  pick.value = chosen && (chosen === "all" || names.includes(chosen)) ? chosen : "all";
+  pick.hidden = names.length < 2 && !names.some((n) => n !== "main");
+  showModels();
+}
+
+function showModels() {
+  const chosen = $("models-lineage").value || "all";
+  const models = modelsCache.filter((v) => chosen === "all" || (v.lineage || "main") === chosen);
+  const line = (v) => (v.lineage && v.lineage !== "main" ? `<span class="tag">${esc(v.lineage)}</span>` : "");
+  const html = models.map((v) => `<tr data-lineage="${esc(v.lineage || "main")}"><td>v${v.id}${line(v)}${v.current ? '<span class="tag">current</span>' : ""}</td>
       <td>${v.parent_id ? "v" + v.parent_id : esc(v.base_model ? "base" : "—")}</td>
       <td class="name" title="${esc(v.job_name || "")}">${v.job_id ? `<bdi>#${v.job_id} ${esc(v.job_name || "")}</bdi>` : "—"}</td><td class="num">${v.steps}</td>
       <td class="num">${num(v.train_loss)}</td><td class="num">${num(v.val_loss)}</td></tr>`).join("");
@@ -436,3 +451,4 @@ setInterval(() => refreshSystem().catch(() => {}), 5000);
 
 drawCharts();
 connect();
+$("models-lineage").addEventListener("change", showModels);
