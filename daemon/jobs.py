@@ -164,7 +164,7 @@ class JobRunner:
         other, and retention empties the trash), and their rows are marked deleted."""
         checkpoints = run_dir / "checkpoints"
         if checkpoints.is_dir():
-            trash = self.home.root / "trash"
+            trash = self.home.trash
             trash.mkdir(parents=True, exist_ok=True)
             dest = trash / f"{time.time_ns()}-job-{job_id:06d}-rebased-checkpoints"
             os.rename(checkpoints, dest)

@@ -272,7 +272,7 @@ class Daemon:
         """After a disk-full pause, resume intake and training once there is room again."""
         if self.disk_full_needs is None:
             return
-        free = shutil.disk_usage(self.home.root).free
+        free = shutil.disk_usage(self.home.storage).free  # where checkpoints are written
         if free >= self.disk_full_needs:
             assert self.db is not None
             self.db.event("disk_ok", f"{free} bytes free again (needed {self.disk_full_needs}): resuming")

@@ -98,7 +98,7 @@ async def post_upload(
         path, size = await receive(request.stream(), folder / priority.value, name, st.max_upload_bytes)
     except UploadError as e:
         raise HTTPException(e.status, str(e)) from None
-    where = str(path.relative_to(st.home.root))
+    where = str(path.relative_to(st.home.storage))
     return UploadResponse(file=path.name, path=where, priority=priority.value, lineage=lineage or MAIN, bytes=size)
 
 

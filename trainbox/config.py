@@ -659,6 +659,15 @@ class DbConfig(_Strict):
         return self.url or home_db_url
 
 
+class StorageConfig(_Strict):
+    shared: str = Field(
+        "",
+        description="Folder every host of a fleet reads and writes (a shared mount: NFS or any other): the inbox, "
+        "the spool, runs and their checkpoints, model versions, memory sets. Empty: the home itself (one host). "
+        "Relative paths are relative to the home. Renames stay inside it, so the spool's claims by rename hold.",
+    )
+
+
 class Settings(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -670,6 +679,7 @@ class Settings(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     db: DbConfig = Field(default_factory=DbConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
 
 class JobOverrides(TrainingConfig):
