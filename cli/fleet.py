@@ -45,7 +45,8 @@ def fleet(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     if not rows:
         console.print("no hosts yet: a daemon joins the fleet when it starts")
         return
-    table = Table("host", "liveness", "state", "heartbeat", "job", "pid", "version", "gpu", "home")
+    table = Table("host", "liveness", "state", "beat", "job", "pid", "version", "gpu")
+    table.add_column("home", overflow="fold")  # a path wraps rather than losing its end
     for r in rows:
         cells = (
             r["name"],
