@@ -113,3 +113,18 @@ def describe(host: HostRecord, now: float) -> dict[str, Any]:
         "started_at": host.started_at,
         "stopped_at": host.stopped_at,
     }
+
+
+def summary(hosts: list[HostRecord], now: float) -> tuple[bool, str]:
+    """For ``trainbox health``: whether no host is stale, and the counts, naming the stale ones."""
+    by: dict[Liveness, list[str]] = {state: [] for state in Liveness}
+    for h in hosts:
+        by[liveness(h, now)].append(h.name)
+    counts = ", ".join(f"{len(names)} {state.value}" for state, names in by.items() if names) or "no hosts yet"
+    stale = by[Liveness.STALE]
+    if stale:
+        return (
+            False,
+            f"{counts}: {', '.join(stale[:5])} silent for more than {STALE_BEATS} beats (dead, hung or cut off)",
+        )
+    return True, counts

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import pytest
 from daemon.host_beat import HostBeat, HostTaken
 from management import hosts
 from management.db import ModelDB
-from management.fleet import Claim, HostRecord, Liveness, describe, judge_claim, liveness, stale_after
+from management.fleet import Claim, HostRecord, Liveness, describe, judge_claim, liveness, stale_after, summary
+from safety.checkup import Level, check_fleet
 from tests.e2e_helpers import wait_for
 from tests.monitoring_helpers import ServerProc
 from trainbox.config import ConfigError, FleetConfig, load_settings
@@ -57,6 +59,14 @@ def test_a_host_is_stale_after_three_of_its_own_beats_and_stopped_once_it_said_s
     assert liveness(_host(heartbeat_at=NOW, stopped_at=NOW), NOW) is Liveness.STOPPED
     shown = describe(_host(heartbeat_at=NOW - 20, job_id=7), NOW)
     assert shown["liveness"] == "stale" and shown["heartbeat_age_s"] == 20.0 and shown["job_id"] == 7
+
+
+def test_health_names_the_stale_hosts() -> None:
+    fine, detail = summary([_host(name="a"), _host(name="b", stopped_at=NOW)], NOW)
+    assert fine and detail == "1 alive, 1 stopped"
+    fine, detail = summary([_host(name="a"), _host(name="b", heartbeat_at=NOW - 60)], NOW)
+    assert not fine and detail.startswith("1 alive, 1 stale: b silent")
+    assert summary([], NOW) == (True, "no hosts yet")
 
 
 def test_who_may_take_a_host_name() -> None:
@@ -269,6 +279,8 @@ def test_two_daemons_see_each_other_and_a_killed_one_goes_stale(tmp_path: Path, 
 
         api = wait_for(lambda: (f := fleet_api())["beta"]["liveness"] == "stale" and f, 30, "beta stale in /api/fleet")
         assert api["alpha"]["liveness"] == "alive" and api["alpha"]["pid"] == procs[0].pid
+        health = check_fleet(any_db_url, time.time())  # trainbox health's look, read-only
+        assert health.level is Level.WARNING and "beta silent" in health.detail
 
         # the third is refused, saying why; alpha is untouched
         out, _ = third.communicate(timeout=60)
