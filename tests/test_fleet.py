@@ -243,7 +243,7 @@ def _fleet_cli(home: Home, *args: str) -> str:
 @pytest.mark.e2e
 def test_two_daemons_see_each_other_and_a_killed_one_goes_stale(tmp_path: Path, any_db_url: str) -> None:
     a, b = _fleet_home(tmp_path / "a", any_db_url, "alpha"), _fleet_home(tmp_path / "b", any_db_url, "beta")
-    procs = [_daemon(a), _daemon(b)]
+    procs: list[subprocess.Popen[Any]] = [_daemon(a), _daemon(b)]
     server: ServerProc | None = None
     try:
         server = ServerProc(a)  # starts while the daemons do
