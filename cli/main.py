@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, console, eta, settings_or_exit
+from cli.fleet import register as register_fleet
 from cli.logs import register as register_logs
 from cli.report import register as register_report
 from cli.siblings import LineageOpt, models_list
@@ -409,6 +410,7 @@ def config_cmd(
 register_siblings(app, models_app)  # watchdog, retention, health, up, install-systemd, models ...
 register_logs(app)  # trainbox logs [JOB] [-f]
 register_report(app)  # report N
+register_fleet(app)  # fleet: the daemons sharing the model DB
 
 
 def main() -> None:

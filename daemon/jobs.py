@@ -118,6 +118,7 @@ class JobRunner:
                 attempt=attempt,
                 pid=pid,
                 init_model=init_model,
+                host=self.settings.fleet.host,
                 oom_count_at_start=oom_counter.oom_kill_count(),  # the worker runs in the daemon's cgroup
             )
             s.add(run)

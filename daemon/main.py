@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.admission import Admission
 from daemon.gate import Gates
+from daemon.host_beat import HostBeat
 from daemon.inbox_report import InboxHousekeeping
 from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
@@ -85,6 +86,7 @@ class Daemon:
         self.gpus = 0  # visible GPUs, counted once at start
         self.lock_wait: LockWait | None = None  # a run folder another process holds (our worker exited locked)
         self.notifier: Notifier | None = None  # webhooks' thread (daemon/notifier.py); None without [notify]
+        self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -117,12 +119,15 @@ class Daemon:
         db_url = self.settings.db.url_for(self.home.db_url)  # [db] url, else the home's SQLite file
         self.db = ModelDB(db_url)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
+        self.gpus = visible_gpus()
+        self.host = HostBeat(self.db, self.settings.fleet, self.home.root, self.gpus)
+        # before this daemon touches a job: another live daemon with our fleet name refuses us
+        self.host.claim(self.started_at, (previous.pid, previous.started_at) if previous else None)
         self.notifier = Notifier.open(self.home, self.settings)  # before any event of this start is written
         crashed = unclean_exit(previous)
         if crashed:
             self.db.event(DAEMON_CRASHED, crashed, pid=previous.pid if previous else None)
         self.paused = bool(previous and previous.paused)
-        self.gpus = visible_gpus()
         self.admission = Admission(
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=self.gpus
         )
@@ -189,6 +194,7 @@ class Daemon:
         self.maybe_dispatch(now)
         self.keep_warm(now)
         self.write_status(now)
+        self.beat(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
     def handle_signals(self, now: float) -> None:
@@ -405,6 +411,19 @@ class Daemon:
             ),
         )
 
+    def beat(self, now: float) -> None:
+        """The fleet's heartbeat (when due); a daemon whose host name another daemon took, after this one was
+        silent past the stale limit, stops: two daemons must not act under one name."""
+        if self.host is None:
+            return
+        job = self.worker.job_id if self.worker else None
+        if not self.host.tick(now, self.state(), job, self.paused):
+            assert self.db is not None
+            self.message = f"fleet host {self.settings.fleet.host!r} was taken by another daemon: stopping"
+            log.error(self.message)
+            self.db.event("host_taken", self.message)
+            self.begin_stop(now)
+
     def shutdown(self) -> None:
         if self.worker is not None:  # only on an unexpected exception: do not leave an orphan
             worker, self.worker = self.worker, None
@@ -423,6 +442,8 @@ class Daemon:
         self.finished = True
         if self.db is not None:
             self.write_status(time.time())
+            if self.host is not None:
+                self.host.stop(time.time())
             self.db.event("daemon_stopped", f"pid {os.getpid()}")
             self.db.close()
         self.lock.release()

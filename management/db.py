@@ -92,6 +92,7 @@ class Run(Base):
     # daemon records the run, and the kills counted while it ran once its end is known (None: unread)
     oom_count_at_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
     oom_kills: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    host: Mapped[str | None] = mapped_column(String, nullable=True, doc="fleet.host of the daemon that ran it")
 
 
 class Checkpoint(Base):
@@ -222,6 +223,26 @@ class Lease(Base):
     expires_at: Mapped[float] = mapped_column(Float, default=0.0)
     acquired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="a lineage lease: the job it is for")
+
+
+class Host(Base):
+    """One daemon of a fleet (issue 18), by its ``fleet.host`` name: upserted at start, beaten every
+    ``heartbeat_seconds``, marked stopped on a clean exit (``management/hosts.py``, ``daemon/host_beat.py``)."""
+
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    heartbeat_seconds: Mapped[float] = mapped_column(Float, doc="its promised beat: stale after 3 of them")
+    state: Mapped[str] = mapped_column(String, doc="the daemon's state word, as in status/daemon.json")
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="the job it trains or holds paused")
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    version: Mapped[str] = mapped_column(String, default="", doc="its trainbox version")
+    home: Mapped[str] = mapped_column(String, default="", doc="its home folder, for display")
+    gpu: Mapped[str] = mapped_column(String, default="", doc="its GPUs in a few words; empty without")
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True, doc="set on a clean exit")
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -20,6 +20,7 @@ from monitoring.params import MAX_ID, MAX_STEP, JobIdPath, JobIdQuery, Limit, Ma
 from monitoring.prometheus_history import read_history, step_seconds
 from monitoring.schemas import (
     EventsPage,
+    FleetResponse,
     JobDetail,
     JobsPage,
     MetricsResponse,
@@ -121,6 +122,11 @@ def get_system(st: State) -> SystemInfo:
     return read_system(st.home.root, st.gpus)
 
 
+def get_fleet(st: State) -> FleetResponse:
+    """The daemons sharing this model DB: state, heartbeat age (alive, or stale past 3 beats), job, pid, version."""
+    return views.fleet(st.db)
+
+
 def get_events(
     st: State,
     since_id: Annotated[
@@ -165,6 +171,7 @@ ROUTES: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
     ("/api/models", get_models, {"response_model": list[VersionView]}),
     ("/api/system", get_system, {"response_model": SystemInfo}),
     ("/api/events", get_events, {"response_model": EventsPage}),
+    ("/api/fleet", get_fleet, {"response_model": FleetResponse}),
     (
         "/api/stream",
         get_stream,

@@ -121,6 +121,7 @@ class RunView(BaseModel):
     start_step: int
     end_step: int | None
     init_model: str
+    host: str | None = Field(None, description="fleet.host of the daemon that ran it (null: before fleets)")
 
 
 class CheckpointView(BaseModel):
@@ -224,3 +225,26 @@ class UploadResponse(BaseModel):
     priority: str
     lineage: str = "main"
     bytes: int
+
+
+class HostView(BaseModel):
+    """One daemon of the fleet sharing this model DB (issue 18; management/fleet.py ``describe``)."""
+
+    name: str = Field(description="its fleet.host, unique in the fleet")
+    liveness: str = Field(description="alive: beat within 3 x heartbeat_seconds; stale: silent longer; stopped: exited")
+    state: str = Field(description="its last reported state: starting, idle, training, paused, disk_full, stopping...")
+    heartbeat_age_s: float
+    heartbeat_seconds: float = Field(description="how often it promised to beat")
+    job_id: int | None = Field(None, description="the job its worker trains")
+    paused: bool
+    pid: int
+    version: str = Field(description="its trainbox version")
+    home: str = Field(description="its home folder on its own machine (display only)")
+    gpu: str = Field(description="its GPUs in a few words; empty without")
+    started_at: float
+    stopped_at: float | None = None
+
+
+class FleetResponse(BaseModel):
+    time: float
+    hosts: list[HostView] = Field(description="every daemon that joined, by name; stopped and stale ones included")

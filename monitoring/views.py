@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from management.db import Event, Job, ModelDB, ModelVersion, display_url
+from management.fleet import describe
+from management.hosts import all_hosts
 from management.memory_matrix import memory_matrix
 from management.versions import starting_version
 from monitoring import queries
@@ -21,6 +23,8 @@ from monitoring.schemas import (
     EventsPage,
     EventView,
     FailedItem,
+    FleetResponse,
+    HostView,
     JobDetail,
     JobsPage,
     JobSummary,
@@ -277,6 +281,11 @@ def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> Job
             train_points=len(series.train), eval_points=len(series.eval), last_step=series.last_step
         ),
     )
+
+
+def fleet(db: ModelDB) -> FleetResponse:
+    now = time.time()
+    return FleetResponse(time=now, hosts=[HostView(**describe(h, now)) for h in all_hosts(db)])
 
 
 def current_job_id(home: Home) -> int | None:

@@ -10,6 +10,7 @@ with a message naming the file and the key.
 from __future__ import annotations
 
 import json
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -668,6 +669,38 @@ class StorageConfig(_Strict):
     )
 
 
+MAX_HOST_NAME = 64  # HOST_NAME_MAX on Linux: any machine's own name fits
+
+
+class FleetConfig(_Strict):
+    """This daemon's place in a fleet: several daemons (one per host) sharing one model DB (issue 18)."""
+
+    host: str = Field(
+        "",
+        max_length=MAX_HOST_NAME,
+        validate_default=True,
+        description="This daemon's name in the fleet (trainbox fleet, the dashboard, runs.host); unique among the "
+        "daemons sharing the DB: a second live daemon with the same name is refused. Empty: the machine's host name.",
+    )
+    heartbeat_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between the daemon's heartbeats in the DB's hosts table (not every tick: a write "
+        "costs); a host whose last one is older than 3 times this is shown stale, and its name may be taken.",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _resolve_host(cls, v: str) -> str:
+        """Empty means this machine's name, resolved once at load; a name is shown in tables and pages, so
+        it must be printable (no control or bidi characters) and have no surrounding space."""
+        name = v or socket.gethostname()[:MAX_HOST_NAME]
+        if not name.isprintable() or name != name.strip() or not name:
+            raise ValueError(f"a host name must be printable, without surrounding spaces (got {name!r})")
+        return name
+
+
 class Settings(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -680,6 +713,7 @@ class Settings(_Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     db: DbConfig = Field(default_factory=DbConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
 
 class JobOverrides(TrainingConfig):
