@@ -156,10 +156,14 @@ def _pointer(p: PointerFacts, named: dict[str, int], complete: dict[str, bool]) 
     return []
 
 
-def gather(home: Home, db: ModelDB) -> ModelsFacts:
-    """What is there: rows (pending ones with their run's final/), version-like folders, the pointer."""
+def gather(home: Home, db: ModelDB, busy_jobs: frozenset[int] = frozenset()) -> ModelsFacts:
+    """What is there: rows (pending ones with their run's final/), version-like folders, the pointers.
+    ``busy_jobs``: jobs another host of a fleet holds, whose registration may be under way: their rows,
+    pending or not, and their folders are left alone (their holder finishes or repairs them)."""
     rows = []
     for v in db.versions(pending=True):
+        if v.job_id in busy_jobs:
+            continue
         if is_pending(v):
             final = home.run_dir(v.job_id) / "final" if v.job_id is not None else None
             ready = final is not None and final.is_dir() and is_complete_model(final)
@@ -168,13 +172,16 @@ def gather(home: Home, db: ModelDB) -> ModelsFacts:
             rows.append(RowFacts(v.id, False, Path(v.path).name, v.job_id, lineage=v.lineage))
     folders: dict[str, bool] = {}
     temps: list[str] = []
+    busy_versions = {v.id for v in db.versions(pending=True) if v.job_id in busy_jobs}
     lineages = set(db.lineages())
     if home.models.is_dir():
         for entry in os.scandir(home.models):
             if VERSION_NAME.match(entry.name):
+                if version_number(entry.name) in busy_versions:
+                    continue
                 path = Path(entry.path)
                 folders[entry.name] = entry.is_dir(follow_symlinks=False) and is_complete_model(path)
-            elif TEMP_LINK.match(entry.name):
+            elif TEMP_LINK.match(entry.name) and not busy_jobs:  # another host may be switching a pointer
                 temps.append(entry.name)
             elif (named := lineage_of_pointer(entry.name)) is not None:
                 lineages.add(named)
@@ -217,8 +224,8 @@ def apply(home: Home, db: ModelDB, actions: list[Action]) -> None:
         log.warning("version recovery: %s", a.reason)
 
 
-def recover_versions(home: Home, db: ModelDB) -> list[Action]:
+def recover_versions(home: Home, db: ModelDB, busy_jobs: frozenset[int] = frozenset()) -> list[Action]:
     """Reconcile at daemon start (before gates and jobs); returns what was done."""
-    actions = plan(gather(home, db))
+    actions = plan(gather(home, db, busy_jobs))
     apply(home, db, actions)
     return actions

@@ -689,6 +689,19 @@ class FleetConfig(_Strict):
         description="Seconds between the daemon's heartbeats in the DB's hosts table (not every tick: a write "
         "costs); a host whose last one is older than 3 times this is shown stale, and its name may be taken.",
     )
+    enabled: bool = Field(
+        False,
+        description="Dispatch through the DB's leases (management/leases.py): several daemons on one [db] url and "
+        "one [storage] shared take jobs in priority order across the fleet, one job per lineage at a time; a dead "
+        "host's job is resumed by another once its lease expires. Off: one daemon, exactly as before.",
+    )
+    lease_seconds: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600.0,
+        description="How long a host's lease on a lineage (and on the fleet's leadership) lasts without renewal "
+        "(renewed every third of it): a dead host's job waits this long before another host resumes it.",
+    )
 
     @field_validator("host")
     @classmethod
