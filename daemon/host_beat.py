@@ -52,15 +52,16 @@ class HostBeat:
         self.last_reading: tuple[str, int | None, bool] | None = None
         self.lost = False  # another daemon took our name (we were silent too long): told once
 
-    def claim(self, started_at: float, predecessor: tuple[int, float] | None) -> str:
+    def claim(self, started_at: float, previous_pid: int | None) -> str:
         """Take our host name or raise ``HostTaken``; returns why the name was ours to take. ``started_at``: the
-        daemon's, as in its status file; ``predecessor``: the (pid, started_at) of the home's previous daemon,
-        from that file. A fresh row of another daemon is watched for at most its stale limit (``judge_claim``)."""
+        daemon's, as in its status file; ``previous_pid``: the pid the home's previous daemon left in its lock
+        file. A fresh row of another daemon is watched for at most its stale limit (``judge_claim``)."""
+        own = {(pid, str(self.home)) for pid in (previous_pid, os.getpid()) if pid is not None}
         first_seen: float | None = None
         while True:
             now = self.clock()
             row = hosts.host(self.db, self.fleet.host)
-            verdict = judge_claim(row, now, first_seen, predecessor)
+            verdict = judge_claim(row, now, first_seen, own)
             if verdict.claim is Claim.REFUSE:
                 raise HostTaken(verdict.reason)
             if verdict.claim is Claim.WAIT:

@@ -121,11 +121,11 @@ class Daemon:
         self.spool.ensure()
         db_url = self.settings.db.url_for(self.home.db_url)  # [db] url, else the home's SQLite file
         self.db = ModelDB(db_url)
-        previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.gpus = visible_gpus()
         self.host = HostBeat(self.db, self.settings.fleet, self.home.root, self.gpus)
         # before this daemon touches a job: another live daemon with our fleet name refuses us
-        self.host.claim(self.started_at, (previous.pid, previous.started_at) if previous else None)
+        self.host.claim(self.started_at, self.lock.previous_pid)
+        previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.notifier = Notifier.open(self.home, self.settings)  # before any event of this start is written
         crashed = unclean_exit(previous)
         if crashed:

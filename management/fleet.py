@@ -9,6 +9,7 @@ another host's CLI, judges it by the beat it promised.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -64,13 +65,14 @@ def liveness(host: HostRecord, now: float) -> Liveness:
 
 
 def judge_claim(
-    host: HostRecord | None, now: float, first_seen: float | None, predecessor: tuple[int, float] | None = None
+    host: HostRecord | None, now: float, first_seen: float | None, own: Collection[tuple[int, str]] = ()
 ) -> ClaimVerdict:
     """May a starting daemon take the name of ``host`` (its row, None when there is none)?
 
-    ``predecessor`` is the (pid, started_at) of the last daemon of the claimant's own home (its
-    ``status/daemon.json``): the claimant holds that home's lock, so that daemon is gone, and a row it wrote is
-    free at once (a daemon killed with -9 and restarted does not wait for its own row to go stale).
+    ``own`` holds the (pid, home) pairs of daemons the claimant knows are its own home's and not alive elsewhere:
+    the last one (the pid it left in the home's lock file, which the claimant holds now, so it is gone) and the
+    claimant's own process. A row of theirs is free at once: a daemon killed with -9 and restarted does not wait
+    for its own row to go stale.
     ``first_seen`` is the row's ``heartbeat_at`` at the claimant's first look (None at that look). Any other fresh
     row is watched rather than refused at once: a new beat means a live daemon holds the name (refused, within
     about one heartbeat); silence past ``STALE_BEATS`` beats means a dead one (taken).
@@ -82,8 +84,8 @@ def judge_claim(
     state = liveness(host, now)
     if state is Liveness.STOPPED:
         return ClaimVerdict(Claim.TAKE, f"its last daemon ({who}) stopped cleanly")
-    if predecessor == (host.pid, host.started_at):
-        return ClaimVerdict(Claim.TAKE, f"its last daemon ({who}) was this home's, whose lock is ours now: gone")
+    if (host.pid, host.home) in own:
+        return ClaimVerdict(Claim.TAKE, f"its last daemon ({who}) was this home's own, whose lock is ours now")
     if state is Liveness.STALE:
         limit = stale_after(host.heartbeat_seconds)
         return ClaimVerdict(Claim.TAKE, f"its last daemon ({who}) has been silent {age:.1f} s (> {limit:g} s): dead")

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from daemon.host_beat import HostBeat, HostTaken
+from daemon.lock import InstanceLock
 from management import hosts
 from management.db import ModelDB
 from management.fleet import Claim, HostRecord, Liveness, describe, judge_claim, liveness, stale_after, summary
@@ -83,8 +84,9 @@ def test_who_may_take_a_host_name() -> None:
     assert beaten.claim is Claim.REFUSE
     assert "'alpha'" in beaten.reason and "pid 4242" in beaten.reason and "unique" in beaten.reason
     # ... and taken at once when it is the row of this home's previous daemon, whose lock the claimant holds
-    assert judge_claim(fresh, NOW, None, predecessor=(4242, NOW - 100)).claim is Claim.TAKE
-    assert judge_claim(fresh, NOW, None, predecessor=(4242, NOW - 99)).claim is Claim.WAIT
+    assert judge_claim(fresh, NOW, None, own={(4242, "/srv/trainbox")}).claim is Claim.TAKE
+    assert judge_claim(fresh, NOW, None, own={(4242, "/srv/other")}).claim is Claim.WAIT  # another machine's
+    assert judge_claim(fresh, NOW, None, own={(4243, "/srv/trainbox")}).claim is Claim.WAIT
 
 
 def test_the_host_name_defaults_to_the_machines_and_must_be_printable(tmp_path: Path) -> None:
@@ -123,7 +125,7 @@ def _beat(db: ModelDB, clock: Clock, name: str, home: str) -> HostBeat:
     return HostBeat(db, fleet, Path(home), gpus=0, clock=clock, sleep=clock.sleep)
 
 
-def test_a_live_host_keeps_its_name_and_a_dead_one_loses_it(any_db_url: str) -> None:
+def test_a_live_host_keeps_its_name_and_a_dead_one_loses_it(any_db_url: str, tmp_path: Path) -> None:
     db = ModelDB(any_db_url)
     clock = Clock()
     try:
@@ -153,11 +155,20 @@ def test_a_live_host_keeps_its_name_and_a_dead_one_loses_it(any_db_url: str) -> 
         # a clean stop frees the name at once; a daemon killed and restarted in its home takes its own row at once
         second.stop(clock.now)
         assert _beat(db, clock, "alpha", "/homes/c").claim(clock.now, None).endswith("stopped cleanly")
-        killed = _beat(db, clock, "beta", "/homes/d")
-        killed.claim(clock.now - 3, None)
-        assert killed.mine is not None
-        again = _beat(db, clock, "beta", "/homes/d").claim(clock.now, (killed.mine.pid, killed.mine.started_at))
-        assert "whose lock is ours" in again
+        # a daemon killed with -9 (pid 999999, say) and restarted in its home: the pid it left in the home's lock
+        # file names the row as its own, free at once (no wait for it to go stale: the clock does not move)
+        home = tmp_path / "d"
+        home.mkdir()
+        hosts.insert(db, HostRecord("delta", 999999, NOW, clock.now, 5.0, "training", 3, home=str(home)))
+        (home / "trainbox.lock").write_text("999999\n")
+        lock = InstanceLock(home / "trainbox.lock")
+        lock.acquire()
+        try:
+            before = clock.now
+            reason = _beat(db, clock, "delta", str(home)).claim(clock.now, lock.previous_pid)
+            assert "this home's own" in reason and clock.now == before
+        finally:
+            lock.release()
     finally:
         db.close()
 
