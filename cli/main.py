@@ -17,13 +17,15 @@ import typer
 from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, console, eta, settings_or_exit
+from cli.fleet import register as register_fleet
 from cli.logs import register as register_logs
 from cli.report import register as register_report
-from cli.siblings import models_list
+from cli.siblings import LineageOpt, models_list
 from cli.siblings import register as register_siblings
 from trainbox import control
 from trainbox.config import Settings, defaults_toml
 from trainbox.home import Home
+from trainbox.lineage import MAIN, LineageError, check_lineage
 from trainbox.spool import Spool, job_id_of
 from trainbox.states import Priority
 from trainbox.status import (
@@ -69,11 +71,21 @@ def daemon(home: HomeOpt = None) -> None:
 def add(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL file to train.")],
     priority: Annotated[Priority | None, typer.Option(help="high, normal or low.")] = None,
+    lineage: Annotated[
+        str | None, typer.Option("--lineage", help="The chain of model versions it continues (default: main).")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Copy a file (and its sidecar, if any) into the inbox; the daemon admits it."""
     h = _home(home).ensure()
-    target_dir = h.inbox / priority.value if priority else h.inbox
+    target_dir = h.inbox
+    if lineage is not None and lineage != MAIN:
+        try:
+            target_dir /= check_lineage(lineage)
+        except LineageError as e:
+            console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2) from None
+    target_dir = target_dir / priority.value if priority else target_dir
     for sidecar in (file.with_suffix(".toml"), file.with_suffix(".json")):
         if sidecar.is_file() and sidecar != file:
             _copy_in(sidecar, target_dir)  # first, so it is there when the data file is admitted
@@ -375,10 +387,11 @@ def prioritize(
 
 
 @models_app.callback()
-def models(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Model versions (``list``, the default), ``promote V``, ``rollback``, ``export V``."""
+def models(ctx: typer.Context, home: HomeOpt = None, as_json: JsonOpt = False, lineage: LineageOpt = None) -> None:
+    """Model versions (``list``, the default; ``--lineage X``: one lineage's), ``promote V``, ``rollback``,
+    ``export V``."""
     if ctx.invoked_subcommand is None:
-        models_list(home=home, as_json=as_json)
+        models_list(home=home, as_json=as_json, lineage=lineage)
 
 
 @app.command("config")
@@ -397,6 +410,7 @@ def config_cmd(
 register_siblings(app, models_app)  # watchdog, retention, health, up, install-systemd, models ...
 register_logs(app)  # trainbox logs [JOB] [-f]
 register_report(app)  # report N
+register_fleet(app)  # fleet: the daemons sharing the model DB
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def requeue(home: Home, db: ModelDB, job_id: int) -> Path:
     if target.exists() or sidecar.exists() or target.with_suffix(".toml").exists():
         raise RequeueError(f"{target.name} (or its sidecar) is in the inbox already")
     overrides = dict(job.settings or {})
-    overrides |= {"priority": job.priority, "requeue_of": job_id}
+    overrides |= {"priority": job.priority, "requeue_of": job_id, "lineage": job.lineage}
     eval_copy = home.run_dir(job_id) / "eval.jsonl"
     if eval_copy.is_file():
         overrides["eval_file"] = str(eval_copy)

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
 from trainbox.home import Home
+from trainbox.lineage import MAIN
 
 
 def _logging() -> None:
@@ -165,23 +166,30 @@ def _db(h: Home) -> Any:
     return ModelDB(url)
 
 
-def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """Model versions with lineage, the eval gate's verdict, which one is current, and each version's loss on
-    every job's memory set (issue 17)."""
+LineageOpt = Annotated[
+    str | None, typer.Option("--lineage", help="Only this lineage's versions (default: every lineage).")
+]
+
+
+def models_list(home: HomeOpt = None, as_json: JsonOpt = False, lineage: LineageOpt = None) -> None:
+    """Model versions with their parents, the eval gate's verdict, which one is current in each lineage, and
+    each version's loss on every job's memory set (issue 17)."""
     from management.memory_matrix import format_matrix, memory_matrix
     from management.versions import current_id
 
     h = Home.resolve(home)
     db = _db(h)
-    cur = current_id(h)
+    names = [lineage] if lineage is not None else db.lineages()
+    currents = {name: current_id(h, name) for name in names}
     gates = {g.version_id: g for g in db.gates()}
     rows = []
-    for v in db.versions():
+    for v in db.versions(lineage=lineage):
         g = gates.get(v.id)
         rows.append(
             {
                 "version": v.id,
-                "current": v.id == cur,
+                "lineage": v.lineage,
+                "current": v.id == currents.get(v.lineage),
                 "parent": v.parent_id,
                 "job": v.job_id,
                 "val_loss": v.val_loss,
@@ -193,25 +201,35 @@ def models_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
                 "adapter_of": v.adapter_of,
             }
         )
-    matrix = memory_matrix(db)
-    db.close()
     if as_json:
-        print(json.dumps({"current": cur, "versions": rows, "memory": matrix.as_dict()}, indent=2))
+        memory = memory_matrix(db, lineage).as_dict()
+        db.close()
+        current = currents.get(lineage or MAIN)
+        lineages = {name: {"current": currents[name]} for name in names}
+        print(json.dumps({"current": current, "lineages": lineages, "versions": rows, "memory": memory}, indent=2))
         return
-    table = Table("version", "parent", "job", "val loss", "eval loss", "gate", "reason")
-    for r in rows:
-        mark = " (current)" if r["current"] else ""
-        table.add_row(
-            f"{r['version']}{mark}",
-            str(r["parent"] or "-"),
-            str(r["job"]),
-            "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
-            "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
-            r["gate"] or "-",
-            r["reason"][:90],
-        )
-    console.print(table)
-    print(format_matrix(matrix, cur))
+    matrices = {name: memory_matrix(db, name) for name in names}
+    db.close()
+    for name in names:
+        mine = [r for r in rows if r["lineage"] == name]
+        if len(names) > 1 or name != MAIN:
+            if not mine:
+                continue
+            console.print(f"lineage {name}: current version {currents[name] or '-'}", style="bold", markup=False)
+        table = Table("version", "parent", "job", "val loss", "eval loss", "gate", "reason")
+        for r in mine:
+            mark = " (current)" if r["current"] else ""
+            table.add_row(
+                f"{r['version']}{mark}",
+                str(r["parent"] or "-"),
+                str(r["job"]),
+                "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
+                "-" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}",
+                r["gate"] or "-",
+                r["reason"][:90],
+            )
+        console.print(table)
+        print(format_matrix(matrices[name], currents[name]))
 
 
 def models_promote(
@@ -255,16 +273,19 @@ def models_rollback(
         int | None,
         typer.Option("--before-job", help="Make current the last version not trained on this job's file."),
     ] = None,
+    lineage: Annotated[str, typer.Option("--lineage", help="Whose current version (--before-job: the job's).")] = MAIN,
 ) -> None:
     """Make the version that was current before the current one current again (or, with --before-job N, the
-    last version of the current lineage not trained on job N's file; trainbox requeue retrains later files)."""
+    last version of the job's lineage not trained on job N's file; trainbox requeue retrains later files)."""
     from management.versions import VersionError, current_id, rollback, rollback_before_job
 
     h = Home.resolve(home)
     db = _db(h)
-    before = current_id(h)
+    if before_job is not None and (job := db.job(before_job)) is not None:
+        lineage = job.lineage
+    before = current_id(h, lineage)
     try:
-        v = rollback(h, db) if before_job is None else rollback_before_job(h, db, before_job)
+        v = rollback(h, db, lineage) if before_job is None else rollback_before_job(h, db, before_job)
     except VersionError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None

@@ -159,7 +159,7 @@ def _installed(key: str, package: str) -> bool:
 def open_tracking(spec: JobSpec) -> Tracking:
     """The trackers the home's ``[tracking]`` asks for (read here: they observe, they do not change the
     training, so they are not part of the job's fixed spec)."""
-    home = Home(Path(spec.run_dir).parents[1])
+    home = Home(Path(spec.status_file).parents[1])  # the host's home: status/ lives there, runs/ may not
     try:
         config = load_settings(home.config_file).tracking
     except (ConfigError, OSError) as e:

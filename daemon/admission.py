@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from daemon.admission_settings import SettingsCheck, resolve_eval_file
-from daemon.inbox_scan import priority_folder
+from daemon.inbox_scan import placement
 from daemon.spool import claim, move
 from daemon.staging import Intent, eval_name_beside, sidecars_beside
 from management.db import Event, Job, ModelDB
@@ -34,6 +34,7 @@ from trainbox.atomic import atomic_write_json
 from trainbox.config import ConfigError, DaemonConfig, TrainingConfig, load_sidecar
 from trainbox.crashpoints import crash_point
 from trainbox.home import Home
+from trainbox.lineage import MAIN
 from trainbox.records import Limits, Validation
 from trainbox.safefs import NotRegularFile, copy_regular, display_name, lstat_kind
 from trainbox.spool import JOB_SUFFIX, Spool, spool_name
@@ -84,6 +85,7 @@ class Staged:
     priority: Priority = Priority.NORMAL
     eval_source: Path | None = None  # an eval file elsewhere in the home, copied when queued
     requeue_of: int | None = None  # ``trainbox requeue``: job N's file again, not a duplicate of it
+    lineage: str | None = None  # the sidecar's ``lineage`` (None: the folder's, already on the row)
 
     @property
     def job_id(self) -> int:
@@ -125,12 +127,16 @@ class Admission:
         self.set_aside: set[Path] = set()  # inbox paths that could not even be quarantined
 
     def priority_of(self, path: Path) -> Priority:
-        """A file in ``inbox/high/`` (any case) asks for that priority; one in ``inbox/`` the default."""
-        if path.parent != self.home.inbox:
-            chosen = priority_folder(path.parent.name)
-            if chosen is not None:
-                return chosen
-        return self.config.default_priority
+        """A file in ``inbox/high/`` or ``inbox/<lineage>/high/`` (any case) asks for that priority; one
+        elsewhere the default (a sidecar's ``priority`` wins later)."""
+        where = placement(self.home.inbox, path)
+        return where.priority if where is not None and where.priority is not None else self.config.default_priority
+
+    def lineage_of(self, path: Path) -> str:
+        """A file in ``inbox/<lineage>/`` belongs to that lineage; one elsewhere to ``main`` (a sidecar's
+        ``lineage`` wins later)."""
+        where = placement(self.home.inbox, path)
+        return where.lineage if where is not None and where.lineage is not None else MAIN
 
     # the daemon's entry: admit ready files within a time budget
     def work(self, ready: list[Path], budget_s: float, clock: Callable[[], float] = time.monotonic) -> list[Admitted]:
@@ -183,15 +189,16 @@ class Admission:
         return True
 
     def in_inbox(self, path: Path) -> bool:
-        """Directly in the inbox or in one of its real priority folders: an event from anywhere else
-        (a watch that strayed through a symlinked folder) is never admitted."""
-        if path.parent == self.home.inbox:
-            return True
-        return (
-            path.parent.parent == self.home.inbox
-            and priority_folder(path.parent.name) is not None
-            and not os.path.islink(path.parent)
-        )
+        """Directly in the inbox or in one of its real priority or lineage folders: an event from
+        anywhere else (a watch that strayed through a symlinked folder) is never admitted."""
+        if placement(self.home.inbox, path) is None:
+            return False
+        folder = path.parent
+        while folder != self.home.inbox:
+            if os.path.islink(folder):
+                return False
+            folder = folder.parent
+        return True
 
     @property
     def busy(self) -> bool:
@@ -231,7 +238,12 @@ class Admission:
         sidecars = sidecars_beside(path)
         eval_name = self._eval_beside(path, sidecars)
         with self.db.session() as s:
-            job = Job(name=display_name(path.name), state=ADMITTING, priority=self.priority_of(path).value)
+            job = Job(
+                name=display_name(path.name),
+                state=ADMITTING,
+                priority=self.priority_of(path).value,
+                lineage=self.lineage_of(path),
+            )
             s.add(job)
             s.flush()
             job_id = job.id
@@ -338,6 +350,7 @@ class Admission:
             raise Rejected("bad_input", f"sidecar: {e}") from e
         overrides = parsed.model_dump(mode="json", exclude_unset=True)
         staged.priority = Priority(overrides.pop("priority", None) or staged.priority.value)
+        staged.lineage = overrides.pop("lineage", None)
         chosen = overrides.pop("eval_file", None)
         staged.requeue_of = overrides.pop("requeue_of", None)
         problems = self.settings_check.problems(overrides)
@@ -405,12 +418,16 @@ class Admission:
         row.state = JobState.QUEUED.value
         row.spool_name = queued.name
         row.priority = staged.priority.value
+        if staged.lineage is not None:  # the sidecar's; else the folder's, set when the row was made
+            row.lineage = staged.lineage
         row.sha256 = digest
         row.n_records = report.n_records
         row.data_format = report.data_format
         row.settings = staged.overrides
         row.admitted_at = time.time()
         message = f"{row.name}: {report.summary()}, priority {staged.priority.value}"
+        if row.lineage != MAIN:
+            message += f", lineage {row.lineage}"
         s.add(Event(kind="admitted", message=message, job_id=staged.job_id, data={}))
 
     def reject(self, staged: Staged, kind: str, reason: str, **details: Any) -> Admitted:

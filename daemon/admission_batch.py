@@ -75,7 +75,15 @@ def _internal(adm: Admission, one: Staged, e: Exception) -> Admitted:
 
 def _claim_all(adm: Admission, paths: list[Path]) -> list[Staged]:
     with adm.db.session() as s:
-        rows = [Job(name=display_name(p.name), state=ADMITTING, priority=adm.priority_of(p).value) for p in paths]
+        rows = [
+            Job(
+                name=display_name(p.name),
+                state=ADMITTING,
+                priority=adm.priority_of(p).value,
+                lineage=adm.lineage_of(p),
+            )
+            for p in paths
+        ]
         s.add_all(rows)
         s.flush()
         ids = [row.id for row in rows]

@@ -137,5 +137,6 @@ def _record_placed(adm: Admission, job_id: int, path: Path) -> None:
             overrides = load_sidecar(kept).model_dump(mode="json", exclude_unset=True)
             overrides.pop("priority", None)
             overrides.pop("eval_file", None)
+            row.lineage = overrides.pop("lineage", None) or row.lineage
             row.settings = overrides
     adm.db.event("admission_recovered", f"{path.name}: found in {path.parent.name}/", job_id)

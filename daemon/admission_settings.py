@@ -48,9 +48,9 @@ def resolve_eval_file(chosen: str, sidecar_dir: Path, home: Home, config: Daemon
     path = Path(chosen)
     if not path.is_absolute():
         path = sidecar_dir / path
-    allowed = [home.root, *(Path(d) for d in config.eval_dirs)]
+    allowed = [home.root, home.storage, *(Path(d) for d in config.eval_dirs)]
     if not any(is_inside(path, root) for root in allowed):
-        if not os.path.lexists(path) and is_inside(path.parent, home.root):
+        if not os.path.lexists(path) and (is_inside(path.parent, home.root) or is_inside(path.parent, home.storage)):
             raise Rejected("bad_input", f"sidecar: eval_file not found: {chosen}")
         raise Rejected(
             "bad_input",

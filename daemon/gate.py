@@ -81,8 +81,10 @@ class Gates:
         settings: Settings,
         file_done: Callable[[int], None],
         program: list[str] | None = None,
+        only: Callable[[int], bool] | None = None,
     ) -> None:
         self.home, self.db, self.settings, self.program = home, db, settings, program
+        self.only = only  # a fleet's daemon: the gates of the job it holds, never another host's
         self.file_done = file_done  # files the gated job in done/ (``JobRunner.file_done``)
         self.child: GateChild | None = None
         self._pending: list[tuple[Path, GateRequest]] | None = None  # None: read the disk again
@@ -103,9 +105,12 @@ class Gates:
         for path in self.home.runs.glob(f"*/{GATE_PENDING}"):
             data = read_json(path)
             try:
-                found.append((path.parent, GateRequest.model_validate(data)))
+                request = GateRequest.model_validate(data)
             except ValueError:
                 log.warning("unreadable gate request %s: ignored", path)
+                continue
+            if self.only is None or self.only(request.job_id):
+                found.append((path.parent, request))
         return sorted(found, key=lambda item: item[1].version_id)
 
     @property

@@ -118,6 +118,7 @@ class JobRunner:
                 attempt=attempt,
                 pid=pid,
                 init_model=init_model,
+                host=self.settings.fleet.host,
                 oom_count_at_start=oom_counter.oom_kill_count(),  # the worker runs in the daemon's cgroup
             )
             s.add(run)
@@ -145,7 +146,7 @@ class JobRunner:
             return
         if job_training_config(self.settings.training, job.settings or {}).model:
             return
-        start = starting_version(self.home, self.db)
+        start = starting_version(self.home, self.db, job.lineage)
         if start is None or start.id == job.init_version:
             return  # nothing current to move to (never throw training away for the embedded model)
         self._discard_checkpoints(job.id, run_dir)
@@ -164,7 +165,7 @@ class JobRunner:
         other, and retention empties the trash), and their rows are marked deleted."""
         checkpoints = run_dir / "checkpoints"
         if checkpoints.is_dir():
-            trash = self.home.root / "trash"
+            trash = self.home.trash
             trash.mkdir(parents=True, exist_ok=True)
             dest = trash / f"{time.time_ns()}-job-{job_id:06d}-rebased-checkpoints"
             os.rename(checkpoints, dest)
@@ -177,7 +178,7 @@ class JobRunner:
         training = job_training_config(self.settings.training, job.settings or {})
         init_model, init_version = training.model, None
         if not init_model:
-            start = starting_version(self.home, self.db)  # models/current (the eval gate's choice)
+            start = starting_version(self.home, self.db, job.lineage)  # its lineage's current version
             if start is not None:
                 init_model, init_version = start.path, start.id
         with self.db.session() as s:
@@ -445,6 +446,7 @@ class JobRunner:
             steps=result.step,
             kind="adapter" if result.adapter else "full",
             adapter_of=result.base_model if result.adapter else "",
+            lineage=job.lineage,
         )
         crash_point("version.row_pending")
         self._place_pending(job_id, version_id, Path(result.final_model))

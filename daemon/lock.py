@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ class InstanceLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self.previous_pid: int | None = None  # the last holder's pid, as it left it in the file: gone now
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -24,6 +26,8 @@ class InstanceLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise LockHeld(f"another trainbox daemon holds {self.path} (pid {holder})") from None
+        with contextlib.suppress(ValueError):
+            self.previous_pid = int(os.pread(fd, 64, 0).decode(errors="replace").strip())
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

@@ -18,7 +18,9 @@ from types import FrameType
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon.admission import Admission
+from daemon.fleet_member import FleetMember
 from daemon.gate import Gates
+from daemon.host_beat import HostBeat
 from daemon.inbox_report import InboxHousekeeping
 from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
@@ -35,6 +37,7 @@ from daemon.standby import WarmWorker
 from daemon.startup_runs import recover_runs
 from daemon.worker_process import WorkerCommand, WorkerProcess
 from management.db import Job, ModelDB
+from management.leases import leases
 from management.version_recovery import recover_versions
 from trainbox import control, sdnotify
 from trainbox.config import Settings
@@ -85,6 +88,8 @@ class Daemon:
         self.gpus = 0  # visible GPUs, counted once at start
         self.lock_wait: LockWait | None = None  # a run folder another process holds (our worker exited locked)
         self.notifier: Notifier | None = None  # webhooks' thread (daemon/notifier.py); None without [notify]
+        self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
+        self.fleet: FleetMember | None = None  # [fleet] enabled: our leases (daemon/fleet_member.py)
 
     # signals: flag only
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -116,13 +121,19 @@ class Daemon:
         self.spool.ensure()
         db_url = self.settings.db.url_for(self.home.db_url)  # [db] url, else the home's SQLite file
         self.db = ModelDB(db_url)
+        self.gpus = visible_gpus()
+        self.host = HostBeat(self.db, self.settings.fleet, self.home.root, self.gpus)
+        # before this daemon touches a job: another live daemon with our fleet name refuses us
+        self.host.claim(self.started_at, self.lock.previous_pid)
         previous = read_status(self.home.status / DAEMON_STATUS, DaemonStatus)
         self.notifier = Notifier.open(self.home, self.settings)  # before any event of this start is written
         crashed = unclean_exit(previous)
         if crashed:
             self.db.event(DAEMON_CRASHED, crashed, pid=previous.pid if previous else None)
         self.paused = bool(previous and previous.paused)
-        self.gpus = visible_gpus()
+        if self.settings.fleet.enabled:
+            self.fleet = FleetMember(self.db, self.settings.fleet.host, self.settings.fleet.lease_seconds)
+            self.fleet.beat(time.time())
         self.admission = Admission(
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=self.gpus
         )
@@ -130,15 +141,19 @@ class Daemon:
         real_worker = self.worker_command is None and self.settings.daemon.warm_worker
         self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
-        self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program)
+        only = self.fleet.holds if self.fleet is not None else None
+        self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program, only)
         self.reports = Reports(self.home, self.db, self.report_program, db_url)  # requests a killed daemon left
         self.runner.reports = self.reports
-        for admitted in self.admission.recover():
-            log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
-        self._stop_orphans()
-        recover_versions(self.home, self.db)  # pending rows, orphan folders, models/current: before any gate or job
-        self.gates.stop_orphans()
-        self._reconcile()
+        if self.fleet is None:
+            for admitted in self.admission.recover():
+                log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
+            self._stop_orphans()
+            recover_versions(self.home, self.db)  # pending rows, orphan folders, pointers: before any gate or job
+            self.gates.stop_orphans()
+            self._reconcile()
+        else:
+            self._start_in_fleet()
         self.watcher = InboxWatcher(
             self.home.inbox, self.settings.daemon.settle_seconds, self.settings.daemon.polling_observer, time.time
         )
@@ -149,6 +164,24 @@ class Daemon:
         if self.notifier is not None:
             self.notifier.start()
         sdnotify.ready(f"daemon pid {os.getpid()}")  # systemd Type=notify: started
+
+    def _start_in_fleet(self) -> None:
+        """A fleet's daemon repairs only what is its own: the runs its host started (their workers are
+        processes here); its jobs are resumed by claiming them again (its own leases are free to it). The
+        leader also recovers interrupted admissions and the version rows, folders and pointers no other
+        live host is working on; the rows a crash left behind their files wait for a leader's start."""
+        assert self.db is not None and self.fleet is not None
+        recover_runs(self.home, self.spool, self.db, self.settings.daemon.worker_stop_timeout, self.settings.fleet.host)
+        if self.fleet.leading:
+            for admitted in self.admission.recover():
+                log.info("recovered admission of job %s: %s", admitted.job_id, admitted.state.value)
+            now = time.time()
+            busy = frozenset(
+                h.job_id
+                for h in leases(self.db)
+                if h.job_id is not None and h.holder not in ("", self.settings.fleet.host) and h.expires_at > now
+            )
+            recover_versions(self.home, self.db, busy)
 
     def _stop_orphans(self) -> None:
         """A worker outlives a daemon killed with -9 (it has its own session): stop it (it checkpoints)
@@ -181,14 +214,18 @@ class Daemon:
         self.handle_signals(now)
         self.handle_controls(now)
         self.check_disk(now)
-        self.admit_ready(now)
+        self.keep_leases(now)
+        if self.fleet is None or self.fleet.leading:
+            self.admit_ready(now)
         self.reap_worker(now)
         self.reap_gate(now)
+        self.release_finished(now)
         if not self.stopping:
             self.reports.tick(now)  # job reports: children, never blocking (daemon/reports.py)
         self.maybe_dispatch(now)
         self.keep_warm(now)
         self.write_status(now)
+        self.beat(now)
         sdnotify.watchdog_ping()  # systemd WatchdogSec: alive
 
     def handle_signals(self, now: float) -> None:
@@ -272,7 +309,7 @@ class Daemon:
         """After a disk-full pause, resume intake and training once there is room again."""
         if self.disk_full_needs is None:
             return
-        free = shutil.disk_usage(self.home.root).free
+        free = shutil.disk_usage(self.home.storage).free  # where checkpoints are written
         if free >= self.disk_full_needs:
             assert self.db is not None
             self.db.event("disk_ok", f"{free} bytes free again (needed {self.disk_full_needs}): resuming")
@@ -345,6 +382,34 @@ class Daemon:
         if not self.stopping:
             self.gates.tick(now)
 
+    def keep_leases(self, now: float) -> None:
+        """A fleet's daemon renews its leases; one whose job's lease another host took (it was cut off
+        past the TTL, and that host resumed the job) drops the job at once without filing anything."""
+        if self.fleet is None or self.fleet.beat(now):
+            return
+        assert self.db is not None
+        job_id = self.worker.job_id if self.worker is not None else None
+        if self.worker is not None:
+            self.worker.kill()  # its process group: the new holder trains from the last checkpoint
+            self.worker.wait(10)
+            self.worker = None
+        self.gates.stop()
+        self.gates.refresh()
+        self.message = "the lease of this host's job was taken by another host: job dropped here"
+        log.error(self.message)
+        self.db.event("lease_lost", self.message, job_id, host=self.settings.fleet.host)
+
+    def release_finished(self, now: float) -> None:
+        """Give the lineage's lease up once the job has left this host: filed, back in the queue, or this
+        daemon stopping (a paused job is then resumed by another host); kept while it trains, waits for
+        its gate, or is paused here (pause, disk full, a locked run folder)."""
+        if self.fleet is None or self.fleet.job is None or self.worker is not None or self.gates.busy:
+            return
+        assert self.db is not None
+        job = self.db.job(self.fleet.job.job_id or 0)
+        if job is None or job.state not in (JobState.RUNNING, JobState.PAUSED) or self.stopping:
+            self.fleet.release_job()
+
     def maybe_dispatch(self, now: float) -> None:
         if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
             return
@@ -353,6 +418,9 @@ class Daemon:
         if self.gates.busy:
             return  # the next job starts from the models/current the pending gate decides
         assert self.db is not None
+        if self.fleet is not None:
+            self._dispatch_claimed(now)
+            return
         processing = self.spool.processing()
         if processing:
             target = processing[0]  # a paused or interrupted job goes first
@@ -364,6 +432,44 @@ class Daemon:
             target = move(waiting[0].path, self.home.processing)
         self.worker = self.runner.start(target)
         log.info("job %s: training (worker pid %d)", job_id_of(target.name), self.worker.pid)
+
+    def _dispatch_claimed(self, now: float) -> None:
+        """A fleet's dispatch: this host's own job again (paused here), else the job ``claim_job`` gives it,
+        in priority order across the fleet among the lineages no other host holds."""
+        assert self.db is not None and self.fleet is not None
+        if self.fleet.job is None:
+            claim = self.fleet.claim(now, self._can_run)
+            if claim is None:
+                return
+            self.db.event(
+                "job_claimed",
+                f"claimed by host {self.settings.fleet.host} (lease generation {claim.lease.generation})",
+                claim.job_id,
+                host=self.settings.fleet.host,
+                resumed=claim.resumed,
+            )
+            self.gates.refresh()
+        job_id = self.fleet.job.job_id if self.fleet.job is not None else None
+        assert job_id is not None
+        target = next((p for p in self.spool.processing() if job_id_of(p.name) == job_id), None)
+        if target is None:
+            waiting = next((w for w in self.spool.waiting() if w.job_id == job_id), None)
+            if waiting is None:  # its file is elsewhere (filed by a host that lost the lease, or by hand)
+                log.warning("job %d: claimed, but its file is in no queue: lease released", job_id)
+                self.fleet.release_job()
+                return
+            target = move(waiting.path, self.home.processing)
+        if self.db.version_of_job(job_id) is not None:  # its host died between registration and filing
+            self.runner.complete(job_id, WorkerResult(outcome=WorkerOutcome.COMPLETED))
+            self.gates.refresh()
+            return
+        self.worker = self.runner.start(target)
+        log.info("job %s: training (worker pid %d)", job_id, self.worker.pid)
+
+    def _can_run(self, job: Job) -> bool:
+        """Whether this host can take the job: its settings pass this host's checks (a job that needs a GPU
+        this host lacks is left for another host)."""
+        return not self.admission.settings_check.problems(job.settings or {})
 
     def keep_warm(self, now: float) -> None:
         """One worker started ahead for the next job (daemon/standby.py). Without a GPU only while no
@@ -405,6 +511,19 @@ class Daemon:
             ),
         )
 
+    def beat(self, now: float) -> None:
+        """The fleet's heartbeat (when due); a daemon whose host name another daemon took, after this one was
+        silent past the stale limit, stops: two daemons must not act under one name."""
+        if self.host is None:
+            return
+        job = self.worker.job_id if self.worker else None
+        if not self.host.tick(now, self.state(), job, self.paused):
+            assert self.db is not None
+            self.message = f"fleet host {self.settings.fleet.host!r} was taken by another daemon: stopping"
+            log.error(self.message)
+            self.db.event("host_taken", self.message)
+            self.begin_stop(now)
+
     def shutdown(self) -> None:
         if self.worker is not None:  # only on an unexpected exception: do not leave an orphan
             worker, self.worker = self.worker, None
@@ -414,6 +533,8 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
+        if self.fleet is not None:
+            self.fleet.stop()  # a job paused by this stop may be resumed by another host at once
         for helper in (getattr(self, "gates", None), getattr(self, "reports", None), self.warm, self.notifier):
             if helper is not None:
                 helper.stop()
@@ -423,6 +544,8 @@ class Daemon:
         self.finished = True
         if self.db is not None:
             self.write_status(time.time())
+            if self.host is not None:
+                self.host.stop(time.time())
             self.db.event("daemon_stopped", f"pid {os.getpid()}")
             self.db.close()
         self.lock.release()

@@ -52,13 +52,19 @@ def lock_holder_pid(run_dir: Path) -> tuple[int | None, run_lock.LockHolder | No
     return None, holder
 
 
-def find_orphans(home: Home, spool: Spool, open_runs: Iterable[Run]) -> tuple[list[Orphan], dict[int, int | None]]:
+def find_orphans(
+    home: Home, spool: Spool, open_runs: Iterable[Run], only_runs: bool = False
+) -> tuple[list[Orphan], dict[int, int | None]]:
     """Live workers of this home's runs, each once, and the jobs whose run-folder lock is held by a
-    process that is no worker of that run (job id -> its pid, if it wrote one): never signalled."""
+    process that is no worker of that run (job id -> its pid, if it wrote one): never signalled.
+    ``only_runs``: a fleet's daemon looks at the jobs of ``open_runs`` (its host's) alone, never at a job
+    in ``processing/`` that another host trains, nor at its processes when hosts share a machine."""
     found: dict[int, Orphan] = {}
     foreign: dict[int, int | None] = {}
     runs = list(open_runs)
-    job_ids = {r.job_id for r in runs} | {j for j in (job_id_of(p.name) for p in spool.processing()) if j is not None}
+    job_ids = {r.job_id for r in runs}
+    if not only_runs:
+        job_ids |= {j for j in (job_id_of(p.name) for p in spool.processing()) if j is not None}
     for run in runs:
         if run.pid and serves_run(run.pid, home.run_dir(run.job_id)):
             found.setdefault(run.pid, Orphan(run.pid, run.job_id, "run row"))
@@ -70,7 +76,7 @@ def find_orphans(home: Home, spool: Spool, open_runs: Iterable[Run]) -> tuple[li
             foreign[job_id] = holder.pid
     for run_dir, pids in run_processes(home.runs).items():
         of_job = job_of_run_dir(run_dir)
-        if of_job is None:
+        if of_job is None or (only_runs and of_job not in job_ids):
             continue
         for pid in pids:
             found.setdefault(pid, Orphan(pid, of_job, "process list"))
@@ -78,11 +84,11 @@ def find_orphans(home: Home, spool: Spool, open_runs: Iterable[Run]) -> tuple[li
 
 
 def stop_orphans(
-    home: Home, spool: Spool, db: ModelDB, open_runs: list[Run], timeout: float
+    home: Home, spool: Spool, db: ModelDB, open_runs: list[Run], timeout: float, only_runs: bool = False
 ) -> list[tuple[Orphan, Stopped]]:
     """Stop every worker a previous daemon left (SIGTERM: they checkpoint; SIGKILL after ``timeout``),
     all at once, before this daemon starts any; returns each with how it ended."""
-    orphans, foreign = find_orphans(home, spool, open_runs)
+    orphans, foreign = find_orphans(home, spool, open_runs, only_runs)
     for job_id, pid in foreign.items():
         message = f"run folder lock held by pid {pid or '?'}, which is no worker of this run: not stopped"
         log.warning("job %d: %s", job_id, message)

@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -86,12 +87,21 @@ def own_result(run_dir: Path, started_at: float) -> WorkerResult | None:
         return None  # none, or not readable: it says nothing
 
 
-def open_runs(db: ModelDB) -> list[Run]:
+def _open(host: str | None) -> Any:
+    """Run rows left open; in a fleet (``host``) only this host's: another host's are its own business
+    (their pids are not processes here)."""
+    q = select(Run).where(Run.ended_at.is_(None))
+    return (q if host is None else q.where(Run.host == host)).order_by(Run.id)
+
+
+def open_runs(db: ModelDB, host: str | None = None) -> list[Run]:
     with db.session() as s:
-        return list(s.scalars(select(Run).where(Run.ended_at.is_(None)).order_by(Run.id)))
+        return list(s.scalars(_open(host)))
 
 
-def close_open_runs(home: Home, db: ModelDB, ended: list[tuple[Orphan, Stopped]], now: float) -> list[int]:
+def close_open_runs(
+    home: Home, db: ModelDB, ended: list[tuple[Orphan, Stopped]], now: float, host: str | None = None
+) -> list[int]:
     """Close every run row left open (see the module's docstring); returns their ids."""
     by_pid = {o.pid: (o.pid, how) for o, how in ended}
     by_job: dict[int, tuple[int, Stopped]] = {}
@@ -100,7 +110,7 @@ def close_open_runs(home: Home, db: ModelDB, ended: list[tuple[Orphan, Stopped]]
     closed: list[tuple[Run, Closing]] = []
     with db.session() as s:
         newest = dict(s.execute(select(Run.job_id, func.max(Run.id)).group_by(Run.job_id)).all())
-        for run in s.scalars(select(Run).where(Run.ended_at.is_(None)).order_by(Run.id)):
+        for run in s.scalars(_open(host)):
             run_dir = home.run_dir(run.job_id)
             latest = newest.get(run.job_id) == run.id
             stop = by_pid.get(run.pid) if run.pid else (by_job.get(run.job_id) if latest else None)
@@ -120,17 +130,18 @@ def close_open_runs(home: Home, db: ModelDB, ended: list[tuple[Orphan, Stopped]]
     return [run.id for run, _ in closed]
 
 
-def sweep_temp_folders(home: Home, db: ModelDB) -> int:
+def sweep_temp_folders(home: Home, db: ModelDB, jobs: set[int] | None = None) -> int:
     """Remove (or put back: a complete checkpoint) the temp folders of interrupted saves in every run
     folder whose lock is free, with a DB event each; returns how many were found. A folder whose lock
-    a process still holds (one that could not be stopped) is left to it."""
+    a process still holds (one that could not be stopped) is left to it; ``jobs``: only those jobs' folders
+    (a fleet's host sweeps what it ran, never a folder another host is writing)."""
     count = 0
     try:
         folders = sorted(p for p in home.runs.iterdir() if p.is_dir() and not p.is_symlink())
     except FileNotFoundError:
         return 0
     for run_dir in folders:
-        if run_lock.holder(run_dir) is not None:
+        if run_lock.holder(run_dir) is not None or (jobs is not None and job_of_run_dir(run_dir) not in jobs):
             continue
         for leftover in run_temp.sweep_run(run_dir):
             count += 1
@@ -143,9 +154,11 @@ def sweep_temp_folders(home: Home, db: ModelDB) -> int:
     return count
 
 
-def recover_runs(home: Home, spool: Spool, db: ModelDB, stop_timeout: float) -> None:
+def recover_runs(home: Home, spool: Spool, db: ModelDB, stop_timeout: float, host: str | None = None) -> None:
     """The start-up sequence, in its one safe order: stop what still runs, then close the rows (their
-    workers' ends are known now), then sweep (nothing writes in those folders any more)."""
-    ended = stop_orphans(home, spool, db, open_runs(db), stop_timeout)
-    close_open_runs(home, db, ended, time.time())
-    sweep_temp_folders(home, db)
+    workers' ends are known now), then sweep (nothing writes in those folders any more). ``host``: a
+    fleet's daemon, which recovers only the runs its host started."""
+    runs = open_runs(db, host)
+    ended = stop_orphans(home, spool, db, runs, stop_timeout, only_runs=host is not None)
+    close_open_runs(home, db, ended, time.time(), host)
+    sweep_temp_folders(home, db, None if host is None else {r.job_id for r in runs})

@@ -35,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import NullPool
 
 from management.schema_version import at_newest
+from trainbox.lineage import MAIN
 from trainbox.states import JobState
 
 
@@ -65,6 +66,9 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, doc="failed attempts so far (not pauses)")
     retry_at: Mapped[float | None] = mapped_column(Float, nullable=True, doc="not dispatched before this time")
     failure_class: Mapped[str | None] = mapped_column(String, nullable=True)
+    lineage: Mapped[str] = mapped_column(
+        String, index=True, default=MAIN, server_default=MAIN, doc="the chain of versions it continues"
+    )
 
 
 class Run(Base):
@@ -88,6 +92,7 @@ class Run(Base):
     # daemon records the run, and the kills counted while it ran once its end is known (None: unread)
     oom_count_at_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
     oom_kills: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    host: Mapped[str | None] = mapped_column(String, nullable=True, doc="fleet.host of the daemon that ran it")
 
 
 class Checkpoint(Base):
@@ -129,6 +134,9 @@ class ModelVersion(Base):
     )
     adapter_of: Mapped[str] = mapped_column(
         String, default="", server_default="", doc="for an adapter: the model folder it applies to"
+    )
+    lineage: Mapped[str] = mapped_column(
+        String, index=True, default=MAIN, server_default=MAIN, doc="its job's lineage (trainbox/lineage.py)"
     )
 
 
@@ -202,6 +210,41 @@ class MemoryScore(Base):
     time: Mapped[float] = mapped_column(Float, default=time.time)
 
 
+class Lease(Base):
+    """A right held by one host for a time and renewed while it lasts (``management/leases.py``): a
+    lineage's (``lineage:<name>``: the one job of that lineage that may run, train and be gated) or the
+    fleet leader's. ``generation`` grows each time another holder takes it: the fencing token a host
+    checks in the transaction that finishes its work, so one whose lease was taken cannot finish."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String, primary_key=True)
+    holder: Mapped[str] = mapped_column(String, default="", doc="the host holding it; empty: released")
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[float] = mapped_column(Float, default=0.0)
+    acquired_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="a lineage lease: the job it is for")
+
+
+class Host(Base):
+    """One daemon of a fleet (issue 18), by its ``fleet.host`` name: upserted at start, beaten every
+    ``heartbeat_seconds``, marked stopped on a clean exit (``management/hosts.py``, ``daemon/host_beat.py``)."""
+
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    heartbeat_seconds: Mapped[float] = mapped_column(Float, doc="its promised beat: stale after 3 of them")
+    state: Mapped[str] = mapped_column(String, doc="the daemon's state word, as in status/daemon.json")
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True, doc="the job it trains or holds paused")
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    version: Mapped[str] = mapped_column(String, default="", doc="its trainbox version")
+    home: Mapped[str] = mapped_column(String, default="", doc="its home folder, for display")
+    gpu: Mapped[str] = mapped_column(String, default="", doc="its GPUs in a few words; empty without")
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True, doc="set on a clean exit")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -270,19 +313,29 @@ class ModelDB:
             q = select(Job).where(Job.sha256 == sha256, Job.state.in_([st.value for st in states])).order_by(Job.id)
             return s.scalars(q).first()
 
-    def latest_version(self) -> ModelVersion | None:
-        """The newest final version (a pending registration is not a version yet)."""
+    def latest_version(self, lineage: str = MAIN) -> ModelVersion | None:
+        """The lineage's newest final version (a pending registration is not a version yet)."""
         with self.session() as s:
-            q = select(ModelVersion).where(ModelVersion.path != PENDING_PATH).order_by(ModelVersion.id.desc())
-            return s.scalars(q).first()
+            q = select(ModelVersion).where(ModelVersion.path != PENDING_PATH, ModelVersion.lineage == lineage)
+            return s.scalars(q.order_by(ModelVersion.id.desc())).first()
 
-    def versions(self, pending: bool = False) -> list[ModelVersion]:
-        """Final versions, oldest first; ``pending``: with rows whose registration is not finished."""
+    def versions(self, pending: bool = False, lineage: str | None = None) -> list[ModelVersion]:
+        """Final versions, oldest first; ``pending``: with rows whose registration is not finished;
+        ``lineage``: of that lineage only."""
         with self.session() as s:
             q = select(ModelVersion).order_by(ModelVersion.id)
             if not pending:
                 q = q.where(ModelVersion.path != PENDING_PATH)
+            if lineage is not None:
+                q = q.where(ModelVersion.lineage == lineage)
             return list(s.scalars(q))
+
+    def lineages(self) -> list[str]:
+        """Every lineage a job or a version names, ``main`` first, then by name."""
+        with self.session() as s:
+            names = set(s.scalars(select(Job.lineage).distinct()))
+            names |= set(s.scalars(select(ModelVersion.lineage).distinct()))
+        return sorted(names | {MAIN}, key=lambda n: (n != MAIN, n))
 
     def version_of_job(self, job_id: int) -> ModelVersion | None:
         """The job's version, pending or final (a job registers at most one)."""
@@ -311,10 +364,12 @@ class ModelDB:
             if row is not None and row.path == PENDING_PATH:
                 s.delete(row)
 
-    def promoted_ids(self) -> list[int]:
-        """Versions ``models/current`` was moved to (gate, promote, rollback), most recent first."""
+    def promoted_ids(self, lineage: str = MAIN) -> list[int]:
+        """Versions the lineage's pointer was moved to (gate, promote, rollback), most recent first."""
         with self.session() as s:
-            return list(s.scalars(select(Promotion.version_id).order_by(Promotion.id.desc())))
+            q = select(Promotion.version_id).join(ModelVersion, ModelVersion.id == Promotion.version_id)
+            q = q.where(ModelVersion.lineage == lineage).order_by(Promotion.id.desc())
+            return list(s.scalars(q))
 
     def mark_checkpoints_deleted(self, job_id: int, now: float) -> None:
         """A job's checkpoints were discarded as a whole (a job rebased onto the current version)."""

@@ -154,10 +154,10 @@ def _drop_unnamed(db: ModelDB, memory_dir: Path, sha256: str) -> None:
         fsync_dir(Path(memory_dir))
 
 
-# --- lineage and the sets of a lineage ------------------------------------------------------------------
+# --- a version's ancestry and the sets of its jobs ----------------------------------------------------------
 
 
-def lineage(db: ModelDB, version_id: int | None) -> list[ModelVersion]:
+def ancestry(db: ModelDB, version_id: int | None) -> list[ModelVersion]:
     """The versions a version descends from, oldest first, itself last: what it was trained on, in order."""
     chain: list[ModelVersion] = []
     seen: set[int] = set()
@@ -171,9 +171,9 @@ def lineage(db: ModelDB, version_id: int | None) -> list[ModelVersion]:
     return chain[::-1]
 
 
-def lineage_jobs(db: ModelDB, version_id: int | None) -> list[int]:
+def ancestry_jobs(db: ModelDB, version_id: int | None) -> list[int]:
     """The jobs whose files a version was trained on, oldest first."""
-    return [v.job_id for v in lineage(db, version_id) if v.job_id is not None]
+    return [v.job_id for v in ancestry(db, version_id) if v.job_id is not None]
 
 
 def job_sets(db: ModelDB, job_ids: Sequence[int], kind: str) -> dict[int, MemorySet]:
@@ -184,7 +184,7 @@ def job_sets(db: ModelDB, job_ids: Sequence[int], kind: str) -> dict[int, Memory
 
 def replay_sources(db: ModelDB, version_id: int | None) -> list[ReplaySource]:
     """The training samples of the jobs a version was trained on: what a job starting from it may replay."""
-    jobs = lineage_jobs(db, version_id)
+    jobs = ancestry_jobs(db, version_id)
     sets = job_sets(db, jobs, TRAIN)
     return [ReplaySource(job_id=j, sha256=sets[j].sha256, n_examples=sets[j].n_examples) for j in jobs if j in sets]
 

@@ -2,7 +2,7 @@
 evaluation child's arguments for them, and its results turned into a verdict and score rows.
 
 A new version is scored on the memory set of its own job and of every earlier job of its lineage (the jobs
-whose files it was trained on, ``memory.lineage_jobs``), in the gate's child (``core/evaluate.py``: torch
+whose files it was trained on, ``memory.ancestry_jobs``), in the gate's child (``core/evaluate.py``: torch
 never enters the daemon, whose tick only starts and reaps it). The current version's stored scores on the
 same examples are passed along and reused, so it is scored only on what no gate scored it on before.
 ``judge_forgetting`` (pure) decides; every loss the child measured becomes a ``memory_scores`` row.
@@ -17,7 +17,7 @@ from typing import Any
 
 from management.db import MemoryScore, ModelDB, ModelVersion
 from management.forgetting import ForgettingVerdict, SetScore, judge_forgetting
-from management.memory import EVAL, job_sets, lineage_jobs, stored_scores
+from management.memory import EVAL, ancestry_jobs, job_sets, stored_scores
 from trainbox.home import Home
 from trainbox.jobspec import WorkerResult
 
@@ -46,7 +46,7 @@ def baseline(home: Home, job_id: int) -> float | None:
 def memory_tasks(home: Home, db: ModelDB, new: ModelVersion) -> list[MemoryTask]:
     """The new job's set first, then the earlier jobs' of its lineage, newest first (scored first when the
     time budget runs short)."""
-    jobs = lineage_jobs(db, new.id)
+    jobs = ancestry_jobs(db, new.id)
     sets = job_sets(db, jobs, EVAL)
     names = {j: (job.name if (job := db.job(j)) is not None else "") for j in sets}
     ordered = [j for j in [new.job_id, *reversed(jobs)] if j is not None]

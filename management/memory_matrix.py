@@ -1,5 +1,5 @@
 """What users see of the memory (issue 17): per version, its loss on each job's memory set (the version x job
-matrix) and its lineage (the jobs whose files it was trained on, in order).
+matrix) and the jobs whose files it was trained on, in order.
 
 Read by ``trainbox models`` / ``models scores V`` and the status server's ``/api/models`` (dashboard), the same
 rows for both. A cell is the newest stored score of that version on the job's set as it is now (the newest
@@ -20,7 +20,7 @@ from management.memory import EVAL, job_sets, stored_scores
 @dataclass
 class MatrixRow:
     version: int
-    lineage: list[int]
+    trained_on: list[int]  # the jobs whose files it was trained on, oldest first
     losses: dict[str, float | None] = field(default_factory=dict)  # job id (a string: JSON keys) -> loss
     stale: list[int] = field(default_factory=list)  # jobs whose loss was scored on an older cut of the set
 
@@ -35,7 +35,7 @@ class Matrix:
 
 
 def _trained_on(version_id: int, by_id: dict[int, ModelVersion]) -> list[int]:
-    """``memory.lineage_jobs`` over versions already read (one query for the whole matrix)."""
+    """``memory.ancestry_jobs`` over versions already read (one query for the whole matrix)."""
     jobs: list[int] = []
     seen: set[int] = set()
     v = by_id.get(version_id)
@@ -47,8 +47,9 @@ def _trained_on(version_id: int, by_id: dict[int, ModelVersion]) -> list[int]:
     return jobs[::-1]
 
 
-def memory_matrix(db: ModelDB) -> Matrix:
-    versions = db.versions()
+def memory_matrix(db: ModelDB, lineage: str | None = None) -> Matrix:
+    """Every version's (or one lineage's versions') loss on each job's memory set."""
+    versions = db.versions(lineage=lineage)
     by_id = {v.id: v for v in versions}
     all_jobs = sorted({v.job_id for v in versions if v.job_id is not None})
     sets = job_sets(db, all_jobs, EVAL)
@@ -74,10 +75,10 @@ def memory_matrix(db: ModelDB) -> Matrix:
 
 
 def format_matrix(matrix: Matrix, current: int | None) -> str:
-    """Plain text: one line per version, one column per job's memory set, then its lineage."""
+    """Plain text: one line per version, one column per job's memory set, then the jobs it was trained on."""
     if not matrix.jobs:
         return "no memory sets yet (each job keeps its validation examples when its worker starts)"
-    head = ["version".ljust(10)] + [f"job {j['job']}".rjust(10) for j in matrix.jobs] + ["  lineage (jobs)"]
+    head = ["version".ljust(10)] + [f"job {j['job']}".rjust(10) for j in matrix.jobs] + ["  trained on (jobs)"]
     lines = ["loss on each job's memory set (version x job):", "".join(head)]
     for r in matrix.rows:
         cells = []
@@ -86,7 +87,7 @@ def format_matrix(matrix: Matrix, current: int | None) -> str:
             mark = "*" if j["job"] in r.stale else ""
             cells.append(("-" if loss is None else f"{loss:.4f}{mark}").rjust(10))
         name = f"v{r.version}" + (" (cur)" if r.version == current else "")
-        lines.append(name.ljust(10) + "".join(cells) + "  " + " > ".join(str(j) for j in r.lineage))
+        lines.append(name.ljust(10) + "".join(cells) + "  " + " > ".join(str(j) for j in r.trained_on))
     lines.append("jobs: " + ", ".join(f"{j['job']} = {j['name']} ({j['examples']} examples)" for j in matrix.jobs))
     if any(r.stale for r in matrix.rows):
         lines.append("*: scored on an earlier, larger cut of that job's set (memory_total_mb)")
@@ -99,10 +100,10 @@ def format_row(matrix: Matrix, version: int) -> str:
     if row is None:
         return f"no model version {version}"
     names = {j["job"]: j["name"] for j in matrix.jobs}
-    lines = [f"version {version}: trained on jobs {', '.join(str(j) for j in row.lineage) or '(none)'}"]
+    lines = [f"version {version}: trained on jobs {', '.join(str(j) for j in row.trained_on) or '(none)'}"]
     for j in matrix.jobs:
         loss = row.losses.get(str(j["job"]))
         value = "not scored" if loss is None else f"{loss:.4f}" + (" (earlier cut)" if j["job"] in row.stale else "")
-        trained = "trained on" if j["job"] in row.lineage else "not trained on"
+        trained = "trained on" if j["job"] in row.trained_on else "not trained on"
         lines.append(f"  job {j['job']} ({names[j['job']]}, {trained}): {value}")
     return "\n".join(lines)

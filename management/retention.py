@@ -298,7 +298,7 @@ class Retention:
         self.dry_run = dry_run
         self.disk = disk
         self.report = report or (lambda line: log.info("%s", line))
-        self.trash = home.root / "trash"
+        self.trash = home.trash
         self.last_plan: Plan | None = None
         self.deleted_total = 0
         if not dry_run:
@@ -319,7 +319,7 @@ class Retention:
     def loop(self, now: float) -> None:
         ckpts = scan(self.home)
         protected = protected_paths(self.home, self.db, ckpts)
-        p = plan(ckpts, protected, self.policy, self.disk(self.home.root), now)
+        p = plan(ckpts, protected, self.policy, self.disk(self.home.storage), now)
         self.last_plan = p
         verb = "would delete" if self.dry_run else "deleting"
         for c, why in p.delete:

@@ -11,8 +11,9 @@ tested), and ``apply`` acts, one event per action:
   names: moved to ``models/.orphaned/`` if it holds a complete model (with a lost or replaced DB it
   may be the only copy; a person deletes it), deleted if not; other names under ``models/`` (a base
   model someone keeps there) are never touched;
-- ``models/current`` naming a missing, incomplete or unknown folder, or a name that is no version,
-  or missing while versions were promoted: pointed at the most recently promoted version that is
+- a lineage's pointer (``models/current``, ``models/current@<lineage>``) naming a missing, incomplete or
+  unknown folder, a name that is no version or a version of another lineage, or missing while versions
+  of its lineage were promoted: pointed at the lineage's most recently promoted version that is
   complete (``promotions``), or removed when there is none.
 """
 
@@ -36,13 +37,14 @@ from management.registration import (
     version_folder,
     version_number,
 )
-from management.versions import CURRENT, is_complete_model, point_current
+from management.versions import is_complete_model, point_current
 from trainbox.atomic import fsync_dir
 from trainbox.home import Home
+from trainbox.lineage import MAIN, lineage_of_pointer, pointer_name
 
 log = logging.getLogger("trainbox.versions")
 
-TEMP_LINK = re.compile(r"^\.current\..*\.tmp$")  # set_current's temp link, left by a kill mid-switch
+TEMP_LINK = re.compile(r"^\.current(@[a-z0-9_-]+)?\..*\.tmp$")  # point_current's temp link, left by a kill
 EVENTS = {
     "adopt": "version_adopted",
     "place": "version_placed",
@@ -60,17 +62,26 @@ class RowFacts:
     folder: str = ""  # the folder name its path names (final rows)
     job_id: int | None = None
     final_ready: bool = False  # pending rows: its run's final/ holds a complete model
+    lineage: str = MAIN
+
+
+@dataclass(frozen=True)
+class PointerFacts:
+    """One lineage's pointer under ``models/``."""
+
+    lineage: str
+    link: str | None  # its target; None: no link
+    promoted: list[int] = field(default_factory=list)  # the lineage's promotions, most recent first
+    blocked: bool = False  # the pointer's name exists but is no symlink: never replaced
+    elsewhere: bool = False  # it names a vNNNN outside this models/ (a home that was moved)
 
 
 @dataclass(frozen=True)
 class ModelsFacts:
     rows: list[RowFacts]
     folders: dict[str, bool]  # version-like names under models/ -> complete model
-    link: str | None  # models/current's target; None: no link
-    promoted: list[int] = field(default_factory=list)  # promotions, most recent first
+    pointers: list[PointerFacts] = field(default_factory=list)
     temp_links: list[str] = field(default_factory=list)
-    link_blocked: bool = False  # models/current exists but is no symlink: never replaced
-    link_elsewhere: bool = False  # it names a vNNNN outside this models/ (a home that was moved)
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,7 @@ class Action:
     folder: str = ""
     job_id: int | None = None
     reason: str = ""
+    lineage: str = MAIN  # set_current, remove_current: whose pointer
 
 
 def plan(facts: ModelsFacts) -> list[Action]:
@@ -111,57 +123,78 @@ def plan(facts: ModelsFacts) -> list[Action]:
         elif name in complete:
             actions.append(Action("remove_folder", None, name, None, "no version row names it, and it is incomplete"))
     actions += [Action("remove_temp", folder=t, reason="a pointer switch's temp link") for t in facts.temp_links]
-    actions += _pointer(facts, named, complete)
+    lineage_of = {r.id: r.lineage for r in facts.rows}
+    for p in facts.pointers:
+        mine = {name: vid for name, vid in named.items() if lineage_of.get(vid) == p.lineage}
+        actions += _pointer(p, mine, complete)
     return actions
 
 
-def _pointer(facts: ModelsFacts, named: dict[str, int], complete: dict[str, bool]) -> list[Action]:
-    """``models/current`` resolvable: it names a complete folder of a final row, whose number it parses to."""
-    if facts.link_blocked:
+def _pointer(p: PointerFacts, named: dict[str, int], complete: dict[str, bool]) -> list[Action]:
+    """A lineage's pointer resolvable: it names a complete folder of a final row of that lineage, whose
+    number it parses to. ``named``: the lineage's final rows by folder name."""
+    if p.blocked:
         return []
+    where = f"models/{pointer_name(p.lineage)}"
     usable = {vid: name for name, vid in named.items() if complete.get(name)}
-    if facts.link is not None:
-        name = Path(facts.link).name
+    if p.link is not None:
+        name = Path(p.link).name
         ours = named.get(name) is not None and named[name] == version_number(name)
-        if ours and complete.get(name) and not facts.link_elsewhere:
+        if ours and complete.get(name) and not p.elsewhere:
             return []
-        why = f"models/current named {facts.link!r}, which is no complete version folder"
-    elif facts.promoted:
-        why = "models/current was missing though versions were promoted"
+        why = f"{where} named {p.link!r}, which is no complete version folder of lineage {p.lineage}"
+    elif p.promoted:
+        why = f"{where} was missing though versions of lineage {p.lineage} were promoted"
     else:
         return []  # a new home, or one from before the pointer: the newest version is the start
-    target = next((v for v in facts.promoted if v in usable), None)
+    target = next((v for v in p.promoted if v in usable), None)
     if target is not None:
-        return [Action("set_current", target, usable[target], reason=f"{why}: the last promoted version {target}")]
-    if facts.link is not None:
-        return [Action("remove_current", reason=f"{why}, and no promoted version is complete")]
+        reason = f"{why}: the last promoted version {target}"
+        return [Action("set_current", target, usable[target], reason=reason, lineage=p.lineage)]
+    if p.link is not None:
+        return [Action("remove_current", reason=f"{why}, and no promoted version is complete", lineage=p.lineage)]
     return []
 
 
-def gather(home: Home, db: ModelDB) -> ModelsFacts:
-    """What is there: rows (pending ones with their run's final/), version-like folders, the pointer."""
+def gather(home: Home, db: ModelDB, busy_jobs: frozenset[int] = frozenset()) -> ModelsFacts:
+    """What is there: rows (pending ones with their run's final/), version-like folders, the pointers.
+    ``busy_jobs``: jobs another host of a fleet holds, whose registration may be under way: their rows,
+    pending or not, and their folders are left alone (their holder finishes or repairs them)."""
     rows = []
     for v in db.versions(pending=True):
+        if v.job_id in busy_jobs:
+            continue
         if is_pending(v):
             final = home.run_dir(v.job_id) / "final" if v.job_id is not None else None
             ready = final is not None and final.is_dir() and is_complete_model(final)
-            rows.append(RowFacts(v.id, True, job_id=v.job_id, final_ready=ready))
+            rows.append(RowFacts(v.id, True, job_id=v.job_id, final_ready=ready, lineage=v.lineage))
         else:
-            rows.append(RowFacts(v.id, False, Path(v.path).name, v.job_id))
+            rows.append(RowFacts(v.id, False, Path(v.path).name, v.job_id, lineage=v.lineage))
     folders: dict[str, bool] = {}
     temps: list[str] = []
+    busy_versions = {v.id for v in db.versions(pending=True) if v.job_id in busy_jobs}
+    lineages = set(db.lineages())
     if home.models.is_dir():
         for entry in os.scandir(home.models):
             if VERSION_NAME.match(entry.name):
+                if version_number(entry.name) in busy_versions:
+                    continue
                 path = Path(entry.path)
                 folders[entry.name] = entry.is_dir(follow_symlinks=False) and is_complete_model(path)
-            elif TEMP_LINK.match(entry.name):
+            elif TEMP_LINK.match(entry.name) and not busy_jobs:  # another host may be switching a pointer
                 temps.append(entry.name)
-    link_path = home.models / CURRENT
-    link = os.readlink(link_path) if link_path.is_symlink() else None
-    blocked = link is None and os.path.lexists(link_path)
-    elsewhere = link is not None and os.path.realpath(link_path) != os.path.realpath(home.models / Path(link).name)
-    return ModelsFacts(rows, folders, link, db.promoted_ids(), sorted(temps), blocked, elsewhere)
+            elif (named := lineage_of_pointer(entry.name)) is not None:
+                lineages.add(named)
+    pointers = [_pointer_facts(home, db, lineage) for lineage in sorted(lineages)]
+    return ModelsFacts(rows, folders, pointers, sorted(temps))
+
+
+def _pointer_facts(home: Home, db: ModelDB, lineage: str) -> PointerFacts:
+    path = home.models / pointer_name(lineage)
+    link = os.readlink(path) if path.is_symlink() else None
+    blocked = link is None and os.path.lexists(path)
+    elsewhere = link is not None and os.path.realpath(path) != os.path.realpath(home.models / Path(link).name)
+    return PointerFacts(lineage, link, db.promoted_ids(lineage), blocked, elsewhere)
 
 
 def apply(home: Home, db: ModelDB, actions: list[Action]) -> None:
@@ -183,16 +216,16 @@ def apply(home: Home, db: ModelDB, actions: list[Action]) -> None:
         elif a.kind == "drop_row" and a.version is not None:
             db.drop_pending_version(a.version)
         elif a.kind == "set_current":
-            point_current(home, home.models / a.folder)
+            point_current(home, home.models / a.folder, a.lineage)
         elif a.kind == "remove_current":
-            (home.models / CURRENT).unlink(missing_ok=True)
+            (home.models / pointer_name(a.lineage)).unlink(missing_ok=True)
             fsync_dir(home.models)
-        db.event(EVENTS[a.kind], a.reason, a.job_id, version=a.version, folder=a.folder)
+        db.event(EVENTS[a.kind], a.reason, a.job_id, version=a.version, folder=a.folder, lineage=a.lineage)
         log.warning("version recovery: %s", a.reason)
 
 
-def recover_versions(home: Home, db: ModelDB) -> list[Action]:
+def recover_versions(home: Home, db: ModelDB, busy_jobs: frozenset[int] = frozenset()) -> list[Action]:
     """Reconcile at daemon start (before gates and jobs); returns what was done."""
-    actions = plan(gather(home, db))
+    actions = plan(gather(home, db, busy_jobs))
     apply(home, db, actions)
     return actions

@@ -22,7 +22,10 @@ but not promoted, and the ``version_gates`` row and a ``version_not_promoted`` e
 id) say why. ``promote V`` applies the same check (``--force`` skips it); ``rollback`` returns to
 the version that was current before the current one was promoted.
 
-One chain: the gate never promotes a version whose parent is not the current version (another
+One chain per lineage (``trainbox/lineage.py``): ``main``'s pointer is ``models/current``, another
+lineage's ``models/current@<lineage>``; a version belongs to its job's lineage, is judged against that
+lineage's current version and its memory sets, and promote and rollback move that lineage's pointer only.
+The gate never promotes a version whose parent is not the current version (another
 branch: it was trained from an older version, a model the job named, or the embedded model while a
 version was current); its verdict names both, and ``trainbox models promote V`` can still make it
 current by hand. A job retried after another was promoted is retrained from current instead
@@ -45,12 +48,13 @@ from typing import Any
 
 from management.db import MemoryScore, ModelDB, ModelVersion, Promotion, VersionGate
 from management.evaluation import EvaluationError, evaluate_argv, parse_losses, parse_memory, run_evaluate
-from management.memory import lineage
+from management.memory import ancestry
 from management.memory_gate import MemoryTask, judge_memory, memory_argv, memory_tasks
 from management.registration import version_number
 from trainbox.atomic import fsync_dir
 from trainbox.config import Settings
 from trainbox.home import Home
+from trainbox.lineage import MAIN, pointer_name
 
 log = logging.getLogger("trainbox.versions")
 
@@ -59,7 +63,7 @@ class VersionError(RuntimeError):
     """A promote or rollback that cannot be done; the message says why."""
 
 
-CURRENT = "current"
+CURRENT = pointer_name(MAIN)  # main's pointer, as it always was
 
 
 # --- the pointer -----------------------------------------------------------------------------------
@@ -74,23 +78,26 @@ def is_complete_model(path: Path) -> bool:
     return (p / "config.json").is_file() and has_weights
 
 
-def current_id(home: Home) -> int | None:
-    """The version ``models/current`` names; None when there is no pointer. A pointer whose name is no
-    version is logged (the daemon's start-up reconciliation repairs it: ``version_recovery``)."""
+def current_id(home: Home, lineage: str = MAIN) -> int | None:
+    """The version the lineage's pointer (``models/current``, ``models/current@<lineage>``) names; None
+    when there is no pointer. A pointer whose name is no version is logged (the daemon's start-up
+    reconciliation repairs it: ``version_recovery``)."""
+    name = pointer_name(lineage)
     try:
-        target = os.readlink(home.models / CURRENT)
+        target = os.readlink(home.models / name)
     except OSError:
         return None
     number = version_number(Path(target).name)
     if number is None:
-        log.warning("models/current names %r, which is no model version", target)
+        log.warning("models/%s names %r, which is no model version", name, target)
     return number
 
 
-def point_current(home: Home, path: Path) -> None:
-    """Replace ``models/current`` by a link to ``path`` atomically (a crash leaves the old or the new)."""
-    link = home.models / CURRENT
-    tmp = home.models / f".{CURRENT}.{os.getpid()}.{time.time_ns()}.tmp"
+def point_current(home: Home, path: Path, lineage: str = MAIN) -> None:
+    """Replace the lineage's pointer by a link to ``path`` atomically (a crash leaves the old or the new)."""
+    name = pointer_name(lineage)
+    link = home.models / name
+    tmp = home.models / f".{name}.{os.getpid()}.{time.time_ns()}.tmp"
     target = os.path.relpath(path, home.models) if path.parent == home.models else str(path)
     os.symlink(target, tmp)
     os.replace(tmp, link)
@@ -98,26 +105,27 @@ def point_current(home: Home, path: Path) -> None:
 
 
 def set_current(home: Home, version: ModelVersion) -> None:
+    """Make ``version`` current in its own lineage."""
     path = Path(version.path)
     if not is_complete_model(path):
         raise VersionError(f"version {version.id}: {path} is not a complete model (config.json and weights)")
-    point_current(home, path)
+    point_current(home, path, version.lineage)
 
 
-def current_version(home: Home, db: ModelDB) -> ModelVersion | None:
-    vid = current_id(home)
+def current_version(home: Home, db: ModelDB, lineage: str = MAIN) -> ModelVersion | None:
+    vid = current_id(home, lineage)
     return db.version(vid) if vid is not None else None
 
 
-def starting_version(home: Home, db: ModelDB) -> ModelVersion | None:
-    """What the next job starts from: ``models/current``; for a home from before the pointer existed,
-    the newest version."""
-    current = current_version(home, db)
+def starting_version(home: Home, db: ModelDB, lineage: str = MAIN) -> ModelVersion | None:
+    """What the lineage's next job starts from: its pointer; for a home from before the pointer existed,
+    the lineage's newest version."""
+    current = current_version(home, db, lineage)
     if current is not None and is_complete_model(Path(current.path)):
         return current
-    if (home.models / CURRENT).is_symlink():
+    if (home.models / pointer_name(lineage)).is_symlink():
         return None if current is None else current  # a pointer exists: never silently pick another
-    return db.latest_version()
+    return db.latest_version(lineage)
 
 
 # --- the gate --------------------------------------------------------------------------------------
@@ -323,8 +331,8 @@ def plan_version_gate(
             from trainbox.jobspec import JobSpec
 
             max_length = JobSpec.load(run_dir).training.max_length
-    current = current_version(home, db)
-    if current is None and not (home.models / CURRENT).is_symlink() and init_version is not None:
+    current = current_version(home, db, new.lineage)
+    if current is None and not (home.models / pointer_name(new.lineage)).is_symlink() and init_version is not None:
         current = db.version(init_version)
     branch = branch_verdict(new.id, new.parent_id, current.id if current else None)
     if branch is not None:
@@ -365,19 +373,19 @@ def _record(db: ModelDB, version_id: int, verdict: GateVerdict, tolerance: float
 
 
 def _switch(home: Home, db: ModelDB, version: ModelVersion, action: str, reason: str) -> None:
-    previous = current_id(home)
+    previous = current_id(home, version.lineage)
     set_current(home, version)
     with db.session() as s:
         s.add(Promotion(version_id=version.id, previous_id=previous, action=action, reason=reason))
 
 
-def _previous_of(home: Home, db: ModelDB, version_id: int) -> int | None:
-    """What was current before ``version_id`` becomes current; if the pointer already names it (a kill
-    after the switch, before its record), the version the promotions last made current."""
-    cur = current_id(home)
-    if cur != version_id:
+def _previous_of(home: Home, db: ModelDB, version: ModelVersion) -> int | None:
+    """What was current in its lineage before ``version`` becomes current; if the pointer already names
+    it (a kill after the switch, before its record), the version the promotions last made current."""
+    cur = current_id(home, version.lineage)
+    if cur != version.id:
         return cur
-    return next((v for v in db.promoted_ids() if v != version_id), None)
+    return next((v for v in db.promoted_ids(version.lineage) if v != version.id), None)
 
 
 def apply_gate(
@@ -387,9 +395,9 @@ def apply_gate(
     The chain is checked again here: ``models promote`` may have moved the pointer during the evaluation."""
     new = db.version(version_id)
     assert new is not None
-    previous = _previous_of(home, db, version_id)
+    previous = _previous_of(home, db, new)
     if verdict.promoted:
-        branch = branch_verdict(version_id, new.parent_id, current_id(home))
+        branch = branch_verdict(version_id, new.parent_id, current_id(home, new.lineage))
         if branch is not None:
             verdict = GateVerdict(
                 False, branch.reason, verdict.new_loss, verdict.current_loss, branch.current_id, scores=verdict.scores
@@ -429,7 +437,7 @@ def promote(home: Home, db: ModelDB, settings: Settings, version_id: int, force:
         raise VersionError(f"no model version {version_id}")
     if not is_complete_model(Path(new.path)):
         raise VersionError(f"version {version_id}: {new.path} is not a complete model")
-    current = current_version(home, db)
+    current = current_version(home, db, new.lineage)
     cid = current.id if current else None
     if force:
         verdict = GateVerdict(True, "promoted by hand with --force (gate skipped)", current_id=cid)
@@ -448,11 +456,11 @@ def promote(home: Home, db: ModelDB, settings: Settings, version_id: int, force:
     return verdict
 
 
-def rollback(home: Home, db: ModelDB) -> ModelVersion:
-    """Return to the version that was current before the current one was promoted."""
-    cur = current_id(home)
+def rollback(home: Home, db: ModelDB, lineage: str = MAIN) -> ModelVersion:
+    """Return the lineage to the version that was current before its current one was promoted."""
+    cur = current_id(home, lineage)
     if cur is None:
-        raise VersionError("no current version to roll back from")
+        raise VersionError(f"lineage {lineage}: no current version to roll back from")
     made_current = [p for p in db.promotions() if p.version_id == cur and p.action in ("gate", "promote")]
     previous_id = made_current[-1].previous_id if made_current else None
     if previous_id is None:
@@ -467,11 +475,14 @@ def rollback(home: Home, db: ModelDB) -> ModelVersion:
 
 def rollback_before_job(home: Home, db: ModelDB, job_id: int) -> ModelVersion:
     """Make current the last version of the current one's lineage not trained on job ``job_id``'s file: the
-    parent of that job's version (issue 17: undo a bad file; ``trainbox requeue`` retrains later files)."""
-    cur = current_version(home, db)
+    parent of that job's version (issue 17: undo a bad file; ``trainbox requeue`` retrains later files), in
+    the job's lineage."""
+    job = db.job(job_id)
+    lineage = job.lineage if job is not None else MAIN
+    cur = current_version(home, db, lineage)
     if cur is None:
-        raise VersionError("no current version to roll back from")
-    chain = lineage(db, cur.id)
+        raise VersionError(f"lineage {lineage}: no current version to roll back from")
+    chain = ancestry(db, cur.id)
     at = next((i for i, v in enumerate(chain) if v.job_id == job_id), None)
     if at is None:
         raise VersionError(f"current version {cur.id} was not trained on job {job_id}'s file: nothing to roll back")

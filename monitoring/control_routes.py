@@ -18,6 +18,7 @@ from monitoring.schemas import ControlResponse, UploadResponse
 from monitoring.state import ServerState, State
 from monitoring.upload import UploadError, checked_name, receive
 from trainbox.control import Action, submit
+from trainbox.lineage import MAIN, LineageError, check_lineage
 from trainbox.states import Priority
 
 router = APIRouter(dependencies=[Security(require_token)], tags=["control"], responses=errors(401))
@@ -75,19 +76,30 @@ async def post_upload(
         str | None, Query(description="the file's name: a plain name ending in .jsonl (no folders)")
     ] = None,
     priority: Priority = Priority.NORMAL,
+    lineage: Annotated[
+        str | None, Query(max_length=32, description="the chain of model versions it continues (default main)")
+    ] = None,
 ) -> UploadResponse:
-    """A JSONL as the raw request body, written into inbox/<priority>/ for the daemon to admit."""
+    """A JSONL as the raw request body, written into inbox/<priority>/ (inbox/<lineage>/<priority>/) for
+    the daemon to admit."""
     if request.headers.get("content-type", "").startswith("multipart/"):
         raise HTTPException(415, "send the file as the raw request body, with ?filename=NAME.jsonl")
     try:
         name = checked_name(filename)
+        folder = st.home.inbox
+        if lineage is not None and lineage != MAIN:
+            try:
+                folder /= check_lineage(lineage)
+            except LineageError as e:
+                raise UploadError(422, str(e)) from None
         declared = request.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > st.max_upload_bytes:
             raise UploadError(413, f"upload larger than the limit of {st.max_upload_bytes} bytes")
-        path, size = await receive(request.stream(), st.home.inbox / priority.value, name, st.max_upload_bytes)
+        path, size = await receive(request.stream(), folder / priority.value, name, st.max_upload_bytes)
     except UploadError as e:
         raise HTTPException(e.status, str(e)) from None
-    return UploadResponse(file=path.name, path=str(path.relative_to(st.home.root)), priority=priority.value, bytes=size)
+    where = str(path.relative_to(st.home.storage))
+    return UploadResponse(file=path.name, path=where, priority=priority.value, lineage=lineage or MAIN, bytes=size)
 
 
 def _job_control(st: ServerState, job_id: int, action: Action, priority: Priority | None) -> ControlResponse:
@@ -99,8 +111,6 @@ def _job_control(st: ServerState, job_id: int, action: Action, priority: Priorit
     if st.spool.find_job(job_id, folders) is None:
         where = st.spool.find_job(job_id)
         what = "waiting or training" if action == Action.CANCEL else "waiting"
-        raise HTTPException(
-            409, f"job {job_id} is not {what}" + (f" (it is in {where.parent.name}/)" if where else "")
-        )
+        raise HTTPException(409, f"job {job_id} is not {what}" + (f" (it is in {where.parent.name}/)" if where else ""))
     path = submit(st.home.control, action, job_id, priority)
     return ControlResponse(action=action.value, file=path.name, created=path.stat().st_mtime)

@@ -20,6 +20,7 @@ from monitoring.params import MAX_ID, MAX_STEP, JobIdPath, JobIdQuery, Limit, Ma
 from monitoring.prometheus_history import read_history, step_seconds
 from monitoring.schemas import (
     EventsPage,
+    FleetResponse,
     JobDetail,
     JobsPage,
     MetricsResponse,
@@ -108,14 +109,22 @@ def get_metrics(st: State, job_id: JobIdPath, since: StepSince = -1, max_points:
     )
 
 
-def get_models(st: State) -> list[VersionView]:
-    """Model versions, newest first, each with its lineage (parent, grandparent, ...) and losses."""
-    return views.models(st.db)
+def get_models(
+    st: State,
+    lineage: Annotated[str | None, Query(max_length=32, description="only this lineage's versions")] = None,
+) -> list[VersionView]:
+    """Model versions, newest first, each with its lineage, ancestors (parent, grandparent, ...) and losses."""
+    return views.models(st.home, st.db, lineage)
 
 
 def get_system(st: State) -> SystemInfo:
     """CPU, RAM and disk of the home's filesystem; GPUs via NVML, or gpu_state "no GPU: ..."."""
     return read_system(st.home.root, st.gpus)
+
+
+def get_fleet(st: State) -> FleetResponse:
+    """The daemons sharing this model DB: state, heartbeat age (alive, or stale past 3 beats), job, pid, version."""
+    return views.fleet(st.db)
 
 
 def get_events(
@@ -162,6 +171,7 @@ ROUTES: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
     ("/api/models", get_models, {"response_model": list[VersionView]}),
     ("/api/system", get_system, {"response_model": SystemInfo}),
     ("/api/events", get_events, {"response_model": EventsPage}),
+    ("/api/fleet", get_fleet, {"response_model": FleetResponse}),
     (
         "/api/stream",
         get_stream,

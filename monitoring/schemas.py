@@ -93,6 +93,7 @@ class JobSummary(BaseModel):
     name: str
     state: str
     priority: str
+    lineage: str = Field("main", description="the chain of model versions the job continues")
     admitted_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -120,6 +121,7 @@ class RunView(BaseModel):
     start_step: int
     end_step: int | None
     init_model: str
+    host: str | None = Field(None, description="fleet.host of the daemon that ran it (null: before fleets)")
 
 
 class CheckpointView(BaseModel):
@@ -162,8 +164,12 @@ class VersionView(BaseModel):
     val_loss: float | None
     steps: int
     created_at: float
-    current: bool = Field(description="the newest version: what the next job starts from")
-    lineage: list[int] = Field(description="ancestors, parent first")
+    current: bool = Field(
+        description="its lineage's current version (models/current, models/current@<lineage>): what the lineage's "
+        "next job starts from"
+    )
+    lineage: str = Field("main", description="the chain of versions it belongs to (its job's lineage)")
+    ancestors: list[int] = Field(description="parent, grandparent, ... (parent first)")
     trained_on: list[int] = Field(
         default_factory=list, description="the jobs whose files this version was trained on, oldest first"
     )
@@ -217,4 +223,28 @@ class UploadResponse(BaseModel):
     file: str = Field(description="the sanitised name it was given in the inbox")
     path: str = Field(description="where it was written, relative to the home")
     priority: str
+    lineage: str = "main"
     bytes: int
+
+
+class HostView(BaseModel):
+    """One daemon of the fleet sharing this model DB (issue 18; management/fleet.py ``describe``)."""
+
+    name: str = Field(description="its fleet.host, unique in the fleet")
+    liveness: str = Field(description="alive: beat within 3 x heartbeat_seconds; stale: silent longer; stopped: exited")
+    state: str = Field(description="its last reported state: starting, idle, training, paused, disk_full, stopping...")
+    heartbeat_age_s: float
+    heartbeat_seconds: float = Field(description="how often it promised to beat")
+    job_id: int | None = Field(None, description="the job its worker trains")
+    paused: bool
+    pid: int
+    version: str = Field(description="its trainbox version")
+    home: str = Field(description="its home folder on its own machine (display only)")
+    gpu: str = Field(description="its GPUs in a few words; empty without")
+    started_at: float
+    stopped_at: float | None = None
+
+
+class FleetResponse(BaseModel):
+    time: float
+    hosts: list[HostView] = Field(description="every daemon that joined, by name; stopped and stale ones included")

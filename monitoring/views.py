@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from management.db import Event, Job, ModelDB, ModelVersion, display_url
+from management.fleet import describe
+from management.hosts import all_hosts
 from management.memory_matrix import memory_matrix
+from management.versions import starting_version
 from monitoring import queries
 from monitoring.metrics_log import MetricsCache
 from monitoring.schemas import (
@@ -19,6 +23,8 @@ from monitoring.schemas import (
     EventsPage,
     EventView,
     FailedItem,
+    FleetResponse,
+    HostView,
     JobDetail,
     JobsPage,
     JobSummary,
@@ -135,6 +141,7 @@ def job_summary(job: Job, version: ModelVersion | None) -> JobSummary:
         name=job.name,
         state=job.state,
         priority=job.priority,
+        lineage=job.lineage,
         admitted_at=job.admitted_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -173,7 +180,7 @@ def event_view(e: Event) -> EventView:
     return EventView(id=e.id, time=e.time, job_id=e.job_id, kind=e.kind, message=e.message, data=e.data or {})
 
 
-def _lineage(version_id: int, parents: dict[int, int | None]) -> list[int]:
+def _ancestors(version_id: int, parents: dict[int, int | None]) -> list[int]:
     out: list[int] = []
     seen = {version_id}
     parent = parents.get(version_id)
@@ -184,26 +191,32 @@ def _lineage(version_id: int, parents: dict[int, int | None]) -> list[int]:
     return out
 
 
-def models(db: ModelDB) -> list[VersionView]:
-    """Newest first."""
-    versions = db.versions()
+def models(home: Home, db: ModelDB, lineage: str | None = None) -> list[VersionView]:
+    """Newest first; ``lineage``: that lineage's only."""
+    versions = db.versions(lineage=lineage)
     parents = {v.id: v.parent_id for v in versions}
     names = {
         j.id: j.name for j in queries.jobs_by_id(db, [v.job_id for v in versions if v.job_id is not None]).values()
     }
-    newest = max(parents, default=None)
-    matrix = {r.version: r for r in memory_matrix(db).rows}
+    current = _current_ids(home, db, {v.lineage for v in versions})
+    matrix = {r.version: r for r in memory_matrix(db, lineage).rows}
     out = []
     for v in reversed(versions):
-        view = version_view(v, parents, names, newest)
+        view = version_view(v, parents, names, current)
         if (row := matrix.get(v.id)) is not None:
-            view.trained_on, view.memory_losses = row.lineage, row.losses
+            view.trained_on, view.memory_losses = row.trained_on, row.losses
         out.append(view)
     return out
 
 
+def _current_ids(home: Home, db: ModelDB, lineages: Iterable[str]) -> set[int]:
+    """What each lineage's next job starts from (its pointer; before the pointer existed, its newest)."""
+    starts = (starting_version(home, db, name) for name in set(lineages))
+    return {start.id for start in starts if start is not None}
+
+
 def version_view(
-    v: ModelVersion, parents: dict[int, int | None], names: dict[int, str], newest: int | None
+    v: ModelVersion, parents: dict[int, int | None], names: dict[int, str], current: set[int]
 ) -> VersionView:
     return VersionView(
         id=v.id,
@@ -217,8 +230,9 @@ def version_view(
         val_loss=v.val_loss,
         steps=v.steps,
         created_at=v.created_at,
-        current=v.id == newest,
-        lineage=_lineage(v.id, parents),
+        current=v.id in current,
+        lineage=v.lineage,
+        ancestors=_ancestors(v.id, parents),
     )
 
 
@@ -259,7 +273,7 @@ def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> Job
         events=events,
         warnings=[e for e in events if "warn" in e.kind.lower()],
         phase_history=[e for e in events if e.kind.lower().startswith("phase")],
-        model_version=version_view(version, parents, {job.id: job.name}, max(parents, default=None))
+        model_version=version_view(version, parents, {job.id: job.name}, _current_ids(home, db, [version.lineage]))
         if version
         else None,
         error=error_of_job(home, job_id),
@@ -267,6 +281,11 @@ def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> Job
             train_points=len(series.train), eval_points=len(series.eval), last_step=series.last_step
         ),
     )
+
+
+def fleet(db: ModelDB) -> FleetResponse:
+    now = time.time()
+    return FleetResponse(time=now, hosts=[HostView(**describe(h, now)) for h in all_hosts(db)])
 
 
 def current_job_id(home: Home) -> int | None:

@@ -343,7 +343,25 @@ def run_checks(
     checks += check_queue(home, settings, now)
     checks.append(check_spool_db(home, url))
     checks.append(check_crashes(home, now))
+    checks.append(check_fleet(url, now))
     return checks
+
+
+def check_fleet(url: str, now: float) -> Check:
+    """The fleet's hosts (issue 18): a warning naming any that went stale."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from management.fleet import summary
+    from safety.fleet_read import read_hosts
+
+    try:
+        hosts = read_hosts(url)
+    except SQLAlchemyError as e:
+        return Check("fleet", Level.WARNING, f"cannot read the hosts: {type(e).__name__}")
+    if hosts is None:
+        return Check("fleet", Level.OK, "no hosts table yet (a daemon's start adds it)")
+    fine, detail = summary(hosts, now)
+    return Check("fleet", Level.OK if fine else Level.WARNING, detail)
 
 
 def overall(checks: list[Check]) -> Level:

@@ -53,8 +53,13 @@ def run(n_files: int) -> dict[str, float | int | str]:
             (staging / f"job-{i:05d}.jsonl").write_text(f'{{"text": "example number {i}"}}\n')
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "cli"]
-        daemon = subprocess.Popen([*cmd, "daemon", "--home", str(home)], env=env, cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        daemon = subprocess.Popen(
+            [*cmd, "daemon", "--home", str(home)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             _wait(lambda: _status(home).get("state") == "idle", 120, "the daemon to start")
             subprocess.run([*cmd, "pause", "--home", str(home)], env=env, check=True, capture_output=True)

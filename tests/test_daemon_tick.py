@@ -114,6 +114,7 @@ def test_a_crash_is_retried_after_its_back_off(home: Home, make_daemon: Callable
     assert job.attempts == 1 and job.retry_at is not None and job.failure_class == "crash"
     run = d.db.runs(job.id)[0]
     assert (run.exit_code, run.exit_signal, run.exit_status) == (1, None, "exit code 1 (failed)")
+    assert run.host == d.settings.fleet.host  # which daemon of the fleet ran it (issue 18)
     for _ in range(5):  # before its back-off ends: not dispatched
         d.tick(time.time())
     assert len(starts(home)) == 1

@@ -3,7 +3,7 @@ controls inside the viewport and their card, neither clipped nor covered; the ve
 column whole; a right-to-left override in a file name shown as a code point, not obeyed; 10,000
 waiting jobs listed as the first few per queue with counts; a new job's loading state instead of the
 previous job's "finished 300 / 300"; chart axes with distinct labels and never below zero for
-non-negative series.
+non-negative series; the Fleet table with an alive, a stale and a stopped host (issue 18).
 
 One server and one browser for the module (a home built directly: no daemon). Set
 ``TRAINBOX_SHOT_DIR`` to keep a screenshot per width for a person to look at.
@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from management import hosts
 from management.db import ModelDB
+from management.fleet import HostRecord
 from tests.monitoring_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -106,6 +109,27 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     db = ModelDB(h.db_url)
     try:
         db.event("admitted", f"admitted {RTL_NAME}", job_id=RTL_JOB)
+        now = time.time()
+        for name, beat, stopped, state, job in (
+            ("alpha", now, None, "training", FAKE_JOB),  # beats every hour: alive for the whole module
+            ("beta", now - 100, None, "idle", None),
+            ("gamma", now - 50, now - 50, "stopped", None),
+        ):
+            hosts.insert(
+                db,
+                HostRecord(
+                    name,
+                    4000 + len(name),
+                    now - 200,
+                    beat,
+                    1200.0 if name == "alpha" else 5.0,
+                    state,
+                    job,
+                    version="0.1.0",
+                    home=f"/srv/{name}",
+                    stopped_at=stopped,
+                ),
+            )
     finally:
         db.close()
     return h
@@ -138,7 +162,8 @@ def open_page(browser: Any, server: ServerProc, width: int) -> Any:
     page.goto(server.url + "/")
     page.wait_for_function(
         f"document.querySelector('#queue-table tr[data-job=\"{RTL_JOB}\"]') !== null"
-        " && document.getElementById('models-table').textContent.includes('v2')",
+        " && document.getElementById('models-table').textContent.includes('v2')"
+        " && document.querySelector('#fleet-table tr[data-host]') !== null",
         timeout=20_000,
     )
     return page
@@ -160,6 +185,8 @@ def test_controls_are_visible_and_not_clipped(browser: Any, server: ServerProc, 
             f'#queue-table tr[data-job="{LONG_JOB}"] button.job-cancel',
             "#models-table thead th:last-child",
             "#models-table tbody tr:first-child td:last-child",
+            '#fleet-table tr[data-host="alpha"] td:last-child',
+            '#fleet-table tr[data-host="alpha"] .badge',
         ]
         problems = {sel: page.eval_on_selector(sel, PROBLEMS_JS) for sel in targets}
         assert {sel: p for sel, p in problems.items() if p} == {}
@@ -268,5 +295,19 @@ def test_chart_axes_have_distinct_labels_and_stay_non_negative(browser: Any, ser
             assert len(d["ticks"]) >= 2 and len(set(d["ticks"])) == len(d["ticks"]), (name, d)
         assert drawn["grad"]["ymin"] == 0 and all(not t.startswith("-") for t in drawn["grad"]["ticks"])
         assert drawn["loss"]["ymin"] >= 0
+    finally:
+        page.close()
+
+
+def test_the_fleet_table_shows_each_hosts_liveness(browser: Any, server: ServerProc) -> None:
+    page = open_page(browser, server, 1400)
+    try:
+        shown = page.eval_on_selector_all(
+            "#fleet-table tr[data-host]",
+            "rows => rows.map(r => [r.dataset.host, r.querySelector('.badge').textContent, r.cells[3].textContent])",
+        )
+        assert shown == [["alpha", "training", f"#{FAKE_JOB}"], ["beta", "stale", "—"], ["gamma", "stopped", "—"]]
+        assert page.text_content("#fleet-counts") == "1 of 3 alive"
+        assert PAGE_ERRORS == []
     finally:
         page.close()

@@ -75,9 +75,9 @@ def test_a_file_that_wrecks_an_earlier_job_is_not_promoted_and_an_ordinary_one_i
         assert [j["job"] for j in matrix["jobs"]] == [1, 2, 3]
         row3 = next(r for r in matrix["rows"] if r["version"] == 3)
         row2 = next(r for r in matrix["rows"] if r["version"] == 2)
-        assert row3["lineage"] == [1, 2, 3] and row3["losses"]["1"] > row2["losses"]["1"]  # the wrecked job's
+        assert row3["trained_on"] == [1, 2, 3] and row3["losses"]["1"] > row2["losses"]["1"]  # the wrecked job's
         text = cli(home, "models").stdout
-        assert "colours.jsonl" in text and "lineage" in text
+        assert "colours.jsonl" in text and "trained on (jobs)" in text
         scores = cli(home, "models", "scores", "3").stdout
         assert "trained on jobs 1, 2, 3" in scores and "colours.jsonl" in scores
 

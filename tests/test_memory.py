@@ -12,9 +12,9 @@ from management.memory import (
     EVAL,
     TRAIN,
     Caps,
+    ancestry_jobs,
     job_sets,
     keep_job_sets,
-    lineage_jobs,
     read_set,
     replay_sources,
     set_path,
@@ -130,7 +130,7 @@ def test_lineage_and_replay_sources(tmp_path: Path) -> None:
     with db.session() as s:  # v1 <- v2, and v3 a branch off v1 (job 2's file not in its lineage)
         s.add_all([ModelVersion(id=1, path="a", job_id=1), ModelVersion(id=2, path="b", parent_id=1, job_id=2)])
         s.add(ModelVersion(id=3, path="c", parent_id=1, job_id=3))
-    assert lineage_jobs(db, 2) == [1, 2] and lineage_jobs(db, 3) == [1, 3] and lineage_jobs(db, None) == []
+    assert ancestry_jobs(db, 2) == [1, 2] and ancestry_jobs(db, 3) == [1, 3] and ancestry_jobs(db, None) == []
     assert [s.job_id for s in replay_sources(db, 2)] == [1, 2]
     assert replay_sources(db, 2)[0].sha256 == job_sets(db, [1], TRAIN)[1].sha256
     db.close()

@@ -98,7 +98,7 @@ def test_jobs_and_job_detail(client: httpx.Client) -> None:
     crashed = client.get("/api/jobs/3").json()
     assert crashed["error"]["class"] == "training" and crashed["job"]["error"].startswith("worker exited")
     done = client.get("/api/jobs/2").json()
-    assert done["model_version"]["id"] == 2 and done["model_version"]["lineage"] == [1]
+    assert done["model_version"]["id"] == 2 and done["model_version"]["ancestors"] == [1]
     assert client.get("/api/jobs/999").status_code == 404
     assert client.get("/api/jobs/999/metrics").status_code == 404
 
@@ -137,9 +137,9 @@ def test_metrics_100k_steps_stay_fast(home: Home, client: httpx.Client) -> None:
 
 def test_models(client: httpx.Client) -> None:
     models = client.get("/api/models").json()
-    assert [(v["id"], v["parent_id"], v["current"], v["lineage"]) for v in models] == [
-        (2, 1, True, [1]),
-        (1, None, False, []),
+    assert [(v["id"], v["parent_id"], v["current"], v["ancestors"], v["lineage"]) for v in models] == [
+        (2, 1, True, [1], "main"),
+        (1, None, False, [], "main"),
     ]
     assert models[0]["job_name"] == "second.jsonl" and models[0]["val_loss"] == 1.4
     # issue 17: each version's row of the version x job matrix, and the jobs it was trained on
@@ -337,6 +337,7 @@ def test_upload_lands_in_the_inbox(home: Home, server: ServerProc, client: httpx
         "file": "my_data.jsonl",
         "path": "inbox/high/my_data.jsonl",
         "priority": "high",
+        "lineage": "main",
         "bytes": len(body),
     }
     assert (home.inbox / "high" / "my_data.jsonl").read_bytes() == body
@@ -347,6 +348,16 @@ def test_upload_lands_in_the_inbox(home: Home, server: ServerProc, client: httpx
     assert client.post("/api/upload?filename=x.jsonl", content=b"", headers=server.auth).status_code == 400
     bad_priority = client.post("/api/upload?priority=urgent&filename=x.jsonl", content=b"{}", headers=server.auth)
     assert bad_priority.status_code == 422
+    # issue 18: a lineage's upload lands in its folder; a name that could not be one is refused, nothing written
+    chat = client.post("/api/upload?lineage=chat&filename=c.jsonl", content=body, headers=server.auth)
+    assert chat.status_code == 201 and chat.json()["path"] == "inbox/chat/normal/c.jsonl"
+    before = files_under(home.inbox)
+    for bad in ("../x", "Chat", "high"):
+        r = client.post(
+            "/api/upload", params={"lineage": bad, "filename": "x.jsonl"}, content=b"{}", headers=server.auth
+        )
+        assert r.status_code == 422 and "lineage" in r.json()["detail"], bad
+    assert files_under(home.inbox) == before
 
 
 def test_upload_size_limit(tmp_path: Path) -> None:

@@ -8,9 +8,23 @@ from pathlib import Path
 
 from management.db import Job, ModelDB, ModelVersion, Promotion
 from management.registration import make_final, place
-from management.version_recovery import Action, ModelsFacts, RowFacts, plan, recover_versions
+from management.version_recovery import TEMP_LINK, Action, PointerFacts, RowFacts, plan, recover_versions
+from management.version_recovery import ModelsFacts as _Facts
 from management.versions import CURRENT, branch_verdict, current_id
 from trainbox.home import Home
+
+
+def ModelsFacts(  # main's pointer only, as every case below but the lineage one
+    rows: list[RowFacts],
+    folders: dict[str, bool],
+    link: str | None,
+    promoted: list[int] | None = None,
+    temp_links: list[str] | None = None,
+    link_blocked: bool = False,
+    link_elsewhere: bool = False,
+) -> _Facts:
+    pointer = PointerFacts("main", link, promoted or [], link_blocked, link_elsewhere)
+    return _Facts(rows, folders, [pointer], temp_links or [])
 
 
 def kinds(actions: list[Action]) -> list[tuple[str, int | None, str]]:
@@ -73,6 +87,24 @@ def test_a_pointer_to_a_missing_or_unknown_folder_goes_to_the_last_promoted_comp
 def test_a_pointer_to_a_placed_or_adopted_version_is_kept() -> None:
     facts = ModelsFacts([RowFacts(1, True, job_id=3, final_ready=True)], {}, "v0001", [1])
     assert kinds(plan(facts)) == [("place", 1, "v0001")]
+
+
+def test_each_lineage_pointer_is_repaired_within_its_own_lineage() -> None:
+    rows = [RowFacts(1, False, "v0001"), RowFacts(2, False, "v0002", lineage="b"), RowFacts(3, False, "v0003")]
+    folders = {"v0001": True, "v0002": True, "v0003": True}
+    main_ok = PointerFacts("main", "v0003", [3, 1])
+    crossed = PointerFacts("b", "v0003", [2])  # b's pointer names a main version: no version of b
+    got = plan(_Facts(rows, folders, [main_ok, crossed]))
+    assert [(a.kind, a.version, a.lineage) for a in got] == [("set_current", 2, "b")]
+    missing = PointerFacts("b", None, [2, 3])  # promotions of other lineages never count for b
+    assert [(a.kind, a.version, a.lineage) for a in plan(_Facts(rows, folders, [main_ok, missing]))] == [
+        ("set_current", 2, "b")
+    ]
+    nothing_of_b = PointerFacts("b", "v0001", [])
+    assert [(a.kind, a.lineage) for a in plan(_Facts(rows, folders, [nothing_of_b]))] == [("remove_current", "b")]
+    assert TEMP_LINK.match(".current@b.9.1.tmp") and TEMP_LINK.match(".current.9.1.tmp")
+    temp = _Facts(rows, folders, [main_ok], [".current@b.9.1.tmp"])
+    assert kinds(plan(temp)) == [("remove_temp", None, ".current@b.9.1.tmp")]
 
 
 def test_the_chain_rule() -> None:

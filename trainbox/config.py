@@ -10,12 +10,14 @@ with a message naming the file and the key.
 from __future__ import annotations
 
 import json
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from trainbox.lineage import check_lineage
 from trainbox.states import Priority
 
 
@@ -658,6 +660,60 @@ class DbConfig(_Strict):
         return self.url or home_db_url
 
 
+class StorageConfig(_Strict):
+    shared: str = Field(
+        "",
+        description="Folder every host of a fleet reads and writes (a shared mount: NFS or any other): the inbox, "
+        "the spool, runs and their checkpoints, model versions, memory sets. Empty: the home itself (one host). "
+        "Relative paths are relative to the home. Renames stay inside it, so the spool's claims by rename hold.",
+    )
+
+
+MAX_HOST_NAME = 64  # HOST_NAME_MAX on Linux: any machine's own name fits
+
+
+class FleetConfig(_Strict):
+    """This daemon's place in a fleet: several daemons (one per host) sharing one model DB (issue 18)."""
+
+    host: str = Field(
+        "",
+        max_length=MAX_HOST_NAME,
+        validate_default=True,
+        description="This daemon's name in the fleet (trainbox fleet, the dashboard, runs.host); unique among the "
+        "daemons sharing the DB: a second live daemon with the same name is refused. Empty: the machine's host name.",
+    )
+    heartbeat_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds between the daemon's heartbeats in the DB's hosts table (not every tick: a write "
+        "costs); a host whose last one is older than 3 times this is shown stale, and its name may be taken.",
+    )
+    enabled: bool = Field(
+        False,
+        description="Dispatch through the DB's leases (management/leases.py): several daemons on one [db] url and "
+        "one [storage] shared take jobs in priority order across the fleet, one job per lineage at a time; a dead "
+        "host's job is resumed by another once its lease expires. Off: one daemon, exactly as before.",
+    )
+    lease_seconds: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600.0,
+        description="How long a host's lease on a lineage (and on the fleet's leadership) lasts without renewal "
+        "(renewed every third of it): a dead host's job waits this long before another host resumes it.",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _resolve_host(cls, v: str) -> str:
+        """Empty means this machine's name, resolved once at load; a name is shown in tables and pages, so
+        it must be printable (no control or bidi characters) and have no surrounding space."""
+        name = v or socket.gethostname()[:MAX_HOST_NAME]
+        if not name.isprintable() or name != name.strip() or not name:
+            raise ValueError(f"a host name must be printable, without surrounding spaces (got {name!r})")
+        return name
+
+
 class Settings(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -669,12 +725,19 @@ class Settings(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     db: DbConfig = Field(default_factory=DbConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
 
 
 class JobOverrides(TrainingConfig):
     """A sidecar: any [training] key, plus where the job queues and what it validates on."""
 
     priority: Priority | None = Field(None, description="Queue for this job: high, normal or low.")
+    lineage: str | None = Field(
+        None,
+        description="The chain of model versions this job continues (default: the inbox folder it was dropped "
+        "in, inbox/<lineage>/, else main). Each lineage has its own current version, gate and memory.",
+    )
     eval_file: str | None = Field(None, description="Validation JSONL (absolute, or relative to the sidecar's folder).")
     requeue_of: int | None = Field(
         None,
@@ -682,6 +745,11 @@ class JobOverrides(TrainingConfig):
         description="Set by trainbox requeue: this file is job N's again, to train on top of the current version; "
         "admitted although job N's identical file was trained (not while one is waiting or training).",
     )
+
+    @field_validator("lineage")
+    @classmethod
+    def _lineage_name(cls, v: str | None) -> str | None:
+        return None if v is None else check_lineage(v)
 
 
 def _describe(err: ValidationError, source: str, prefix: str = "") -> str:

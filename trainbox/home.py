@@ -17,22 +17,34 @@ HOME_ENV = "TRAINBOX_HOME"
 
 @dataclass(frozen=True)
 class Home:
+    """``root``: this host's own folder (config, status, control requests, logs, cache, the SQLite DB);
+    ``shared``: where the inbox, spool, runs, model versions and memory sets live when several hosts
+    share them (``[storage] shared``, a shared mount; None: the home itself, the embedded default)."""
+
     root: Path
+    shared: Path | None = None
 
     @classmethod
     def resolve(cls, home: str | Path | None = None) -> Home:
-        """``--home`` wins, then ``$TRAINBOX_HOME``, then the current folder."""
+        """``--home`` wins, then ``$TRAINBOX_HOME``, then the current folder; ``[storage] shared`` is read
+        from its trainbox.toml, so every process of a host finds the same shared folder."""
         chosen = home if home is not None else os.environ.get(HOME_ENV) or os.getcwd()
-        return cls(Path(chosen).expanduser().resolve())
+        root = Path(chosen).expanduser().resolve()
+        return cls(root, shared_storage(root))
+
+    @property
+    def storage(self) -> Path:
+        """The root of what every host must read: the home itself unless ``[storage] shared`` says."""
+        return self.shared if self.shared is not None else self.root
 
     # intake and spool
     @property
     def inbox(self) -> Path:
-        return self.root / "inbox"
+        return self.storage / "inbox"
 
     @property
     def queue(self) -> Path:
-        return self.root / "queue"
+        return self.storage / "queue"
 
     def waiting(self, priority: Priority) -> Path:
         return self.queue / priority.value
@@ -60,19 +72,24 @@ class Home:
 
     @property
     def runs(self) -> Path:
-        return self.root / "runs"
+        return self.storage / "runs"
 
     def run_dir(self, job_id: int) -> Path:
         return self.runs / f"job-{job_id:06d}"
 
     @property
     def models(self) -> Path:
-        return self.root / "models"
+        return self.storage / "models"
 
     @property
     def memory(self) -> Path:
         """Every job's memory sets, content-addressed: ``<sha256>.jsonl`` (``management/memory.py``)."""
-        return self.root / "memory"
+        return self.storage / "memory"
+
+    @property
+    def trash(self) -> Path:
+        """Deletions go through here (a rename, then the delete): on the storage they delete from."""
+        return self.storage / "trash"
 
     @property
     def cache(self) -> Path:
@@ -111,3 +128,20 @@ class Home:
         ):
             d.mkdir(parents=True, exist_ok=True)
         return self
+
+
+def shared_storage(root: Path) -> Path | None:
+    """``[storage] shared`` of the home's trainbox.toml (relative: to the home), or None. Read with
+    tomllib alone: every process resolves its home at start, and the full settings load later (a bad file
+    is reported there, by ``trainbox/config.py``)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads((root / "trainbox.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    shared = data.get("storage", {}).get("shared") if isinstance(data.get("storage"), dict) else None
+    if not isinstance(shared, str) or not shared:
+        return None
+    path = Path(shared).expanduser()
+    return (path if path.is_absolute() else root / path).resolve()

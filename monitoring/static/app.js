@@ -1,6 +1,6 @@
 // trainbox dashboard: plain JS, no build step, no CDN. Everything it shows comes from /api/*;
 // /api/stream (Server-Sent Events) pushes status and metric lines, so nothing is polled but the
-// system panel. On every (re)connection the page fetches the full state again, which is how it
+// system and fleet panels. On every (re)connection the page fetches the full state again, which is how it
 // reattaches after a server or browser restart.
 "use strict";
 
@@ -248,9 +248,24 @@ async function refreshJobs(q) {
   rows($("jobs-table").tBodies[0], html, 5, "no jobs yet");
 }
 
+// lineages (issue 18): each a chain of versions with its own current one; the select shows one or all
+let modelsCache = [];
 async function refreshModels() {
-  const models = await api("/api/models");
-  const html = models.map((v) => `<tr><td>v${v.id}${v.current ? '<span class="tag">current</span>' : ""}</td>
+  modelsCache = await api("/api/models");
+  const pick = $("models-lineage");
+  const names = [...new Set(modelsCache.map((v) => v.lineage || "main"))].sort((a, b) => (a !== "main") - (b !== "main") || a.localeCompare(b));
+  const chosen = pick.value;
+  pick.innerHTML = ["all", ...names].map((n) => `<option value="${esc(n)}">${n === "all" ? "all lineages" : esc(n)}</option>`).join("");
+  pick.value = chosen && (chosen === "all" || names.includes(chosen)) ? chosen : "all";
+  pick.hidden = names.length < 2 && !names.some((n) => n !== "main");
+  showModels();
+}
+
+function showModels() {
+  const chosen = $("models-lineage").value || "all";
+  const models = modelsCache.filter((v) => chosen === "all" || (v.lineage || "main") === chosen);
+  const line = (v) => (v.lineage && v.lineage !== "main" ? `<span class="tag">${esc(v.lineage)}</span>` : "");
+  const html = models.map((v) => `<tr data-lineage="${esc(v.lineage || "main")}"><td>v${v.id}${line(v)}${v.current ? '<span class="tag">current</span>' : ""}</td>
       <td>${v.parent_id ? "v" + v.parent_id : esc(v.base_model ? "base" : "—")}</td>
       <td class="name" title="${esc(v.job_name || "")}">${v.job_id ? `<bdi>#${v.job_id} ${esc(v.job_name || "")}</bdi>` : "—"}</td><td class="num">${v.steps}</td>
       <td class="num">${num(v.train_loss)}</td><td class="num">${num(v.val_loss)}</td></tr>`).join("");
@@ -296,6 +311,22 @@ async function refreshSystem() {
     : `<div class="gpu muted" id="sys-no-gpu">${esc(s.gpu_state)}</div>`;
 }
 
+// the daemons sharing this model DB (issue 18): one row per host, the stale and stopped ones too
+async function refreshFleet() {
+  const hosts = (await api("/api/fleet")).hosts;
+  const alive = hosts.filter((h) => h.liveness === "alive").length;
+  $("fleet-counts").textContent = hosts.length ? `${alive} of ${hosts.length} alive` : "";
+  // an alive host shows its state word; a stale or stopped one says so (its last state in the tooltip)
+  const html = hosts.map((h) => {
+    const word = h.liveness === "alive" ? h.state : h.liveness;
+    return `<tr data-host="${esc(h.name)}" data-liveness="${esc(h.liveness)}"><td class="name" title="${esc(h.home)}"><bdi>${esc(h.name)}</bdi></td>
+      <td><span class="badge" data-state="${esc(word)}" title="last state: ${esc(h.state)}${h.paused ? " (paused)" : ""}">${esc(word)}</span></td>
+      <td class="num">${duration(h.heartbeat_age_s)}</td><td class="num">${h.job_id ? "#" + h.job_id : "—"}</td>
+      <td class="num">${h.pid}</td><td class="num">${esc(h.version)}</td></tr>`;
+  }).join("");
+  rows($("fleet-table").tBodies[0], html, 6, "no daemon has joined yet");
+}
+
 function renderEvents(events, replace) {
   const list = $("events-list");
   if (replace) list.innerHTML = "";
@@ -339,7 +370,7 @@ async function refreshAll() {
   try {
     renderStatus(await api("/api/status"));
   } catch (e) { /* the stream will bring it */ }
-  await Promise.allSettled([refreshLists(), refreshSystem(), refreshEvents()]);
+  await Promise.allSettled([refreshLists(), refreshSystem(), refreshFleet(), refreshEvents()]);
   if (S.job !== null) loadMetrics(S.job);
 }
 
@@ -432,7 +463,8 @@ $("queue-table").addEventListener("change", (ev) => {
   });
 });
 window.addEventListener("resize", drawCharts);
-setInterval(() => refreshSystem().catch(() => {}), 5000);
+setInterval(() => { refreshSystem().catch(() => {}); refreshFleet().catch(() => {}); }, 5000);
 
 drawCharts();
 connect();
+$("models-lineage").addEventListener("change", showModels);
