@@ -300,22 +300,53 @@ def _control(
     console.print(f"{action.value} requested; the daemon applies it {when}")
 
 
+HostOpt = Annotated[
+    str | None, typer.Option("--host", help="A fleet's host (its [fleet] host) instead of this home's daemon.")
+]
+FleetOpt = Annotated[bool, typer.Option("--fleet", help="Every host of the fleet sharing this home's model DB.")]
+
+
+def _fleet_control(action: control.Action, home: Path | None, host: str | None, fleet: bool) -> bool:
+    """A request for another host or every host goes through the model DB (management/fleet_controls.py);
+    False when it addresses this home's daemon (its control/ folder, as always)."""
+    if host is None and not fleet:
+        return False
+    if host is not None and fleet:
+        console.print("[red]--host and --fleet: give one[/red]")
+        raise typer.Exit(2)
+    from management import fleet_controls
+    from management.db import ModelDB
+
+    h = _home(home)
+    db = ModelDB(settings_or_exit(h).db.url_for(h.db_url))
+    try:
+        fleet_controls.submit(db, action.value, host or "")
+    finally:
+        db.close()
+    who = f"host {host}" if host else "every host of the fleet"
+    console.print(f"{action.value} requested for {who}; each daemon applies it within a heartbeat", markup=False)
+    return True
+
+
 @app.command()
-def pause(home: HomeOpt = None) -> None:
+def pause(home: HomeOpt = None, host: HostOpt = None, fleet: FleetOpt = False) -> None:
     """Checkpoint the running job and dispatch nothing until resume."""
-    _control(control.Action.PAUSE, home)
+    if not _fleet_control(control.Action.PAUSE, home, host, fleet):
+        _control(control.Action.PAUSE, home)
 
 
 @app.command()
-def resume(home: HomeOpt = None) -> None:
+def resume(home: HomeOpt = None, host: HostOpt = None, fleet: FleetOpt = False) -> None:
     """Continue: the paused job first, from its checkpoint."""
-    _control(control.Action.RESUME, home)
+    if not _fleet_control(control.Action.RESUME, home, host, fleet):
+        _control(control.Action.RESUME, home)
 
 
 @app.command()
-def stop(home: HomeOpt = None) -> None:
+def stop(home: HomeOpt = None, host: HostOpt = None, fleet: FleetOpt = False) -> None:
     """Checkpoint the running job, then the daemon exits."""
-    _control(control.Action.STOP, home)
+    if not _fleet_control(control.Action.STOP, home, host, fleet):
+        _control(control.Action.STOP, home)
 
 
 @app.command()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from management import fleet_controls
 from management.db import Job, ModelDB
 from management.leases import LEADER, Claim, Held, acquire, claim_job, release, renew
 
@@ -21,11 +22,28 @@ log = logging.getLogger("trainbox.daemon")
 
 
 class FleetMember:
-    def __init__(self, db: ModelDB, host: str, lease_seconds: float) -> None:
-        self.db, self.host, self.ttl = db, host, lease_seconds
+    def __init__(self, db: ModelDB, host: str, lease_seconds: float, heartbeat_seconds: float = 5.0) -> None:
+        self.db, self.host, self.ttl, self.every = db, host, lease_seconds, heartbeat_seconds
         self.leader: Held | None = None
         self.job: Held | None = None  # the lineage lease of the job this host runs
         self.last_beat: float | None = None
+        self.control_seen = 0  # the newest fleet control request read (management/fleet_controls.py)
+        self.last_controls: float | None = None
+
+    def start_controls(self) -> bool | None:
+        """At start: whether the fleet's requests say this host is paused (None: they say nothing)."""
+        paused, self.control_seen = fleet_controls.starting_state(self.db, self.host)
+        return paused
+
+    def controls(self, now: float) -> list[fleet_controls.Request]:
+        """The fleet's new requests for this host, read every heartbeat."""
+        if self.last_controls is not None and now - self.last_controls < self.every:
+            return []
+        self.last_controls = now
+        new = fleet_controls.addressed(self.db, self.host, self.control_seen)
+        if new:
+            self.control_seen = new[-1].id
+        return new
 
     @property
     def leading(self) -> bool:

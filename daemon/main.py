@@ -132,8 +132,12 @@ class Daemon:
             self.db.event(DAEMON_CRASHED, crashed, pid=previous.pid if previous else None)
         self.paused = bool(previous and previous.paused)
         if self.settings.fleet.enabled:
-            self.fleet = FleetMember(self.db, self.settings.fleet.host, self.settings.fleet.lease_seconds)
+            fleet = self.settings.fleet
+            self.fleet = FleetMember(self.db, fleet.host, fleet.lease_seconds, fleet.heartbeat_seconds)
             self.fleet.beat(time.time())
+            paused = self.fleet.start_controls()
+            if paused is not None:  # the fleet's newest pause or resume for this host outranks the last run's
+                self.paused = paused
         self.admission = Admission(
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=self.gpus
         )
@@ -256,17 +260,26 @@ class Daemon:
                 if self.job_control(request, now):
                     control.consume(request)
                 continue
-            if request.action == control.Action.PAUSE:
-                self.paused = True
-                if self.worker is not None:
-                    self.worker.request_stop(now)
-            elif request.action == control.Action.RESUME:
-                self.paused = False
-            elif request.action == control.Action.STOP:
-                self.begin_stop(now)
-            self.db.event("control", f"{request.action.value} applied")
-            log.info("control request applied: %s", request.action.value)
+            self.apply_daemon_action(request.action, now, "")
             control.consume(request)
+        if self.fleet is not None:
+            for fleet_request in self.fleet.controls(now):
+                scope = f"for host {fleet_request.host}" if fleet_request.host else "for the fleet"
+                self.apply_daemon_action(control.Action(fleet_request.action), now, f" ({scope})")
+
+    def apply_daemon_action(self, action: control.Action, now: float, scope: str) -> None:
+        """Pause, resume or stop, from this home's ``control/`` or the fleet's requests (``scope`` says which)."""
+        assert self.db is not None
+        if action == control.Action.PAUSE:
+            self.paused = True
+            if self.worker is not None:
+                self.worker.request_stop(now)
+        elif action == control.Action.RESUME:
+            self.paused = False
+        elif action == control.Action.STOP:
+            self.begin_stop(now)
+        self.db.event("control", f"{action.value} applied{scope}")
+        log.info("control request applied: %s%s", action.value, scope)
 
     def job_control(self, request: control.ControlRequest, now: float) -> bool:
         """Apply a request about one job; False while it waits for the job's worker to stop. Cancelling

@@ -245,6 +245,17 @@ class Host(Base):
     stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True, doc="set on a clean exit")
 
 
+class FleetControl(Base):
+    """A pause, resume or stop for a fleet's daemons (``management/fleet_controls.py``): one host's (``host``)
+    or every host's (``host`` empty), written by ``trainbox pause|resume|stop --host H | --fleet``."""
+
+    __tablename__ = "fleet_controls"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float, default=time.time)
+    action: Mapped[str] = mapped_column(String)
+    host: Mapped[str] = mapped_column(String, default="", doc="the host it addresses; empty: every host")
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

@@ -18,8 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
 from daemon.main import Daemon
+from management import fleet_controls
 from management.db import ModelDB, Run
 from management.leases import leases
 from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
@@ -145,3 +148,22 @@ def test_a_dead_hosts_job_is_resumed_elsewhere_and_the_cut_off_host_files_nothin
     a.tick(time.time())  # a is back: its lease was taken
     assert a.worker is None and any(e.kind == "lease_lost" for e in db.events(job_id=job.id))
     assert len(list(home.done.glob("*.jsonl"))) == 1 and len(db.versions()) == 1  # nothing filed twice
+
+
+def test_pause_resume_and_stop_address_one_host_or_the_fleet(hosts: Callable[[str], Daemon], tmp_path: Path) -> None:
+    a, b = hosts("a"), hosts("b")
+    db = a.db
+    assert db is not None
+    (tmp_path / "host-a" / "trainbox.toml").write_text(f'[db]\nurl = "{a.settings.db.url}"\n')
+    out = CliRunner().invoke(app, ["pause", "--fleet", "--home", str(tmp_path / "host-a")])
+    assert out.exit_code == 0 and "every host of the fleet" in out.output, out.output
+    tick_all([a, b], lambda: a.paused and b.paused, "both hosts paused")
+    fleet_controls.submit(db, "resume", "b")  # one host resumes: it trains, the other stays paused
+    drop(a.home, "one.jsonl", "x")
+    tick_all([a, b], lambda: len(list(a.home.done.glob("*.jsonl"))) == 1, "b trains one.jsonl")
+    assert a.paused and not b.paused and [r.host for r in db.runs(db.jobs()[0].id)] == ["b"]
+    c = hosts("c")  # a host that joins a paused fleet starts paused (the newest request for it: pause)
+    assert c.paused
+    fleet_controls.submit(db, "stop")
+    tick_all([a, b, c], lambda: a.finished and b.finished and c.finished, "every host stopped")
+    assert sum(e.message == "stop applied (for the fleet)" for e in db.events()) == 3
