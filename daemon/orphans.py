@@ -42,10 +42,13 @@ def job_of_run_dir(run_dir: Path) -> int | None:
 
 def lock_holder_pid(run_dir: Path) -> tuple[int | None, run_lock.LockHolder | None]:
     """The process to stop for a held run-folder lock (its group leader if that serves the run, else the
-    holder itself), and the holder (None: the lock is free)."""
+    holder itself), and the holder (None: the lock is free). None for a holder on another host (shared
+    storage): its pids name processes there, and a local process that happens to have one is not it."""
     holder = run_lock.holder(run_dir)
     if holder is None:
         return None, None
+    if not holder.here:
+        return None, holder
     for pid in (holder.pgid, holder.pid):
         if serves_run(pid, run_dir):
             return pid, holder

@@ -55,14 +55,35 @@ def visible_gpus() -> int:
         return 0
 
 
-def job_nproc(run_dir: Path) -> int:
-    """``training.nproc`` of the job in ``run_dir`` (0: one per visible GPU, or 1 without GPUs)."""
+@dataclass(frozen=True)
+class Launch:
+    """How a job's processes start, from its ``job.json``: ``nproc`` per host (0 already resolved) on
+    ``nnodes`` hosts that meet at ``rdzv_endpoint``."""
+
+    job_id: int
+    nproc: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+
+    @property
+    def single(self) -> bool:
+        """One process on one host: the only kind of job a warm standby worker may take."""
+        return self.nproc == 1 and self.nnodes == 1
+
+
+def job_launch(run_dir: Path) -> Launch:
+    """The launch settings of the job in ``run_dir`` (``training.nproc``: 0 is one per visible GPU, or 1
+    without GPUs). A job.json that cannot be read gives one process: the worker reports what is wrong."""
     try:
         spec = json.loads((run_dir / JOB_SPEC).read_text(encoding="utf-8"))
-        configured = int(spec.get("training", {}).get("nproc", 1))
+        training = spec.get("training", {})
+        configured = int(training.get("nproc", 1))
+        nnodes, endpoint = int(training.get("nnodes", 1)), str(training.get("rdzv_endpoint", ""))
+        job_id = int(spec.get("job_id", 0))
     except (OSError, ValueError, TypeError, AttributeError):
-        return 1  # the worker reports what is wrong with job.json
-    return configured if configured > 0 else max(1, visible_gpus())
+        return Launch(0)
+    nproc = configured if configured > 0 else max(1, visible_gpus())
+    return Launch(job_id, nproc, nnodes, endpoint) if nnodes > 1 else Launch(job_id, nproc)
 
 
 def worker_command(run_dir: Path, nproc: int) -> list[str]:
@@ -73,6 +94,30 @@ def worker_command(run_dir: Path, nproc: int) -> list[str]:
         return [sys.executable, *worker]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     return [sys.executable, *launcher, *worker]
+
+
+def node_command(run_dir: Path, launch: Launch, *, claiming: bool) -> list[str]:
+    """This host's part of the job: for one host, ``worker_command``; for ``nnodes`` hosts, one torchrun agent
+    per host starting ``nproc`` ranks, all meeting at the job's c10d rendezvous (``--rdzv-id trainbox-job-N``
+    at ``rdzv_endpoint``). ``claiming``: this is the host that claimed the job; it hosts the rendezvous store
+    and gets global rank 0 (core.multinode). Every other host runs the same command with ``claiming=False``
+    for the same run folder, on the shared storage (the fleet starts it when a daemon joins the job). No
+    agent restarts its ranks (``--max-restarts 0``): a failed node fails the run, and the daemon's retry
+    (``daemon.max_restarts``) resumes it from its last checkpoint."""
+    if launch.nnodes <= 1:
+        return worker_command(run_dir, launch.nproc)
+    launcher = [
+        "-m",
+        "core.multinode",
+        f"--nnodes={launch.nnodes}",
+        f"--nproc-per-node={launch.nproc}",
+        "--rdzv-backend=trainbox-c10d",  # core.multinode.BACKEND (the daemon does not import torch)
+        f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        f"--rdzv-id=trainbox-job-{launch.job_id}",
+        f"--rdzv-conf=is_host={int(claiming)}",
+        "--max-restarts=0",
+    ]
+    return [sys.executable, *launcher, "-m", "core.worker", "--run-dir", str(run_dir)]
 
 
 @dataclass
@@ -86,11 +131,12 @@ class WorkerProcess:
 
     @classmethod
     def spawn(cls, job_id: int, run_dir: Path, command: WorkerCommand | None = None) -> WorkerProcess:
-        """``command``: the argv for a run folder and a process count; None: the real worker
-        (``worker_command``). Tests pass a stub that writes a result and exits (``Daemon``'s
-        ``worker_command`` argument), so queue decisions are tested without training."""
+        """``command``: the argv for a run folder and a process count; None: the real worker, this host's
+        part of it as the claiming host (``node_command``). Tests pass a stub that writes a result and exits
+        (``Daemon``'s ``worker_command`` argument), so queue decisions are tested without training."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        argv = (command or worker_command)(run_dir, job_nproc(run_dir))
+        launch = job_launch(run_dir)
+        argv = command(run_dir, launch.nproc) if command else node_command(run_dir, launch, claiming=True)
         popen = spawn_logged(argv, run_dir / WORKER_LOG, label="worker", defaults=QUIET_OFFLINE_ENV)
         return cls(job_id, run_dir, popen, time.time())
 
@@ -113,18 +159,33 @@ class WorkerProcess:
             self.popen.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Cold stop: the whole process group, at once (once: later calls do nothing)."""
+        """Cold stop: the whole process group and every rank's, at once (once: later calls do nothing)."""
         if self.killed_at is not None:
             return
         self.killed_at = time.time()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        kill_tree(self.popen.pid)
 
     def wait(self, timeout: float) -> int | None:
         try:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` (to its whole group when it leads one) and to the group of each of its descendants,
+    listed before anything is killed: torchrun starts every rank in a session of its own, so the agent's group
+    alone would leave the ranks training on as orphans, holding the run folder's lock."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    for target in [pid, *(p.pid for p in descendants)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(target) == target:
+                os.killpg(target, signal.SIGKILL)
+            else:
+                os.kill(target, signal.SIGKILL)
 
 
 STOPPED_BY_SIGTERM = "stopped after SIGTERM"  # it exited when asked: trainbox's stop, not its failure
@@ -159,11 +220,7 @@ def stop_processes(pids: list[int], timeout: float) -> dict[int, Stopped]:
             out[pid] = Stopped("already gone")
     _gone, alive = psutil.wait_procs(procs, timeout)
     for proc in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            if os.getpgid(proc.pid) == proc.pid:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
+        kill_tree(proc.pid)
     psutil.wait_procs(alive, 10)
     for proc in procs:
         if proc in alive:
