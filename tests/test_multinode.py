@@ -18,10 +18,12 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from torch.distributed import HashStore
 
@@ -141,6 +143,38 @@ def test_node_command_meets_at_the_jobs_rendezvous(tmp_path: Path) -> None:
     joining = node_command(tmp_path, two, claiming=False)
     assert [a for a in cmd if "is_host" in a] == ["--rdzv-conf=is_host=1"]
     assert [a.replace("is_host=0", "is_host=1") for a in joining] == cmd
+
+
+# a torchrun-like agent: one rank in a session of its own (as torch's SubprocessHandler starts it), its pid printed
+AGENT = """
+import subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(rank.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_cold_stop_kills_ranks_in_their_own_sessions() -> None:
+    """torchrun starts each rank in a new session: killing the agent's group alone left them training."""
+    agent = subprocess.Popen([sys.executable, "-c", AGENT], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert agent.stdout is not None
+    rank = psutil.Process(int(agent.stdout.readline()))
+    assert os.getpgid(rank.pid) != os.getpgid(agent.pid)
+    kill_tree(agent.pid)
+    assert agent.wait(10) == -signal.SIGKILL
+    agent.stdout.close()
+    deadline = time.monotonic() + 10
+    while not dead(rank):
+        assert time.monotonic() < deadline, "the rank outlived its agent"
+        time.sleep(0.05)
+
+
+def dead(proc: psutil.Process) -> bool:
+    """Gone, or a zombie (killed; whether init reaps it is the container's business)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_the_claiming_node_is_rotated_to_rank_0() -> None:
