@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from trainbox.jobspec import JOB_SPEC, WORKER_LOG
-from trainbox.processes import STANDBY_MODULE, is_worker_pid, spawn_logged
+from trainbox.processes import STANDBY_MODULE, is_worker_pid, kill_tree, spawn_logged
 
 # argv of a worker for a run folder and a process count (the seam tests use for a stub worker)
 WorkerCommand = Callable[[Path, int], list[str]]
@@ -170,22 +170,6 @@ class WorkerProcess:
             return self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             return None
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL to ``pid`` (to its whole group when it leads one) and to the group of each of its descendants,
-    listed before anything is killed: torchrun starts every rank in a session of its own, so the agent's group
-    alone would leave the ranks training on as orphans, holding the run folder's lock."""
-    try:
-        descendants = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
-    for target in [pid, *(p.pid for p in descendants)]:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(target) == target:
-                os.killpg(target, signal.SIGKILL)
-            else:
-                os.kill(target, signal.SIGKILL)
 
 
 STOPPED_BY_SIGTERM = "stopped after SIGTERM"  # it exited when asked: trainbox's stop, not its failure

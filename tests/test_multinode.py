@@ -30,7 +30,7 @@ from torch.distributed import HashStore
 from core import checkpoint
 from core.multinode import TwoClaimingNodes, claiming_rank, rotated
 from daemon.outcome import JobVerdict, decide
-from daemon.worker_process import Launch, job_launch, kill_tree, node_command
+from daemon.worker_process import Launch, job_launch, node_command
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
     data_file,
     make_job,
@@ -40,6 +40,7 @@ from tests.test_core_worker import (  # noqa: F401 (fixtures)
 )
 from tests.test_ddp_worker import final_weights, train_losses
 from trainbox.jobspec import RESULT, WorkerResult
+from trainbox.processes import kill_tree
 from trainbox.states import EXIT_COMPLETED, FailureClass, WorkerOutcome
 from trainbox.status import TrainingStatus, read_status
 
