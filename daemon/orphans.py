@@ -22,6 +22,7 @@ from daemon.worker_process import Stopped, run_processes, serves_run, stop_proce
 from management.db import ModelDB, Run
 from trainbox import run_lock
 from trainbox.home import Home
+from trainbox.processes import kill_tree
 from trainbox.spool import Spool, job_id_of
 
 log = logging.getLogger("trainbox.daemon")
@@ -126,10 +127,7 @@ class LockWait:
                 os.kill(pid, signal.SIGTERM)
             elif not self.killed and now - self.since > timeout:
                 self.killed = True
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+                kill_tree(pid)  # with torchrun's ranks, each in a session of its own
         except (ProcessLookupError, PermissionError):
             pass  # gone meanwhile (the next look says so), or not ours to signal
         return True
