@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,15 @@ def node_command(run_dir: Path, launch: Launch, *, claiming: bool) -> list[str]:
         "--max-restarts=0",
     ]
     return [sys.executable, *launcher, "-m", "core.worker", "--run-dir", str(run_dir)]
+
+
+def node_log(run_dir: Path, *, claiming: bool, host: str) -> Path:
+    """Where a host's agent of a job logs: the claiming host's in the job's ``worker.log`` (its daemon reads it for
+    the outcome), a joining host's in ``worker.<host>.log``: on shared storage two hosts appending to one file
+    interleave their lines, and NFS clients can overwrite each other's appends."""
+    if claiming:
+        return run_dir / WORKER_LOG
+    return run_dir / f"worker.{re.sub(r'[^A-Za-z0-9.-]', '_', host)}.log"
 
 
 @dataclass

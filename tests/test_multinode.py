@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from torch.distributed import HashStore
 from core import checkpoint
 from core.multinode import TwoClaimingNodes, claiming_rank, rotated
 from daemon.outcome import JobVerdict, decide
-from daemon.worker_process import Launch, job_launch, node_command
+from daemon.worker_process import Launch, job_launch, node_command, node_log
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
     data_file,
     make_job,
@@ -71,7 +72,7 @@ class Nodes:
     def __init__(self, run_dir: Path, logs: Path, **env: str) -> None:
         (run_dir / RESULT).unlink(missing_ok=True)  # as the daemon does before each start: never a stale one
         launch = job_launch(run_dir)
-        env = {**os.environ, "LOGLEVEL": "INFO", **env}  # LOGLEVEL: the agents log their c10d ranks
+        env = {**os.environ, **env}
         logs.mkdir(parents=True, exist_ok=True)
         self.joining = self._start(
             node_command(run_dir, launch, claiming=False), "127.0.0.1", env, logs / "joining.log"
@@ -144,6 +145,10 @@ def test_node_command_meets_at_the_jobs_rendezvous(tmp_path: Path) -> None:
     joining = node_command(tmp_path, two, claiming=False)
     assert [a for a in cmd if "is_host" in a] == ["--rdzv-conf=is_host=1"]
     assert [a.replace("is_host=0", "is_host=1") for a in joining] == cmd
+    # each host's agent logs in a file of its own on the shared run folder
+    assert node_log(tmp_path, claiming=True, host="a") == tmp_path / "worker.log"
+    assert node_log(tmp_path, claiming=False, host="gpu-2.lan") == tmp_path / "worker.gpu-2.lan.log"
+    assert node_log(tmp_path, claiming=False, host="../x") == tmp_path / "worker..._x.log"  # one name, no folder
 
 
 # a torchrun-like agent: one rank in a session of its own (as torch's SubprocessHandler starts it), its pid printed
@@ -187,13 +192,27 @@ def test_the_claiming_node_is_rotated_to_rank_0() -> None:
         claiming_rank(store, 0, is_host=True)
 
 
-def test_two_nodes_equal_one_process_and_either_one_can_die(tmp_path: Path, data_file: Path, model_dir: Path) -> None:
+@pytest.fixture
+def launched() -> Iterator[list[Nodes]]:
+    """The agents a test starts, killed at its end if a failed assertion left them running."""
+    started: list[Nodes] = []
+    yield started
+    for node in [n for nodes in started for n in (nodes.claiming, nodes.joining)]:
+        if node.proc.poll() is None:
+            kill_tree(node.proc.pid)
+            node.proc.wait(10)
+
+
+def test_two_nodes_equal_one_process_and_either_one_can_die(
+    tmp_path: Path, data_file: Path, model_dir: Path, launched: list[Nodes]
+) -> None:
     run_dir = tmp_path / "run"
     two_node_job(run_dir, data_file, model_dir)
     slow = {"TRAINBOX_TEST_STEP_SLEEP": "0.5"}  # room to kill it mid-run
 
     # c10d sorts the joining agent first; the rotation makes the claiming one node 0, holding global rank 0
     nodes = Nodes(run_dir, tmp_path / "first", **slow)
+    launched.append(nodes)
     wait_until(run_dir, 5, nodes)
     out, joined_out = nodes.claiming.output(), nodes.joining.output()
     assert (c10d_rank(joined_out), c10d_rank(out)) == (0, 1)
@@ -213,6 +232,7 @@ def test_two_nodes_equal_one_process_and_either_one_can_die(tmp_path: Path, data
     # relaunched, both resume at step 4; then the claiming host dies after the checkpoint at step 8: the joining
     # host's rank fails and its agent exits non-zero (the claiming daemon sees its own child killed: a retry)
     nodes = Nodes(run_dir, tmp_path / "second", **slow)
+    launched.append(nodes)
     wait_until(run_dir, 9, nodes)
     code = nodes.kill(nodes.claiming)
     assert code != 0, nodes.joining.output()
@@ -221,6 +241,7 @@ def test_two_nodes_equal_one_process_and_either_one_can_die(tmp_path: Path, data
     assert checkpoint.latest_complete(run_dir).step == 8  # type: ignore[union-attr]
 
     nodes = Nodes(run_dir, tmp_path / "third")
+    launched.append(nodes)
     assert nodes.finish() == (0, 0), nodes.claiming.output() + nodes.joining.output()
     assert "resuming at step 8" in nodes.claiming.output()
     assert train_steps(run_dir) == list(range(1, 13))  # every step once in the run's record
