@@ -13,6 +13,7 @@ uninterrupted 2-node run would add a fourth to a test that must stay within abou
 # ruff: noqa: F811 (pytest fixtures imported from the other core test modules)
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -40,7 +41,7 @@ from tests.test_core_worker import (  # noqa: F401 (fixtures)
     train_steps,
 )
 from tests.test_ddp_worker import final_weights, train_losses
-from trainbox.jobspec import RESULT, WorkerResult
+from trainbox.jobspec import JOB_SPEC, RESULT, WorkerResult
 from trainbox.processes import kill_tree
 from trainbox.states import EXIT_COMPLETED, FailureClass, WorkerOutcome
 from trainbox.status import TrainingStatus, read_status
@@ -131,6 +132,18 @@ def wait_until(run_dir: Path, step: int, nodes: Nodes, timeout: float = 90) -> N
 
 def two_node_job(run_dir: Path, data: Path, model: Path) -> None:
     make_job(run_dir, data, model, nnodes=2, nproc=1, rdzv_endpoint=f"127.0.0.1:{free_port()}", **SETTINGS)
+
+
+def test_the_launch_comes_from_job_json(tmp_path: Path) -> None:
+    """What the daemon reads to start a job: a multi-node one is never handed to the (single-process) warm worker."""
+    (tmp_path / JOB_SPEC).write_text(
+        json.dumps({"job_id": 9, "training": {"nproc": 1, "nnodes": 2, "rdzv_endpoint": "h:29400"}})
+    )
+    assert job_launch(tmp_path) == Launch(9, 1, 2, "h:29400") and not job_launch(tmp_path).single
+    (tmp_path / JOB_SPEC).write_text(json.dumps({"job_id": 9, "training": {"nproc": 1, "rdzv_endpoint": "h:1"}}))
+    assert job_launch(tmp_path) == Launch(9) and job_launch(tmp_path).single  # one host: no rendezvous
+    (tmp_path / JOB_SPEC).write_text("{not json")
+    assert job_launch(tmp_path).single  # the worker reports what is wrong with job.json
 
 
 def test_node_command_meets_at_the_jobs_rendezvous(tmp_path: Path) -> None:
