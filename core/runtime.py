@@ -30,6 +30,8 @@ RUNTIME_KEYS = (
     "disk_margin_mb",
     "gradient_checkpointing",  # the same numbers, less memory
     "nproc",  # the global batch is split across processes: the same run with any number of them
+    "nnodes",  # ... and across hosts
+    "rdzv_endpoint",
     "sharding",  # the same numbers and checkpoint format sharded or not (core.sharding)
 )
 

@@ -38,8 +38,9 @@ def runs_on_cuda(training: TrainingConfig, gpus: int) -> bool:
 
 
 def planned_processes(training: TrainingConfig, gpus: int) -> int:
-    """The worker's ``resolve_nproc``: nproc, or for 0 one per visible GPU (whatever the device), else 1."""
-    return training.nproc if training.nproc > 0 else max(1, gpus)
+    """The job's ranks: the worker's ``resolve_nproc`` (nproc, or for 0 one per visible GPU, whatever the
+    device, else 1) on each of its ``nnodes`` hosts, taken to be alike."""
+    return (training.nproc if training.nproc > 0 else max(1, gpus)) * training.nnodes
 
 
 def check_job_settings(
@@ -55,6 +56,7 @@ def check_job_settings(
     return [
         *_device_problems(training, gpus, cpus, cuda),
         *_process_problems(training, world),
+        *_node_problems(training),
         *_lora_problems(training, gpus, cuda, bitsandbytes),
     ]
 
@@ -89,13 +91,26 @@ def _device_problems(training: TrainingConfig, gpus: int, cpus: int, cuda: bool)
     return out
 
 
+def _node_problems(training: TrainingConfig) -> list[str]:
+    if training.nnodes > 1 and not training.rdzv_endpoint:
+        return [
+            f"nnodes = {training.nnodes} spans {training.nnodes} hosts, which meet at a rendezvous, but "
+            "rdzv_endpoint is not set: set rdzv_endpoint = 'host:port' (the claiming host's address as every "
+            "host reaches it, and a free TCP port) in the sidecar or in trainbox.toml's [training], or nnodes = 1."
+        ]
+    return []
+
+
 def _process_problems(training: TrainingConfig, world: int) -> list[str]:
     out = []
-    asked = f"nproc = {training.nproc}" + (f" (one per GPU: {world})" if training.nproc == 0 else "")
+    per_node = training.nproc if training.nproc > 0 else world // training.nnodes
+    asked = f"nproc = {training.nproc}" + (f" (one per GPU: {per_node})" if training.nproc == 0 else "")
+    if training.nnodes > 1:
+        asked += f" on nnodes = {training.nnodes} hosts"
     if training.engine == "hybrid" and world > 1:
         out.append(
-            f"engine = 'hybrid' runs in one process only but {asked} asks for {world} processes: set nproc = 1, "
-            "or engine = 'plain' to train with several processes."
+            f"engine = 'hybrid' runs in one process only but {asked} asks for {world} processes: set nproc = 1 "
+            "and nnodes = 1, or engine = 'plain' to train with several processes."
         )
     if training.sharding == "fsdp" and world > 1 and training.lora:
         out.append(

@@ -16,7 +16,7 @@ from daemon.gate import GATE_PENDING, GateRequest, request_gate
 from daemon.outcome import Decision, JobVerdict, decide
 from daemon.spool import move
 from daemon.standby import WarmWorker
-from daemon.worker_process import WORKER_LOG, WorkerCommand, WorkerProcess, job_nproc, log_tail
+from daemon.worker_process import WORKER_LOG, WorkerCommand, WorkerProcess, job_launch, log_tail
 from management import registration
 from management.db import Job, ModelDB, Run
 from management.memory import replay_sources
@@ -90,7 +90,7 @@ class JobRunner:
             spec = self._new_spec(job, processing_file, run_dir)
         spec.save()
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
-        warm = self.warm if self.warm is not None and job_nproc(run_dir) == 1 else None
+        warm = self.warm if self.warm is not None and job_launch(run_dir).single else None
         attempt = len(self.db.runs(job_id)) + 1
         run_id = self._record_spawn(job_id, attempt, spec.init_model, warm.pid if warm else None)
         crash_point("spawn.before_popen")

@@ -22,6 +22,7 @@ from daemon.worker_process import Stopped, run_processes, serves_run, stop_proce
 from management.db import ModelDB, Run
 from trainbox import run_lock
 from trainbox.home import Home
+from trainbox.processes import kill_tree
 from trainbox.spool import Spool, job_id_of
 
 log = logging.getLogger("trainbox.daemon")
@@ -42,10 +43,13 @@ def job_of_run_dir(run_dir: Path) -> int | None:
 
 def lock_holder_pid(run_dir: Path) -> tuple[int | None, run_lock.LockHolder | None]:
     """The process to stop for a held run-folder lock (its group leader if that serves the run, else the
-    holder itself), and the holder (None: the lock is free)."""
+    holder itself), and the holder (None: the lock is free). None for a holder on another host (shared
+    storage): its pids name processes there, and a local process that happens to have one is not it."""
     holder = run_lock.holder(run_dir)
     if holder is None:
         return None, None
+    if not holder.here:
+        return None, holder
     for pid in (holder.pgid, holder.pid):
         if serves_run(pid, run_dir):
             return pid, holder
@@ -129,10 +133,7 @@ class LockWait:
                 os.kill(pid, signal.SIGTERM)
             elif not self.killed and now - self.since > timeout:
                 self.killed = True
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+                kill_tree(pid)  # with torchrun's ranks, each in a session of its own
         except (ProcessLookupError, PermissionError):
             pass  # gone meanwhile (the next look says so), or not ours to signal
         return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from trainbox.jobspec import JOB_SPEC, WORKER_LOG
-from trainbox.processes import STANDBY_MODULE, is_worker_pid, spawn_logged
+from trainbox.processes import STANDBY_MODULE, is_worker_pid, kill_tree, spawn_logged
 
 # argv of a worker for a run folder and a process count (the seam tests use for a stub worker)
 WorkerCommand = Callable[[Path, int], list[str]]
@@ -55,14 +56,35 @@ def visible_gpus() -> int:
         return 0
 
 
-def job_nproc(run_dir: Path) -> int:
-    """``training.nproc`` of the job in ``run_dir`` (0: one per visible GPU, or 1 without GPUs)."""
+@dataclass(frozen=True)
+class Launch:
+    """How a job's processes start, from its ``job.json``: ``nproc`` per host (0 already resolved) on
+    ``nnodes`` hosts that meet at ``rdzv_endpoint``."""
+
+    job_id: int
+    nproc: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+
+    @property
+    def single(self) -> bool:
+        """One process on one host: the only kind of job a warm standby worker may take."""
+        return self.nproc == 1 and self.nnodes == 1
+
+
+def job_launch(run_dir: Path) -> Launch:
+    """The launch settings of the job in ``run_dir`` (``training.nproc``: 0 is one per visible GPU, or 1
+    without GPUs). A job.json that cannot be read gives one process: the worker reports what is wrong."""
     try:
         spec = json.loads((run_dir / JOB_SPEC).read_text(encoding="utf-8"))
-        configured = int(spec.get("training", {}).get("nproc", 1))
+        training = spec.get("training", {})
+        configured = int(training.get("nproc", 1))
+        nnodes, endpoint = int(training.get("nnodes", 1)), str(training.get("rdzv_endpoint", ""))
+        job_id = int(spec.get("job_id", 0))
     except (OSError, ValueError, TypeError, AttributeError):
-        return 1  # the worker reports what is wrong with job.json
-    return configured if configured > 0 else max(1, visible_gpus())
+        return Launch(0)
+    nproc = configured if configured > 0 else max(1, visible_gpus())
+    return Launch(job_id, nproc, nnodes, endpoint) if nnodes > 1 else Launch(job_id, nproc)
 
 
 def worker_command(run_dir: Path, nproc: int) -> list[str]:
@@ -73,6 +95,39 @@ def worker_command(run_dir: Path, nproc: int) -> list[str]:
         return [sys.executable, *worker]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     return [sys.executable, *launcher, *worker]
+
+
+def node_command(run_dir: Path, launch: Launch, *, claiming: bool) -> list[str]:
+    """This host's part of the job: for one host, ``worker_command``; for ``nnodes`` hosts, one torchrun agent
+    per host starting ``nproc`` ranks, all meeting at the job's c10d rendezvous (``--rdzv-id trainbox-job-N``
+    at ``rdzv_endpoint``). ``claiming``: this is the host that claimed the job; it hosts the rendezvous store
+    and gets global rank 0 (core.multinode). Every other host runs the same command with ``claiming=False``
+    for the same run folder, on the shared storage (the fleet starts it when a daemon joins the job). No
+    agent restarts its ranks (``--max-restarts 0``): a failed node fails the run, and the daemon's retry
+    (``daemon.max_restarts``) resumes it from its last checkpoint."""
+    if launch.nnodes <= 1:
+        return worker_command(run_dir, launch.nproc)
+    launcher = [
+        "-m",
+        "core.multinode",
+        f"--nnodes={launch.nnodes}",
+        f"--nproc-per-node={launch.nproc}",
+        "--rdzv-backend=trainbox-c10d",  # core.multinode.BACKEND (the daemon does not import torch)
+        f"--rdzv-endpoint={launch.rdzv_endpoint}",
+        f"--rdzv-id=trainbox-job-{launch.job_id}",
+        f"--rdzv-conf=is_host={int(claiming)}",
+        "--max-restarts=0",
+    ]
+    return [sys.executable, *launcher, "-m", "core.worker", "--run-dir", str(run_dir)]
+
+
+def node_log(run_dir: Path, *, claiming: bool, host: str) -> Path:
+    """Where a host's agent of a job logs: the claiming host's in the job's ``worker.log`` (its daemon reads it for
+    the outcome), a joining host's in ``worker.<host>.log``: on shared storage two hosts appending to one file
+    interleave their lines, and NFS clients can overwrite each other's appends."""
+    if claiming:
+        return run_dir / WORKER_LOG
+    return run_dir / f"worker.{re.sub(r'[^A-Za-z0-9.-]', '_', host)}.log"
 
 
 @dataclass
@@ -86,11 +141,12 @@ class WorkerProcess:
 
     @classmethod
     def spawn(cls, job_id: int, run_dir: Path, command: WorkerCommand | None = None) -> WorkerProcess:
-        """``command``: the argv for a run folder and a process count; None: the real worker
-        (``worker_command``). Tests pass a stub that writes a result and exits (``Daemon``'s
-        ``worker_command`` argument), so queue decisions are tested without training."""
+        """``command``: the argv for a run folder and a process count; None: the real worker, this host's
+        part of it as the claiming host (``node_command``). Tests pass a stub that writes a result and exits
+        (``Daemon``'s ``worker_command`` argument), so queue decisions are tested without training."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        argv = (command or worker_command)(run_dir, job_nproc(run_dir))
+        launch = job_launch(run_dir)
+        argv = command(run_dir, launch.nproc) if command else node_command(run_dir, launch, claiming=True)
         popen = spawn_logged(argv, run_dir / WORKER_LOG, label="worker", defaults=QUIET_OFFLINE_ENV)
         return cls(job_id, run_dir, popen, time.time())
 
@@ -113,12 +169,11 @@ class WorkerProcess:
             self.popen.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Cold stop: the whole process group, at once (once: later calls do nothing)."""
+        """Cold stop: the whole process group and every rank's, at once (once: later calls do nothing)."""
         if self.killed_at is not None:
             return
         self.killed_at = time.time()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        kill_tree(self.popen.pid)
 
     def wait(self, timeout: float) -> int | None:
         try:
@@ -159,11 +214,7 @@ def stop_processes(pids: list[int], timeout: float) -> dict[int, Stopped]:
             out[pid] = Stopped("already gone")
     _gone, alive = psutil.wait_procs(procs, timeout)
     for proc in alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError, psutil.NoSuchProcess):
-            if os.getpgid(proc.pid) == proc.pid:
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
+        kill_tree(proc.pid)
     psutil.wait_procs(alive, 10)
     for proc in procs:
         if proc in alive:

@@ -43,7 +43,7 @@ from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
 from trainbox.home import Home
 from trainbox.markers import write_kill_marker
-from trainbox.processes import cmdline, is_worker_pid, spawn_logged
+from trainbox.processes import cmdline, is_worker_pid, kill_tree, spawn_logged
 from trainbox.sdnotify import under_systemd
 from trainbox.status import (
     DAEMON_STATUS,
@@ -80,11 +80,11 @@ def process_start_time(pid: int) -> float | None:
 
 
 def _signal(pid: int, sig: signal.Signals, group: bool = False) -> bool:
+    """``group`` (with SIGKILL): ``pid``'s group and each rank's under it (``kill_tree``), listed before the kill."""
     try:
+        os.kill(pid, 0 if group else sig)  # a pid that is gone raises here
         if group:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
+            kill_tree(pid)
     except (ProcessLookupError, PermissionError):
         return False
     return True

@@ -85,6 +85,20 @@ def test_sidecar_errors_name_the_key(tmp_path: Path) -> None:
         load_sidecar(bad)
 
 
+def test_a_rendezvous_endpoint_is_host_and_port(tmp_path: Path) -> None:
+    for good in ("", "10.0.0.5:29400", "node-1.example:1", "[::1]:29400", "localhost:65535"):
+        assert TrainingConfig(rdzv_endpoint=good).rdzv_endpoint == good
+    bad = tmp_path / "d.toml"
+    for value in ("10.0.0.5", ":29400", "host:0", "host:65536", "host:port", "a b:1", "http://h:1"):
+        bad.write_text(f"nnodes = 2\nrdzv_endpoint = {value!r}\n")
+        with pytest.raises(ConfigError, match=r"d\.toml: rdzv_endpoint: .*expected 'host:port'"):
+            load_sidecar(bad)
+    path = tmp_path / "trainbox.toml"
+    path.write_text('[training]\nrdzv_endpoint = "nowhere"\n')
+    with pytest.raises(ConfigError, match=r"trainbox\.toml: training\.rdzv_endpoint: .*expected 'host:port'"):
+        load_settings(path)
+
+
 def test_job_config_layers_sidecar_over_instance() -> None:
     base = TrainingConfig(learning_rate=0.01, batch_size=16)
     merged = job_training_config(base, {"batch_size": 2, "priority": "low"})

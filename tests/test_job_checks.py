@@ -64,6 +64,17 @@ def test_hybrid_needs_one_process() -> None:
     assert problems(gpus=0, engine="hybrid", nproc=0) == []
 
 
+def test_several_hosts_need_a_rendezvous_and_count_as_processes() -> None:
+    (p,) = problems(nnodes=2)
+    assert "nnodes = 2" in p and "rdzv_endpoint is not set" in p and "set rdzv_endpoint = 'host:port'" in p
+    assert "sidecar" in p and "trainbox.toml" in p  # where it may be set
+    assert problems(nnodes=2, rdzv_endpoint="10.0.0.5:29400") == []
+    (p,) = problems(engine="hybrid", nnodes=2, rdzv_endpoint="10.0.0.5:29400")  # 1 process on each of 2 hosts
+    assert "nproc = 1 on nnodes = 2 hosts asks for 2 processes" in p and "nnodes = 1" in p
+    (p,) = problems(gpus=2, sharding="fsdp", nproc=1, nnodes=2, rdzv_endpoint="h:1", lora=True)
+    assert "LoRA" in p  # sharded across the hosts
+
+
 def test_fsdp_refusals_need_several_processes() -> None:
     (p,) = problems(gpus=2, sharding="fsdp", nproc=2, lora=True)
     assert "sharding = 'fsdp'" in p and "LoRA" in p and "sharding = 'replicate'" in p
@@ -91,8 +102,8 @@ def test_lora_4bit_bf16_and_targets() -> None:
 def test_every_problem_is_one_sentence_naming_the_fix() -> None:
     everything = problems(
         gpus=0, cpus=1, bitsandbytes=False, device="cuda", nproc=4, engine="hybrid", sharding="fsdp", lora=True
-    ) + problems(gpus=0, lora_4bit=True, precision="bf16")
-    assert len(everything) >= 6
+    ) + problems(gpus=0, lora_4bit=True, precision="bf16", nnodes=2)
+    assert len(everything) >= 7
     for p in everything:
         assert p.endswith(".") and p.count(". ") == 0 and " = " in p and ("set " in p or "install" in p), p
 

@@ -7,8 +7,10 @@ followed through a link; and ``core.worker`` takes the lock before it touches it
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,20 @@ def test_core_worker_takes_the_lock_before_it_touches_the_run_folder(tmp_path: P
         assert snapshot(run_dir) == before
     finally:
         held.release()
+
+
+def test_a_holder_on_another_host_is_never_signalled(tmp_path: Path) -> None:
+    """On shared storage the lock holds across hosts, but its pids are the holder's host's: a daemon that
+    finds it held by another host's worker waits, and signals nothing here, even a process of that pid."""
+    from daemon.orphans import lock_holder_pid
+
+    proc = holding(tmp_path)
+    try:
+        pid, holder = lock_holder_pid(tmp_path)
+        assert pid == proc.pid and holder is not None and holder.here and holder.host == socket.gethostname()
+        record = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())
+        (tmp_path / run_lock.LOCK_NAME).write_text(json.dumps({**record, "host": "another-host"}))  # its host's view
+        pid, holder = lock_holder_pid(tmp_path)
+        assert pid is None and holder is not None and not holder.here and holder.pid == proc.pid
+    finally:
+        end(proc)

@@ -212,6 +212,16 @@ class HybridConfig(_Strict):
     )
 
 
+def is_host_port(value: str) -> bool:
+    """``host:port`` as torchrun's ``--rdzv-endpoint`` takes it (an IPv6 address in brackets), port 1-65535."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return bool(sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536) and not any(
+        c.isspace() or c in "/[]" for c in host
+    )
+
+
 class TrainingConfig(_Strict):
     model: str = Field(
         "",
@@ -343,6 +353,22 @@ class TrainingConfig(_Strict):
         "processes, so results match a one-process run with the same settings (up to summation order); rank "
         "0 alone writes status, metrics, checkpoints and the model. Not with engine 'hybrid'.",
     )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Hosts one job spans (multi-node data parallel). Above 1 each host runs a torchrun agent with "
+        "nproc processes, meeting at rdzv_endpoint (c10d rendezvous); the host that claimed the job is node 0 "
+        "and holds global rank 0 (it writes status, metrics, checkpoints and the model). The global batch "
+        "stays batch_size x grad_accum, split across nnodes x nproc ranks. The run folder, data and model "
+        "paths must be the same on every host (shared storage). Not with engine 'hybrid'.",
+    )
+    rdzv_endpoint: str = Field(
+        "",
+        description="'host:port' of the rendezvous for nnodes > 1 (required then): the claiming host's address "
+        "as every host of the job reaches it, and a free TCP port there, where its torchrun agent hosts the "
+        "c10d store.",
+    )
     sharding: Literal["replicate", "fsdp"] = Field(
         "replicate",
         description="How several processes (nproc > 1) hold the model. replicate: every process holds all "
@@ -412,6 +438,13 @@ class TrainingConfig(_Strict):
         description="QLoRA: load the frozen base in 4 bits (NF4) through bitsandbytes; needs lora (true), a "
         "CUDA GPU and the bitsandbytes package.",
     )
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint_is_host_port(cls, value: str) -> str:
+        if value and not is_host_port(value):
+            raise ValueError("expected 'host:port' (a host name or address, ':', a TCP port from 1 to 65535)")
+        return value
 
 
 class ServerConfig(_Strict):

@@ -125,6 +125,22 @@ def kill_group(popen: subprocess.Popen[bytes], wait: float = 10.0) -> None:
         popen.wait(wait)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL to ``pid`` (to its whole group when it leads one) and to the group of each of its descendants,
+    listed before anything is killed: torchrun starts every rank in a session of its own, so the agent's group
+    alone would leave the ranks training on as orphans, holding the run folder's lock."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    for target in [pid, *(p.pid for p in descendants)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(target) == target:
+                os.killpg(target, signal.SIGKILL)
+            else:
+                os.kill(target, signal.SIGKILL)
+
+
 def child_env(env: dict[str, str] | None = None, defaults: dict[str, str] | None = None) -> dict[str, str]:
     """A child's environment: ``env`` over ``os.environ`` over ``defaults``, output unbuffered (a log
     must hold everything up to a crash)."""

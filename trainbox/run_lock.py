@@ -10,6 +10,11 @@ that finds the lock held knows which process to stop (``holder``).
 
 Both sides open the file relative to the run folder, neither following a symlink: the daemon often runs
 as root and the run folder must not become a way to lock (or truncate) some other file.
+
+On shared storage (a job spanning hosts, ``training.nnodes > 1``, or a fleet) the kernel lock holds across
+hosts (NFS maps ``flock`` to its byte-range locks), but a pid is only meaningful on the host that wrote it:
+the record also names the host, and a daemon never signals a holder of another host (``LockHolder.here``).
+Only global rank 0 takes the lock, so the other hosts of a multi-node job are never refused by it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -41,11 +47,18 @@ class RunLockHeld(RuntimeError):
 @dataclass(frozen=True)
 class LockHolder:
     """What the holder wrote: its pid, its process group (the process the daemon spawned: the worker
-    itself, or the torchrun agent of rank 0), and when it took the lock (None: not readable)."""
+    itself, or the torchrun agent of rank 0), when it took the lock, and its host (None: not readable;
+    no host either from a worker of an earlier release)."""
 
     pid: int | None
     pgid: int | None
     since: float | None
+    host: str | None = None
+
+    @property
+    def here(self) -> bool:
+        """Whether its pids are this host's (an unknown host counts as this one: one host, as before)."""
+        return self.host is None or self.host == socket.gethostname()
 
     @property
     def leader(self) -> int | None:
@@ -90,8 +103,13 @@ def _read(fd: int) -> LockHolder | None:
         value = data.get(key)
         return value if isinstance(value, int) and value > 0 else None
 
-    since = data.get("since")
-    return LockHolder(number("pid"), number("pgid"), float(since) if isinstance(since, int | float) else None)
+    since, host = data.get("since"), data.get("host")
+    return LockHolder(
+        number("pid"),
+        number("pgid"),
+        float(since) if isinstance(since, int | float) else None,
+        host if isinstance(host, str) and host else None,
+    )
 
 
 def acquire(run_dir: Path) -> RunLock:
@@ -107,7 +125,7 @@ def acquire(run_dir: Path) -> RunLock:
     except BaseException:
         os.close(fd)
         raise
-    record = {"pid": os.getpid(), "pgid": os.getpgid(0), "since": time.time()}
+    record = {"pid": os.getpid(), "pgid": os.getpgid(0), "since": time.time(), "host": socket.gethostname()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     return RunLock(fd)
