@@ -342,7 +342,7 @@ class Retention:
         self.last_plan = p
         verb = "would delete" if self.dry_run else "deleting"
         for c, why in p.delete:
-            if self.role is not None and not self.dry_run and not self.role.still_holds(now):
+            if self.role is not None and not self.role.still_holds(now):
                 self.report("retention lease lost to another host: this pass stops here")
                 return
             self.report(f"{verb} {c.path} ({c.size / 1e6:.1f} MB): {why}")
