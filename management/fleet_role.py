@@ -10,10 +10,15 @@ the TTL. A host that dies stops renewing, and another takes the lease once it ex
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from management.db import ModelDB
 from management.leases import Held, acquire, leases, release, renew
+
+log = logging.getLogger("trainbox.fleet")
 
 
 class FleetRole:
@@ -27,10 +32,13 @@ class FleetRole:
         db = self.db()
         if db is None:
             return False
+        was = self.held
         if self.held is not None:
             self.held = renew(db, self.held, self.ttl, now)
         if self.held is None:
             self.held = acquire(db, self.name, self.host, self.ttl, now)
+        if (was is None) != (self.held is None):
+            log.info("host %s %s the %s lease", self.host, "holds" if self.held else "lost", self.name)
         return self.held is not None
 
     def still_holds(self, now: float) -> bool:
@@ -51,7 +59,11 @@ class FleetRole:
         return "free"
 
     def release(self) -> None:
+        """Give the lease up at stop; a DB that cannot be reached then is only logged: the lease expires anyway."""
         db = self.db()
         if self.held is not None and db is not None:
-            release(db, self.held)
+            try:
+                release(db, self.held)
+            except SQLAlchemyError as e:
+                log.warning("could not release the %s lease (it expires in %.0f s): %s", self.name, self.ttl, e)
         self.held = None
