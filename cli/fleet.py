@@ -1,6 +1,7 @@
 """``trainbox fleet``: the daemons sharing this home's model DB (issue 18), each with its state, heartbeat age,
 the job it trains, pid and version, from the DB's ``hosts`` table (alive / stale / stopped:
-``management/fleet.py``).
+``management/fleet.py``), and the leases it holds: its lineage, the fleet's leadership, retention
+(``management/fleet_view.py``).
 
 Registered on the main app by ``register(app)`` (``cli/main.py``); the DB modules are imported inside the command.
 """
@@ -19,33 +20,44 @@ from cli.common import HomeOpt, JsonOpt, console, settings_or_exit
 from trainbox.home import Home
 
 
-def fleet_rows(url: str, now: float) -> list[dict[str, Any]]:
-    """Every host that joined the fleet of the DB at ``url``, as ``describe`` shows it; none before the
-    first daemon made the DB (it is not created here)."""
+def fleet_view(url: str, now: float) -> dict[str, Any]:
+    """Every host that joined the fleet of the DB at ``url`` with its leases (``fleet_view.read``); no hosts
+    before the first daemon made the DB (it is not created here)."""
+    from management import fleet_view as view
     from management.db import ModelDB, schema_ready
-    from management.fleet import describe
-    from management.hosts import all_hosts
 
     if not schema_ready(url):
-        return []
+        return view.join([], [], now)
     db = ModelDB(url)
     try:
-        return [describe(h, now) for h in all_hosts(db)]
+        return view.read(db, now)
     finally:
         db.close()
 
 
+def lineage_cell(lease: dict[str, Any] | None) -> str:
+    """The lineage a host holds, its job, the lease's generation and time left (or since it expired)."""
+    if lease is None:
+        return "-"
+    left = lease["expires_in_s"]
+    parts = [] if lease["job_id"] is None else [f"job {lease['job_id']}"]
+    parts += [f"gen {lease['generation']}", f"expired {-left:.0f}s ago" if lease["expired"] else f"{left:.0f}s left"]
+    return f"{lease['name']} ({', '.join(parts)})"
+
+
 def fleet(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """The fleet's hosts: state, heartbeat age (alive, or stale past 3 beats), job, pid, version."""
+    """The fleet's hosts: state, heartbeat age (alive, or stale past 3 beats), job, lineage lease, roles (leader,
+    retention), pid, version."""
     h = Home.resolve(home)
-    rows = fleet_rows(settings_or_exit(h).db.url_for(h.db_url), time.time())
+    view = fleet_view(settings_or_exit(h).db.url_for(h.db_url), time.time())
     if as_json:
-        print(json.dumps({"hosts": rows}, indent=2))
+        print(json.dumps(view, indent=2))
         return
+    rows = view["hosts"]
     if not rows:
         console.print("no hosts yet: a daemon joins the fleet when it starts")
         return
-    table = Table("host", "liveness", "state", "beat", "job", "pid", "version", "gpu")
+    table = Table("host", "liveness", "state", "beat", "job", "lineage", "roles", "pid", "version", "gpu")
     table.add_column("home", overflow="fold")  # a path wraps rather than losing its end
     for r in rows:
         cells = (
@@ -54,6 +66,8 @@ def fleet(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             r["state"] + (" (paused)" if r["paused"] and r["state"] != "paused" else ""),
             f"{r['heartbeat_age_s']:.0f}s ago",
             "-" if r["job_id"] is None else str(r["job_id"]),
+            lineage_cell(r["lineage"]),
+            ", ".join(role for role in ("leader", "retention") if r[role]) or "-",
             str(r["pid"]),
             r["version"],
             r["gpu"] or "-",
@@ -61,6 +75,8 @@ def fleet(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
         )
         table.add_row(*(Text(c) for c in cells))  # Text: a [bracket] in a name or path is not markup
     console.print(table)
+    who = {role: view[role] or "nobody" for role in ("leader", "retention")}
+    console.print(Text(f"leader: {who['leader']}; retention deletes on: {who['retention']}"))
 
 
 def register(app: typer.Typer) -> None:

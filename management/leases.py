@@ -44,6 +44,7 @@ from trainbox.states import JobState, Priority
 
 LINEAGE = "lineage:"
 LEADER = "leader"
+RETENTION = "retention"  # the one host whose retention process deletes (management/fleet_role.py)
 IN_PROGRESS = (JobState.RUNNING.value, JobState.PAUSED.value)
 
 

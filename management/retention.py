@@ -19,6 +19,11 @@ trashed folder. Leftovers in ``trash/`` are removed at start. It is the only pro
 checkpoints other than the worker pruning its own run beyond ``training.keep_checkpoints``. It never
 touches ``memory/`` (issue 17): a job's memory sets are what later gates score versions on and later jobs
 replay, and only their own down-sampling replaces one (``management/memory.py``).
+
+In a fleet (``[fleet] enabled``, one shared storage) every host may run retention, but one deletes: a pass goes
+ahead only while its host holds the ``retention`` lease (``management/fleet_role.py``), re-checked before each
+deletion; the others write their heartbeat and stand by, and take over once the holder stops (it releases the
+lease) or dies (the lease expires). The trash is emptied by the holder, on the shared storage.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 from sqlalchemy import update
 
 from management.db import Checkpoint, ModelDB, schema_ready
+from management.fleet_role import FleetRole
+from management.leases import RETENTION
 from management.registration import ORPHANED
 from trainbox.atomic import atomic_write_json, fsync_dir
 from trainbox.config import RetentionConfig, Settings
@@ -301,8 +308,13 @@ class Retention:
         self.trash = home.trash
         self.last_plan: Plan | None = None
         self.deleted_total = 0
-        if not dry_run:
-            self.empty_trash()
+        self.role: FleetRole | None = None
+        if settings.fleet.enabled and not dry_run:
+            # the lease outlives the gap between passes: held steadily by one host, not taken in turns
+            ttl = settings.fleet.lease_seconds + self.interval
+            self.role = FleetRole(lambda: self.db, RETENTION, settings.fleet.host, ttl)
+        elif not dry_run:
+            self.empty_trash()  # in a fleet the trash is shared: only the lease's holder empties it
 
     @property
     def db(self) -> ModelDB | None:
@@ -317,12 +329,22 @@ class Retention:
                 shutil.rmtree(child, ignore_errors=True)
 
     def loop(self, now: float) -> None:
+        if self.role is not None:
+            if not self.role.hold(now):
+                self.write_status(
+                    now, None, standby=f"another host deletes: the retention lease is {self.role.holder(now)}"
+                )
+                return
+            self.empty_trash()
         ckpts = scan(self.home)
         protected = protected_paths(self.home, self.db, ckpts)
         p = plan(ckpts, protected, self.policy, self.disk(self.home.storage), now)
         self.last_plan = p
         verb = "would delete" if self.dry_run else "deleting"
         for c, why in p.delete:
+            if self.role is not None and not self.role.still_holds(now):
+                self.report("retention lease lost to another host: this pass stops here")
+                return
             self.report(f"{verb} {c.path} ({c.size / 1e6:.1f} MB): {why}")
             if not self.dry_run:
                 self.delete(c, why, now)
@@ -388,21 +410,23 @@ class Retention:
                     path=str(path),
                 )
 
-    def write_status(self, now: float, p: Plan) -> None:
+    def write_status(self, now: float, p: Plan | None, standby: str = "") -> None:
+        """The heartbeat ``trainbox health`` judges; a host standing by in a fleet beats too, saying why."""
+        status: dict[str, object] = {"pid": os.getpid(), "heartbeat": now, "deleted_bytes_total": self.deleted_total}
+        if p is not None:
+            status |= {
+                "last_deleted": len(p.delete),
+                "last_freed_bytes": p.freed,
+                "kept": len(p.keep),
+                "unmet": p.unmet,
+            }
+        if standby:
+            status["standby"] = standby
         with contextlib.suppress(OSError):
-            atomic_write_json(
-                self.home.status / RETENTION_STATUS,
-                {
-                    "pid": os.getpid(),
-                    "heartbeat": now,
-                    "last_deleted": len(p.delete),
-                    "last_freed_bytes": p.freed,
-                    "kept": len(p.keep),
-                    "unmet": p.unmet,
-                    "deleted_bytes_total": self.deleted_total,
-                },
-            )
+            atomic_write_json(self.home.status / RETENTION_STATUS, status)
 
     def shutdown(self) -> None:
+        if self.role is not None:
+            self.role.release()  # another host takes over at its next pass, not after the TTL
         if self._db is not None:
             self._db.close()

@@ -227,6 +227,17 @@ class UploadResponse(BaseModel):
     bytes: int
 
 
+class LineageLeaseView(BaseModel):
+    """The ``lineage:<name>`` lease a host holds (management/fleet_view.py): its right to run that lineage's job."""
+
+    name: str = Field(description="the lineage")
+    job_id: int | None = Field(None, description="the job it was taken for")
+    generation: int = Field(description="the fencing token: grows by one each time a host takes the lease")
+    expires_at: float
+    expires_in_s: float = Field(description="seconds left; negative: expired that long ago")
+    expired: bool = Field(description="its holder stopped renewing (dead or cut off): another host may resume the job")
+
+
 class HostView(BaseModel):
     """One daemon of the fleet sharing this model DB (issue 18; management/fleet.py ``describe``)."""
 
@@ -243,8 +254,13 @@ class HostView(BaseModel):
     gpu: str = Field(description="its GPUs in a few words; empty without")
     started_at: float
     stopped_at: float | None = None
+    lineage: LineageLeaseView | None = Field(None, description="the lineage lease it holds (live, else its last)")
+    leader: bool = Field(False, description="it holds the fleet's leadership (admits files, repairs at start)")
+    retention: bool = Field(False, description="its retention process is the fleet's one that deletes")
 
 
 class FleetResponse(BaseModel):
     time: float
     hosts: list[HostView] = Field(description="every daemon that joined, by name; stopped and stale ones included")
+    leader: str | None = Field(None, description="the host holding the leader lease; null: none now")
+    retention: str | None = Field(None, description="the host whose retention holds the retention lease; null: none")

@@ -10,9 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from management import fleet_view
 from management.db import Event, Job, ModelDB, ModelVersion, display_url
-from management.fleet import describe
-from management.hosts import all_hosts
 from management.memory_matrix import memory_matrix
 from management.versions import starting_version
 from monitoring import queries
@@ -24,7 +23,6 @@ from monitoring.schemas import (
     EventView,
     FailedItem,
     FleetResponse,
-    HostView,
     JobDetail,
     JobsPage,
     JobSummary,
@@ -285,7 +283,7 @@ def job_detail(home: Home, db: ModelDB, cache: MetricsCache, job_id: int) -> Job
 
 def fleet(db: ModelDB) -> FleetResponse:
     now = time.time()
-    return FleetResponse(time=now, hosts=[HostView(**describe(h, now)) for h in all_hosts(db)])
+    return FleetResponse.model_validate({"time": now, **fleet_view.read(db, now)})
 
 
 def current_job_id(home: Home) -> int | None:

@@ -3,7 +3,8 @@ controls inside the viewport and their card, neither clipped nor covered; the ve
 column whole; a right-to-left override in a file name shown as a code point, not obeyed; 10,000
 waiting jobs listed as the first few per queue with counts; a new job's loading state instead of the
 previous job's "finished 300 / 300"; chart axes with distinct labels and never below zero for
-non-negative series; the Fleet table with an alive, a stale and a stopped host (issue 18).
+non-negative series; the Fleet table with an alive, a stale and a stopped host, their lineage leases and roles
+(issue 18).
 
 One server and one browser for the module (a home built directly: no daemon). Set
 ``TRAINBOX_SHOT_DIR`` to keep a screenshot per width for a person to look at.
@@ -12,6 +13,7 @@ One server and one browser for the module (a home built directly: no daemon). Se
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ import pytest
 from management import hosts
 from management.db import ModelDB
 from management.fleet import HostRecord
+from management.leases import LEADER, RETENTION, acquire, claim_job, lineage_lease
 from tests.monitoring_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -130,6 +133,12 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
                     stopped_at=stopped,
                 ),
             )
+        # alpha holds the running job's lineage and leads; beta's retention deletes, and beta died holding a lineage
+        claim = claim_job(db, "alpha", 3600.0, now)
+        assert claim is not None and claim.job_id == FAKE_JOB
+        for name, holder, ttl, at in ((LEADER, "alpha", 3600.0, now), (RETENTION, "beta", 3600.0, now)):
+            assert acquire(db, name, holder, ttl, at) is not None
+        assert acquire(db, lineage_lease("chat"), "beta", 5.0, now - 100) is not None
     finally:
         db.close()
     return h
@@ -187,6 +196,7 @@ def test_controls_are_visible_and_not_clipped(browser: Any, server: ServerProc, 
             "#models-table tbody tr:first-child td:last-child",
             '#fleet-table tr[data-host="alpha"] td:last-child',
             '#fleet-table tr[data-host="alpha"] .badge',
+            '#fleet-table tr[data-host="alpha"] td.lineage bdi',
         ]
         problems = {sel: page.eval_on_selector(sel, PROBLEMS_JS) for sel in targets}
         assert {sel: p for sel, p in problems.items() if p} == {}
@@ -304,9 +314,20 @@ def test_the_fleet_table_shows_each_hosts_liveness(browser: Any, server: ServerP
     try:
         shown = page.eval_on_selector_all(
             "#fleet-table tr[data-host]",
-            "rows => rows.map(r => [r.dataset.host, r.querySelector('.badge').textContent, r.cells[3].textContent])",
+            """rows => rows.map(r => [r.dataset.host, r.querySelector('.badge').textContent, r.cells[3].textContent,
+                r.cells[4].textContent, [...r.querySelectorAll('.role')].map(e => e.textContent).join(' ')])""",
         )
-        assert shown == [["alpha", "training", f"#{FAKE_JOB}"], ["beta", "stale", "—"], ["gamma", "stopped", "—"]]
+        assert shown == [
+            ["alpha", "training", f"#{FAKE_JOB}", "main", "leader"],
+            ["beta", "stale", "—", "chat", "retention"],
+            ["gamma", "stopped", "—", "—", ""],
+        ]
+        # the lineage's tooltip names the job and the lease; beta's ran out, struck through for another host to take
+        alpha = page.get_attribute('#fleet-table tr[data-host="alpha"] td.lineage bdi', "title")
+        assert alpha is not None and alpha.startswith(f"job #{FAKE_JOB}, generation 1, ") and alpha.endswith(" left")
+        beta = page.query_selector('#fleet-table tr[data-host="beta"] td.lineage bdi')
+        assert beta.get_attribute("class") == "expired"
+        assert re.fullmatch(r"generation 1, expired \dm \d+s ago", beta.get_attribute("title"))  # 100 s and more
         assert page.text_content("#fleet-counts") == "1 of 3 alive"
         assert PAGE_ERRORS == []
     finally:

@@ -23,8 +23,9 @@ import pytest
 from daemon.host_beat import HostBeat, HostTaken
 from daemon.lock import InstanceLock
 from management import hosts
-from management.db import ModelDB
+from management.db import Job, ModelDB
 from management.fleet import Claim, HostRecord, Liveness, describe, judge_claim, liveness, stale_after, summary
+from management.leases import LEADER, RETENTION, acquire, claim_job, release
 from safety.checkup import Level, check_fleet
 from tests.e2e_helpers import wait_for
 from tests.monitoring_helpers import ServerProc
@@ -199,6 +200,75 @@ def test_beats_are_written_when_due_or_when_the_state_changes(any_db_url: str) -
         db.close()
 
 
+# ---------- the leases each host holds, as trainbox fleet and /api/fleet show them ----------
+
+
+def test_the_fleet_view_shows_each_hosts_lineage_lease_the_leader_and_retention(
+    any_db_url: str, tmp_path: Path
+) -> None:
+    db = ModelDB(any_db_url)
+    now = time.time()  # the CLI and the API judge expiry by the real clock
+    try:
+        for name, stopped in (("alpha", None), ("beta", None), ("gamma", now - 5)):
+            hosts.insert(db, _host(name=name, heartbeat_at=now, started_at=now - 60, stopped_at=stopped))
+        with db.session() as s:
+            for lineage in ("chat", "code"):
+                s.add(Job(name=f"{lineage}.jsonl", lineage=lineage, priority="normal", state="queued", admitted_at=1.0))
+        # alpha claims a job of one lineage and leads; beta claimed the other long ago and stopped renewing
+        mine = claim_job(db, "alpha", ttl=60, now=now)
+        stale = claim_job(db, "beta", ttl=60, now=now - 100)
+        assert mine is not None and stale is not None and mine.lineage != stale.lineage
+        assert acquire(db, LEADER, "alpha", ttl=60, now=now) is not None
+        assert acquire(db, RETENTION, "beta", ttl=60, now=now) is not None
+
+        home = Home(tmp_path / "home").ensure()
+        home.config_file.write_text(f'[db]\nurl = "{any_db_url}"\n')
+        view = json.loads(_fleet_cli(home, "--json"))
+        assert (view["leader"], view["retention"]) == ("alpha", "beta")
+        by = {h["name"]: h for h in view["hosts"]}
+        alpha, beta = by["alpha"]["lineage"], by["beta"]["lineage"]
+        assert (alpha["name"], alpha["job_id"], alpha["generation"], alpha["expired"]) == (
+            mine.lineage,
+            mine.job_id,
+            1,
+            False,
+        )
+        assert alpha["expires_at"] == mine.lease.expires_at and 0 < alpha["expires_in_s"] <= 60
+        # beta's lease ran out: shown as its last one, expired, for another host to take
+        assert (beta["name"], beta["job_id"], beta["expired"]) == (stale.lineage, stale.job_id, True)
+        assert beta["expires_in_s"] < 0
+        assert by["gamma"]["lineage"] is None
+        assert [(n, by[n]["leader"], by[n]["retention"]) for n in by] == [
+            ("alpha", True, False),
+            ("beta", False, True),
+            ("gamma", False, False),
+        ]
+        table = _fleet_cli(home)
+        assert f"{mine.lineage} (job {mine.job_id}, gen 1," in table and "expired" in table
+        assert "leader: alpha; retention deletes on: beta" in table
+
+        # the API says the same, validated by its schema
+        from fastapi.testclient import TestClient
+
+        from monitoring.app import create_app
+
+        with TestClient(create_app(home, load_settings(home.config_file))) as client:
+            api = client.get("/api/fleet").json()
+        assert (api["leader"], api["retention"]) == ("alpha", "beta")
+        assert [(h["name"], (h["lineage"] or {}).get("job_id")) for h in api["hosts"]] == [
+            ("alpha", mine.job_id),
+            ("beta", stale.job_id),
+            ("gamma", None),
+        ]
+
+        # the lease released (its job left the host): alpha holds no lineage any more
+        release(db, mine.lease)
+        after = json.loads(_fleet_cli(home, "--json"))
+        assert after["hosts"][0]["lineage"] is None
+    finally:
+        db.close()
+
+
 # ---------- real daemons sharing one DB ----------
 
 FLEET_CONFIG = """
@@ -246,7 +316,8 @@ def _fleet_cli(home: Home, *args: str) -> str:
 
     from cli.main import app
 
-    result = CliRunner().invoke(app, ["fleet", "--home", str(home.root), *args])
+    # a wide terminal: the table's cells whole, not cut to 80 columns
+    result = CliRunner().invoke(app, ["fleet", "--home", str(home.root), *args], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     return result.output
 

@@ -733,7 +733,8 @@ class FleetConfig(_Strict):
         ge=1.0,
         le=3600.0,
         description="How long a host's lease on a lineage (and on the fleet's leadership) lasts without renewal "
-        "(renewed every third of it): a dead host's job waits this long before another host resumes it.",
+        "(renewed every third of it): a dead host's job waits this long before another host resumes it. The "
+        "retention lease (one host's retention deletes) lasts this plus retention.interval.",
     )
 
     @field_validator("host")

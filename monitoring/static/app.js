@@ -311,18 +311,29 @@ async function refreshSystem() {
     : `<div class="gpu muted" id="sys-no-gpu">${esc(s.gpu_state)}</div>`;
 }
 
+// the lineage lease a host holds (issue 18): its name, and in the tooltip the job, generation and time left;
+// an expired one (its host stopped renewing) is struck through: another host may resume that job
+function leaseCell(l) {
+  if (!l) return "—";
+  const when = l.expired ? `expired ${duration(-l.expires_in_s)} ago` : `${duration(l.expires_in_s)} left`;
+  const tip = `${l.job_id ? "job #" + l.job_id + ", " : ""}generation ${l.generation}, ${when}`;
+  return `<bdi class="${l.expired ? "expired" : ""}" title="${esc(tip)}">${esc(l.name)}</bdi>`;
+}
+
 // the daemons sharing this model DB (issue 18): one row per host, the stale and stopped ones too
 async function refreshFleet() {
   const hosts = (await api("/api/fleet")).hosts;
   const alive = hosts.filter((h) => h.liveness === "alive").length;
   $("fleet-counts").textContent = hosts.length ? `${alive} of ${hosts.length} alive` : "";
-  // an alive host shows its state word; a stale or stopped one says so (its last state in the tooltip)
+  // an alive host shows its state word; a stale or stopped one says so (its last state in the tooltip); the
+  // host's tooltip gives its home and pid (on its own machine), leaving the width to the lineage
   const html = hosts.map((h) => {
     const word = h.liveness === "alive" ? h.state : h.liveness;
-    return `<tr data-host="${esc(h.name)}" data-liveness="${esc(h.liveness)}"><td class="name" title="${esc(h.home)}"><bdi>${esc(h.name)}</bdi></td>
+    const roles = ["leader", "retention"].filter((r) => h[r]).map((r) => `<span class="role">${r}</span>`).join(" ");
+    return `<tr data-host="${esc(h.name)}" data-liveness="${esc(h.liveness)}"><td class="name" title="${esc(h.home)}, pid ${h.pid}"><bdi>${esc(h.name)}</bdi> ${roles}</td>
       <td><span class="badge" data-state="${esc(word)}" title="last state: ${esc(h.state)}${h.paused ? " (paused)" : ""}">${esc(word)}</span></td>
       <td class="num">${duration(h.heartbeat_age_s)}</td><td class="num">${h.job_id ? "#" + h.job_id : "—"}</td>
-      <td class="num">${h.pid}</td><td class="num">${esc(h.version)}</td></tr>`;
+      <td class="name lineage">${leaseCell(h.lineage)}</td><td class="num">${esc(h.version)}</td></tr>`;
   }).join("");
   rows($("fleet-table").tBodies[0], html, 6, "no daemon has joined yet");
 }
