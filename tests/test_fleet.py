@@ -314,10 +314,17 @@ def _fleet_cli(home: Home, *args: str) -> str:
     seconds of a fresh interpreter)."""
     from typer.testing import CliRunner
 
+    from cli.common import console
     from cli.main import app
 
-    # a wide terminal: the table's cells whole, not cut to 80 columns
-    result = CliRunner().invoke(app, ["fleet", "--home", str(home.root), *args], env={"COLUMNS": "250"})
+    # a wide terminal: the table's cells whole, not cut to 80 columns (the console's width is fixed when it is
+    # made, from $COLUMNS at that moment: set here, whatever the process's environment was at import)
+    width = console.width
+    console.width = 250
+    try:
+        result = CliRunner().invoke(app, ["fleet", "--home", str(home.root), *args])
+    finally:
+        console.width = width
     assert result.exit_code == 0, result.output
     return result.output
 
