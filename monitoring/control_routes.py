@@ -12,9 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Security
 
+from management import fleet_controls
 from monitoring.auth import errors, require_token
 from monitoring.params import JobIdPath
-from monitoring.schemas import ControlResponse, UploadResponse
+from monitoring.schemas import ControlResponse, FleetControlResponse, UploadResponse
 from monitoring.state import ServerState, State
 from monitoring.upload import UploadError, checked_name, receive
 from trainbox.control import Action, submit
@@ -48,6 +49,20 @@ def post_control(st: State, action: DaemonAction) -> ControlResponse:
     """Write a control request under control/, exactly as `trainbox pause|resume|stop` does."""
     path = submit(st.home.control, Action(action.value))
     return ControlResponse(action=action.value, file=path.name, created=path.stat().st_mtime)
+
+
+@router.post("/api/fleet/{action}", response_model=FleetControlResponse, status_code=202)
+def post_fleet_control(
+    st: State,
+    action: DaemonAction,
+    host: Annotated[
+        str | None, Query(max_length=64, description="one host of the fleet ([fleet] host); omitted: every host")
+    ] = None,
+) -> FleetControlResponse:
+    """Pause, resume or stop one host of the fleet, or all of them, through the model DB (as `trainbox
+    pause|resume|stop --host H | --fleet`): each daemon applies it within a heartbeat."""
+    request_id = fleet_controls.submit(st.db, action.value, host or "")
+    return FleetControlResponse(action=action.value, host=host or "", id=request_id)
 
 
 @router.post("/api/jobs/{job_id}/cancel", response_model=ControlResponse, status_code=202, responses=errors(409))

@@ -219,6 +219,12 @@ class ControlResponse(BaseModel):
     created: float
 
 
+class FleetControlResponse(BaseModel):
+    action: str
+    host: str = Field(description="the host it addresses; empty: every host of the fleet")
+    id: int = Field(description="the request's row in fleet_controls")
+
+
 class UploadResponse(BaseModel):
     file: str = Field(description="the sanitised name it was given in the inbox")
     path: str = Field(description="where it was written, relative to the home")

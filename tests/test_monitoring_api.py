@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from management import fleet_controls
+from management.db import ModelDB
 from tests.monitoring_helpers import FAKE_JOB, ServerProc, append_metrics, populate, prom_samples, write_daemon_status
 from trainbox import control
 from trainbox.home import Home
@@ -206,6 +208,7 @@ def test_openapi_documents_every_endpoint(client: httpx.Client) -> None:
         "/api/stream",
         "/metrics",
         "/api/control/{action}",
+        "/api/fleet/{action}",
         "/api/upload",
     ]:
         assert p in paths, p
@@ -287,6 +290,26 @@ def test_control_requires_the_token(home: Home, server: ServerProc, client: http
     assert [q.action.value for q in control.pending(home.control)] == ["pause", "resume", "stop"]
     for q in control.pending(home.control):
         control.consume(q)
+
+
+def test_fleet_controls_need_the_token_and_reach_the_db(home: Home, server: ServerProc, client: httpx.Client) -> None:
+    """issue 18: /api/fleet/{action} writes the fleet's request (management/fleet_controls.py) as
+    `trainbox pause|resume|stop --host H | --fleet` does; a daemon of the fleet applies it."""
+    assert client.post("/api/fleet/pause").status_code == 401
+    assert client.post("/api/fleet/explode", headers=server.auth).status_code == 422
+    everyone = client.post("/api/fleet/pause", headers=server.auth)
+    one = client.post("/api/fleet/resume", params={"host": "gpu-2"}, headers=server.auth)
+    assert everyone.status_code == one.status_code == 202, one.text
+    assert (everyone.json()["host"], one.json()["host"]) == ("", "gpu-2")
+    db = ModelDB(home.db_url)
+    try:
+        seen = fleet_controls.addressed(db, "gpu-2", 0)
+        assert [(r.action, r.host) for r in seen] == [("pause", ""), ("resume", "gpu-2")]
+        assert [r.action for r in fleet_controls.addressed(db, "gpu-1", 0)] == ["pause"]  # not gpu-2's resume
+        assert fleet_controls.starting_state(db, "gpu-1")[0] is True
+        assert fleet_controls.starting_state(db, "gpu-2")[0] is False
+    finally:
+        db.close()
 
 
 def test_cancel_and_prioritize_need_the_token_and_a_live_job(
