@@ -56,26 +56,35 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ensure_embedded_model(tmp_path_factory.mktemp("embedded") / "model")
 
 
-# The longest tests first (as `--durations` lists them), so that under pytest-xdist (scripts/test.sh runs
-# two workers) both workers end together instead of one running the longest test alone at the end:
-# longest-processing-time-first packing. Order only: no test depends on it and none asserts a timing.
+# The longest tests first (as `--durations` lists them, slowest on CI first), so that under pytest-xdist
+# (scripts/test.sh runs two workers) both workers end together instead of one running the longest test alone at
+# the end: longest-processing-time-first packing. Order only: no test depends on it and none asserts a timing.
 LONGEST_FIRST = (
     "tests/test_chaos_aimed.py::",
     "tests/test_chaos.py::",
-    "tests/test_versions_gate.py::test_harmful_job",
-    "tests/test_monitoring_e2e.py::test_api_follows",
-    "tests/test_e2e_lora.py::",
+    "tests/test_core_compile.py::",  # a cold inductor cache on CI: minutes of gcc
+    "tests/test_forgetting_e2e.py::",
     "tests/test_e2e_daemon.py::test_three_formats",
+    "tests/test_e2e_lora.py::",
+    "tests/test_ddp_worker.py::",
     "tests/test_ddp_daemon.py::",
+    "tests/test_monitoring_e2e.py::test_api_follows",
+    "tests/test_versions_gate.py::test_harmful_job",
     "tests/test_disk_full.py::",
-    "tests/test_ddp_worker.py::test_sigterm",
-    "tests/test_warm_worker.py::",
-    "tests/test_e2e_daemon.py::test_pause_resume",
-    "tests/test_safety_watchdog.py::test_hung_worker",
-    "tests/test_e2e_daemon.py::test_stop_checkpoints",
-    "tests/test_e2e_hybrid.py::",
     "tests/test_fsdp_worker.py::",
+    "tests/test_e2e_daemon.py::test_pause_resume",
+    "tests/test_e2e_hybrid.py::",
+    "tests/test_warm_worker.py::",
+    "tests/test_core_worker.py::test_sigterm",
+    "tests/test_e2e_daemon.py::test_stop_checkpoints",
+    "tests/test_safety_watchdog.py::test_hung_worker",
     "tests/test_cancel_e2e.py::",
+    "tests/test_e2e_daemon.py::test_malformed",
+    "tests/test_safety_watchdog.py::test_killed_daemon",
+    "tests/test_fuzz_inbox.py::test_hostile_inbox_under_trainbox_up",
+    "tests/test_core_lora.py::test_worker_lora_sigterm",
+    "tests/test_monitoring_e2e.py::test_dashboard",
+    "tests/test_replay.py::",
 )
 
 

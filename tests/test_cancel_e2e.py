@@ -90,7 +90,8 @@ def test_cancel_training_then_paused_job(tmp_path: Path, embedded: Path) -> None
         error = wait_for(lambda: _error(home, second), 30, "the paused job filed as cancelled")
         assert error["class"] == "cancelled"
         assert error["reason"] == f"cancelled while paused at step {paused_step}, by a control request"
-        assert db.job(second).state == "cancelled"  # type: ignore[union-attr]
+        # the daemon writes the error file, then the row (daemon/jobs.py cancel_idle): the row within a tick
+        wait_for(lambda: db.job(second).state == "cancelled", 10, "the paused job's row cancelled")  # type: ignore[union-attr]
         wait_for(lambda: not list(home.control.glob("*.json")), 10, "every control request applied")
         assert not list(home.processing.iterdir()) and _daemon(home).get("worker_pid") is None
         messages = [e.message for e in db.events(kind="control") if e.job_id == first]

@@ -28,6 +28,7 @@ from core.reporting import Reporter
 from core.result import RunInfo, failed_result
 from core.runtime import StopFlag, thread_count
 from management.db import Job, ModelDB
+from tests.shared_setup import built_once
 from trainbox import energy_log
 from trainbox.config import TrainingConfig
 from trainbox.jobspec import JobSpec, WorkerResult
@@ -148,11 +149,15 @@ def eval_steps(run_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="session")  # shared with test_core_recovery (the reference for exact resumes)
 def straight_run(tmp_path_factory: pytest.TempPathFactory, data_file: Path, model_dir: Path) -> Path:
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    make_job(run_dir, data_file, model_dir)
-    rc, out = finish(start_worker(run_dir))
-    assert rc == EXIT_COMPLETED, out
-    return run_dir
+    """One uninterrupted worker run for the whole session (tests/shared_setup.py: once, not per xdist worker or
+    per module importing this fixture); tests only read it."""
+
+    def build(run_dir: Path) -> None:
+        make_job(run_dir, data_file, model_dir)
+        rc, out = finish(start_worker(run_dir))
+        assert rc == EXIT_COMPLETED, out
+
+    return built_once(tmp_path_factory, "straight-run", build)
 
 
 def test_worker_completes_and_reports_everywhere(straight_run: Path) -> None:

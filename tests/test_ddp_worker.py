@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from core import checkpoint
 from daemon.worker_process import worker_command
+from tests.shared_setup import built_once
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
     data_file,
     finish,
@@ -59,14 +60,17 @@ def train_losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory: pytest.TempPathFactory, data_file: Path, model_dir: Path) -> Path:
-    run_dir = tmp_path_factory.mktemp("ddp") / "two"
-    # a fresh home: both ranks find no embedded model and build it (identical, deterministic) before
-    # joining the process group, where transformers would save it from rank 0 only
-    fresh = tmp_path_factory.mktemp("ddp-home") / "embedded-model"
-    make_job(run_dir, data_file, fresh, nproc=2, **DDP)
-    code, out = finish(start_torchrun(run_dir))
-    assert code == 0, out
-    return run_dir
+    """Built once for the session (tests/shared_setup.py), not once per xdist worker; tests only read it."""
+
+    def build(run_dir: Path) -> None:
+        # a fresh home: both ranks find no embedded model and build it (identical, deterministic) before
+        # joining the process group, where transformers would save it from rank 0 only
+        fresh = tmp_path_factory.mktemp("ddp-home") / "embedded-model"
+        make_job(run_dir, data_file, fresh, nproc=2, **DDP)
+        code, out = finish(start_torchrun(run_dir))
+        assert code == 0, out
+
+    return built_once(tmp_path_factory, "ddp-two-process-run", build)
 
 
 def test_spawn_command_uses_torchrun_above_one_process(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from core.encode import IGNORE
 from core.memory import USABLE_FRACTION, estimate_memory, pick_micro_batch
 from core.metrics import read_metrics
 from core.preflight import check_settings, check_sharding, shard_count
+from tests.shared_setup import built_once
 from tests.test_core_guards import SHAPE
 from tests.test_core_worker import (  # noqa: F401 (fixtures)
     data_file,
@@ -57,12 +58,15 @@ FSDP = {
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory, data_file: Path, model_dir: Path) -> Path:
-    run_dir = tmp_path_factory.mktemp("fsdp") / "two"
-    make_job(run_dir, data_file, model_dir, nproc=2, sharding="fsdp", **FSDP)
-    code, out = finish(start_torchrun(run_dir))
-    assert code == 0, out
-    assert "fsdp: 2 decoder layers and the root sharded across 2 ranks" in out
-    return run_dir
+    """Built once for the session (tests/shared_setup.py), not once per xdist worker; tests only read it."""
+
+    def build(run_dir: Path) -> None:
+        make_job(run_dir, data_file, model_dir, nproc=2, sharding="fsdp", **FSDP)
+        code, out = finish(start_torchrun(run_dir))
+        assert code == 0, out
+        assert "fsdp: 2 decoder layers and the root sharded across 2 ranks" in out
+
+    return built_once(tmp_path_factory, "fsdp-run", build)
 
 
 def grad_norms(run_dir: Path) -> list[float]:

@@ -191,7 +191,7 @@ def test_killed_daemon_is_restarted_and_idle_daemon_left_alone(tmp_path: Path, e
         daemon.proc.wait(10)
         restarted = wait_for(lambda: _events(home, "watchdog_daemon_restarted"), 30, "restart")[0]
         assert restarted["liveness"] == "down" and restarted["pid"] == old_pid
-        wait_for(lambda: cli(home, "status", "--json").stdout.count('"running": true') == 1, 60, "new daemon up")
+        wait_for(lambda: daemon.status()["daemon"]["running"], 60, "new daemon up")  # the same home's status
         new_pid = _daemon_status(home)["pid"]
         assert new_pid == restarted["new_pid"] != old_pid
         write_jsonl(home.inbox / "after.jsonl", [{"text": f"the queue goes on {i}"} for i in range(30)])
