@@ -7,11 +7,12 @@ group is killed at once; its job resumes from its last checkpoint next time).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
-import threading
 import time
 from types import FrameType
 
@@ -76,7 +77,7 @@ class Daemon:
         self.stopping = False
         self.finished = False
         self.signals = 0
-        self.wake = threading.Event()
+        self.again = False  # work is left (admission): the loop ticks again without waiting
         self.started_at = time.time()
         self.last_rescan = 0.0
         self.message = ""
@@ -91,13 +92,19 @@ class Daemon:
         self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
         self.fleet: FleetMember | None = None  # [fleet] enabled: our leases (daemon/fleet_member.py)
 
-    # signals: flag only
+    # signals: flag only. The loop's wait is woken by the kernel (``signal.set_wakeup_fd`` writes a byte to
+    # a pipe the wait selects on), not by the handler: an Event's set() in a handler deadlocks when the
+    # signal lands while the main thread holds that Event's lock inside its own wait (seen under load:
+    # a daemon that never stopped on SIGTERM).
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.signals += 1
-        self.wake.set()
 
     def run(self) -> None:
         self.lock.acquire()  # before anything touches the spool
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         try:
@@ -112,10 +119,16 @@ class Daemon:
                     log.error("tick failed (%d in a row): %s", failures, e)
                     if failures >= MAX_TICK_FAILURES:
                         raise
-                self.wake.wait(self.settings.daemon.poll_interval)
-                self.wake.clear()
+                if not self.again:
+                    select.select([wake_r], [], [], self.settings.daemon.poll_interval)
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 512)  # the signals' bytes: the handler counted them already
+                self.again = False
         finally:
             self.shutdown()
+            signal.set_wakeup_fd(previous_fd)
+            os.close(wake_r)
+            os.close(wake_w)
 
     def start(self) -> None:
         self.spool.ensure()
@@ -355,7 +368,7 @@ class Daemon:
         for path in self.admission.handled:
             self.watcher.readiness.forget(path)
         if self.admission.busy or len(self.admission.handled) < len(ready):
-            self.wake.set()
+            self.again = True
 
     def reap_worker(self, now: float) -> None:
         worker = self.worker
