@@ -64,8 +64,8 @@ def test_cancel_training_then_paused_job(tmp_path: Path, embedded: Path) -> None
         cli(home, "cancel", str(first))
         error = wait_for(lambda: _error(home, first), 60, "the first job filed as cancelled")
         assert error["class"] == "cancelled"
-        # the request lands while it trains, or during the evaluation every eval_every steps
-        reason = r"cancelled while (?:training|evaluating) at step (\d+), by a control request"
+        # the request lands while it trains, or during the evaluation or the checkpoint every 10 steps
+        reason = r"cancelled while (?:training|evaluating|checkpointing) at step (\d+), by a control request"
         m = re.fullmatch(reason, error["reason"])
         assert m is not None, error["reason"]
         step = int(m[1])

@@ -63,7 +63,7 @@ def test_status_watch_ends_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     try:
         wait_for(lambda: b"Ctrl-C to quit" in seen, 30, "the first frame")
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(10) == 0
+        assert proc.wait(60) == 0  # bounded, not timed: on the suite's two busy cores the exit took over 10 s
     finally:
         if proc.poll() is None:
             proc.kill()
