@@ -224,6 +224,7 @@ def claim_job(
         leases = {r.name[len(LINEAGE) :]: _held(r) for r in rows}
         facts = [JobFacts(j.id, j.lineage, j.state, j.priority, j.admitted_at, j.retry_at) for j in jobs]
         by_id = {j.id: j for j in jobs}
+        seen = {f.id: f.state for f in facts}  # as read: the locked re-read below refreshes the same objects
         for job_id in claim_order(facts, leases, host, now):
             job = by_id[job_id]
             if not accept(job):
@@ -233,10 +234,10 @@ def claim_job(
                 continue  # another host is claiming or took this lineage since the read
             locked = select(Job).where(Job.id == job_id).with_for_update(skip_locked=True)
             fresh = s.scalars(locked.execution_options(populate_existing=True)).first()
-            if fresh is None or fresh.state != job.state:
-                continue
+            if fresh is None or fresh.state != seen[job_id]:
+                continue  # another host claimed and finished it since the read (PostgreSQL: read committed)
             held = _take(row, host, ttl, now, job_id)
-            return Claim(job_id, job.lineage, held, resumed=job.state in IN_PROGRESS)
+            return Claim(job_id, job.lineage, held, resumed=seen[job_id] in IN_PROGRESS)
     return None
 
 
