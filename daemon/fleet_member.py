@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from sqlalchemy.orm import Session
+
 from management import fleet_controls
 from management.db import Job, ModelDB
-from management.leases import LEADER, Claim, Held, acquire, claim_job, release, renew
+from management.leases import LEADER, Claim, Held, LeaseLost, acquire, claim_job, fence, release, renew
 
 log = logging.getLogger("trainbox.daemon")
 
@@ -75,6 +77,13 @@ class FleetMember:
             log.warning("fleet host %s: the lease of job %s was taken by another host", self.host, self.job.job_id)
         self.job = renewed
         return renewed is not None
+
+    def fence(self, s: Session) -> None:
+        """``ModelDB.guarded``'s check while this host files its job: the job's lease, at the generation
+        taken, still this host's (held locked to the end of the transaction); else ``LeaseLost``."""
+        if self.job is None:
+            raise LeaseLost(f"host {self.host} holds no job lease")
+        fence(s, self.job)
 
     def claim(self, now: float, accept: Callable[[Job], bool]) -> Claim | None:
         claim = claim_job(self.db, self.host, self.ttl, now, accept)

@@ -38,7 +38,7 @@ from daemon.standby import WarmWorker
 from daemon.startup_runs import recover_runs
 from daemon.worker_process import WorkerCommand, WorkerProcess
 from management.db import Job, ModelDB
-from management.leases import leases
+from management.leases import LeaseLost, leases
 from management.version_recovery import recover_versions
 from trainbox import control, sdnotify
 from trainbox.config import Settings
@@ -313,12 +313,19 @@ class Daemon:
         log.info("control request %s job %d: %s", request.action.value, request.job_id, outcome)
         return True
 
-    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> JobVerdict:
+    def _finish_worker(self, worker: WorkerProcess, rc: int, stop_was_requested: bool) -> JobVerdict | None:
         """The reap's decision, with a pending cancel of this worker's job applied (and its request
-        consumed: the job is filed by now)."""
+        consumed: the job is filed by now). None: this fleet host's lease of the job was taken while it
+        was cut off, so it filed nothing (``fenced``)."""
         assert self.db is not None
         cancel, self.cancelling = self.cancelling, None
-        decision = self.runner.finish(worker, rc, stop_was_requested, cancelled_in=cancel[1] if cancel else "")
+        try:
+            with self.fenced():
+                decision = self.runner.finish(worker, rc, stop_was_requested, cancelled_in=cancel[1] if cancel else "")
+        except LeaseLost as e:
+            self.worker = None
+            self.drop_lost_job(worker.job_id, str(e))
+            return None
         if cancel is not None:
             late = "" if decision.verdict == JobVerdict.CANCELLED else "came too late: "  # it had just completed
             self.db.event("control", f"cancel job {worker.job_id}: {late}{decision.reason}", worker.job_id)
@@ -382,6 +389,7 @@ class Daemon:
                 log.warning("worker did not stop within %.0fs: killing it", timeout)
                 worker.kill()
             return
+        # None: a fleet host cut off from its lease filed nothing (the job is another host's now)
         verdict = self._finish_worker(worker, rc, stop_was_requested=worker.stop_requested_at is not None)
         if verdict == JobVerdict.LOCKED:  # another process holds its folder: wait it out before a new start
             self.lock_wait = LockWait(worker.job_id, worker.run_dir, now)
@@ -405,23 +413,42 @@ class Daemon:
     def reap_gate(self, now: float) -> None:
         """The eval gate of a finished job's version: a child reaped like a worker (``daemon/gate.py``).
         Not while stopping: an interrupted gate runs again at the next start."""
-        if not self.stopping:
-            self.gates.tick(now)
+        if self.stopping:
+            return
+        try:
+            with self.fenced():
+                self.gates.tick(now)
+        except LeaseLost as e:
+            self.drop_lost_job(self.fleet.job.job_id if self.fleet and self.fleet.job else None, str(e))
+
+    def fenced(self) -> contextlib.AbstractContextManager[None]:
+        """A fleet's daemon records a job's end (run, version, gate, state) only while the job's lease is
+        still its own, checked in each of those transactions (``ModelDB.guarded``); alone, no check."""
+        if self.fleet is None:
+            return contextlib.nullcontext()
+        assert self.db is not None
+        return self.db.guarded(self.fleet.fence)
 
     def keep_leases(self, now: float) -> None:
         """A fleet's daemon renews its leases; one whose job's lease another host took (it was cut off
         past the TTL, and that host resumed the job) drops the job at once without filing anything."""
         if self.fleet is None or self.fleet.beat(now):
             return
-        assert self.db is not None
-        job_id = self.worker.job_id if self.worker is not None else None
+        self.drop_lost_job(self.worker.job_id if self.worker is not None else None, "found at its renewal")
+
+    def drop_lost_job(self, job_id: int | None, how: str) -> None:
+        """This host's job was taken over by another host (its lease expired while this one was cut off):
+        its worker and gate stop here, nothing of it is filed here, the new holder finishes it."""
+        assert self.db is not None and self.fleet is not None
+        self.fleet.job = None
         if self.worker is not None:
             self.worker.kill()  # its process group: the new holder trains from the last checkpoint
             self.worker.wait(10)
             self.worker = None
+        self.cancelling = None
         self.gates.stop()
         self.gates.refresh()
-        self.message = "the lease of this host's job was taken by another host: job dropped here"
+        self.message = f"the lease of this host's job was taken by another host ({how}): job dropped here"
         log.error(self.message)
         self.db.event("lease_lost", self.message, job_id, host=self.settings.fleet.host)
 

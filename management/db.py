@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,11 @@ def display_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+Guard = Callable[[Session], None]
+# (db, guard, inside): the guard of this thread's (context's) transactions on db, and whether one is open
+_GUARD: ContextVar[tuple[ModelDB, Guard, bool] | None] = ContextVar("trainbox_db_guard", default=None)
+
+
 class ModelDB:
     """The handful of queries the processes need, so SQL lives in one module."""
 
@@ -298,8 +304,32 @@ class ModelDB:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions() as s, s.begin():
-            yield s
+        guarded = _GUARD.get()
+        if guarded is None or guarded[0] is not self or guarded[2]:
+            with self._sessions() as s, s.begin():
+                yield s
+            return
+        token = _GUARD.set((self, guarded[1], True))  # one check per outermost transaction
+        try:
+            with self._sessions() as s, s.begin():
+                guarded[1](s)
+                yield s
+        finally:
+            _GUARD.reset(token)
+
+    @contextmanager
+    def guarded(self, guard: Guard) -> Iterator[None]:
+        """Every transaction this thread opens on this DB inside the block first runs ``guard`` in it, and
+        commits nothing when it raises. A fleet's daemon files a job this way: each write of the filing
+        (the run's end, the version, the gate, the job's state) checks in its own transaction that the
+        job's lease is still this host's (``management/leases.py`` ``fence``), so a host cut off long
+        enough for another to take the job over cannot record anything of it, however long it was
+        stopped between two statements. Other threads (the host heartbeat) are not affected."""
+        token = _GUARD.set((self, guard, False))
+        try:
+            yield
+        finally:
+            _GUARD.reset(token)
 
     def close(self) -> None:
         self.engine.dispose()

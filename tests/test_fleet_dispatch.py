@@ -167,3 +167,31 @@ def test_pause_resume_and_stop_address_one_host_or_the_fleet(hosts: Callable[[st
     fleet_controls.submit(db, "stop")
     tick_all([a, b, c], lambda: a.finished and b.finished and c.finished, "every host stopped")
     assert sum(e.message == "stop applied (for the fleet)" for e in db.events()) == 3
+
+
+def test_a_host_stopped_between_its_renewal_and_its_filing_files_nothing(
+    hosts: Callable[[str], Daemon],
+) -> None:
+    """Fencing inside the filing's transactions: host a's worker completed, but a was stopped (a partition, a
+    paused process) after its last renewal and before it reaped; its lease expired, b resumed the job and
+    filed it. a's reap (no renewal first) must register no second version and move no file."""
+    a = hosts("a", SHORT)
+    home = a.home
+    plan(Home(home.storage), {"cut.jsonl": ["complete", "complete"]})
+    drop(home, "cut.jsonl", "x")
+    tick_all([a], lambda: a.worker is not None, "a trains cut.jsonl")
+    worker = a.worker
+    assert worker is not None
+    worker.popen.wait(20)  # a's worker completed; a does not tick (cut off)
+    b = hosts("b", SHORT)
+    tick_all([b], lambda: len(list(home.done.glob("*.jsonl"))) == 1, "b resumes and files cut.jsonl")
+    db = b.db
+    assert db is not None
+    [job] = db.jobs()
+    assert len(db.versions(lineage="x")) == 1
+    a.reap_worker(time.time())  # a is back mid-tick, past its renewal: the fence alone must stop it
+    assert a.worker is None and a.fleet is not None and a.fleet.job is None
+    assert any(e.kind == "lease_lost" and e.data.get("host") == "a" for e in db.events(job_id=job.id))
+    assert len(db.versions()) == 1 and len(list(home.done.glob("*.jsonl"))) == 1  # nothing filed twice
+    assert db.job(job.id).state == JobState.DONE  # type: ignore[union-attr]
+    assert not list(home.failed.glob("*.jsonl")) and not list(home.processing.iterdir())

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,29 @@ def test_a_lease_is_taken_renewed_released_and_fenced(any_db_url: str) -> None:
         assert not release(db, first) and release(db, taken)
         again = acquire(db, "leader", "h1", ttl=10, now=121.0)  # released: free at once
         assert again is not None and again.generation == 3
+    finally:
+        db.close()
+
+
+def test_a_guarded_block_fences_each_transaction_and_commits_nothing_once_the_lease_is_lost(any_db_url: str) -> None:
+    """``ModelDB.guarded``: every outermost transaction of the block (this thread, this DB) runs the fence
+    first; a lost lease rolls that transaction back; another thread's transactions are not fenced."""
+    db = ModelDB(any_db_url)
+    try:
+        mine = acquire(db, "lineage:x", "h1", ttl=10, now=100.0)
+        assert mine is not None
+        job_id = new_job(db, "x", "normal", 1.0)
+        with db.guarded(lambda s: fence(s, mine)):
+            set_state(db, job_id, JobState.RUNNING)  # held: written
+            assert acquire(db, "lineage:x", "h2", ttl=10, now=111.0) is not None  # expired: taken over
+            with pytest.raises(LeaseLost):
+                set_state(db, job_id, JobState.DONE)
+            other: list[object] = []
+            worker = threading.Thread(target=lambda: other.append(db.job(job_id)))
+            worker.start()
+            worker.join(30)
+            assert other and other[0] is not None  # another thread reads unfenced
+        assert db.job(job_id).state == JobState.RUNNING.value  # type: ignore[union-attr]
     finally:
         db.close()
 
