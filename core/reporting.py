@@ -293,7 +293,7 @@ class Reporter:
                 f"hybrid curve at step {ev.step}: val {ev.val_loss:.4f}, predicted final {final}, expected stop "
                 f"{ev.stop_step if ev.stop_step is not None else '-'}, keep share {ev.keep_share:g}"
             )
-        self.db.event(str(record["kind"]), message, **{k: v for k, v in record.items() if k != "kind"})
+        self.db.event(str(record["kind"]), message, **{k: v for k, v in record.items() if k not in ("kind", "curve")})
         log.info("%s", message)
 
     def _on_hybrid_rollback(self, ev: RollbackEvent) -> None:

@@ -27,6 +27,7 @@ class Series:
     eval: list[Point] = field(default_factory=list)
     train_steps: list[int] = field(default_factory=list)
     eval_steps: list[int] = field(default_factory=list)
+    predicted: list[list[float]] = field(default_factory=list)  # the hybrid engine's last fitted curve
     version: int = 0  # bumped whenever the content changes, for caches built on top
 
     def add(self, obj: Point) -> None:
@@ -39,6 +40,8 @@ class Series:
         elif obj.get("kind", "train") == "train":
             self.train.append(obj)
             self.train_steps.append(step)
+        elif obj.get("kind") == "hybrid_curve" and isinstance(obj.get("curve"), list) and obj["curve"]:
+            self.predicted = obj["curve"]  # each fit replaces the last
 
     def train_since(self, step: int) -> list[Point]:
         """Train points with a step above ``step``."""

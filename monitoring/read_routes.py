@@ -106,6 +106,7 @@ def get_metrics(st: State, job_id: JobIdPath, since: StepSince = -1, max_points:
         downsampled=len(train_out) < len(train) or len(eval_out) < len(evals),
         train=train_out,
         eval=eval_out,
+        predicted=series.predicted,
     )
 
 

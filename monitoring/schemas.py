@@ -211,6 +211,11 @@ class MetricsResponse(BaseModel):
     downsampled: bool
     train: list[dict[str, Any]] = Field(description='lines {"kind":"train","step","loss","lr","grad_norm",...}')
     eval: list[dict[str, Any]] = Field(description='lines {"kind":"eval","step","val_loss","time"}')
+    predicted: list[list[float]] = Field(
+        default_factory=list,
+        description="the hybrid engine's latest fitted validation curve, [step, loss] pairs from its first fitted "
+        "evaluation to the step it expects to stop at; empty with the plain engine or before the first fit",
+    )
 
 
 class ControlResponse(BaseModel):

@@ -62,6 +62,7 @@ async def event_stream(
     train_step = eval_step = -1
     first_job = True
     series: Any = None
+    sent_curve: Any = None  # the hybrid curve last sent (each fit is a new list)
     event_id = await anyio.to_thread.run_sync(src.last_event_id)
     last_events = last_ping = time.monotonic()
     while not src.stopping() and not await disconnected():
@@ -90,10 +91,14 @@ async def event_stream(
             series = latest
             train = series.train_since(train_step)[:MAX_LINES_PER_EVENT]
             evals = series.eval_since(eval_step)[:MAX_LINES_PER_EVENT]
-            if train or evals:
+            curve = series.predicted if series.predicted is not sent_curve else None
+            if train or evals or curve is not None:
                 train_step = train[-1]["step"] if train else train_step
                 eval_step = evals[-1]["step"] if evals else eval_step
-                yield sse("metrics", {"job_id": job, "train": train, "eval": evals})
+                message: dict[str, Any] = {"job_id": job, "train": train, "eval": evals}
+                if curve is not None:
+                    message["predicted"] = sent_curve = curve
+                yield sse("metrics", message)
         if now - last_events >= EVENTS_EVERY_S:
             last_events = now
             new = await anyio.to_thread.run_sync(src.events_after, event_id)

@@ -62,6 +62,13 @@ def test_hybrid_job_matches_plain_and_records_what_it_skipped(tmp_path: Path, em
         curves = [m for m in hybrid if m["kind"] == "hybrid_curve"]
         assert [c["step"] for c in curves] == [m["step"] for m in hybrid if m["kind"] == "eval"]
         assert any(c["predicted_final"] is not None and c["stop_step"] is not None for c in curves)
+        # the dashboard's predicted line: the fit sampled from its first point to the expected stop
+        for c in curves:
+            if c["predicted_final"] is None:
+                assert c["curve"] == []
+            else:
+                assert len(c["curve"]) >= 2 and c["curve"][-1][0] == c["stop_step"]
+                assert [s for s, _ in c["curve"]] == sorted({s for s, _ in c["curve"]})
         corrections = [m for m in hybrid if m["kind"] == "hybrid_correction"]
         assert corrections and all(c["examples"] > 0 for c in corrections)
 

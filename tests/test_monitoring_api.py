@@ -137,6 +137,26 @@ def test_metrics_100k_steps_stay_fast(home: Home, client: httpx.Client) -> None:
     assert elapsed < 1.0, f"a cached 100k-step history took {elapsed:.2f}s"
 
 
+def test_metrics_carry_the_hybrid_engines_latest_fitted_curve(home: Home, client: httpx.Client) -> None:
+    """The dashboard's "predicted" line: each ``hybrid_curve`` line's sampled fit replaces the one before."""
+    run = home.run_dir(43)
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [
+        {"kind": "train", "step": 10, "loss": 2.0},
+        {"kind": "eval", "step": 10, "val_loss": 2.1},
+        {"kind": "hybrid_curve", "step": 10, "val_loss": 2.1, "predicted_final": None, "curve": []},
+        {"kind": "eval", "step": 20, "val_loss": 1.9},
+        {"kind": "hybrid_curve", "step": 20, "val_loss": 1.9, "curve": [[10, 2.0], [40, 1.7]]},
+        {"kind": "eval", "step": 30, "val_loss": 1.8},
+        {"kind": "hybrid_curve", "step": 30, "val_loss": 1.8, "curve": [[10, 2.05], [25, 1.85], [60, 1.6]]},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    body = client.get("/api/jobs/43/metrics").json()
+    assert body["predicted"] == [[10, 2.05], [25, 1.85], [60, 1.6]]
+    assert [e["step"] for e in body["eval"]] == [10, 20, 30] and [p["step"] for p in body["train"]] == [10]
+    assert client.get(f"/api/jobs/{FAKE_JOB}/metrics").json()["predicted"] == []  # the plain engine: none
+
+
 def test_models(client: httpx.Client) -> None:
     models = client.get("/api/models").json()
     assert [(v["id"], v["parent_id"], v["current"], v["ancestors"], v["lineage"]) for v in models] == [

@@ -8,6 +8,7 @@ Skipped when ``/usr/bin/chromium`` or the ``playwright`` package is missing. Set
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -103,6 +104,14 @@ def test_dashboard_follows_training_and_pauses(tmp_path: Path, browser: Any) -> 
             f"Number(document.getElementById('loss-chart').dataset.points) >= {before + 40}", timeout=10_000
         )
         assert page.evaluate("window.__sameDocument") is True  # updated in place, not reloaded
+        # the hybrid engine's fitted curve arrives by the stream and is drawn as the "predicted" line
+        drawn = int(page.get_attribute("#loss-chart", "data-points") or 0)
+        curve = {"kind": "hybrid_curve", "step": 80, "val_loss": 2.0, "curve": [[40, 2.2], [80, 2.0], [200, 1.8]]}
+        with open(home.run_dir(FAKE_JOB) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(curve) + "\n")
+        page.wait_for_function(
+            f"Number(document.getElementById('loss-chart').dataset.points) === {drawn + 3}", timeout=10_000
+        )
 
         page.click("#btn-pause")
         wait_until(

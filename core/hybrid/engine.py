@@ -53,6 +53,7 @@ from trainbox.config import HybridConfig, TrainingConfig
 STATE_VERSION = 2
 FORGET_SMOOTHING = 0.5  # EMA weight of the previous forgetting rate at each correction
 REWARD_CLIP = 3.0  # bandit rewards are progress rates relative to full steps', clipped to +-this
+CURVE_POINTS = 24  # samples of the fitted curve in each CurveEvent (the dashboard's predicted line)
 RECORD_LISTED = 20  # examples named in the summary's learned-early and never-learned lists
 
 
@@ -248,6 +249,7 @@ class HybridEngine:
                 self.expected_stop,
                 self.decay[0] if self.decay else None,
                 self.keep_share,
+                self.curve_points(),
             )
         )
 
@@ -257,6 +259,14 @@ class HybridEngine:
         self._per_token = []
 
     # --- what the user sees -------------------------------------------------------------------------
+
+    def curve_points(self) -> tuple[tuple[int, float], ...]:
+        """The fitted validation curve from its first point to the expected stop (the planned end before it)."""
+        if self.curve is None or not self.evals:
+            return ()
+        end = self.expected_stop or self.trainer.total_steps
+        steps = np.unique(np.linspace(self.evals[0][0], max(end, self.evals[0][0]), CURVE_POINTS).round())
+        return tuple((int(s), round(float(self.curve.value(float(s))), 6)) for s in steps)
 
     def time_saved_s(self) -> float | None:
         """Estimated seconds saved so far: the steps done (and, after an early stop, the job's steps not run) at a

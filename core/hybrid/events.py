@@ -34,6 +34,9 @@ class CurveEvent:
     stop_step: int | None  # where the engine expects to stop (decay start + its length)
     decay_start: int | None  # set once the decay has started
     keep_share: float  # the bandit's arm for the next interval
+    # the fitted curve, sampled: [step, predicted val loss] from the first fitted evaluation to the expected stop
+    # (the dashboard's "predicted" line); empty before the first fit
+    curve: tuple[tuple[int, float], ...] = ()
 
     def as_record(self) -> dict[str, Any]:
         return {"kind": "hybrid_curve", **asdict(self)}

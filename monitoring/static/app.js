@@ -15,6 +15,7 @@ const S = {
   job: null, // job id whose metrics are shown
   train: [],
   evals: [],
+  predicted: [], // [[step, loss], ...]: the hybrid engine's latest fitted validation curve
   lastTrain: -1,
   lastEval: -1,
   queueKey: "",
@@ -91,10 +92,11 @@ function rows(tbody, html, cols, emptyText) {
 // ---------- charts (drawChart: chart.js) ----------
 
 function drawCharts() {
-  const pt = (key) => S.train.filter((p) => p[key] !== undefined && p[key] !== null).map((p) => [p.step, p[key], p.predicted]);
+  const pt = (key) => S.train.filter((p) => p[key] !== undefined && p[key] !== null).map((p) => [p.step, p[key]]);
   drawChart($("loss-chart"), [
     { points: pt("loss"), color: "#4aa3ff" },
     { points: S.evals.map((p) => [p.step, p.val_loss]), color: "#ffa94d", dots: true },
+    { points: S.predicted, color: "#b197fc", dash: [5, 4] }, // the hybrid engine's fitted curve, to its expected stop
   ]);
   drawChart($("lr-chart"), [{ points: pt("lr"), color: "#51cf66" }]);
   drawChart($("gradnorm-chart"), [{ points: pt("grad_norm"), color: "#e599f7" }]);
@@ -107,6 +109,7 @@ async function loadMetrics(jobId) {
     if (S.job !== jobId) return;
     S.train = m.train;
     S.evals = m.eval;
+    S.predicted = m.predicted || [];
     S.lastTrain = m.train.length ? m.train[m.train.length - 1].step : -1;
     S.lastEval = m.eval.length ? m.eval[m.eval.length - 1].step : -1;
     drawCharts();
@@ -120,7 +123,7 @@ async function loadMetrics(jobId) {
 function showJob(jobId) {
   if (jobId === S.job) return;
   S.job = jobId;
-  S.train = []; S.evals = []; S.lastTrain = -1; S.lastEval = -1;
+  S.train = []; S.evals = []; S.predicted = []; S.lastTrain = -1; S.lastEval = -1;
   drawCharts();
   if (jobId !== null && jobId !== undefined) loadMetrics(jobId);
 }
@@ -129,6 +132,7 @@ function appendMetrics(msg) {
   if (msg.job_id !== S.job) { showJob(msg.job_id); return; }
   for (const p of msg.train) if (p.step > S.lastTrain) { S.train.push(p); S.lastTrain = p.step; }
   for (const p of msg.eval) if (p.step > S.lastEval) { S.evals.push(p); S.lastEval = p.step; }
+  if (msg.predicted) S.predicted = msg.predicted;
   if (S.train.length > MAX_CLIENT_POINTS && S.loadingJob === null) loadMetrics(S.job);
   drawCharts();
 }

@@ -86,18 +86,17 @@ function drawSeries(ctx, s, X, Y) {
   ctx.strokeStyle = s.color;
   ctx.fillStyle = s.color;
   ctx.lineWidth = 1.5;
+  ctx.setLineDash(s.dash || []);
   ctx.beginPath();
   pts.forEach((p, i) => (i ? ctx.lineTo(X(p[0]), Y(p[1])) : ctx.moveTo(X(p[0]), Y(p[1]))));
   ctx.stroke();
-  if (s.dots || pts.length < 40) {
+  ctx.setLineDash([]);
+  if (s.dots || (!s.dash && pts.length < 40)) {
     for (const p of pts) { ctx.beginPath(); ctx.arc(X(p[0]), Y(p[1]), s.dots ? 2.5 : 1.5, 0, 7); ctx.fill(); }
-  }
-  for (const p of pts) {
-    if (p[2]) { ctx.fillStyle = "#b197fc"; ctx.fillRect(X(p[0]) - 2, Y(p[1]) - 2, 4, 4); ctx.fillStyle = s.color; }
   }
 }
 
-// series: [{points: [[x, y, predicted?], ...], color, dots?}]. The canvas's data-points and data-yticks
+// series: [{points: [[x, y], ...], color, dots?, dash?}]. The canvas's data-points and data-yticks
 // say what was drawn (the browser tests read them).
 function drawChart(canvas, series) {
   const { ctx, w, h } = sizeCanvas(canvas);
