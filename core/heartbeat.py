@@ -136,26 +136,29 @@ class LoadingBeat:
         self.progressing = progressing
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._clock: Callable[[], float] | None = None  # the calling thread's CPU clock
+        self._last = 0.0
         self.beats = 0
 
     def __enter__(self) -> LoadingBeat:
         self.status.update(force=True, message=self.what)
         if self.progressing is None:
-            clock = thread_cpu_clock()  # of the calling thread: made here, read by the helper
-            last = [clock()]
-
-            def busy() -> bool:
-                now, before = clock(), last[0]
-                last[0] = now
-                return now - before >= self.MIN_BUSY * self.every
-
-            self.progressing = busy
+            self._clock = thread_cpu_clock()  # of the calling thread: made here, read by the helper
+            self.progressing = self._busy
         self._thread = threading.Thread(target=self._run, name="loading-heartbeat", daemon=True)
         self._thread.start()
         return self
 
+    def _busy(self) -> bool:
+        assert self._clock is not None
+        now, before = self._clock(), self._last
+        self._last = now
+        return now - before >= self.MIN_BUSY * self.every
+
     def _run(self) -> None:
         started = time.monotonic()
+        if self._clock is not None:  # from here: starting this thread is not the load's work
+            self._last = self._clock()
         while not self._stop.wait(self.every):
             assert self.progressing is not None
             if self.progressing():

@@ -91,7 +91,7 @@ async def event_stream(
             series = latest
             train = series.train_since(train_step)[:MAX_LINES_PER_EVENT]
             evals = series.eval_since(eval_step)[:MAX_LINES_PER_EVENT]
-            curve = series.predicted if series.predicted is not sent_curve else None
+            curve = series.predicted if series.predicted and series.predicted is not sent_curve else None
             if train or evals or curve is not None:
                 train_step = train[-1]["step"] if train else train_step
                 eval_step = evals[-1]["step"] if evals else eval_step
