@@ -278,3 +278,33 @@ def test_state_version_is_checked(model_dir: Path, data: Any) -> None:
     eng = engine(trainer(model_dir, data, steps=10, hybrid=small_cfg()))
     with pytest.raises(ValueError, match="version"):
         eng.load_state_dict({**eng.state_dict(), "version": 1})
+
+
+def test_score_first_measures_every_example_once_and_lets_skipping_start_early(model_dir: Path, data: Any) -> None:
+    """``score_first``: one forward-only pass over the training set before the first step fills the loss table
+    (each example's loss under the starting weights, as ``per_example`` measures it), counted as overhead and as
+    forward-only passes; it is not repeated, nor after a resume from the engine's state; and skipping starts after
+    warmup_steps + full_steps, where without it min_coverage holds it back until the examples were trained once."""
+    cfg = small_cfg(warmup_steps=2, full_steps=1, min_coverage=1.0, curve_stop=False)
+    tr = trainer(model_dir, data, steps=10, hybrid=cfg.model_copy(update={"score_first": True}))
+    eng = engine(tr)
+    expected = per_example(tr.model, collate(data[0], 0), CPU)
+    eng.before_step(lambda e: None)
+    assert eng.table.loss.tolist() == pytest.approx(expected, rel=1e-4)
+    assert eng.table.coverage() == 1.0 and set(eng.table.step.tolist()) == {0}
+    assert eng.counters.scored == len(data[0]) and eng.counters.overhead_s > 0 and eng.counters.examples_trained == 0
+    eng.before_step(lambda e: None)
+    assert eng.counters.scored == len(data[0])  # once
+    fresh = engine(trainer(model_dir, data, steps=10, hybrid=cfg.model_copy(update={"score_first": True})))
+    fresh.load_state_dict(eng.state_dict())
+    fresh.before_step(lambda e: None)
+    assert fresh.counters.scored == len(data[0]) and fresh.summary()["scored"] == len(data[0])
+
+    def first_predict(score_first: bool) -> int | None:
+        t = trainer(model_dir, data, steps=14, hybrid=cfg.model_copy(update={"score_first": score_first}))
+        events: list[Any] = []
+        assert t.run(events.append, NEVER, NOWHERE) == "completed"
+        return next((e.step for e in events if isinstance(e, StepEvent) and e.phase == "predict"), None)
+
+    assert first_predict(True) == 4  # steps 1-2 warmup, 3 full, then predict
+    assert first_predict(False) == 11  # 10 steps of 4 cover the 40 examples: predict from the 11th

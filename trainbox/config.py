@@ -133,6 +133,13 @@ class HybridConfig(_Strict):
     min_coverage: float = Field(
         0.9, ge=0, le=1, description="Share of training examples with a measured loss before any is skipped."
     )
+    score_first: bool = Field(
+        False,
+        description="Before the first step, measure every training example's loss forward only (no backward; its "
+        "cost counts as the engine's overhead), so skipping may start after warmup_steps + full_steps instead of "
+        "once min_coverage of the examples were trained: for a job from a model that already learned part of the "
+        "file (a continual job repeating an earlier file's examples).",
+    )
     keep_shares: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
         (1.0, 0.6, 0.4, 0.25),
         min_length=1,
