@@ -15,6 +15,9 @@ engine decides, through hooks (``TrainerView`` is everything it uses of the Trai
   at no extra pass;
 - ``before_step(emit)``: in phase correct, a forward-only re-measurement of a seeded sample of skipped examples;
   those whose loss rose come back (trained at their next turn) and the predictor's forgetting rate is recalibrated;
+  and, with ``score_first``, once before the first step, a forward-only pass over the whole training set into the
+  loss table (overhead), so skipping need not wait until the examples were trained once (a continual job's file
+  repeats examples its starting model already learned);
 - ``after_real_step(...)``: counters and phase transitions; ``after_eval(step, val, emit)``: the divergence
   monitor (``divergence.py``: a validation or re-measured loss that worsened restores the last good point, the
   weights and AdamW state at the best evaluation since skipping began), the bandit's reward for the interval
