@@ -308,3 +308,31 @@ def test_score_first_measures_every_example_once_and_lets_skipping_start_early(m
 
     assert first_predict(True) == 4  # steps 1-2 warmup, 3 full, then predict
     assert first_predict(False) == 11  # 10 steps of 4 cover the 40 examples: predict from the 11th
+
+
+def test_score_first_run_resumed_equals_uninterrupted(model_dir: Path, data: Any, tmp_path: Path) -> None:
+    """The scoring pass is part of the checkpointed state: a run interrupted after it and resumed does not score
+    again, and trains bitwise as the uninterrupted run (skipping included)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = small_cfg(warmup_steps=2, full_steps=1, min_coverage=1.0, curve_stop=False, score_first=True)
+
+    def saver(t: Trainer, run_dir: Path) -> Any:
+        return lambda: (
+            checkpoint.save(run_dir, t.state.step, t.model, tok, t.state_dict(), t.cfg.model_dump(mode="json"), {}).path
+        )
+
+    a = trainer(model_dir, data, steps=16, hybrid=cfg)
+    assert a.run(lambda e: None, NEVER, saver(a, tmp_path / "a")) == "completed"
+    b = trainer(model_dir, data, steps=16, hybrid=cfg)
+    assert b.run(lambda e: None, lambda: b.state.step >= 6, saver(b, tmp_path / "b")) == "interrupted"
+    ckpt = checkpoint.latest_complete(tmp_path / "b")
+    assert ckpt is not None
+    state = checkpoint.load_state(ckpt.path)
+    assert state["hybrid"]["scored"] and state["hybrid"]["machine"]["phase"] in ("predict", "correct")
+    torch.manual_seed(999)
+    c = trainer(ckpt.path / checkpoint.MODEL, data, steps=16, hybrid=cfg)
+    c.load_state_dict(state)
+    assert c.run(lambda e: None, NEVER, saver(c, tmp_path / "b")) == "completed"
+    assert same_weights(a.model, c.model)
+    ca, cc = engine(a).counters, engine(c).counters
+    assert cc.scored == ca.scored == len(data[0]) and cc.examples_skipped == ca.examples_skipped > 0
