@@ -336,3 +336,18 @@ def test_score_first_run_resumed_equals_uninterrupted(model_dir: Path, data: Any
     assert same_weights(a.model, c.model)
     ca, cc = engine(a).counters, engine(c).counters
     assert cc.scored == ca.scored == len(data[0]) and cc.examples_skipped == ca.examples_skipped > 0
+
+
+@pytest.mark.parametrize(("first", "stops"), [(1.0, True), (0.95, False)])
+def test_a_flat_curve_stops_the_run_only_after_it_improved_on_its_start(
+    model_dir: Path, data: Any, first: float, stops: bool
+) -> None:
+    """A continual job's validation loss can sit flat above where it started (new data at a warming lr) before it
+    falls in the cosine's decay: flat, but nothing learned yet, so no stop; the same flat evaluations below the start
+    by more than stop_tolerance do stop it."""
+    tr = trainer(model_dir, data, steps=400, hybrid=small_cfg(stop_tolerance=0.01, curve_min_points=3))
+    eng = engine(tr)
+    tr.state.first_val_loss = first
+    for step in range(40, 140, 10):
+        eng.after_eval(step, 0.96, lambda e: None)
+    assert (eng.decay is not None) == stops

@@ -204,8 +204,9 @@ class HybridConfig(_Strict):
         ge=0,
         le=1,
         description="The curve has flattened where training on to the job's last step would improve the "
-        "validation loss by less than this share (as fitted), and the last curve_min_points evaluations improved "
-        "by less than this share (as measured).",
+        "validation loss by less than this share (as fitted), the last curve_min_points evaluations improved "
+        "by less than this share (as measured), and the loss is below the run's first evaluation by more than this "
+        "share (a continual job's curve can sit flat above its start before it falls: nothing learned yet).",
     )
     curve_min_points: int = Field(
         4, ge=3, le=1000, description="Evaluations after the learning-rate warmup before the curve is fitted."

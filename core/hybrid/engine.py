@@ -61,6 +61,7 @@ RECORD_LISTED = 20  # examples named in the summary's learned-early and never-le
 
 class StepCounter(Protocol):
     step: int
+    first_val_loss: float | None
 
 
 class TrainerView(Protocol):
@@ -386,7 +387,9 @@ class HybridEngine:
         self.predicted_final = float(fit.value(float(plateau)))
         self.expected_stop = min(total, plateau + self._decay_length(plateau))
         flat = curves.measured_flat([v for _, v in self.evals], self.cfg.curve_min_points, self.cfg.stop_tolerance)
-        if flat and plateau <= step and step + self._decay_length(step) < total:
+        first = self.trainer.state.first_val_loss
+        learned = first is None or val < first * (1 - self.cfg.stop_tolerance)  # flat before any gain: not done
+        if flat and learned and plateau <= step and step + self._decay_length(step) < total:
             self.decay = (step, self._decay_length(step))
 
     def _decay_length(self, start: int) -> int:
