@@ -6,7 +6,11 @@ scratch; the CPU profile); ``smollm2-lora``, seeded LoRA adapters on the pretrai
 Data (``--data``): ``one-epoch``, the deterministic four-task mix of the first design's benchmark (little
 redundancy); ``default-job``, a realistic file for the default 3 epochs: a long-tailed length mix (a few examples
 many times longer than the median), about a third near-duplicates of other examples (one word changed), and a share
-of easy examples (short fixed answers). On the CPU one thread, denormals flushed.
+of easy examples (short fixed answers); ``continual``, a second job from the first job's model: job 1 trains plain
+(``--job1-lr`` x ``--job1-epochs``, the same for every run of a seed: the starting point, not the thing measured) on
+a default-job file A; job 2's file B is half records of A's training part, verbatim, and half new ones, its held-out
+set split off as the product does (core.data.split_heldout); everything below is job 2. On the CPU one thread,
+denormals flushed.
 
 1. The plain baseline: a sweep over learning rate (``--lrs``) and epochs (``--epochs``, 1 to 3 for default-job) on
    the first seed with core.train.Trainer (the real loop, its cosine schedule). Target = the sweep's best validation
@@ -14,8 +18,10 @@ of easy examples (short fixed answers). On the CPU one thread, denormals flushed
    is not credited against a badly configured baseline).
 2. Per seed (``--seeds``): the baseline's settings, and the hybrid at the baseline's lr over the sweep's most epochs
    (it decides its own stop), from the same initial weights and data order; runs alternate, the order rotating.
-3. Time to target: training wall-clock (evaluation excluded: the benchmark's measurement, not the job's work; the
-   hybrid's re-measurements ARE counted) at the first evaluation whose val loss <= target.
+3. Time to target: training wall-clock and CPU seconds of the process (evaluation excluded: the benchmark's
+   measurement, not the job's work; the hybrid's scoring pass and re-measurements ARE counted) at the first
+   evaluation whose val loss <= target, with the steps, examples trained (= backward passes) and forward-only passes
+   to it. The speedup is from CPU seconds (steadier than wall-clock on shared cores); the baseline is chosen by them.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_hybrid.py --data default-job --seeds 0 [--write]
 Prints a markdown table; ``--write`` appends it to docs/BENCHMARKS.md.
@@ -33,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +70,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-nostop": {"curve_stop": False},  # skipping alone
     "hybrid-plain": {"keep_shares": (1.0,), "curve_stop": False},  # neither: must train as plain does
     "hybrid-norollback": {"curve_stop": False, "val_tol": 100.0, "remeasure_tol": 100.0},  # skipping, never undone
+    "hybrid-score": {"score_first": True},  # a forward-only scoring pass first: skipping from warmup + full steps
+    "hybrid-score-nostop": {"score_first": True, "curve_stop": False},
 }
 
 # --- data -----------------------------------------------------------------------------------------
@@ -209,57 +217,73 @@ def _swap_word(rec: Record, rng: random.Random) -> Record:
 # --- runs -----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Point:
+    """One evaluation of a run, with what training had cost up to it."""
+
+    step: int
+    wall_s: float  # training wall-clock (evaluation excluded)
+    cpu_s: float  # this process's CPU seconds in training (evaluation excluded; one thread)
+    val: float
+    trained: int  # examples with a forward and backward pass (= backward passes)
+    forward_only: int  # forward-only passes of the hybrid engine (scoring pass, re-measurements)
+
+
 @dataclass
 class RunResult:
     name: str
     seed: int
     lr: float
     epochs: float
-    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train seconds, val loss)
+    evals: list[Point] = field(default_factory=list)
     train_s: float = 0.0
+    cpu_s: float = 0.0
     steps: int = 0
     trained: int = 0  # examples with a forward and backward pass
     overhead_s: float = 0.0
     remeasured: int = 0
+    scored: int = 0
     rollbacks: int = 0
     stopped: str = ""
 
     @property
     def final(self) -> float:
-        return self.evals[-1][2]
+        return self.evals[-1].val
 
     @property
     def best(self) -> float:
-        return min(v for *_, v in self.evals)
+        return min(p.val for p in self.evals)
 
-    def to_target(self, target: float) -> tuple[int, float] | None:
-        for step, t, v in self.evals:
-            if v <= target:
-                return step, t
-        return None
+    def to_target(self, target: float) -> Point | None:
+        return next((p for p in self.evals if p.val <= target), None)
 
 
 class Clock:
-    """Training wall-clock: elapsed time minus the time spent in evaluation (the benchmark's, not the job's)."""
+    """Training wall-clock and CPU time: elapsed minus the time spent in evaluation (the benchmark's, not the job's).
+    The CPU clock is the process's CPU time: with one thread and two other agents on the cores it is the steadier of
+    the two. ``counts()`` gives (examples trained, forward-only passes) so far."""
 
-    def __init__(self, result: RunResult, device: torch.device) -> None:
-        self.result, self.device = result, device
-        self.start = time.perf_counter()
-        self.eval_s = 0.0
-        self._eval_start: float | None = None
+    def __init__(self, result: RunResult, device: torch.device, counts: Any) -> None:
+        self.result, self.device, self.counts = result, device, counts
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.eval_s = self.eval_cpu = 0.0
+        self._eval_start: tuple[float, float] | None = None
 
     def __call__(self, ev: Any) -> None:
         if self.device.type == "cuda" and isinstance(ev, (PhaseEvent, EvalEvent)):
             torch.cuda.synchronize(self.device)  # the queued kernels belong to the phase that just ended
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if isinstance(ev, PhaseEvent) and ev.phase == "evaluating":
-            self._eval_start = now
+            self._eval_start = (now, cpu)
         elif isinstance(ev, EvalEvent):
             assert self._eval_start is not None
-            train_s = self._eval_start - self.start - self.eval_s
-            self.eval_s += now - self._eval_start
-            self.result.evals.append((ev.step, train_s, ev.val_loss))
-            self.result.train_s = train_s
+            train_s = self._eval_start[0] - self.start - self.eval_s
+            train_cpu = self._eval_start[1] - self.cpu_start - self.eval_cpu
+            self.eval_s += now - self._eval_start[0]
+            self.eval_cpu += cpu - self._eval_start[1]
+            trained, forward_only = self.counts()
+            self.result.evals.append(Point(ev.step, train_s, train_cpu, ev.val_loss, trained, forward_only))
+            self.result.train_s, self.result.cpu_s = train_s, train_cpu
 
 
 # per profile: (batch size, max length, steps, examples, val examples, lrs) unless given on the command line
@@ -311,18 +335,44 @@ class Profile:
             model = lora.wrap(self._base(), self.lora, self.folder, lora.resolve_targets(self.lora, self._base()))
         return {k: v.clone() for k, v in lora.adapter_state(model).items()}
 
+    def trainable(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What ``model(init)`` takes back: a trained model's weights (tiny) or adapters (smollm2-lora)."""
+        if self.name == "tiny":
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {k: v.clone() for k, v in lora.adapter_state(model).items()}
+
     def _base(self) -> Any:
         return lora.load_causal_lm(self.folder, dtype=torch.float32)
+
+
+def continual_records(n: int, n_val: int) -> tuple[list[Record], list[Record]]:
+    """The continual profile's two files: A (``make_job_records``), job 1's; B, job 2's: half of it records of A's
+    training part (verbatim: what job 1 trained on), half new ones (``make_job_records`` of another seed: the same
+    tasks, new content), in a seeded shuffle."""
+    first = make_job_records(n)
+    a_train, _ = split_heldout(first, n_val / len(first), n_val, seed=5)  # as ``split`` does for job 1
+    rng = random.Random(17)
+    repeated = rng.sample(a_train, n // 2)
+    second = repeated + make_job_records(n - n // 2, seed=29)
+    rng.shuffle(second)
+    return first, second
+
+
+def split(tok: Any, records: list[Record], n_val: int, max_length: int) -> tuple[list[Example], list[Example]]:
+    """(train, val) examples, ``n_val`` held out by ``core.data.split_heldout`` (the product's split)."""
+    train_recs, val_recs = split_heldout(records, n_val / len(records), n_val, seed=5)
+    return encode_all(tok, train_recs, max_length).examples, encode_all(tok, val_recs, max_length).examples
 
 
 def dataset(
     tok: Any, examples: int, n_val: int, max_length: int, data: str = "one-epoch"
 ) -> tuple[list[Example], list[Example]]:
-    """The benchmark's (train, val) examples: ``make_records`` (one-epoch) or ``make_job_records`` (default-job)
-    of ``examples`` records, ``n_val`` held out."""
+    """The benchmark's (train, val) examples: ``make_records`` (one-epoch), ``make_job_records`` (default-job) of
+    ``examples`` records, or continual's job-2 file B; ``n_val`` held out."""
+    if data == "continual":
+        return split(tok, continual_records(examples, n_val)[1], n_val, max_length)
     records = make_job_records(examples) if data == "default-job" else make_records(examples)
-    train_recs, val_recs = split_heldout(records, n_val / len(records), n_val, seed=5)
-    return encode_all(tok, train_recs, max_length).examples, encode_all(tok, val_recs, max_length).examples
+    return split(tok, records, n_val, max_length)
 
 
 def train_config(
@@ -355,14 +405,29 @@ def make_trainer(
 
 
 def run_plain(
-    prof: Profile, init: dict[str, torch.Tensor], data: Any, cfg: TrainingConfig, name: str, device: torch.device
+    prof: Profile,
+    init: dict[str, torch.Tensor],
+    data: Any,
+    cfg: TrainingConfig,
+    name: str,
+    device: torch.device,
+    keep: list[torch.nn.Module] | None = None,
 ) -> RunResult:
+    """The real loop, plain; ``keep`` (a list) receives the trained model (continual's job 1)."""
     res = RunResult(name, cfg.seed, cfg.learning_rate, cfg.epochs)
     tr = make_trainer(prof, init, data, cfg, device)
-    clock = Clock(res, device)
+    n, size = len(data[0]), cfg.batch_size
+
+    def counts() -> tuple[int, int]:  # fixed-size micro-batches in a shuffled order: the data position says it
+        pos = tr.state.position
+        return pos.epoch * n + min(pos.index * size, n), 0
+
+    clock = Clock(res, device, counts)
     tr.run(clock, lambda: False, lambda: Path("."))
     res.steps = tr.state.step
-    res.trained = tr.state.step * cfg.batch_size * cfg.grad_accum
+    res.trained = counts()[0]
+    if keep is not None:
+        keep.append(tr.model)
     return res
 
 
@@ -380,7 +445,7 @@ def run_hybrid(
     tr = make_trainer(prof, init, data, cfg.model_copy(update={"engine": "hybrid", "hybrid": hcfg}), device)
     eng = tr.hybrid
     assert eng is not None
-    clock = Clock(res, device)
+    clock = Clock(res, device, lambda: (eng.counters.examples_trained, eng.counters.remeasured + eng.counters.scored))
     corrections: list[CorrectionEvent] = []
 
     def emit(ev: Any) -> None:
@@ -392,20 +457,30 @@ def run_hybrid(
     c = eng.counters
     res.steps, res.trained, res.overhead_s = c.steps, c.examples_trained, c.overhead_s
     res.remeasured, res.rollbacks, res.stopped = c.remeasured, c.rollbacks, eng.stopped or "planned steps"
+    res.scored = c.scored
     return res
 
 
 # --- report ---------------------------------------------------------------------------------------
 
 
-def fmt_t(x: tuple[int, float] | None) -> str:
-    return "not reached" if x is None else f"{x[1]:.1f} s / {x[0]}"
+def fmt_t(x: Point | None) -> str:
+    return "not reached" if x is None else f"{x.wall_s:.1f} s / {x.step}"
+
+
+def fmt_cost(x: Point | None) -> str:
+    """Wall s / CPU s / step / examples trained (= backward passes) / forward-only passes, at the target."""
+    if x is None:
+        return "not reached | - | - | -"
+    return f"{x.wall_s:.1f} / {x.cpu_s:.1f} | {x.step} | {x.trained} | {x.forward_only}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="auto", help="tiny, smollm2-lora, smollm2-full; auto: tiny on the CPU")
-    ap.add_argument("--data", default="default-job", choices=["default-job", "one-epoch"])
+    ap.add_argument("--data", default="default-job", choices=["default-job", "one-epoch", "continual"])
+    ap.add_argument("--job1-lr", type=float, default=4e-3, help="continual: job 1's lr (plain, the same every run)")
+    ap.add_argument("--job1-epochs", type=float, default=3.0, help="continual: job 1's epochs")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
     ap.add_argument("--max-length", type=int, help="default: per profile (PROFILE_DEFAULTS)")
     ap.add_argument(
@@ -441,7 +516,9 @@ def main() -> None:
     args.examples = args.examples or examples
     args.val = args.val or n_val
     args.lrs = args.lrs or lrs_default
-    args.epochs = args.epochs or ("1,2,3" if args.data == "default-job" else "1")
+    args.epochs = args.epochs or ("1" if args.data == "one-epoch" else "1,2,3")
+    if args.data == "continual" and args.profile == "smollm2-full":
+        raise SystemExit("the continual profile starts from job 1's trainable state: tiny or smollm2-lora")
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     torch.set_flush_denormal(True)
@@ -459,6 +536,22 @@ def main() -> None:
     def cfg_for(seed: int, lr: float, ep: float) -> TrainingConfig:
         return train_config(0, args.batch_size, lr, args.eval_every, seed, ep)
 
+    starts: dict[int, dict[str, torch.Tensor]] = {}
+    job1: list[RunResult] = []
+
+    def start(seed: int) -> dict[str, torch.Tensor]:
+        """The seed's starting point: its seeded init, or (continual) job 1's model trained from it on file A."""
+        if args.data != "continual":
+            return prof.init(seed)
+        if seed not in starts:
+            file_a = split(prof.tok, continual_records(args.examples, args.val)[0], args.val, args.max_length)
+            trained: list[torch.nn.Module] = []
+            cfg = cfg_for(seed, args.job1_lr, args.job1_epochs)
+            job1.append(run_plain(prof, prof.init(seed), file_a, cfg, "job 1", device, trained))
+            starts[seed] = prof.trainable(trained[0])
+            print(f"seed {seed} job 1 (file A, plain): final val {job1[-1].final:.4f}", flush=True)
+        return starts[seed]
+
     # 1. the plain sweep over lr and epochs on the first seed; target from its best loss, baseline the fastest to it
     if args.reuse_sweep:
         t_s, lr_s, ep_s = args.reuse_sweep.split(",")
@@ -466,13 +559,13 @@ def main() -> None:
         base = RunResult("plain", seeds[0], float(lr_s), float(ep_s))
     else:
         sweep = [
-            run_plain(prof, prof.init(seeds[0]), data, cfg_for(seeds[0], lr, ep), "plain", device)
+            run_plain(prof, start(seeds[0]), data, cfg_for(seeds[0], lr, ep), "plain", device)
             for lr in lrs
             for ep in epochs
         ]
         target = min(r.best for r in sweep) * (1 + args.tolerance)
         reached = [r for r in sweep if r.to_target(target)]
-        base = min(reached, key=lambda r: r.to_target(target)[1])  # type: ignore[index]
+        base = min(reached, key=lambda r: r.to_target(target).cpu_s)  # type: ignore[union-attr]
     for r in sweep:
         print(
             f"sweep lr {r.lr:.0e} epochs {r.epochs:g}: best val {r.best:.4f} final {r.final:.4f} "
@@ -484,7 +577,7 @@ def main() -> None:
     # 2. per seed: the baseline and the variants, alternating; order rotates per seed
     runs: dict[str, list[RunResult]] = {"plain": [], **{v: [] for v in variants}}
     for i, seed in enumerate(seeds):
-        init = prof.init(seed)
+        init = start(seed)
         order = ["plain", *variants]
         order = order[i % len(order) :] + order[: i % len(order)]
         for name in order:
@@ -496,7 +589,8 @@ def main() -> None:
             runs[name].append(r)
             print(
                 f"seed {seed} {name:14s} final {r.final:.4f} to-target {fmt_t(r.to_target(target))} "
-                f"train {r.train_s:.1f}s steps {r.steps} trained {r.trained} overhead {r.overhead_s:.2f}s "
+                f"cpu {fmt_cost(r.to_target(target))} train {r.train_s:.1f}s cpu {r.cpu_s:.1f}s steps {r.steps} "
+                f"trained {r.trained} forward-only {r.remeasured + r.scored} overhead {r.overhead_s:.2f}s "
                 f"rollbacks {r.rollbacks} {r.stopped}",
                 flush=True,
             )
@@ -508,6 +602,7 @@ def main() -> None:
         f"--batch-size {args.batch_size} --max-length {args.max_length} --examples {args.examples} --val {args.val} "
         f"--eval-every {args.eval_every} --variants {args.variants}"
         + (f" --reuse-sweep {args.reuse_sweep}" if args.reuse_sweep else "")
+        + (f" --job1-lr {args.job1_lr:g} --job1-epochs {args.job1_epochs:g}" if args.data == "continual" else "")
         + "`",
         "",
         f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, "
@@ -516,21 +611,38 @@ def main() -> None:
         f"{len(train)} train / {len(val)} val examples, batch {args.batch_size}, max length {args.max_length}, "
         f"eval every {args.eval_every}. Total bench time {time.time() - t_start:.0f} s.",
         "",
+        *(
+            [
+                "Job 1 (file A, plain, lr "
+                f"{args.job1_lr:g} x {args.job1_epochs:g} epochs from the seed's init; every job-2 run of a seed "
+                "starts from its model): " + ", ".join(f"seed {r.seed} final val {r.final:.4f}" for r in job1) + ".",
+                "",
+            ]
+            if job1
+            else []
+        ),
         (
             "Plain sweep not rerun (--reuse-sweep, an earlier run's)"
             if args.reuse_sweep
             else f"Plain sweep (seed {seeds[0]}): "
             + ", ".join(
-                f"lr {r.lr:.0e} x {r.epochs:g} ep -> best {r.best:.4f} ({fmt_t(r.to_target(target))})" for r in sweep
+                f"lr {r.lr:.0e} x {r.epochs:g} ep -> best {r.best:.4f} ({fmt_t(r.to_target(target))}, "
+                f"{'-' if r.to_target(target) is None else f'{r.to_target(target).cpu_s:.1f} CPU s'})"  # type: ignore[union-attr]
+                for r in sweep
             )
         )
         + f". Target = best {target / (1 + args.tolerance):.4f} x {1 + args.tolerance:.2f} = {target:.4f}; baseline "
-        f"lr {base.lr:.0e} x {base.epochs:g} epochs (the fastest to the target); the hybrid runs lr {base.lr:.0e} "
-        f"for up to {max(epochs):g} epochs.",
+        f"lr {base.lr:.0e} x {base.epochs:g} epochs (the fastest to the target in CPU seconds); the hybrid runs lr "
+        f"{base.lr:.0e} for up to {max(epochs):g} epochs.",
         "",
-        "| seed | engine | final val (vs baseline) | time to target (s / step) | speedup | steps | examples trained "
-        "| rollbacks | overhead share | stop |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "To target: training wall / CPU seconds (evaluation excluded), the step, examples trained (= backward "
+        "passes: one per example trained) and the engine's forward-only passes (scoring pass, re-measurements) up "
+        "to the first evaluation at or below the target. Speedup = the plain run's CPU seconds to target / this "
+        "run's, same seed.",
+        "",
+        "| seed | engine | final val (vs baseline) | to target: wall / CPU s | step | examples trained | forward-only "
+        "| speedup (CPU s) | steps run | rollbacks | overhead share | stop |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     summary: dict[str, dict[str, float | None]] = {}
     for name in runs:
@@ -538,15 +650,15 @@ def main() -> None:
         for i, r in enumerate(runs[name]):
             p = runs["plain"][i]
             tt, pt = r.to_target(target), p.to_target(target)
-            sp = pt[1] / tt[1] if tt and pt else None
+            sp = pt.cpu_s / tt.cpu_s if tt and pt else None
             if sp is not None:
                 speedups.append(sp)
             finals.append(r.final)
             rel.append(r.final / p.final - 1)
             share = r.overhead_s / max(r.train_s, 1e-9)
             lines.append(
-                f"| {r.seed} | {name} | {r.final:.4f} ({r.final / p.final - 1:+.1%}) | {fmt_t(tt)} | "
-                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.steps} | {r.trained} | {r.rollbacks} | {share:.1%} | "
+                f"| {r.seed} | {name} | {r.final:.4f} ({r.final / p.final - 1:+.1%}) | {fmt_cost(tt)} | "
+                f"{'-' if sp is None else f'{sp:.2f}x'} | {r.steps} | {r.rollbacks} | {share:.1%} | "
                 f"{r.stopped or '-'} |"
             )
         summary[name] = {
@@ -558,7 +670,8 @@ def main() -> None:
         }
     lines += [
         "",
-        "| engine | median speedup | median final val (vs baseline) | seeds reaching target | median overhead share |",
+        "| engine | median speedup (CPU s) | median final val (vs baseline) | seeds reaching target "
+        "| median overhead share |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, sm in summary.items():
@@ -570,7 +683,7 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     if args.json:
-        everything = {k: [vars(r) for r in v] for k, v in runs.items()} | {"sweep": [vars(r) for r in sweep]}
+        everything = {k: [asdict(r) for r in v] for k, v in runs.items()} | {"sweep": [asdict(r) for r in sweep]}
         args.json.write_text(json.dumps(everything, indent=1))
     if args.write:
         with open(ROOT / "docs" / "BENCHMARKS.md", "a", encoding="utf-8") as f:

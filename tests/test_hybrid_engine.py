@@ -278,3 +278,76 @@ def test_state_version_is_checked(model_dir: Path, data: Any) -> None:
     eng = engine(trainer(model_dir, data, steps=10, hybrid=small_cfg()))
     with pytest.raises(ValueError, match="version"):
         eng.load_state_dict({**eng.state_dict(), "version": 1})
+
+
+def test_score_first_measures_every_example_once_and_lets_skipping_start_early(model_dir: Path, data: Any) -> None:
+    """``score_first``: one forward-only pass over the training set before the first step fills the loss table
+    (each example's loss under the starting weights, as ``per_example`` measures it), counted as overhead and as
+    forward-only passes; it is not repeated, nor after a resume from the engine's state; and skipping starts after
+    warmup_steps + full_steps, where without it min_coverage holds it back until the examples were trained once."""
+    cfg = small_cfg(warmup_steps=2, full_steps=1, min_coverage=1.0, curve_stop=False)
+    tr = trainer(model_dir, data, steps=10, hybrid=cfg.model_copy(update={"score_first": True}))
+    eng = engine(tr)
+    expected = per_example(tr.model, collate(data[0], 0), CPU)
+    eng.before_step(lambda e: None)
+    assert eng.table.loss.tolist() == pytest.approx(expected, rel=1e-4)
+    assert eng.table.coverage() == 1.0 and set(eng.table.step.tolist()) == {0}
+    assert eng.counters.scored == len(data[0]) and eng.counters.overhead_s > 0 and eng.counters.examples_trained == 0
+    eng.before_step(lambda e: None)
+    assert eng.counters.scored == len(data[0])  # once
+    fresh = engine(trainer(model_dir, data, steps=10, hybrid=cfg.model_copy(update={"score_first": True})))
+    fresh.load_state_dict(eng.state_dict())
+    fresh.before_step(lambda e: None)
+    assert fresh.counters.scored == len(data[0]) and fresh.summary()["scored"] == len(data[0])
+
+    def first_predict(score_first: bool) -> int | None:
+        t = trainer(model_dir, data, steps=14, hybrid=cfg.model_copy(update={"score_first": score_first}))
+        events: list[Any] = []
+        assert t.run(events.append, NEVER, NOWHERE) == "completed"
+        return next((e.step for e in events if isinstance(e, StepEvent) and e.phase == "predict"), None)
+
+    assert first_predict(True) == 4  # steps 1-2 warmup, 3 full, then predict
+    assert first_predict(False) == 11  # 10 steps of 4 cover the 40 examples: predict from the 11th
+
+
+def test_score_first_run_resumed_equals_uninterrupted(model_dir: Path, data: Any, tmp_path: Path) -> None:
+    """The scoring pass is part of the checkpointed state: a run interrupted after it and resumed does not score
+    again, and trains bitwise as the uninterrupted run (skipping included)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cfg = small_cfg(warmup_steps=2, full_steps=1, min_coverage=1.0, curve_stop=False, score_first=True)
+
+    def saver(t: Trainer, run_dir: Path) -> Any:
+        return lambda: (
+            checkpoint.save(run_dir, t.state.step, t.model, tok, t.state_dict(), t.cfg.model_dump(mode="json"), {}).path
+        )
+
+    a = trainer(model_dir, data, steps=16, hybrid=cfg)
+    assert a.run(lambda e: None, NEVER, saver(a, tmp_path / "a")) == "completed"
+    b = trainer(model_dir, data, steps=16, hybrid=cfg)
+    assert b.run(lambda e: None, lambda: b.state.step >= 6, saver(b, tmp_path / "b")) == "interrupted"
+    ckpt = checkpoint.latest_complete(tmp_path / "b")
+    assert ckpt is not None
+    state = checkpoint.load_state(ckpt.path)
+    assert state["hybrid"]["scored"] and state["hybrid"]["machine"]["phase"] in ("predict", "correct")
+    torch.manual_seed(999)
+    c = trainer(ckpt.path / checkpoint.MODEL, data, steps=16, hybrid=cfg)
+    c.load_state_dict(state)
+    assert c.run(lambda e: None, NEVER, saver(c, tmp_path / "b")) == "completed"
+    assert same_weights(a.model, c.model)
+    ca, cc = engine(a).counters, engine(c).counters
+    assert cc.scored == ca.scored == len(data[0]) and cc.examples_skipped == ca.examples_skipped > 0
+
+
+@pytest.mark.parametrize(("first", "stops"), [(1.0, True), (0.95, False)])
+def test_a_flat_curve_stops_the_run_only_after_it_improved_on_its_start(
+    model_dir: Path, data: Any, first: float, stops: bool
+) -> None:
+    """A continual job's validation loss can sit flat above where it started (new data at a warming lr) before it
+    falls in the cosine's decay: flat, but nothing learned yet, so no stop; the same flat evaluations below the start
+    by more than stop_tolerance do stop it."""
+    tr = trainer(model_dir, data, steps=400, hybrid=small_cfg(stop_tolerance=0.01, curve_min_points=3))
+    eng = engine(tr)
+    tr.state.first_val_loss = first
+    for step in range(40, 140, 10):
+        eng.after_eval(step, 0.96, lambda e: None)
+    assert (eng.decay is not None) == stops

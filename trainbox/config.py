@@ -133,6 +133,13 @@ class HybridConfig(_Strict):
     min_coverage: float = Field(
         0.9, ge=0, le=1, description="Share of training examples with a measured loss before any is skipped."
     )
+    score_first: bool = Field(
+        False,
+        description="Before the first step, measure every training example's loss forward only (no backward; its "
+        "cost counts as the engine's overhead), so skipping may start after warmup_steps + full_steps instead of "
+        "once min_coverage of the examples were trained: for a job from a model that already learned part of the "
+        "file (a continual job repeating an earlier file's examples).",
+    )
     keep_shares: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field(
         (1.0, 0.6, 0.4, 0.25),
         min_length=1,
@@ -197,8 +204,9 @@ class HybridConfig(_Strict):
         ge=0,
         le=1,
         description="The curve has flattened where training on to the job's last step would improve the "
-        "validation loss by less than this share (as fitted), and the last curve_min_points evaluations improved "
-        "by less than this share (as measured).",
+        "validation loss by less than this share (as fitted), the last curve_min_points evaluations improved "
+        "by less than this share (as measured), and the loss is below the run's first evaluation by more than this "
+        "share (a continual job's curve can sit flat above its start before it falls: nothing learned yet).",
     )
     curve_min_points: int = Field(
         4, ge=3, le=1000, description="Evaluations after the learning-rate warmup before the curve is fitted."

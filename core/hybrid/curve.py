@@ -11,6 +11,9 @@ is below ``tolerance x L(t)``: training on past it would buy less than that shar
 fitted, the last evaluations improved on the first of them by less than that share too (``measured_flat``): under
 a cosine schedule the loss falls faster as the learning rate decays, which a saturating fit does not foresee, so
 the fit alone stopped the tiny default-job profile 10 % short of the baseline's loss (docs/BENCHMARKS.md).
+The engine also waits until the validation loss is below the run's first evaluation by that share: a continual
+job's curve rose, then sat flat above its start before falling in the cosine's decay, and a stop there ended it
+10-15 % short (docs/BENCHMARKS.md, continual profile).
 The engine cuts the schedule short there (a linear decay to the floor, ``core.schedule.cut_lr_at``) and stops
 after it. The engine reports ``L`` at that step as the predicted final loss (before the short decay's own gain).
 """

@@ -15,6 +15,9 @@ engine decides, through hooks (``TrainerView`` is everything it uses of the Trai
   at no extra pass;
 - ``before_step(emit)``: in phase correct, a forward-only re-measurement of a seeded sample of skipped examples;
   those whose loss rose come back (trained at their next turn) and the predictor's forgetting rate is recalibrated;
+  and, with ``score_first``, once before the first step, a forward-only pass over the whole training set into the
+  loss table (overhead), so skipping need not wait until the examples were trained once (a continual job's file
+  repeats examples its starting model already learned);
 - ``after_real_step(...)``: counters and phase transitions; ``after_eval(step, val, emit)``: the divergence
   monitor (``divergence.py``: a validation or re-measured loss that worsened restores the last good point, the
   weights and AdamW state at the best evaluation since skipping began), the bandit's reward for the interval
@@ -59,6 +62,7 @@ RECORD_LISTED = 20  # examples named in the summary's learned-early and never-le
 
 class StepCounter(Protocol):
     step: int
+    first_val_loss: float | None
 
 
 class TrainerView(Protocol):
@@ -90,6 +94,7 @@ class Counters:
     tokens_trained: int = 0  # trained positions of the examples trained
     tokens_skipped: int = 0  # trained positions of the examples skipped
     remeasured: int = 0  # forward-only re-measurements (correct phase)
+    scored: int = 0  # forward-only measurements of the scoring pass before the first step (score_first)
     came_back: int = 0  # re-measured examples whose loss rose: trained again
     corrections: int = 0
     rollbacks: int = 0
@@ -136,6 +141,7 @@ class HybridEngine:
         self.predicted_final: float | None = None
         self.stopped = ""  # why the engine ended the run early ("" while it did not)
         self.last_share = 0.0  # share of the last step's examples skipped
+        self.scored = False  # the score_first pass ran (it runs once per run, resumed or not)
         self._per_token: list[torch.Tensor] = []
 
     # --- the hooks the Trainer calls ----------------------------------------------------------------
@@ -195,7 +201,10 @@ class HybridEngine:
             self.interval.cost += 3 * float(self.trained_tokens[ids].sum()) if ids else 0.0
 
     def before_step(self, emit: Callable[[HybridEvent], None]) -> None:
-        """At a step boundary: the correction when one is due."""
+        """At a step boundary: the scoring pass before the first step (``score_first``), the correction when one
+        is due."""
+        if self.cfg.score_first and not self.scored:
+            self._score()
         if self.machine.phase == Phase.CORRECT:
             self._correct(emit)
 
@@ -312,6 +321,7 @@ class HybridEngine:
             "backward_skipped": c.examples_skipped,
             "skipped_share": round(c.examples_skipped / shown, 4) if shown else 0.0,
             "remeasured": c.remeasured,
+            "scored": c.scored,
             "came_back": c.came_back,
             "rollbacks": c.rollbacks,
             "overhead_s": round(c.overhead_s, 3),
@@ -387,7 +397,9 @@ class HybridEngine:
         self.predicted_final = float(fit.value(float(plateau)))
         self.expected_stop = min(total, plateau + self._decay_length(plateau))
         flat = curves.measured_flat([v for _, v in self.evals], self.cfg.curve_min_points, self.cfg.stop_tolerance)
-        if flat and plateau <= step and step + self._decay_length(step) < total:
+        first = self.trainer.state.first_val_loss
+        learned = first is None or val < first * (1 - self.cfg.stop_tolerance)  # flat before any gain: not done
+        if flat and learned and plateau <= step and step + self._decay_length(step) < total:
             self.decay = (step, self._decay_length(step))
 
     def _decay_length(self, start: int) -> int:
@@ -433,6 +445,24 @@ class HybridEngine:
                 step, len(pick), float(np.mean(old)), float(np.mean(new)), len(back), self.forget_rate, cost
             )
         )
+
+    def _score(self) -> None:
+        """``score_first``: every training example's loss under the starting weights, forward only, into the table,
+        so that skipping can start after warmup_steps + full_steps rather than once min_coverage of the examples
+        were trained. It pays where the file repeats what the model already learned (a continual job); its cost is
+        the engine's overhead (and the bandit's first interval's). Measured in length order: less padding."""
+        t0 = self.clock()
+        ids = sorted(range(len(self.trained_tokens)), key=lambda i: (len(self.trainer.train_set[i].input_ids), i))
+        losses = self._measure(ids)
+        self.table.record(ids, losses, self.trainer.state.step)
+        self.scored = True
+        self.counters.scored += len(ids)
+        if self.cfg.bandit_cost == "compute":
+            self.interval.cost += float(self.trained_tokens.sum())
+        cost = self.clock() - t0
+        self.counters.overhead_s += cost
+        if self.cfg.bandit_cost == "wall":
+            self.interval.cost += cost
 
     def _measure(self, ids: Sequence[int]) -> list[float]:
         """Each example's loss per trained token under the current weights, no gradient."""
@@ -486,6 +516,7 @@ class HybridEngine:
             "predicted_final": self.predicted_final,
             "stopped": self.stopped,
             "last_share": self.last_share,
+            "scored": self.scored,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -509,3 +540,4 @@ class HybridEngine:
         self.predicted_final = state["predicted_final"]
         self.stopped = state["stopped"]
         self.last_share = float(state["last_share"])
+        self.scored = bool(state.get("scored", False))
