@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import time
 from types import FrameType
 
@@ -91,6 +92,7 @@ class Daemon:
         self.notifier: Notifier | None = None  # webhooks' thread (daemon/notifier.py); None without [notify]
         self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
         self.fleet: FleetMember | None = None  # [fleet] enabled: our leases (daemon/fleet_member.py)
+        self.woken: set[int] = set()  # children whose exit ended the last wait (``wait``)
 
     # signals: flag only. The loop's wait is woken by the kernel (``signal.set_wakeup_fd`` writes a byte to
     # a pipe the wait selects on), not by the handler: an Event's set() in a handler deadlocks when the
@@ -120,15 +122,45 @@ class Daemon:
                     if failures >= MAX_TICK_FAILURES:
                         raise
                 if not self.again:
-                    select.select([wake_r], [], [], self.settings.daemon.poll_interval)
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(wake_r, 512)  # the signals' bytes: the handler counted them already
+                    self.wait(wake_r)
                 self.again = False
         finally:
             self.shutdown()
             signal.set_wakeup_fd(previous_fd)
             os.close(wake_r)
             os.close(wake_w)
+
+    def wait(self, wake_r: int) -> None:
+        """Until the next tick: ``daemon.poll_interval`` at most, less when a signal arrives (its byte on
+        ``wake_r``) or when a child the tick reaps exits (worker, eval gate, report: a pidfd is readable
+        then). So a finished job's gate, and the next job after a gate, start at once rather than up to an
+        interval later, and the interval can stay long: each tick costs DB queries and a status write, and
+        in a fleet that CPU is taken from the workers of the same machine. A child still unreaped after
+        the tick it woke (a tick that failed) is not waited on again: the loop never spins."""
+        fds: dict[int, int] = {}
+        children = {popen.pid for popen in self._children()}
+        self.woken &= children
+        try:
+            for pid in children - self.woken:
+                with contextlib.suppress(OSError, AttributeError):  # not Linux 5.3+, or the pid is gone
+                    fds[os.pidfd_open(pid)] = pid
+            ready, _, _ = select.select([wake_r, *fds], [], [], self.settings.daemon.poll_interval)
+            self.woken |= {fds[fd] for fd in ready if fd in fds}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_r, 512)  # the signals' bytes: the handler counted them already
+
+    def _children(self) -> list[subprocess.Popen[bytes]]:
+        """The children whose exit the tick acts on, not yet reaped (their pids cannot have been reused)."""
+        found = [self.worker.popen] if self.worker is not None else []
+        gates, reports = getattr(self, "gates", None), getattr(self, "reports", None)
+        if gates is not None and gates.child is not None:
+            found.append(gates.child.popen)
+        if reports is not None and reports.child is not None:
+            found.append(reports.child.popen)
+        return [p for p in found if p.returncode is None]
 
     def start(self) -> None:
         self.spool.ensure()
