@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from types import FrameType
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -51,6 +52,7 @@ from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_stat
 
 log = logging.getLogger("trainbox.daemon")
 MAX_TICK_FAILURES = 100  # consecutive OSError ticks (about a minute) before the daemon gives up
+STATUS_REFRESH_S = 2.0  # an unchanged status file is rewritten this often (``Daemon.write_status``)
 
 
 class Daemon:
@@ -93,6 +95,8 @@ class Daemon:
         self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
         self.fleet: FleetMember | None = None  # [fleet] enabled: our leases (daemon/fleet_member.py)
         self.woken: set[int] = set()  # children whose exit ended the last wait (``wait``)
+        self.job_name: tuple[int | None, str | None] = (None, None)  # the running job's id and name
+        self.status_written: tuple[float, dict[str, Any] | None] = (0.0, None)  # when, and what but the heartbeat
 
     # signals: flag only. The loop's wait is woken by the kernel (``signal.set_wakeup_fd`` writes a byte to
     # a pipe the wait selects on), not by the handler: an Event's set() in a handler deadlocks when the
@@ -549,25 +553,34 @@ class Daemon:
         return DaemonState.PAUSED if self.paused else DaemonState.IDLE
 
     def write_status(self, now: float) -> None:
+        """The daemon's status file. Written when it changed; an unchanged one (only its heartbeat newer) at most
+        every ``STATUS_REFRESH_S``: each write is two fsyncs, readers judge the heartbeat against at least 15 s
+        (``heartbeat_limit``), and in a fleet every tick's cost is taken from the workers of the same cores.
+        The running job's name is read from the DB once per job, not once per tick."""
         current = self.worker.job_id if self.worker else None
-        job = self.db.job(current) if (current is not None and self.db is not None) else None
-        write_status(
-            self.home.status / DAEMON_STATUS,
-            DaemonStatus(
-                state=self.state(),
-                pid=os.getpid(),
-                started_at=self.started_at,
-                heartbeat=now,
-                paused=self.paused,
-                current_job=current,
-                current_job_name=job.name if job else None,
-                worker_pid=self.worker.pid if self.worker else None,
-                queue=self.spool.counts(),
-                pending_controls=[r.describe() for r in control.pending(self.home.control)],
-                message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
-                inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
-            ),
+        if current is not None and self.job_name[0] != current and self.db is not None:
+            job = self.db.job(current)
+            self.job_name = (current, job.name if job else None)
+        status = DaemonStatus(
+            state=self.state(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            heartbeat=now,
+            paused=self.paused,
+            current_job=current,
+            current_job_name=self.job_name[1] if current is not None else None,
+            worker_pid=self.worker.pid if self.worker else None,
+            queue=self.spool.counts(),
+            pending_controls=[r.describe() for r in control.pending(self.home.control)],
+            message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
+            inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
         )
+        reading = status.model_dump(mode="json", exclude={"heartbeat"})
+        last_at, last = self.status_written
+        if reading == last and 0 <= now - last_at < STATUS_REFRESH_S:
+            return
+        write_status(self.home.status / DAEMON_STATUS, status)
+        self.status_written = (now, reading)
 
     def beat(self, now: float) -> None:
         """The fleet's heartbeat (when due); a daemon whose host name another daemon took, after this one was

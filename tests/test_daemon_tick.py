@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.gate import GATE_PENDING
-from daemon.main import Daemon
+from daemon.main import STATUS_REFRESH_S, Daemon
 from management.db import ModelDB
 from management.versions import current_id
 from tests.daemon_stubs import daemon_factory, tick_until
@@ -291,3 +291,21 @@ def test_the_wait_between_ticks_ends_when_the_worker_exits_and_waits_on_it_once(
         os.close(wake_r)
         os.close(wake_w)
     tick_until(d, lambda: d.worker is None, "the reap")
+
+
+def test_an_unchanged_status_is_rewritten_every_refresh_and_a_change_at_once(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    d = make_daemon()
+    path = home.status / "daemon.json"
+    now = time.time()
+    d.tick(now)
+    written = json.loads(path.read_text())["heartbeat"]
+    d.tick(now + 0.5)
+    assert json.loads(path.read_text())["heartbeat"] == written  # nothing changed: no write
+    d.tick(now + STATUS_REFRESH_S + 0.1)
+    assert json.loads(path.read_text())["heartbeat"] == now + STATUS_REFRESH_S + 0.1
+    control.submit(home.control, control.Action.PAUSE)
+    d.tick(now + STATUS_REFRESH_S + 0.2)
+    status = json.loads(path.read_text())
+    assert status["state"] == DaemonState.PAUSED and status["heartbeat"] == now + STATUS_REFRESH_S + 0.2
