@@ -117,9 +117,9 @@ class CpuMeter:
                     with p.oneshot():
                         t = p.cpu_times()
                         key = (p.pid, p.create_time())
-                        if not kind:
+                        if not kind:  # a child seen before its exec still runs the daemon's argv: look again
                             known = self.last.get(key)
-                            kind = known[0] if known else kind_of(p.cmdline())
+                            kind = known[0] if known and known[0] != "other child" else kind_of(p.cmdline())
                     self.last[key] = (kind, t.user + t.system)
                 except psutil.Error:
                     continue  # it exited between the listing and the reading
