@@ -89,10 +89,10 @@ class CpuMeter:
     ``unsampled`` is that exact total of the children reaped in the window less what the samples saw of
     them. CPU seconds, unlike wall time, do not depend on what else the machine runs."""
 
-    def __init__(self, daemons: list[int], postmaster: int, interval: float = 0.2) -> None:
+    def __init__(self, daemons: list[int], postmaster: int | None, interval: float = 0.2) -> None:
         import psutil
 
-        self.roots = {pid: psutil.Process(pid) for pid in [*daemons, postmaster]}
+        self.roots = {pid: psutil.Process(pid) for pid in [*daemons, *([postmaster] if postmaster else [])]}
         self.postmaster, self.interval = postmaster, interval
         self.first: dict[tuple[int, float], float] = {}  # (pid, create time): own CPU seconds at start
         self.last: dict[tuple[int, float], tuple[str, float]] = {}  # (pid, create time): kind, last reading
@@ -297,12 +297,13 @@ def cpu_table(cpu: dict[int, list[dict[str, float]]], jobs: int, daemons: int) -
         rows.append(f"| {k} | {per_job[1][k]:.2f} | {per_job[daemons][k]:.2f} |")
     rows.append(f"| total | {sum(per_job[1].values()):.2f} | {sum(per_job[daemons].values()):.2f} |")
     w = per_job[daemons]["worker"] + per_job[daemons]["gate"]
-    side = sum(per_job[daemons].values()) - w
-    rows += [
-        "",
-        f"With {daemons} daemons: W (worker + gate) {w:.2f} s, P (the rest) {side:.2f} s per job, P/W {side / w:.2f}; "
-        f"the model daemons * W / (W + P) gives {daemons * w / (w + side):.2f}x.",
-    ]
+    side = sum(per_job[daemons].values()) - w - per_job[daemons]["cpu sampler"]  # a run without the meter
+    if w > 0:
+        rows += [
+            "",
+            f"With {daemons} daemons: W (worker + gate) {w:.2f} s, P (the rest but the sampler) {side:.2f} s per "
+            f"job, P/W {side / w:.2f}; the model daemons * W / (W + P) gives {daemons * w / (w + side):.2f}x.",
+        ]
     return "\n".join(rows)
 
 
