@@ -81,7 +81,7 @@ def memory_scores(scorers: list[Scorer], args: argparse.Namespace, max_length: i
     as many of its first examples as the speed measured so far allows in an equal share of what is left
     (a multiple of 8, at least 8), and the current model is not scored where ``--known SHA:N:LOSS`` gives its
     stored loss on exactly those examples."""
-    from management.memory import read_set
+    from management.memory_files import read_set
 
     known = {(sha, int(n)): float(loss) for sha, n, loss in (k.split(":") for k in args.known)}
     tasks = [(int(j), sha, int(n)) for j, sha, n in (m.split(":") for m in args.memory_set)]

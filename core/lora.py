@@ -57,9 +57,9 @@ def adapter_base(folder: Path) -> Path:
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
-    """A full model from any trainbox model folder: a full one as is, an adapter merged into its base."""
-    from peft import PeftModel
-
+    """A full model from any trainbox model folder: a full one as is, an adapter merged into its base.
+    peft is imported only for an adapter: its import costs about a CPU second, paid by every eval gate
+    and every job that starts from a full model otherwise."""
     chain = [Path(folder)]
     while is_adapter_folder(chain[-1]):
         if len(chain) > MAX_CHAIN:
@@ -67,6 +67,8 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
         chain.append(adapter_base(chain[-1]))
     model = AutoModelForCausalLM.from_pretrained(chain[-1], dtype=dtype)
     for adapter in reversed(chain[:-1]):
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return model.requires_grad_(True)  # peft froze the base; a merged model is a plain model again
 

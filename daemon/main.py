@@ -13,8 +13,10 @@ import os
 import select
 import shutil
 import signal
+import subprocess
 import time
 from types import FrameType
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -50,6 +52,7 @@ from trainbox.status import DAEMON_STATUS, DaemonStatus, read_status, write_stat
 
 log = logging.getLogger("trainbox.daemon")
 MAX_TICK_FAILURES = 100  # consecutive OSError ticks (about a minute) before the daemon gives up
+STATUS_REFRESH_S = 2.0  # an unchanged status file is rewritten this often (``Daemon.write_status``)
 
 
 class Daemon:
@@ -91,6 +94,9 @@ class Daemon:
         self.notifier: Notifier | None = None  # webhooks' thread (daemon/notifier.py); None without [notify]
         self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
         self.fleet: FleetMember | None = None  # [fleet] enabled: our leases (daemon/fleet_member.py)
+        self.woken: set[int] = set()  # children whose exit ended the last wait (``wait``)
+        self.job_name: tuple[int | None, str | None] = (None, None)  # the running job's id and name
+        self.status_written: tuple[float, dict[str, Any] | None] = (0.0, None)  # when, and what but the heartbeat
 
     # signals: flag only. The loop's wait is woken by the kernel (``signal.set_wakeup_fd`` writes a byte to
     # a pipe the wait selects on), not by the handler: an Event's set() in a handler deadlocks when the
@@ -120,15 +126,45 @@ class Daemon:
                     if failures >= MAX_TICK_FAILURES:
                         raise
                 if not self.again:
-                    select.select([wake_r], [], [], self.settings.daemon.poll_interval)
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(wake_r, 512)  # the signals' bytes: the handler counted them already
+                    self.wait(wake_r)
                 self.again = False
         finally:
             self.shutdown()
             signal.set_wakeup_fd(previous_fd)
             os.close(wake_r)
             os.close(wake_w)
+
+    def wait(self, wake_r: int) -> None:
+        """Until the next tick: ``daemon.poll_interval`` at most, less when a signal arrives (its byte on
+        ``wake_r``) or when a child the tick reaps exits (worker, eval gate, report: a pidfd is readable
+        then). So a finished job's gate, and the next job after a gate, start at once rather than up to an
+        interval later, and the interval can stay long: each tick costs DB queries and a status write, and
+        in a fleet that CPU is taken from the workers of the same machine. A child still unreaped after
+        the tick it woke (a tick that failed) is not waited on again: the loop never spins."""
+        fds: dict[int, int] = {}
+        children = {popen.pid for popen in self._children()}
+        self.woken &= children
+        try:
+            for pid in children - self.woken:
+                with contextlib.suppress(OSError, AttributeError):  # not Linux 5.3+, or the pid is gone
+                    fds[os.pidfd_open(pid)] = pid
+            ready, _, _ = select.select([wake_r, *fds], [], [], self.settings.daemon.poll_interval)
+            self.woken |= {fds[fd] for fd in ready if fd in fds}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_r, 512)  # the signals' bytes: the handler counted them already
+
+    def _children(self) -> list[subprocess.Popen[bytes]]:
+        """The children whose exit the tick acts on, not yet reaped (their pids cannot have been reused)."""
+        found = [self.worker.popen] if self.worker is not None else []
+        gates, reports = getattr(self, "gates", None), getattr(self, "reports", None)
+        if gates is not None and gates.child is not None:
+            found.append(gates.child.popen)
+        if reports is not None and reports.child is not None:
+            found.append(reports.child.popen)
+        return [p for p in found if p.returncode is None]
 
     def start(self) -> None:
         self.spool.ensure()
@@ -544,25 +580,34 @@ class Daemon:
         return DaemonState.PAUSED if self.paused else DaemonState.IDLE
 
     def write_status(self, now: float) -> None:
+        """The daemon's status file. Written when it changed; an unchanged one (only its heartbeat newer) at most
+        every ``STATUS_REFRESH_S``: each write is two fsyncs, readers judge the heartbeat against at least 15 s
+        (``heartbeat_limit``), and in a fleet every tick's cost is taken from the workers of the same cores.
+        The running job's name is read from the DB once per job, not once per tick."""
         current = self.worker.job_id if self.worker else None
-        job = self.db.job(current) if (current is not None and self.db is not None) else None
-        write_status(
-            self.home.status / DAEMON_STATUS,
-            DaemonStatus(
-                state=self.state(),
-                pid=os.getpid(),
-                started_at=self.started_at,
-                heartbeat=now,
-                paused=self.paused,
-                current_job=current,
-                current_job_name=job.name if job else None,
-                worker_pid=self.worker.pid if self.worker else None,
-                queue=self.spool.counts(),
-                pending_controls=[r.describe() for r in control.pending(self.home.control)],
-                message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
-                inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
-            ),
+        if current is not None and self.job_name[0] != current and self.db is not None:
+            job = self.db.job(current)
+            self.job_name = (current, job.name if job else None)
+        status = DaemonStatus(
+            state=self.state(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            heartbeat=now,
+            paused=self.paused,
+            current_job=current,
+            current_job_name=self.job_name[1] if current is not None else None,
+            worker_pid=self.worker.pid if self.worker else None,
+            queue=self.spool.counts(),
+            pending_controls=[r.describe() for r in control.pending(self.home.control)],
+            message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
+            inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
         )
+        reading = status.model_dump(mode="json", exclude={"heartbeat"})
+        last_at, last = self.status_written
+        if reading == last and 0 <= now - last_at < STATUS_REFRESH_S:
+            return
+        write_status(self.home.status / DAEMON_STATUS, status)
+        self.status_written = (now, reading)
 
     def beat(self, now: float) -> None:
         """The fleet's heartbeat (when due); a daemon whose host name another daemon took, after this one was

@@ -8,22 +8,33 @@ dropped at once into the shared inbox, timed from the drop until every file sits
 (admission, claims, workers, training, versions and their gates). Jobs per hour and the ratio against one
 daemon are printed, with linear scaling being the number of daemons. One CPU thread per worker.
 
+The daemons run the product's defaults (``poll_interval`` 0.5 s, ``fleet.heartbeat_seconds`` 5 s) but two:
+``settle_seconds`` 0.5 (the files are renamed into place, so they count as complete at once anyway; it only
+bounds a missed event) and ``warm_worker`` off, each job paying a cold worker start (``--warm-worker``: on,
+the default; without a GPU its standby starts only while no job trains). ``--cpu-report`` adds the CPU
+seconds per job by process kind (daemons, workers, gates, reports, PostgreSQL, this process): unlike wall
+time they do not depend on what else the machine runs, and they show what takes the cores from the workers.
+
 The claim cost: ``claim_job`` and ``release`` timed in this process against a database holding
 ``--claim-jobs`` queued jobs in ``--lineages`` lineages (the SQL a daemon runs per job, without the files).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --rounds 2 --write
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --rounds 1 --cpu-report
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,9 +45,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 CONFIG = """
 [daemon]
-poll_interval = 0.2
 settle_seconds = 0.5
-warm_worker = false
+warm_worker = {warm}
 
 [training]
 max_steps = {steps}
@@ -55,8 +65,116 @@ shared = "{shared}"
 [fleet]
 enabled = true
 host = "{host}"
-heartbeat_seconds = 1
 """
+KINDS = ("daemon", "worker", "gate", "report", "other child", "postgres", "bench", "cpu sampler")
+
+
+def kind_of(cmdline: list[str]) -> str:
+    """A daemon's descendant, by the module it runs (trainbox/processes.py names them)."""
+    argv = " ".join(cmdline)
+    if "core.worker" in argv or "core.standby" in argv:
+        return "worker"
+    if "core.evaluate" in argv:
+        return "gate"
+    if "management.job_report" in argv:
+        return "report"
+    return "other child"
+
+
+class CpuMeter:
+    """CPU seconds (user + system) per process kind between ``start`` and ``stop``: every live process of
+    the daemons' trees and of the PostgreSQL server is read every ``interval`` seconds and its last reading
+    kept, so children that come and go are counted up to their last sample. What a child used after its
+    last sample is not lost: a parent's ``children_*`` times grow by every child it reaps, exactly, so
+    ``unsampled`` is that exact total of the children reaped in the window less what the samples saw of
+    them. CPU seconds, unlike wall time, do not depend on what else the machine runs."""
+
+    def __init__(self, daemons: list[int], postmaster: int | None, interval: float = 0.2) -> None:
+        import psutil
+
+        self.roots = {pid: psutil.Process(pid) for pid in [*daemons, *([postmaster] if postmaster else [])]}
+        self.postmaster, self.interval = postmaster, interval
+        self.first: dict[tuple[int, float], float] = {}  # (pid, create time): own CPU seconds at start
+        self.last: dict[tuple[int, float], tuple[str, float]] = {}  # (pid, create time): kind, last reading
+        self.reaped_at_start: dict[int, float] = {}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.sampler_cpu = 0.0
+        self.bench_at_start = 0.0
+
+    def _sample(self) -> None:
+        import psutil
+
+        for root_pid, root in self.roots.items():
+            root_kind = "postgres" if root_pid == self.postmaster else "daemon"
+            try:
+                child_kind = "postgres" if root_kind == "postgres" else ""  # else: by its command line
+                procs = [(root, root_kind), *((p, child_kind) for p in root.children(recursive=True))]
+            except psutil.Error:
+                continue
+            for p, kind in procs:
+                try:
+                    with p.oneshot():
+                        t = p.cpu_times()
+                        key = (p.pid, p.create_time())
+                        if not kind:  # a child seen before its exec still runs the daemon's argv: look again
+                            known = self.last.get(key)
+                            kind = known[0] if known and known[0] != "other child" else kind_of(p.cmdline())
+                    self.last[key] = (kind, t.user + t.system)
+                except psutil.Error:
+                    continue  # it exited between the listing and the reading
+
+    def _reaped(self) -> dict[int, float]:
+        out = {}
+        for pid, root in self.roots.items():
+            t = root.cpu_times()
+            out[pid] = t.children_user + t.children_system
+        return out
+
+    def _run(self) -> None:
+        t0 = time.thread_time()
+        while not self.stop_event.wait(self.interval):
+            self._sample()
+        self.sampler_cpu = time.thread_time() - t0
+
+    def start(self) -> None:
+        self._sample()
+        self.first = {k: v for k, (_, v) in self.last.items()}
+        self.reaped_at_start = self._reaped()
+        self.bench_at_start = _own_cpu()
+        self.thread.start()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per kind in the window, ``unsampled`` included (see the class)."""
+        self.stop_event.set()
+        self.thread.join()
+        bench = _own_cpu() - self.bench_at_start
+        live = set()
+        self._sample()
+        import psutil
+
+        for key in self.last:
+            with contextlib.suppress(psutil.Error):
+                if psutil.Process(key[0]).create_time() == key[1]:
+                    live.add(key)
+        per_kind = dict.fromkeys(KINDS, 0.0)
+        seen_gone = 0.0  # the lifetime CPU the samples saw of the children reaped in the window
+        for key, (kind, cpu) in self.last.items():
+            per_kind[kind] += cpu - self.first.get(key, 0.0)
+            if key not in live and key[0] not in self.roots:
+                seen_gone += cpu
+        reaped = sum(v - self.reaped_at_start[pid] for pid, v in self._reaped().items())
+        per_kind["unsampled"] = max(0.0, reaped - seen_gone)
+        per_kind["cpu sampler"] = self.sampler_cpu
+        per_kind["bench"] = bench - self.sampler_cpu
+        return per_kind
+
+
+def _own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 SECTION = "## Fleet throughput: one daemon against two on one PostgreSQL (issue 18)"
 
 
@@ -69,8 +187,11 @@ def _wait(cond: object, timeout: float, what: str) -> None:
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def queue_time(model: Path, daemons: int, jobs: int, lineages: int, steps: int) -> float:
-    """Seconds from dropping ``jobs`` files until all are done, with ``daemons`` fleet daemons."""
+def queue_time(
+    model: Path, daemons: int, jobs: int, lineages: int, steps: int, cpu_report: bool = False, warm: bool = False
+) -> tuple[float, dict[str, float] | None]:
+    """Seconds from dropping ``jobs`` files until all are done, with ``daemons`` fleet daemons; with
+    ``cpu_report``, the CPU seconds per process kind over that time too (``CpuMeter``)."""
     from tests.postgres import start_server
 
     server = start_server()
@@ -83,7 +204,7 @@ def queue_time(model: Path, daemons: int, jobs: int, lineages: int, steps: int) 
                 home = Path(tmp) / f"host-{i}"
                 (home / "cache").mkdir(parents=True)
                 shutil.copytree(model, home / "cache" / "embedded-model")
-                config = CONFIG.format(steps=steps, db_url=db_url, shared=shared, host=f"h{i}")
+                config = CONFIG.format(steps=steps, db_url=db_url, shared=shared, host=f"h{i}", warm=str(warm).lower())
                 (home / "trainbox.toml").write_text(config)
                 log = open(home / "daemon.log", "ab")  # noqa: SIM115 - closed with the process
                 procs.append(
@@ -104,13 +225,19 @@ def queue_time(model: Path, daemons: int, jobs: int, lineages: int, steps: int) 
             names = [f"l{j % lineages}" for j in range(jobs)]
             for lin in set(names):
                 (shared / "inbox" / lin).mkdir(parents=True, exist_ok=True)
+            meter = None
+            if cpu_report:
+                postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+                meter = CpuMeter([p.pid for p in procs], postmaster)
+                meter.start()
             t0 = time.monotonic()
             for j, lin in enumerate(names):
                 tmpfile = shared / "inbox" / lin / f".job{j}.part"
                 tmpfile.write_text("".join(f'{{"text": "job {j} line {k} of lineage {lin}"}}\n' for k in range(40)))
                 tmpfile.rename(shared / "inbox" / lin / f"job{j}.jsonl")
             _wait(lambda: len(list(done.glob("*.jsonl"))) == jobs, 3600, f"{jobs} jobs done")
-            return time.monotonic() - t0
+            took = time.monotonic() - t0
+            return took, meter.stop() if meter is not None else None
         finally:
             for p in procs:
                 p.terminate()
@@ -156,6 +283,30 @@ def claim_cost(jobs: int, lineages: int) -> tuple[float, float]:
         server.stop()
 
 
+def cpu_table(cpu: dict[int, list[dict[str, float]]], jobs: int, daemons: int) -> str:
+    """CPU seconds per job by kind, summed over the rounds, for 1 and ``daemons`` daemons; and the split the
+    scaling depends on: W, what one job's own chain runs (its worker, its gate), and P, everything else. With
+    one daemon P runs on an otherwise idle core; with one daemon per core it takes the workers' time, so
+    ``daemons`` daemons reach about daemons * W / (W + P) of one (P per job as measured with them)."""
+    kinds = [*KINDS, "unsampled"]
+    per_job = {n: {k: sum(r[k] for r in runs) / (jobs * len(runs)) for k in kinds} for n, runs in cpu.items()}
+    rows = ["CPU seconds per job (user + system, drop to all done, over all rounds):", ""]
+    rows.append(f"| kind | 1 daemon | {daemons} daemons |")
+    rows.append("| --- | --- | --- |")
+    for k in kinds:
+        rows.append(f"| {k} | {per_job[1][k]:.2f} | {per_job[daemons][k]:.2f} |")
+    rows.append(f"| total | {sum(per_job[1].values()):.2f} | {sum(per_job[daemons].values()):.2f} |")
+    w = per_job[daemons]["worker"] + per_job[daemons]["gate"]
+    side = sum(per_job[daemons].values()) - w - per_job[daemons]["cpu sampler"]  # a run without the meter
+    if w > 0:
+        rows += [
+            "",
+            f"With {daemons} daemons: W (worker + gate) {w:.2f} s, P (the rest but the sampler) {side:.2f} s per "
+            f"job, P/W {side / w:.2f}; the model daemons * W / (W + P) gives {daemons * w / (w + side):.2f}x.",
+        ]
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
@@ -165,18 +316,34 @@ def main() -> None:
     ap.add_argument("--daemons", type=int, default=2)
     ap.add_argument("--claim-jobs", type=int, default=2000)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument(
+        "--warm-worker",
+        action="store_true",
+        help="daemon.warm_worker as the product's default has it (on); off otherwise, each job a cold worker",
+    )
+    ap.add_argument(
+        "--cpu-report",
+        action="store_true",
+        help="also print CPU seconds per job by process kind for each side (CpuMeter); the sampling costs the "
+        "benchmark process some CPU of its own (shown as 'cpu sampler')",
+    )
     args = ap.parse_args()
     from core.embedded import ensure_embedded_model
 
     with tempfile.TemporaryDirectory(prefix="bench-fleet-model-") as tmp:
         model = ensure_embedded_model(Path(tmp) / "model")
         times: dict[int, list[float]] = {1: [], args.daemons: []}
+        cpu: dict[int, list[dict[str, float]]] = {1: [], args.daemons: []}
         for r in range(args.rounds):
             order = [1, args.daemons] if r % 2 == 0 else [args.daemons, 1]
             for n in order:
-                t = queue_time(model, n, args.jobs, args.lineages, args.steps)
+                t, used = queue_time(model, n, args.jobs, args.lineages, args.steps, args.cpu_report, args.warm_worker)
                 times[n].append(t)
                 print(f"round {r} daemons {n}: {t:.1f} s, {args.jobs / t * 3600:.0f} jobs/hour", flush=True)
+                if used is not None:
+                    cpu[n].append(used)
+    if args.cpu_report:
+        print(cpu_table(cpu, args.jobs, args.daemons))
     claim_ms, release_ms = claim_cost(args.claim_jobs, args.lineages)
     one, many = statistics.median(times[1]), statistics.median(times[args.daemons])
     ratios = [a / b for a, b in zip(times[1], times[args.daemons], strict=True)]

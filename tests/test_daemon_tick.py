@@ -7,6 +7,7 @@ second."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from daemon.gate import GATE_PENDING
-from daemon.main import Daemon
+from daemon.main import STATUS_REFRESH_S, Daemon
 from management.db import ModelDB
 from management.versions import current_id
 from tests.daemon_stubs import daemon_factory, tick_until
@@ -262,3 +263,49 @@ def test_a_worker_locked_out_of_its_folder_waits_for_the_holder_without_an_attem
     assert [(r.outcome, r.exit_code) for r in runs] == [("locked", EXIT_LOCKED), ("completed", 0)]
     assert d.db.job(1).attempts == 0 and starts(home) == ["a.jsonl complete"]  # type: ignore[union-attr]
     assert [e.kind for e in d.db.events(job_id=1) if e.kind.startswith("run_lock")] == ["run_lock_free"]
+
+
+def test_the_wait_between_ticks_ends_when_the_worker_exits_and_waits_on_it_once(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The loop's wait ends when a child the tick reaps exits, long before a 60 s poll interval; a child
+    the next tick did not reap (a tick that failed) does not end the wait again, so the loop never spins."""
+    plan(home, {"a.jsonl": ["wait"]})
+    drop(home, "a.jsonl")
+    d = make_daemon()
+    tick_until(d, lambda: d.worker is not None and starts(home), "the worker")
+    assert d.worker is not None
+    d.settings.daemon.poll_interval = 60.0
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)  # as ``run`` makes it
+    try:
+        d.worker.popen.send_signal(signal.SIGTERM)  # the stub exits at once, unreaped
+        t0 = time.monotonic()
+        d.wait(wake_r)
+        assert time.monotonic() - t0 < 30.0 and d.woken == {d.worker.pid}
+        d.settings.daemon.poll_interval = 0.3
+        t0 = time.monotonic()
+        d.wait(wake_r)  # not reaped: this wait is the interval's
+        assert time.monotonic() - t0 >= 0.3
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+    tick_until(d, lambda: d.worker is None, "the reap")
+
+
+def test_an_unchanged_status_is_rewritten_every_refresh_and_a_change_at_once(
+    home: Home, make_daemon: Callable[..., Daemon]
+) -> None:
+    d = make_daemon()
+    path = home.status / "daemon.json"
+    now = time.time()
+    d.tick(now)
+    written = json.loads(path.read_text())["heartbeat"]
+    d.tick(now + 0.5)
+    assert json.loads(path.read_text())["heartbeat"] == written  # nothing changed: no write
+    d.tick(now + STATUS_REFRESH_S + 0.1)
+    assert json.loads(path.read_text())["heartbeat"] == now + STATUS_REFRESH_S + 0.1
+    control.submit(home.control, control.Action.PAUSE)
+    d.tick(now + STATUS_REFRESH_S + 0.2)
+    status = json.loads(path.read_text())
+    assert status["state"] == DaemonState.PAUSED and status["heartbeat"] == now + STATUS_REFRESH_S + 0.2
