@@ -8,12 +8,16 @@ the request is then deleted: a failed report is a ``report_failed`` event naming
 change to the job's outcome, and is not retried in a loop (``trainbox report N`` writes it again).
 A daemon that stops or dies with a request on disk writes that report at its next start: the
 requests are listed once at start-up and then kept in memory, so the tick never lists ``runs/``.
-Reports never hold up dispatch: the next job trains while the last one's report is drawn.
+Reports never hold up dispatch: the next job trains while the last one's report is drawn. Nor do they slow
+it: the child runs at the lowest CPU priority (``REPORT_NICE``), so where every core trains (a fleet of one
+daemon per core, a busy CPU job) reports are drawn in the gaps and may finish after their jobs are filed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ log = logging.getLogger("trainbox.daemon")
 
 REPORT_TIMEOUT_S = 600.0  # a report of any run draws in seconds; past this the child is stuck
 QUIET_ENV = {"MPLBACKEND": "Agg", "TQDM_DISABLE": "1"}
+REPORT_NICE = 19  # drawing a report is worth less than any training: it yields every core to the workers
 
 
 def request(home: Home, job_id: int, reports: Reports | None) -> None:
@@ -90,6 +95,9 @@ class Reports:
         except OSError as e:  # boundary: a report that cannot start is reported, the daemon goes on
             self._failed(job_id, run_dir, f"could not start: {e}")
             return
+        with contextlib.suppress(OSError):  # gone already, or not permitted: it only runs at normal priority
+            # right after the exec, before its imports start any thread (Linux: threads inherit the nice value)
+            os.setpriority(os.PRIO_PROCESS, popen.pid, REPORT_NICE)
         self.child = ReportChild(job_id, run_dir, popen, now)
 
     def _check(self, child: ReportChild, now: float) -> None:

@@ -189,9 +189,11 @@ def _wait(cond: object, timeout: float, what: str) -> None:
 
 def queue_time(
     model: Path, daemons: int, jobs: int, lineages: int, steps: int, cpu_report: bool = False, warm: bool = False
-) -> tuple[float, dict[str, float] | None]:
-    """Seconds from dropping ``jobs`` files until all are done, with ``daemons`` fleet daemons; with
-    ``cpu_report``, the CPU seconds per process kind over that time too (``CpuMeter``)."""
+) -> tuple[float, float, dict[str, float] | None]:
+    """Seconds from dropping ``jobs`` files until all are done, and until every job's report is written too
+    (reports run at the lowest CPU priority: where every core trains they are drawn in the gaps), with
+    ``daemons`` fleet daemons; with ``cpu_report``, the CPU seconds per process kind until all are done
+    (``CpuMeter``)."""
     from tests.postgres import start_server
 
     server = start_server()
@@ -237,7 +239,9 @@ def queue_time(
                 tmpfile.rename(shared / "inbox" / lin / f"job{j}.jsonl")
             _wait(lambda: len(list(done.glob("*.jsonl"))) == jobs, 3600, f"{jobs} jobs done")
             took = time.monotonic() - t0
-            return took, meter.stop() if meter is not None else None
+            used = meter.stop() if meter is not None else None
+            _wait(lambda: len(list(shared.glob("runs/*/report.md"))) == jobs, 3600, f"{jobs} reports written")
+            return took, time.monotonic() - t0, used
         finally:
             for p in procs:
                 p.terminate()
@@ -333,13 +337,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-fleet-model-") as tmp:
         model = ensure_embedded_model(Path(tmp) / "model")
         times: dict[int, list[float]] = {1: [], args.daemons: []}
+        reported: dict[int, list[float]] = {1: [], args.daemons: []}
         cpu: dict[int, list[dict[str, float]]] = {1: [], args.daemons: []}
         for r in range(args.rounds):
             order = [1, args.daemons] if r % 2 == 0 else [args.daemons, 1]
             for n in order:
-                t, used = queue_time(model, n, args.jobs, args.lineages, args.steps, args.cpu_report, args.warm_worker)
+                t, rep, used = queue_time(
+                    model, n, args.jobs, args.lineages, args.steps, args.cpu_report, args.warm_worker
+                )
                 times[n].append(t)
-                print(f"round {r} daemons {n}: {t:.1f} s, {args.jobs / t * 3600:.0f} jobs/hour", flush=True)
+                reported[n].append(rep)
+                print(
+                    f"round {r} daemons {n}: {t:.1f} s, {args.jobs / t * 3600:.0f} jobs/hour; reports {rep:.1f} s",
+                    flush=True,
+                )
                 if used is not None:
                     cpu[n].append(used)
     if args.cpu_report:
@@ -347,6 +358,7 @@ def main() -> None:
     claim_ms, release_ms = claim_cost(args.claim_jobs, args.lineages)
     one, many = statistics.median(times[1]), statistics.median(times[args.daemons])
     ratios = [a / b for a, b in zip(times[1], times[args.daemons], strict=True)]
+    rep_one, rep_many = statistics.median(reported[1]), statistics.median(reported[args.daemons])
     lines = [
         SECTION,
         "",
@@ -354,14 +366,17 @@ def main() -> None:
         f"worker; {args.jobs} jobs of 40 lines over {args.lineages} lineages, {args.steps} steps each, the embedded "
         f"tiny model; {args.rounds} rounds alternating the order; PostgreSQL from the distribution's binaries.",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --rounds {args.rounds} "
-        f"--jobs {args.jobs} --lineages {args.lineages} --steps {args.steps} --write`",
+        f"--jobs {args.jobs} --lineages {args.lineages} --steps {args.steps}"
+        f"{' --warm-worker' if args.warm_worker else ''} --write` (warm worker {'on' if args.warm_worker else 'off'})",
         "",
-        "| daemons | drop to all done (median) | per round | jobs/hour | speed-up | of linear |",
-        "| --- | --- | --- | --- | --- | --- |",
-        f"| 1 | {one:.1f} s | {', '.join(f'{t:.1f}' for t in times[1])} | {args.jobs / one * 3600:.0f} | 1.00x | |",
+        "| daemons | drop to all done (median) | per round | jobs/hour | speed-up | of linear | all reports written |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| 1 | {one:.1f} s | {', '.join(f'{t:.1f}' for t in times[1])} | {args.jobs / one * 3600:.0f} | 1.00x | "
+        f"| {rep_one:.1f} s |",
         f"| {args.daemons} | {many:.1f} s | {', '.join(f'{t:.1f}' for t in times[args.daemons])} | "
         f"{args.jobs / many * 3600:.0f} | {statistics.median(ratios):.2f}x (per round "
-        f"{', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(ratios) / args.daemons:.0%} |",
+        f"{', '.join(f'{x:.2f}' for x in ratios)}) | {statistics.median(ratios) / args.daemons:.0%} | "
+        f"{rep_many:.1f} s ({rep_one / rep_many:.2f}x) |",
         "",
         f"Claim cost (in one process, {args.claim_jobs} queued jobs in {args.lineages} lineages): `claim_job` "
         f"{claim_ms:.1f} ms, `release` {release_ms:.1f} ms (medians of 200).",

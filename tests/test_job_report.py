@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from daemon.main import Daemon
+from daemon.reports import REPORT_NICE
 from management.db import Job, ModelDB, Run
 from management.job_report import REPORT, REPORT_PENDING, generate
 from tests.daemon_stubs import EVALUATE_PROGRAM, daemon_factory, tick_until, worker_command
@@ -96,6 +98,8 @@ def test_a_request_left_by_a_stopped_daemon_is_written_at_the_next_start(
         drop(home, "a.jsonl")
         tick_until(d, lambda: d.reports.child is not None, "the report child started")
         job = d.reports.child.job_id if d.reports.child else 0
+        assert d.reports.child is not None
+        assert os.getpriority(os.PRIO_PROCESS, d.reports.child.popen.pid) == REPORT_NICE  # yields to training
     finally:
         d.shutdown()  # kills the child; its request stays
     assert (home.run_dir(job) / REPORT_PENDING).exists() and not (home.run_dir(job) / REPORT).exists()
