@@ -67,11 +67,12 @@ class JobRunner:
         self.warm = warm  # the standby a single-process job is handed to (daemon/standby.py); None: cold starts
         self.reports: reports.Reports | None = None  # the daemon's report children (set by Daemon.start)
 
-    def start(self, processing_file: Path) -> WorkerProcess:
+    def start(self, processing_file: Path, lease_generation: int | None = None) -> WorkerProcess:
         """Spawn a worker for a job in ``queue/processing/``; a job that ran before resumes. The run row
         is committed before the process exists and its pid filled in after, so a daemon killed at any
         moment leaves a row its successor looks for a live worker of (``daemon/startup_runs.py``); the
-        worker itself refuses a run folder another worker holds (``trainbox/run_lock.py``)."""
+        worker itself refuses a run folder another worker holds (``trainbox/run_lock.py``).
+        ``lease_generation``: a fleet's claim of the job, recorded on the run."""
         job_id = job_id_of(processing_file.name)
         assert job_id is not None
         job = self.db.job(job_id)
@@ -92,7 +93,7 @@ class JobRunner:
         (run_dir / RESULT).unlink(missing_ok=True)  # a stale result must never speak for this run
         warm = self.warm if self.warm is not None and job_launch(run_dir).single else None
         attempt = len(self.db.runs(job_id)) + 1
-        run_id = self._record_spawn(job_id, attempt, spec.init_model, warm.pid if warm else None)
+        run_id = self._record_spawn(job_id, attempt, spec.init_model, warm.pid if warm else None, lease_generation)
         crash_point("spawn.before_popen")
         worker = (warm.take(job_id, run_dir) if warm else None) or self._spawn(job_id, run_dir, run_id)
         crash_point("spawn.after_popen")
@@ -104,7 +105,9 @@ class JobRunner:
         self.db.event("job_" + verb, f"{job.name}: worker pid {worker.pid}, attempt {attempt}", job_id)
         return worker
 
-    def _record_spawn(self, job_id: int, attempt: int, init_model: str, pid: int | None = None) -> int:
+    def _record_spawn(
+        self, job_id: int, attempt: int, init_model: str, pid: int | None = None, lease_generation: int | None = None
+    ) -> int:
         """The run row committed before the worker can act (pid NULL, or the warm worker's that is handed
         the job next): a daemon killed from here on leaves an open run that its successor looks for a live
         worker of (``daemon/startup_runs.py``), instead of a worker nobody knows about."""
@@ -119,6 +122,7 @@ class JobRunner:
                 pid=pid,
                 init_model=init_model,
                 host=self.settings.fleet.host,
+                lease_generation=lease_generation,
                 oom_count_at_start=oom_counter.oom_kill_count(),  # the worker runs in the daemon's cgroup
             )
             s.add(run)

@@ -552,7 +552,7 @@ class Daemon:
             self.runner.complete(job_id, WorkerResult(outcome=WorkerOutcome.COMPLETED))
             self.gates.refresh()
             return
-        self.worker = self.runner.start(target)
+        self.worker = self.runner.start(target, self.fleet.job.generation if self.fleet.job is not None else None)
         log.info("job %s: training (worker pid %d)", job_id, self.worker.pid)
 
     def _can_run(self, job: Job) -> bool:

@@ -94,6 +94,9 @@ class Run(Base):
     oom_count_at_start: Mapped[int | None] = mapped_column(Integer, nullable=True)
     oom_kills: Mapped[int | None] = mapped_column(Integer, nullable=True)
     host: Mapped[str | None] = mapped_column(String, nullable=True, doc="fleet.host of the daemon that ran it")
+    # the generation of the lineage lease this run was started under (``management/leases.py``; None: no
+    # fleet): two runs of one job on two hosts show which claim each was, and a resumed job's took it over
+    lease_generation: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Checkpoint(Base):

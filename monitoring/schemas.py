@@ -122,6 +122,9 @@ class RunView(BaseModel):
     end_step: int | None
     init_model: str
     host: str | None = Field(None, description="fleet.host of the daemon that ran it (null: before fleets)")
+    lease_generation: int | None = Field(
+        None, description="the generation of the lineage lease it was started under (null: not in a fleet)"
+    )
 
 
 class CheckpointView(BaseModel):

@@ -145,6 +145,7 @@ def test_a_dead_hosts_job_is_resumed_elsewhere_and_the_cut_off_host_files_nothin
     assert db is not None
     [job] = db.jobs()
     assert [r.host for r in db.runs(job.id)] == ["a", "b"] and len(db.versions(lineage="x")) == 1
+    assert [r.lease_generation for r in db.runs(job.id)] == [1, 2]  # b's run is the lineage's next claim
     a.tick(time.time())  # a is back: its lease was taken
     assert a.worker is None and any(e.kind == "lease_lost" for e in db.events(job_id=job.id))
     assert len(list(home.done.glob("*.jsonl"))) == 1 and len(db.versions()) == 1  # nothing filed twice
