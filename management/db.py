@@ -308,17 +308,16 @@ class ModelDB:
     @contextmanager
     def session(self) -> Iterator[Session]:
         guarded = _GUARD.get()
-        if guarded is None or guarded[0] is not self or guarded[2]:
-            with self._sessions() as s, s.begin():
-                yield s
-            return
-        token = _GUARD.set((self, guarded[1], True))  # one check per outermost transaction
+        check = guarded[1] if guarded is not None and guarded[0] is self and not guarded[2] else None
+        token = _GUARD.set((self, check, True)) if check is not None else None  # one check per outermost one
         try:
             with self._sessions() as s, s.begin():
-                guarded[1](s)
+                if check is not None:
+                    check(s)
                 yield s
         finally:
-            _GUARD.reset(token)
+            if token is not None:
+                _GUARD.reset(token)
 
     @contextmanager
     def guarded(self, guard: Guard) -> Iterator[None]:
