@@ -1,8 +1,8 @@
 """The job report: ``runs/job-N/report.md`` and its PNG plots, written once a job has ended.
 
-``python -m management.job_report N --home H`` is the child the daemon starts and reaps
-(``daemon/reports.py``): matplotlib's import and the drawing take seconds, which the daemon's tick
-must never spend. ``trainbox report N`` calls ``ensure`` in its own process.
+``generate`` runs in the daemon's report child (``management/report_server.py``, started and reaped by
+``daemon/reports.py``): matplotlib's import and the drawing take seconds, which the daemon's tick must
+never spend. ``trainbox report N`` calls ``ensure`` in its own process.
 
 Order: the plots, then ``report.md`` (atomic), then its copy beside the job's file in the spool
 (``queue/done/<name>.report.md``, image links pointing into the run folder; a copy, never a symlink:
@@ -15,10 +15,8 @@ first ``trainbox report N``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from management import diagnosis
@@ -100,24 +98,3 @@ def ensure(home: Home, db: ModelDB, job_id: int) -> Path:
     """The report, written first if it is missing (a daemon killed before its child wrote it)."""
     path = home.run_dir(job_id) / REPORT
     return path if path.is_file() else generate(home, db, job_id)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m management.job_report", description=__doc__)
-    parser.add_argument("job_id", type=int)
-    parser.add_argument("--home", type=Path, required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    os.nice(10)  # a report is never urgent: the next job's worker may be training beside it
-    home = Home.resolve(args.home)
-    db = ModelDB(os.environ.get(DB_URL_ENV) or load_settings(home.config_file).db.url_for(home.db_url))
-    try:
-        path = generate(home, db, args.job_id)
-    finally:
-        db.close()
-    log.info("job %d: report written to %s", args.job_id, path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

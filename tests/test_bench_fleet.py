@@ -31,7 +31,7 @@ def test_children_are_told_apart_by_their_module(bench: ModuleType) -> None:
     assert bench.kind_of([python, "-m", "core.worker", "--run-dir", "r"]) == "worker"
     assert bench.kind_of([python, "-m", "core.standby"]) == "worker"
     assert bench.kind_of([python, "-m", "core.evaluate", "--model", "m"]) == "gate"
-    assert bench.kind_of([python, "-m", "management.job_report", "3"]) == "report"
+    assert bench.kind_of([python, "-m", "management.report_server", "--home", "h"]) == "report"
     assert bench.kind_of([python, "-m", "cli", "daemon"]) == "other child"
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,10 +19,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from daemon import reports
 from daemon.main import Daemon
 from daemon.reports import REPORT_NICE
 from management.db import Job, ModelDB, Run
 from management.job_report import REPORT, REPORT_PENDING, generate
+from management.report_server import answer, parse_answer
 from tests.daemon_stubs import EVALUATE_PROGRAM, daemon_factory, tick_until, worker_command
 from trainbox.config import Settings, TrainingConfig
 from trainbox.home import Home
@@ -53,6 +57,11 @@ def reported(home: Home, job: int) -> bool:
     return (run_dir / REPORT).is_file() and not (run_dir / REPORT_PENDING).exists()
 
 
+def drawn_by(home: Home, job: int) -> str:
+    """The pid of the report child that last drew the job's report (its log's last start line)."""
+    return re.findall(r"report server pid (\d+)", (home.run_dir(job) / "report.log").read_text())[-1]
+
+
 def test_done_and_failed_jobs_get_reports_beside_their_files(home: Home, make_daemon: Callable[..., Daemon]) -> None:
     (home.root / "stub-plan.json").write_text(json.dumps({"b.jsonl": ["crash"]}))
     drop(home, "a.jsonl")
@@ -68,10 +77,30 @@ def test_done_and_failed_jobs_get_reports_beside_their_files(home: Home, make_da
     failed_copy = next(home.failed.glob("*b.jsonl.report.md")).read_text()
     assert "**Outcome: failed**" in failed_copy and failed_copy == (home.run_dir(b) / REPORT).read_text()
     assert d.spool.counts()["done"] == 1 and d.spool.find_job(a) == next(home.done.glob("*__a.jsonl"))
+    drawn_by = {
+        re.findall(r"report server pid (\d+)", (home.run_dir(j) / "report.log").read_text())[-1] for j in (a, b)
+    }
+    assert len(drawn_by) == 1  # one child drew both: its imports paid once
 
 
-def test_a_failing_report_is_an_event_and_the_job_stays_done(home: Home) -> None:
-    failing = [sys.executable, "-c", "import sys; print('no report today'); sys.exit(3)"]
+def test_an_idle_report_child_ends_and_the_next_request_starts_another(
+    home: Home, make_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reports, "REPORT_IDLE_S", 0.0)
+    d = make_daemon()
+    drop(home, "a.jsonl")
+    tick_until(d, lambda: len(d.db.jobs()) == 1 and reported(home, d.db.jobs()[0].id), "the first report", 40)
+    tick_until(d, lambda: d.reports.child is None and not d.reports.retired, "the idle child ended and reaped")
+    drop(home, "b.jsonl")
+    tick_until(d, lambda: len(d.db.jobs()) == 2 and all(reported(home, j.id) for j in d.db.jobs()), "report 2", 40)
+    pids = {
+        re.findall(r"report server pid (\d+)", (home.run_dir(j.id) / "report.log").read_text())[-1] for j in d.db.jobs()
+    }
+    assert len(pids) == 2
+
+
+def test_a_report_child_that_dies_is_an_event_and_the_job_stays_done(home: Home) -> None:
+    failing = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"]  # dies on its first request
     d = Daemon(home, SETTINGS, worker_command, EVALUATE_PROGRAM, report_program=failing)
     d.start()
     try:
@@ -83,7 +112,7 @@ def test_a_failing_report_is_an_event_and_the_job_stays_done(home: Home) -> None
         assert job is not None and job.state == "done" and any(home.done.glob("*a.jsonl"))
         assert "exit code 3" in event.message and "trainbox report" in event.message
         assert not (home.run_dir(job.id) / REPORT_PENDING).exists()  # not retried in a loop
-        assert "no report today" in (home.run_dir(job.id) / "report.log").read_text()
+        assert d.reports.child is None
     finally:
         d.shutdown()
 
@@ -96,8 +125,8 @@ def test_a_request_left_by_a_stopped_daemon_is_written_at_the_next_start(
     d.start()
     try:
         drop(home, "a.jsonl")
-        tick_until(d, lambda: d.reports.child is not None, "the report child started")
-        job = d.reports.child.job_id if d.reports.child else 0
+        tick_until(d, lambda: d.reports.current is not None, "the report child started")
+        job = d.reports.current.job_id if d.reports.current else 0
         assert d.reports.child is not None
         assert os.getpriority(os.PRIO_PROCESS, d.reports.child.popen.pid) == REPORT_NICE  # yields to training
     finally:
@@ -105,6 +134,41 @@ def test_a_request_left_by_a_stopped_daemon_is_written_at_the_next_start(
     assert (home.run_dir(job) / REPORT_PENDING).exists() and not (home.run_dir(job) / REPORT).exists()
     d2 = make_daemon()
     tick_until(d2, lambda: reported(home, job), "the report at the next start", timeout=40)
+
+
+def test_the_report_child_answers_each_request_and_a_failing_report_fails_alone(home: Home) -> None:
+    """The real child over its pipes: a report that raises is answered as failed, its traceback in that
+    job's log, and the same child draws the next; the end of its stdin ends it."""
+    db = ModelDB(home.db_url)
+    try:
+        record_run(home, db, 1)
+        record_run(home, db, 2)
+    finally:
+        db.close()
+    (home.run_dir(2) / REPORT).mkdir()  # report.md cannot be written
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    out = subprocess.run(
+        [sys.executable, "-m", "management.report_server", "--home", str(home.root)],
+        input=b"1\n2\nnot a job\n1\n",
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
+    lines = out.stdout.decode().splitlines()
+    assert parse_answer(lines[0]) == (1, None) and parse_answer(lines[2]) == (1, None)
+    failed = parse_answer(lines[1])
+    assert len(lines) == 3 and failed is not None and failed[0] == 2 and "IsADirectoryError" in (failed[1] or "")
+    log2 = (home.run_dir(2) / "report.log").read_text()
+    assert "Traceback" in log2 and "job 2: report failed" in log2
+    assert (home.run_dir(1) / "report.log").read_text().count("--- report start") == 2
+    assert "not a job" in out.stderr.decode()  # between requests its output is the daemon's
+
+
+def test_report_answers_are_one_line_and_read_back() -> None:
+    assert parse_answer(answer(4, None)) == (4, None)
+    assert parse_answer(answer(5, ValueError("bad\nvalue"))) == (5, "ValueError: bad value")
+    assert parse_answer("2026-12-02 INFO something") is None and parse_answer("7 okay") is None
 
 
 def test_cli_report_writes_a_missing_report(home: Home) -> None:
