@@ -4,8 +4,10 @@ When a job's model version is registered (``JobRunner.complete``) the daemon wri
 request, ``runs/job-N/gate-pending.json`` (version, job, the job's own losses); the job stays in
 ``processing/`` (its row ``running``) until the verdict. ``Gates.tick`` then plans the gate
 (``management/versions.plan_version_gate``): a verdict needing no evaluation is applied at once;
-otherwise ``python -m core.evaluate`` is started (its output in ``runs/job-N/gate.log``, its losses in
-``runs/job-N/gate-result.json``), and a later tick reaps it and applies the verdict (``apply_gate``: a
+otherwise ``core.evaluate``'s ``main`` is handed the gate's arguments in the gate's kept child
+(``daemon/served_child.py``: torch and transformers imported once, not per gate; its output in
+``runs/job-N/gate.log``, its losses in ``runs/job-N/gate-result.json``), and a later tick reads its answer
+and applies the verdict (``apply_gate``: a
 ``version_gates`` row, promote or not, an event), files the job in ``done/``, and only then deletes
 the request. The tick meanwhile keeps serving controls, admissions and signals. The daemon
 dispatches no job while a gate is pending, so the next job starts from the ``models/current`` the
@@ -21,7 +23,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from daemon.served_child import Answer, ServedChild
 from management.db import ModelDB
-from management.evaluation import parse_losses, parse_memory
+from management.evaluation import EVALUATE_COMMAND, parse_losses, parse_memory
 from management.versions import GatePlan, GateVerdict, VersionError, apply_gate, plan_version_gate
 from trainbox.atomic import atomic_write_json, read_json
 from trainbox.config import Settings
 from trainbox.crashpoints import crash_point
 from trainbox.home import Home
-from trainbox.processes import cmdline, describe_exit, kill_group, spawn_logged
+from trainbox.processes import cmdline
 
 log = logging.getLogger("trainbox.daemon")
 
@@ -54,7 +56,7 @@ class GateRequest(BaseModel):
     init_version: int | None = None
     own_val_loss: float | None = None
     own_first_val_loss: float | None = None
-    pid: int | None = None  # its evaluation child, once started (stopped if a new daemon finds it alive)
+    pid: int | None = None  # its (kept) evaluation child, once started (stopped if a new daemon finds it alive)
 
 
 def request_gate(run_dir: Path, request: GateRequest) -> None:
@@ -66,12 +68,11 @@ class GateChild:
     request: GateRequest
     run_dir: Path
     plan: GatePlan
-    popen: subprocess.Popen[bytes]
     started_at: float
 
 
 class Gates:
-    """Pending gates, one evaluation child at a time. ``program`` replaces ``python -m core.evaluate``
+    """Pending gates, one evaluation at a time in the kept child. ``entry`` replaces ``core.evaluate:main``
     (tests: a stub that scores slowly without torch)."""
 
     def __init__(
@@ -80,10 +81,11 @@ class Gates:
         db: ModelDB,
         settings: Settings,
         file_done: Callable[[int], None],
-        program: list[str] | None = None,
+        entry: str | None = None,
         only: Callable[[int], bool] | None = None,
     ) -> None:
-        self.home, self.db, self.settings, self.program = home, db, settings, program
+        self.home, self.db, self.settings = home, db, settings
+        self.served = ServedChild(entry or "core.evaluate:main", home.root, defaults=QUIET_OFFLINE_ENV)
         self.only = only  # a fleet's daemon: the gates of the job it holds, never another host's
         self.file_done = file_done  # files the gated job in done/ (``JobRunner.file_done``)
         self.child: GateChild | None = None
@@ -124,6 +126,7 @@ class Gates:
 
     def tick(self, now: float) -> None:
         """Reap a finished (or overdue) child and apply its verdict; else start the next gate."""
+        self.served.tick(now)
         if self.child is not None:
             self._check_child(self.child, now)
             return
@@ -143,39 +146,38 @@ class Gates:
             init_version=request.init_version,
             own_val_loss=request.own_val_loss,
             own_first_val_loss=request.own_first_val_loss,
-            program=self.program,
         )
         if plan.verdict is not None or not plan.argv:
             self._apply(run_dir, request, plan.judge(None, "nothing to evaluate", self._tolerance))
             return
         (run_dir / GATE_RESULT).unlink(missing_ok=True)  # a stale result must never speak for this gate
-        argv = [*plan.argv, "--out", str(run_dir / GATE_RESULT)]
-        popen = spawn_logged(argv, run_dir / GATE_LOG, label="gate", defaults=QUIET_OFFLINE_ENV)
-        request_gate(run_dir, request.model_copy(update={"pid": popen.pid}))
+        argv = [*plan.argv[len(EVALUATE_COMMAND) :], "--out", str(run_dir / GATE_RESULT)]
+        pid = self.served.submit(argv, run_dir / GATE_LOG, "gate", now)
+        request_gate(run_dir, request.model_copy(update={"pid": pid}))
         crash_point("gate.started")
-        self.child = GateChild(request, run_dir, plan, popen, now)
-        log.info("model version %d: eval gate started (pid %d)", request.version_id, popen.pid)
+        self.child = GateChild(request, run_dir, plan, now)
+        log.info("model version %d: eval gate started (pid %d)", request.version_id, pid)
 
     def _check_child(self, child: GateChild, now: float) -> None:
-        rc = child.popen.poll()
-        if rc is None:
+        answer = self.served.answer()
+        if answer is None:
             limit = self.settings.models.eval_timeout
             if now - child.started_at <= limit:
                 return
-            self._kill(child)
+            self.served.kill()
             verdict = child.plan.judge(None, f"evaluation took longer than models.eval_timeout ({limit}s)", 0)
         else:
-            losses, memory, error = self._losses(child, rc)
+            losses, memory, error = self._losses(child, answer)
             verdict = child.plan.judge(losses, error, self._tolerance, memory)
         self.child = None
         self._apply(child.run_dir, child.request, verdict)
 
     def _losses(
-        self, child: GateChild, rc: int
+        self, child: GateChild, answer: Answer
     ) -> tuple[dict[str, float | None] | None, list[dict[str, Any]] | None, str]:
         """(losses on the frozen or held-out set, losses on the memory sets, why there are none)."""
-        if rc != 0:
-            return None, None, f"evaluation failed ({describe_exit(rc)}): see {child.run_dir / GATE_LOG}"
+        if not answer.ok:
+            return None, None, f"evaluation failed ({answer.why}): see {child.run_dir / GATE_LOG}"
         try:
             text = (child.run_dir / GATE_RESULT).read_text(encoding="utf-8")
             return parse_losses(text), parse_memory(text), ""
@@ -201,16 +203,12 @@ class Gates:
         (run_dir / GATE_PENDING).unlink(missing_ok=True)
         self._pending = [(d, r) for d, r in self.pending() if r.version_id != request.version_id]
 
-    @staticmethod
-    def _kill(child: GateChild) -> None:
-        kill_group(child.popen)
-
     def stop_orphans(self) -> None:
         """An evaluation child outlives a daemon killed with -9 (its own session): kill it before the
-        gate runs again, so two never hold the GPU at once. Its argv names its result file: never a
-        stranger that reuses the pid."""
-        for run_dir, request in self.pending():
-            if request.pid and str(run_dir / GATE_RESULT) in cmdline(request.pid):
+        gate runs again, so two never hold the GPU at once. Its argv names this home's kept gate child:
+        never a stranger that reuses the pid."""
+        for _run_dir, request in self.pending():
+            if request.pid and self.served.is_ours(cmdline(request.pid)):
                 log.warning(
                     "model version %d: killing eval gate pid %d left by a previous daemon",
                     request.version_id,
@@ -227,4 +225,4 @@ class Gates:
             log.info(
                 "model version %d: eval gate interrupted; it runs again at the next start", child.request.version_id
             )
-            self._kill(child)
+        self.served.kill()

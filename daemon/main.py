@@ -61,17 +61,18 @@ class Daemon:
         home: Home,
         settings: Settings,
         worker_command: WorkerCommand | None = None,
-        evaluate_program: list[str] | None = None,
-        report_program: list[str] | None = None,
+        evaluate_entry: str | None = None,
+        report_entry: str | None = None,
     ) -> None:
-        """``worker_command`` (argv for a run folder) and ``evaluate_program`` (replacing ``python -m
-        core.evaluate``): None runs the real ones; tests pass stubs, so ``tick`` is tested without
-        training (tests/test_daemon_tick.py)."""
+        """``worker_command`` (argv for a run folder), ``evaluate_entry`` (``MODULE:FUNCTION`` its kept gate
+        child serves, replacing ``core.evaluate:main``) and ``report_entry`` (``management.job_report:main``):
+        None runs the real ones; tests pass stubs, so ``tick`` is tested without training
+        (tests/test_daemon_tick.py)."""
         self.home = home.ensure()
         self.settings = settings
         self.worker_command = worker_command
-        self.evaluate_program = evaluate_program
-        self.report_program = report_program  # None: python -m management.job_report (daemon/reports.py)
+        self.evaluate_entry = evaluate_entry
+        self.report_entry = report_entry
         self.lock = InstanceLock(home.root / "trainbox.lock")
         self.spool = Spool(home)
         self.db: ModelDB | None = None
@@ -136,10 +137,11 @@ class Daemon:
 
     def wait(self, wake_r: int) -> None:
         """Until the next tick: ``daemon.poll_interval`` at most, less when a signal arrives (its byte on
-        ``wake_r``) or when a child the tick reaps exits (worker, eval gate, report: a pidfd is readable
+        ``wake_r``) or when a child the tick reaps exits (the worker: a pidfd is readable
         then). So a finished job's gate, and the next job after a gate, start at once rather than up to an
         interval later, and the interval can stay long: each tick costs DB queries and a status write, and
-        in a fleet that CPU is taken from the workers of the same machine. A child still unreaped after
+        in a fleet that CPU is taken from the workers of the same machine. A kept child (gate, reports) wakes
+        it by answering (its pipe is readable) or dying (the pipe's end). A child still unreaped after
         the tick it woke (a tick that failed) is not waited on again: the loop never spins."""
         fds: dict[int, int] = {}
         children = {popen.pid for popen in self._children()}
@@ -148,7 +150,8 @@ class Daemon:
             for pid in children - self.woken:
                 with contextlib.suppress(OSError, AttributeError):  # not Linux 5.3+, or the pid is gone
                     fds[os.pidfd_open(pid)] = pid
-            ready, _, _ = select.select([wake_r, *fds], [], [], self.settings.daemon.poll_interval)
+            answers = self._answer_fds()
+            ready, _, _ = select.select([wake_r, *fds, *answers], [], [], self.settings.daemon.poll_interval)
             self.woken |= {fds[fd] for fd in ready if fd in fds}
         finally:
             for fd in fds:
@@ -159,12 +162,13 @@ class Daemon:
     def _children(self) -> list[subprocess.Popen[bytes]]:
         """The children whose exit the tick acts on, not yet reaped (their pids cannot have been reused)."""
         found = [self.worker.popen] if self.worker is not None else []
-        gates, reports = getattr(self, "gates", None), getattr(self, "reports", None)
-        if gates is not None and gates.child is not None:
-            found.append(gates.child.popen)
-        if reports is not None and reports.child is not None:
-            found.append(reports.child.popen)
         return [p for p in found if p.returncode is None]
+
+    def _answer_fds(self) -> list[int]:
+        """The pipes the kept children (eval gate, reports) answer on, while each has a request in hand."""
+        kept = [k.served for k in [getattr(self, "gates", None)] if k is not None]
+        kept += [k.child for k in [getattr(self, "reports", None)] if k is not None]
+        return [fd for served in kept if (fd := served.answer_fd()) is not None]
 
     def start(self) -> None:
         self.spool.ensure()
@@ -195,8 +199,8 @@ class Daemon:
         self.warm = WarmWorker(self.home.embedded_model) if real_worker else None
         self.runner = JobRunner(self.home, self.spool, self.db, self.settings, self.worker_command, self.warm)
         only = self.fleet.holds if self.fleet is not None else None
-        self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_program, only)
-        self.reports = Reports(self.home, self.db, self.report_program, db_url)  # requests a killed daemon left
+        self.gates = Gates(self.home, self.db, self.settings, self.runner.file_done, self.evaluate_entry, only)
+        self.reports = Reports(self.home, self.db, self.report_entry, db_url)  # requests a killed daemon left
         self.runner.reports = self.reports
         if self.fleet is None:
             for admitted in self.admission.recover():

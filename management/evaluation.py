@@ -19,6 +19,9 @@ from trainbox.config import Settings
 QUIET_OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 
 
+EVALUATE_COMMAND = (sys.executable, "-m", "core.evaluate")  # the arguments follow (the daemon's kept child: without it)
+
+
 class EvaluationError(RuntimeError):
     """The evaluation child gave no losses; the message says why."""
 
@@ -33,7 +36,7 @@ def evaluate_argv(
 ) -> list[str]:
     """The gate's evaluation child: ``python -m core.evaluate`` (``program`` replaces that prefix in
     tests) scoring ``models`` on a frozen file or a job's held-out set."""
-    argv = list(program or [sys.executable, "-m", "core.evaluate"])
+    argv = list(program or EVALUATE_COMMAND)
     for m in models:
         argv += ["--model", str(m)]
     if eval_path is not None:

@@ -1,6 +1,6 @@
 """The job report: ``runs/job-N/report.md`` and its PNG plots, written once a job has ended.
 
-``generate`` runs in the daemon's report child (``management/report_server.py``, started and reaped by
+``main`` runs in the daemon's kept report child (``trainbox/child_server.py``, handed requests by
 ``daemon/reports.py``): matplotlib's import and the drawing take seconds, which the daemon's tick must
 never spend. ``trainbox report N`` calls ``ensure`` in its own process.
 
@@ -15,6 +15,7 @@ first ``trainbox report N``.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -98,3 +99,20 @@ def ensure(home: Home, db: ModelDB, job_id: int) -> Path:
     """The report, written first if it is missing (a daemon killed before its child wrote it)."""
     path = home.run_dir(job_id) / REPORT
     return path if path.is_file() else generate(home, db, job_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``N --home H``: what the daemon's kept report child runs for each request (``daemon/reports.py``)."""
+    parser = argparse.ArgumentParser(prog="management.job_report", description=__doc__)
+    parser.add_argument("job_id", type=int)
+    parser.add_argument("--home", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    home = Home.resolve(args.home)
+    db = ModelDB(os.environ.get(DB_URL_ENV) or load_settings(home.config_file).db.url_for(home.db_url))
+    try:
+        path = generate(home, db, args.job_id)
+    finally:
+        db.close()
+    log.info("job %d: report written to %s", args.job_id, path)
+    return 0

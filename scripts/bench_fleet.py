@@ -76,7 +76,7 @@ def kind_of(cmdline: list[str]) -> str:
         return "worker"
     if "core.evaluate" in argv:
         return "gate"
-    if "management.report_server" in argv:
+    if "management.job_report" in argv:
         return "report"
     return "other child"
 

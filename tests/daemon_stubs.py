@@ -11,8 +11,9 @@ entry: complete), and appends ``<job name> <outcome>`` to ``<home>/stub-starts.t
 Like the real worker it first takes its run folder's lock (``trainbox/run_lock.py``): when another
 process holds it, it exits ``EXIT_LOCKED`` at once and writes nothing. Every SIGTERM it gets appends
 ``<job name> SIGTERM`` to ``<home>/stub-signals.txt``.
-``python tests/daemon_stubs.py evaluate ... --out FILE``: the eval gate's program; waits while
-``<home>/stub-gate-hold`` exists (found from ``--out``), then scores every ``--model`` 1.0.
+``evaluate(argv)``: the eval gate's main, served by the daemon's kept gate child (``EVALUATE_ENTRY``);
+waits while ``<home>/stub-gate-hold`` exists (found from ``--out``), then scores every ``--model`` 1.0.
+``report_dies`` and ``report_hangs``: job report mains that exit the child and never return.
 Only the standard library: each starts in milliseconds.
 """
 
@@ -44,7 +45,7 @@ def worker_command(run_dir: Path, nproc: int) -> list[str]:
     return [sys.executable, str(STUB), "worker", "--run-dir", str(run_dir)]
 
 
-EVALUATE_PROGRAM = [sys.executable, str(STUB), "evaluate"]
+EVALUATE_ENTRY = "tests.daemon_stubs:evaluate"  # what the daemon's kept gate child serves (``evaluate``)
 
 
 def tick_until(d: Daemon, cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
@@ -70,7 +71,7 @@ def daemon_factory(home: Home, default: Settings, db_url: str = "") -> Iterator[
         chosen = settings or default
         if db_url:
             chosen = chosen.model_copy(update={"db": chosen.db.model_copy(update={"url": db_url})})
-        d = Daemon(home, chosen, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
+        d = Daemon(home, chosen, worker_command=worker_command, evaluate_entry=EVALUATE_ENTRY)
         d.start()
         made.append(d)
         return d
@@ -144,5 +145,14 @@ def evaluate(argv: list[str]) -> int:
     return 0
 
 
+def report_dies(argv: list[str]) -> int:
+    os._exit(3)  # the whole kept child, as a crash would
+
+
+def report_hangs(argv: list[str]) -> int:
+    time.sleep(60)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(worker(Path(sys.argv[3])) if sys.argv[1] == "worker" else evaluate(sys.argv[2:]))
+    sys.exit(worker(Path(sys.argv[3])))

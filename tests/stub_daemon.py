@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's packages
 
 from daemon.main import Daemon
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import EVALUATE_ENTRY, worker_command
 from trainbox.config import load_settings
 from trainbox.home import Home
 
@@ -19,7 +19,7 @@ from trainbox.home import Home
 def main(root: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     home = Home(Path(root))
-    Daemon(home, load_settings(home.config_file), worker_command, EVALUATE_PROGRAM).run()
+    Daemon(home, load_settings(home.config_file), worker_command, EVALUATE_ENTRY).run()
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ def test_children_are_told_apart_by_their_module(bench: ModuleType) -> None:
     python = sys.executable
     assert bench.kind_of([python, "-m", "core.worker", "--run-dir", "r"]) == "worker"
     assert bench.kind_of([python, "-m", "core.standby"]) == "worker"
-    assert bench.kind_of([python, "-m", "core.evaluate", "--model", "m"]) == "gate"
-    assert bench.kind_of([python, "-m", "management.report_server", "--home", "h"]) == "report"
+    kept = [python, "-m", "trainbox.child_server"]
+    assert bench.kind_of([*kept, "core.evaluate:main", "--home", "h"]) == "gate"
+    assert bench.kind_of([*kept, "management.job_report:main", "--home", "h"]) == "report"
     assert bench.kind_of([python, "-m", "cli", "daemon"]) == "other child"
 
 

@@ -1,5 +1,5 @@
 """The daemon's queue decisions, driven through ``Daemon.tick(now)`` in this process with stub
-children (``tests/daemon_stubs.py``, through the ``worker_command`` / ``evaluate_program`` seams):
+children (``tests/daemon_stubs.py``, through the ``worker_command`` / ``evaluate_entry`` seams):
 priority order, retry with back-off, pause and resume, cancel, and the eval gate as a child the tick
 reaps while it keeps serving controls and admissions. No torch, no training: each test takes about a
 second."""
@@ -159,7 +159,7 @@ def test_a_slow_gate_runs_as_a_child_while_the_tick_serves_controls_and_drops(
     control.submit(home.control, control.Action.PAUSE)
     drop(home, "third.jsonl")
     tick_until(d, lambda: d.paused and state_of(d.db, "third.jsonl") == JobState.QUEUED, "pause and admission")  # type: ignore[arg-type]
-    assert d.gates.child is not None and d.gates.child.popen.poll() is None  # still evaluating
+    assert d.gates.child is not None and d.gates.served.answer() is None  # still evaluating
     control.submit(home.control, control.Action.RESUME)
     for _ in range(5):
         d.tick(time.time())
@@ -184,11 +184,11 @@ def test_an_interrupted_gate_runs_again_after_a_restart(home: Home, make_daemon:
     (home.root / "stub-gate-hold").touch()
     drop(home, "second.jsonl")
     tick_until(d, lambda: d.gates.child is not None, "the gate child")
-    child = d.gates.child
-    assert child is not None
-    assert json.loads((home.run_dir(2) / GATE_PENDING).read_text())["pid"] == child.popen.pid
+    popen = d.gates.served.popen
+    assert popen is not None
+    assert json.loads((home.run_dir(2) / GATE_PENDING).read_text())["pid"] == popen.pid
     d.shutdown()
-    assert child.popen.poll() is not None and (home.run_dir(2) / GATE_PENDING).exists()
+    assert popen.poll() is not None and (home.run_dir(2) / GATE_PENDING).exists()
     (home.root / "stub-gate-hold").unlink()
     again = make_daemon(settings)
     assert again.db is not None
@@ -291,6 +291,29 @@ def test_the_wait_between_ticks_ends_when_the_worker_exits_and_waits_on_it_once(
         os.close(wake_r)
         os.close(wake_w)
     tick_until(d, lambda: d.worker is None, "the reap")
+
+
+def test_the_wait_ends_when_the_kept_gate_child_answers(home: Home, make_daemon: Callable[..., Daemon]) -> None:
+    (home.root / "frozen.jsonl").write_text('{"text": "frozen"}\n')
+    d = make_daemon(_settings(eval_file="frozen.jsonl"))
+    drop(home, "first.jsonl")
+    tick_until(d, lambda: current_id(home) == 1, "v1 current")
+    (home.root / "stub-gate-hold").touch()
+    drop(home, "second.jsonl")
+    tick_until(d, lambda: d.gates.child is not None, "the gate evaluating")
+    d.settings.daemon.poll_interval = 60.0
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    try:
+        (home.root / "stub-gate-hold").unlink()  # the kept child answers now
+        t0 = time.monotonic()
+        d.wait(wake_r)
+        assert time.monotonic() - t0 < 30.0
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+    d.tick(time.time())
+    assert d.gates.child is None and d.db is not None and d.db.gates(2)  # the answer was there to read
 
 
 def test_an_unchanged_status_is_rewritten_every_refresh_and_a_change_at_once(

@@ -25,7 +25,7 @@ from daemon.main import Daemon
 from management import fleet_controls
 from management.db import ModelDB, Run
 from management.leases import leases
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import EVALUATE_ENTRY, worker_command
 from tests.test_daemon_tick import FAST, drop, plan, starts
 from trainbox import control
 from trainbox.config import Settings
@@ -59,7 +59,7 @@ def hosts(tmp_path: Path, fleet_db: str) -> Iterator[Callable[[str], Daemon]]:
             }
         )
         home = Home(tmp_path / f"host-{name}", shared)
-        d = Daemon(home, settings, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM)
+        d = Daemon(home, settings, worker_command=worker_command, evaluate_entry=EVALUATE_ENTRY)
         d.start()
         made.append(d)
         return d

@@ -19,13 +19,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from daemon import reports
+from daemon import served_child
 from daemon.main import Daemon
 from daemon.reports import REPORT_NICE
 from management.db import Job, ModelDB, Run
 from management.job_report import REPORT, REPORT_PENDING, generate
-from management.report_server import answer, parse_answer
-from tests.daemon_stubs import EVALUATE_PROGRAM, daemon_factory, tick_until, worker_command
+from tests.daemon_stubs import EVALUATE_ENTRY, daemon_factory, tick_until, worker_command
 from trainbox.config import Settings, TrainingConfig
 from trainbox.home import Home
 from trainbox.jobspec import JobSpec
@@ -59,7 +58,7 @@ def reported(home: Home, job: int) -> bool:
 
 def drawn_by(home: Home, job: int) -> str:
     """The pid of the report child that last drew the job's report (its log's last start line)."""
-    return re.findall(r"report server pid (\d+)", (home.run_dir(job) / "report.log").read_text())[-1]
+    return re.findall(r"kept child pid (\d+)", (home.run_dir(job) / "report.log").read_text())[-1]
 
 
 def test_done_and_failed_jobs_get_reports_beside_their_files(home: Home, make_daemon: Callable[..., Daemon]) -> None:
@@ -77,31 +76,25 @@ def test_done_and_failed_jobs_get_reports_beside_their_files(home: Home, make_da
     failed_copy = next(home.failed.glob("*b.jsonl.report.md")).read_text()
     assert "**Outcome: failed**" in failed_copy and failed_copy == (home.run_dir(b) / REPORT).read_text()
     assert d.spool.counts()["done"] == 1 and d.spool.find_job(a) == next(home.done.glob("*__a.jsonl"))
-    drawn_by = {
-        re.findall(r"report server pid (\d+)", (home.run_dir(j) / "report.log").read_text())[-1] for j in (a, b)
-    }
-    assert len(drawn_by) == 1  # one child drew both: its imports paid once
+    assert drawn_by(home, a) == drawn_by(home, b)  # one child drew both: its imports paid once
 
 
 def test_an_idle_report_child_ends_and_the_next_request_starts_another(
     home: Home, make_daemon: Callable[..., Daemon], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reports, "REPORT_IDLE_S", 0.0)
+    monkeypatch.setattr(served_child, "IDLE_S", 0.0)
     d = make_daemon()
     drop(home, "a.jsonl")
     tick_until(d, lambda: len(d.db.jobs()) == 1 and reported(home, d.db.jobs()[0].id), "the first report", 40)
-    tick_until(d, lambda: d.reports.child is None and not d.reports.retired, "the idle child ended and reaped")
+    tick_until(d, lambda: d.reports.child.popen is None and not d.reports.child.retired, "the idle child ended, reaped")
     drop(home, "b.jsonl")
     tick_until(d, lambda: len(d.db.jobs()) == 2 and all(reported(home, j.id) for j in d.db.jobs()), "report 2", 40)
-    pids = {
-        re.findall(r"report server pid (\d+)", (home.run_dir(j.id) / "report.log").read_text())[-1] for j in d.db.jobs()
-    }
-    assert len(pids) == 2
+    first, second = (drawn_by(home, j.id) for j in d.db.jobs())
+    assert first != second
 
 
 def test_a_report_child_that_dies_is_an_event_and_the_job_stays_done(home: Home) -> None:
-    failing = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"]  # dies on its first request
-    d = Daemon(home, SETTINGS, worker_command, EVALUATE_PROGRAM, report_program=failing)
+    d = Daemon(home, SETTINGS, worker_command, EVALUATE_ENTRY, report_entry="tests.daemon_stubs:report_dies")
     d.start()
     try:
         assert d.db is not None
@@ -112,7 +105,7 @@ def test_a_report_child_that_dies_is_an_event_and_the_job_stays_done(home: Home)
         assert job is not None and job.state == "done" and any(home.done.glob("*a.jsonl"))
         assert "exit code 3" in event.message and "trainbox report" in event.message
         assert not (home.run_dir(job.id) / REPORT_PENDING).exists()  # not retried in a loop
-        assert d.reports.child is None
+        assert d.reports.child.popen is None
     finally:
         d.shutdown()
 
@@ -120,15 +113,14 @@ def test_a_report_child_that_dies_is_an_event_and_the_job_stays_done(home: Home)
 def test_a_request_left_by_a_stopped_daemon_is_written_at_the_next_start(
     home: Home, make_daemon: Callable[..., Daemon]
 ) -> None:
-    slow = [sys.executable, "-c", "import time; time.sleep(60)"]
-    d = Daemon(home, SETTINGS, worker_command, EVALUATE_PROGRAM, report_program=slow)
+    d = Daemon(home, SETTINGS, worker_command, EVALUATE_ENTRY, report_entry="tests.daemon_stubs:report_hangs")
     d.start()
     try:
         drop(home, "a.jsonl")
         tick_until(d, lambda: d.reports.current is not None, "the report child started")
         job = d.reports.current.job_id if d.reports.current else 0
-        assert d.reports.child is not None
-        assert os.getpriority(os.PRIO_PROCESS, d.reports.child.popen.pid) == REPORT_NICE  # yields to training
+        assert d.reports.child.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, d.reports.child.pid) == REPORT_NICE  # yields to training
     finally:
         d.shutdown()  # kills the child; its request stays
     assert (home.run_dir(job) / REPORT_PENDING).exists() and not (home.run_dir(job) / REPORT).exists()
@@ -136,9 +128,10 @@ def test_a_request_left_by_a_stopped_daemon_is_written_at_the_next_start(
     tick_until(d2, lambda: reported(home, job), "the report at the next start", timeout=40)
 
 
-def test_the_report_child_answers_each_request_and_a_failing_report_fails_alone(home: Home) -> None:
-    """The real child over its pipes: a report that raises is answered as failed, its traceback in that
-    job's log, and the same child draws the next; the end of its stdin ends it."""
+def test_the_kept_child_answers_each_request_and_a_failing_one_fails_alone(home: Home) -> None:
+    """The real kept child over its pipes, serving the real report: a report that raises is answered with
+    rc 1, its traceback in that job's log, and the same child draws the next; a line that is no request is
+    skipped; the end of its stdin ends it."""
     db = ModelDB(home.db_url)
     try:
         record_run(home, db, 1)
@@ -146,29 +139,25 @@ def test_the_report_child_answers_each_request_and_a_failing_report_fails_alone(
     finally:
         db.close()
     (home.run_dir(2) / REPORT).mkdir()  # report.md cannot be written
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+
+    def req(job: int) -> str:
+        argv = [str(job), "--home", str(home.root)]
+        return json.dumps({"argv": argv, "log": str(home.run_dir(job) / "report.log"), "label": "report"}) + "\n"
+
     out = subprocess.run(
-        [sys.executable, "-m", "management.report_server", "--home", str(home.root)],
-        input=b"1\n2\nnot a job\n1\n",
+        [sys.executable, "-m", "trainbox.child_server", "management.job_report:main", "--home", str(home.root)],
+        input=(req(1) + req(2) + "not a request\n" + req(1)).encode(),
         capture_output=True,
-        env=env,
+        env={**os.environ, "MPLBACKEND": "Agg"},
         timeout=120,
         check=True,
     )
-    lines = out.stdout.decode().splitlines()
-    assert parse_answer(lines[0]) == (1, None) and parse_answer(lines[2]) == (1, None)
-    failed = parse_answer(lines[1])
-    assert len(lines) == 3 and failed is not None and failed[0] == 2 and "IsADirectoryError" in (failed[1] or "")
+    assert [json.loads(line)["rc"] for line in out.stdout.decode().splitlines()] == [0, 1, 0]
     log2 = (home.run_dir(2) / "report.log").read_text()
-    assert "Traceback" in log2 and "job 2: report failed" in log2
+    assert "Traceback" in log2 and "IsADirectoryError" in log2
     assert (home.run_dir(1) / "report.log").read_text().count("--- report start") == 2
-    assert "not a job" in out.stderr.decode()  # between requests its output is the daemon's
-
-
-def test_report_answers_are_one_line_and_read_back() -> None:
-    assert parse_answer(answer(4, None)) == (4, None)
-    assert parse_answer(answer(5, ValueError("bad\nvalue"))) == (5, "ValueError: bad value")
-    assert parse_answer("2026-12-02 INFO something") is None and parse_answer("7 okay") is None
+    assert (home.run_dir(1) / REPORT).is_file()
+    assert "not a request" in out.stderr.decode()  # between requests its output is the daemon's
 
 
 def test_cli_report_writes_a_missing_report(home: Home) -> None:

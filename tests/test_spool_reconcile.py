@@ -196,11 +196,11 @@ STUB_DAEMON = """
 import json, sys
 from pathlib import Path
 from daemon.main import Daemon
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import EVALUATE_ENTRY, worker_command
 from trainbox.config import Settings
 from trainbox.home import Home
 settings = Settings.model_validate({"daemon": json.loads(sys.argv[2])})
-Daemon(Home(Path(sys.argv[1])), settings, worker_command=worker_command, evaluate_program=EVALUATE_PROGRAM).run()
+Daemon(Home(Path(sys.argv[1])), settings, worker_command=worker_command, evaluate_entry=EVALUATE_ENTRY).run()
 """
 
 

@@ -33,13 +33,13 @@ CHILD = """
 import sys, time
 from pathlib import Path
 from daemon.main import Daemon
-from tests.daemon_stubs import EVALUATE_PROGRAM, worker_command
+from tests.daemon_stubs import EVALUATE_ENTRY, worker_command
 from tests.test_daemon_tick import FAST
 from trainbox.config import Settings
 from trainbox.home import Home
 
 d = Daemon(Home(Path(sys.argv[1])), Settings.model_validate({"daemon": FAST}), worker_command=worker_command,
-           evaluate_program=EVALUATE_PROGRAM)
+           evaluate_entry=EVALUATE_ENTRY)
 d.start()
 deadline = time.monotonic() + 30
 while time.monotonic() < deadline:
