@@ -96,3 +96,15 @@ def test_skips_record_and_state_round_trip() -> None:
         assert np.array_equal(getattr(other, name), getattr(t, name))
     with pytest.raises(ValueError, match="4 examples"):
         LossTable(5).load_state_dict(t.state_dict())
+
+
+def test_each_draw_of_a_step_is_its_own() -> None:
+    """Compaction reads several micro-batches in one step: each gets its own seeded draw (else the examples at the
+    same place of each would be kept or skipped together); draw 0 is the step's draw as before."""
+    t = table_with([float(i % 7 + 1) for i in range(64)])
+    rule = Rule(keep_share=0.5, floor=0.0, max_stale=100)
+    ids = list(range(32))
+    first = select(ids, t, 5, 0, rule)
+    assert select(ids, t, 5, 0, rule, draw=0) == first
+    assert select(ids, t, 5, 0, rule, draw=1) == select(ids, t, 5, 0, rule, draw=1)  # seeded
+    assert select(ids, t, 5, 0, rule, draw=1) != first

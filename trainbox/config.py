@@ -147,6 +147,14 @@ class HybridConfig(_Strict):
         description="Bandit arms: expected share of each step's examples that get a forward and backward pass "
         "(above 0 and at most 1 each, at most 32 of them); the bandit picks by validation progress per second.",
     )
+    compact: bool = Field(
+        False,
+        description="Selective-Backprop with compaction: a step whose examples were partly skipped is filled with "
+        "the next kept examples (reading at most 2 / keep share micro-batches per configured one), so each step "
+        "trains a full batch and an epoch takes fewer steps; the learning-rate schedule follows the data read, and "
+        "the run ends once the job's planned epochs of data were read (or earlier, by the curve stop). Off: "
+        "skipped examples only shrink their step; the step count is the job's.",
+    )
     keep_floor: float = Field(
         0.05, ge=0, le=1, description="Least probability of any example to be trained in a step (learned or not)."
     )

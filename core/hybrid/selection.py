@@ -125,10 +125,13 @@ def keep_probability(predicted: np.ndarray, reference: np.ndarray, keep_share: f
     return np.maximum(floor, cdf**beta)
 
 
-def select(ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, at_least: int = 1) -> Selection:
-    """The examples of a step (``ids``) to train, and those predicted learned; at least ``at_least`` kept (the
-    highest predicted losses), so every step trains something and the optimizer's step count stays the schedule's.
-    A pure function of the table, the step and the seed."""
+def select(
+    ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, at_least: int = 1, draw: int = 0
+) -> Selection:
+    """The examples of a micro-batch (``ids``) to train, and those predicted learned; at least ``at_least`` kept
+    (the highest predicted losses), so every step trains something and the optimizer's step count stays the
+    schedule's. A pure function of the table, the step, the seed and ``draw`` (which micro-batch of the step read
+    it: each gets its own draw, else their examples at the same place would be kept or skipped together)."""
     if rule.keep_share >= 1.0 or not ids:
         return Selection(list(ids), [])
     pred_all = table.predicted(step, rule.forget_rate)
@@ -137,7 +140,8 @@ def select(ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, a
     pred = pred_all[idx]
     p = keep_probability(np.nan_to_num(pred, nan=np.inf), reference, rule.keep_share, rule.floor)
     must = ~np.isfinite(pred) | (step - table.step[idx] > rule.max_stale) | table.force[idx]
-    u = np.random.Generator(np.random.PCG64([seed, step])).random(len(ids))
+    key = [seed, step] if draw == 0 else [seed, step, draw]
+    u = np.random.Generator(np.random.PCG64(key)).random(len(ids))
     keep = must | (u < p)
     if keep.sum() < min(at_least, len(ids)):
         order = np.argsort(-np.nan_to_num(pred, nan=np.inf), kind="stable")
