@@ -77,6 +77,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-compact": {"compact": True},
     "hybrid-compact-nostop": {"compact": True, "curve_stop": False},
     "hybrid-compact-score": {"compact": True, "score_first": True},
+    "hybrid-compact-learned": {"compact": True, "learned_below": 0.25},  # skip only losses below 1/4 of the mean
 }
 
 # --- data -----------------------------------------------------------------------------------------

@@ -227,14 +227,15 @@ def test_the_curve_starts_the_decay_and_stops_the_run_after_it(model_dir: Path, 
     assert eng.summary()["decay_start"] == start and math.isfinite(eng.summary()["predicted_final"])
 
 
-@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("over", [{}, {"compact": True}, {"compact": True, "learned_below": 0.9}])
 def test_interrupted_and_resumed_hybrid_run_equals_uninterrupted(
-    model_dir: Path, data: Any, tmp_path: Path, compact: bool
+    model_dir: Path, data: Any, tmp_path: Path, over: dict[str, Any]
 ) -> None:
     """Bitwise, with and without compaction (whose schedule and end follow the data position the checkpoint
-    holds, and whose filled steps read micro-batches with their own draws)."""
+    holds, and whose filled steps read micro-batches with their own draws) and the absolute learned rule."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = small_cfg(keep_shares=(1.0, 0.5, 0.3), stop_tolerance=0.05, compact=compact)
+    cfg = small_cfg(keep_shares=(1.0, 0.5, 0.3), stop_tolerance=0.05, **over)
+    compact = bool(over.get("compact"))
 
     def saver(t: Trainer, run_dir: Path) -> Any:
         return lambda: (

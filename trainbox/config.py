@@ -155,6 +155,14 @@ class HybridConfig(_Strict):
         "the run ends once the job's planned epochs of data were read (or earlier, by the curve stop). Off: "
         "skipped examples only shrink their step; the step count is the job's.",
     )
+    learned_below: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Only examples whose predicted loss is below this share of the mean loss over the training set's "
+        "measured examples may be skipped (an absolute 'learned', e.g. 0.25); 0: off, the rank rule alone (it skips "
+        "its share of the lowest losses even where none is learned yet).",
+    )
     keep_floor: float = Field(
         0.05, ge=0, le=1, description="Least probability of any example to be trained in a step (learned or not)."
     )

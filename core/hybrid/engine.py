@@ -194,7 +194,7 @@ class HybridEngine:
         if not self.machine.skipping:
             return indices
         t0 = time.perf_counter()
-        rule = Rule(self.keep_share, self.cfg.keep_floor, self._max_stale(), self.forget_rate)
+        rule = Rule(self.keep_share, self.cfg.keep_floor, self._max_stale(), self.forget_rate, self.cfg.learned_below)
         step = self.trainer.state.step + 1
         kept = select(indices, self.table, step, self.trainer.cfg.seed, rule, draw=draw).kept
         self.counters.overhead_s += time.perf_counter() - t0
