@@ -174,6 +174,14 @@ class StepPlan:
     end: DataPosition  # the data position once the step is applied
     rows: list[list[int]] = field(default_factory=list)  # the example indices of each pass but the padding ones
     skipped: list[int] = field(default_factory=list)  # examples the hybrid engine left out of the step
+    reads: int = 0  # micro-batches read from the data (more than grad_accum when compaction filled the step)
+
+
+def fill(indices: list[int], draw: int, keep: Callable[[list[int], int], list[int]], skipped: list[int]) -> list[int]:
+    """The kept examples of one micro-batch read (the step's ``draw``-th); the others are added to ``skipped``."""
+    kept = keep(indices, draw)
+    skipped += sorted(set(indices) - set(kept))
+    return kept
 
 
 @dataclass(frozen=True)
@@ -204,23 +212,33 @@ class Lockstep:
         grad_accum: int,
         micro: int,
         collate: Callable[[list[Example]], dict[str, torch.Tensor]],
-        keep: Callable[[list[int]], list[int]] | None = None,
+        keep: Callable[[list[int], int], list[int]] | None = None,
+        reads: int = 1,
     ) -> StepPlan:
         """This rank's passes over ``grad_accum`` configured micro-batches from ``pos``: its share of each
         (``Dist.shard``) in passes of ``micro`` examples. With several ranks the loss is divided by the whole
         global step's trained tokens, so their summed gradients equal one process's. ``keep`` (the hybrid engine,
-        one process only) picks the examples of each micro-batch that get their passes; the rest are skipped."""
+        one process only) picks the examples of each micro-batch read that get their passes (its second argument
+        numbers the micro-batches read in the step, for its seeded draw); the rest are skipped. With ``reads`` > 1
+        (compaction) a configured micro-batch whose kept examples fall short of the examples read is filled from
+        the following micro-batches, up to ``reads`` of them read: the step stays (about) full and the data
+        position moves on further."""
         passes: list[dict[str, torch.Tensor]] = []
         rows: list[list[int]] = []
         skipped: list[int] = []
-        padding = n_trained = 0
+        padding = n_trained = read = 0
         indices: list[int] = []
         for _ in range(grad_accum):
             indices, pos = batches.take(pos)
+            read += 1
             if keep is not None:
-                kept = keep(indices)
-                skipped += sorted(set(indices) - set(kept))
-                indices = kept
+                indices = fill(indices, read - 1, keep, skipped)
+                for _extra in range(reads - 1):
+                    if len(indices) >= batches.batch_size:
+                        break
+                    more, pos = batches.take(pos)
+                    read += 1
+                    indices = indices + fill(more, read - 1, keep, skipped)
             if self.dist.active:
                 n_trained += sum(example_trained(examples[i]) for i in indices)
             for part in batches.passes(self.dist.shard(indices), micro):
@@ -234,7 +252,7 @@ class Lockstep:
             passes += [sharding.zero_loss(collate([examples[indices[0]]]))] * padding
         if not self.dist.active:
             n_trained = sum(trained_positions(b["labels"]) for b in passes)
-        return StepPlan(passes, padding, n_trained, pos, rows, skipped)
+        return StepPlan(passes, padding, n_trained, pos, rows, skipped, read)
 
     def reduce(
         self, oom: str, loss_sum: torch.Tensor, tokens: int, params: Iterable[torch.nn.Parameter]

@@ -15,7 +15,8 @@ What a step must get right besides the arithmetic is in objects with small inter
   checkpoints), emitted as a ``TimingEvent`` at a logged step every 10 s and at the loop's end.
 
 ``engine = "hybrid"`` adds ``core.hybrid.HybridEngine`` (``self.hybrid``): it sets the learning rate (the cosine,
-cut short where its curve model says the run is done), picks which examples of a step get their passes, records
+cut short where its curve model says the run is done), picks which examples of a step get their passes (with
+``compact``, filling the step from the micro-batches after it), records
 their losses from the forward pass, re-measures skipped ones at step boundaries, reads each evaluation, and may
 end the run early (``stop_reason``). Its state is part of ``state_dict()``.
 """
@@ -338,7 +339,10 @@ class Trainer:
 
     def _prepare_step(self, pos: DataPosition, micro: int) -> PreparedStep:
         keep = self.hybrid.keep if self.hybrid is not None else None
-        plan = self.ranks.plan(self.batches, pos, self.train_set, self.cfg.grad_accum, micro, self._collate, keep)
+        reads = self.hybrid.reads() if self.hybrid is not None else 1  # compaction fills a step from further data
+        plan = self.ranks.plan(
+            self.batches, pos, self.train_set, self.cfg.grad_accum, micro, self._collate, keep, reads
+        )
         return PreparedStep(plan, [stage(b, self.device, self.speedups.split) for b in plan.passes])
 
     def _accumulate(self, prepared: PreparedStep) -> tuple[torch.Tensor, int]:

@@ -72,6 +72,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-norollback": {"curve_stop": False, "val_tol": 100.0, "remeasure_tol": 100.0},  # skipping, never undone
     "hybrid-score": {"score_first": True},  # a forward-only scoring pass first: skipping from warmup + full steps
     "hybrid-score-nostop": {"score_first": True, "curve_stop": False},
+    # Selective-Backprop with compaction: skipped examples' places filled from the next micro-batches, the schedule
+    # on the data read, the run over once the planned epochs of data were read (fewer, full steps)
+    "hybrid-compact": {"compact": True},
+    "hybrid-compact-nostop": {"compact": True, "curve_stop": False},
+    "hybrid-compact-score": {"compact": True, "score_first": True},
+    "hybrid-compact-learned": {"compact": True, "learned_below": 0.25},  # skip only losses below 1/4 of the mean
 }
 
 # --- data -----------------------------------------------------------------------------------------

@@ -227,9 +227,15 @@ def test_the_curve_starts_the_decay_and_stops_the_run_after_it(model_dir: Path, 
     assert eng.summary()["decay_start"] == start and math.isfinite(eng.summary()["predicted_final"])
 
 
-def test_interrupted_and_resumed_hybrid_run_equals_uninterrupted(model_dir: Path, data: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("over", [{}, {"compact": True}, {"compact": True, "learned_below": 0.9}])
+def test_interrupted_and_resumed_hybrid_run_equals_uninterrupted(
+    model_dir: Path, data: Any, tmp_path: Path, over: dict[str, Any]
+) -> None:
+    """Bitwise, with and without compaction (whose schedule and end follow the data position the checkpoint
+    holds, and whose filled steps read micro-batches with their own draws) and the absolute learned rule."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = small_cfg(keep_shares=(1.0, 0.5, 0.3), stop_tolerance=0.05)
+    cfg = small_cfg(keep_shares=(1.0, 0.5, 0.3), stop_tolerance=0.05, **over)
+    compact = bool(over.get("compact"))
 
     def saver(t: Trainer, run_dir: Path) -> Any:
         return lambda: (
@@ -272,6 +278,40 @@ def test_interrupted_and_resumed_hybrid_run_equals_uninterrupted(model_dir: Path
         assert ea[key] == ec[key], key
     assert all(torch.equal(ea["table"][k], ec["table"][k]) for k in ea["table"])
     assert sum(engine(a).bandit.pulls) > 0
+    assert (engine(a).counters.extra_reads > 0) == compact and ea["counters"] == ec["counters"] | {
+        k: ea["counters"][k]
+        for k in ("step_s", "full_step_s", "overhead_s")  # measured seconds differ
+    }
+
+
+def test_compaction_fills_each_step_and_the_schedule_follows_the_data(model_dir: Path, data: Any) -> None:
+    """``compact``: a step whose examples were partly skipped is filled from the micro-batches after it, so it
+    trains (at least) a full batch; the learning rate at each step is the cosine at the micro-batches read before
+    it (not at the step count); the run ends once the planned 40 steps' worth of data (4 epochs) was read, in fewer
+    steps, the end evaluated and said why."""
+    tr = trainer(model_dir, data, steps=40, hybrid=small_cfg(curve_stop=False, compact=True))
+    eng = engine(tr)
+    plans: list[tuple[int, int]] = []  # (examples trained, micro-batches read) per step
+    record = eng.trained
+
+    def spy(plan: Any, step: int) -> None:
+        plans.append((sum(len(r) for r in plan.rows), plan.reads))
+        record(plan, step)
+
+    eng.trained = spy  # type: ignore[method-assign]
+    events: list[Any] = []
+    assert tr.run(events.append, NEVER, NOWHERE) == "completed"
+    c, steps = eng.counters, [e for e in events if isinstance(e, StepEvent)]
+    assert c.steps == len(plans) == len(steps) < 40 and c.extra_reads == sum(r for _, r in plans) - len(plans) > 0
+    predict = [p for p, e in zip(plans, steps, strict=True) if e.phase == "predict"]
+    assert predict and all(n >= 4 or r == eng.reads() for n, r in predict)  # full, unless the reads cap ended it
+    assert c.examples_trained + c.examples_skipped == 4 * sum(r for _, r in plans)  # every example read
+    assert eng.progress() >= 40 and tr.state.stop_reason == eng.stopped and "planned epochs" in eng.stopped
+    read_before = [sum(r for _, r in plans[:k]) for k in range(len(plans))]
+    peak = tr.cfg.learning_rate
+    assert [e.lr for e in steps] == [lr_at(r, 40, peak, tr.cfg.warmup_ratio, tr.cfg.min_lr_ratio) for r in read_before]
+    evals = [e.step for e in events if isinstance(e, EvalEvent)]
+    assert evals[-1] == tr.state.step and eng.summary()["extra_reads"] == c.extra_reads
 
 
 def test_state_version_is_checked(model_dir: Path, data: Any) -> None:

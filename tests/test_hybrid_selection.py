@@ -96,3 +96,29 @@ def test_skips_record_and_state_round_trip() -> None:
         assert np.array_equal(getattr(other, name), getattr(t, name))
     with pytest.raises(ValueError, match="4 examples"):
         LossTable(5).load_state_dict(t.state_dict())
+
+
+def test_each_draw_of_a_step_is_its_own() -> None:
+    """Compaction reads several micro-batches in one step: each gets its own seeded draw (else the examples at the
+    same place of each would be kept or skipped together); draw 0 is the step's draw as before."""
+    t = table_with([float(i % 7 + 1) for i in range(64)])
+    rule = Rule(keep_share=0.5, floor=0.0, max_stale=100)
+    ids = list(range(32))
+    first = select(ids, t, 5, 0, rule)
+    assert select(ids, t, 5, 0, rule, draw=0) == first
+    assert select(ids, t, 5, 0, rule, draw=1) == select(ids, t, 5, 0, rule, draw=1)  # seeded
+    assert select(ids, t, 5, 0, rule, draw=1) != first
+
+
+def test_learned_below_skips_only_losses_under_a_share_of_the_mean() -> None:
+    """``learned_below``: the rank rule skips its share of the lowest losses even when all are alike (nothing
+    learned); with the absolute rule only those below the share of the mean may be skipped."""
+    losses = [1.0 + 0.01 * i for i in range(30)] + [0.01] * 10  # 30 unlearned, 10 learned; mean 0.89
+    t = table_with(losses)
+    ids = list(range(40))
+    rank = Rule(keep_share=0.25, floor=0.0, max_stale=100)
+    assert any(i < 30 for i in select(ids, t, 1, 0, rank).skipped)  # low among the unlearned: skipped
+    absolute = Rule(keep_share=0.25, floor=0.0, max_stale=100, learned_below=0.25)
+    for step in range(1, 6):
+        sel = select(ids, t, step, 0, absolute)
+        assert sel.skipped and all(i >= 30 for i in sel.skipped)  # only the learned ones

@@ -1,5 +1,5 @@
 """The hybrid engine's pure parts besides the selection rule and the curve (their own files): the bandit, the
-divergence rules, the phase machine, state round trips."""
+divergence rules, the phase machine, state round trips, and compaction's filling of a step (``Lockstep.plan``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import math
 import random
 
 import pytest
+import torch
 
+from core.data import Batches, DataPosition
+from core.distributed import Lockstep, StepPlan
+from core.encode import Example
 from core.hybrid import divergence
 from core.hybrid.bandit import LinUCB
 from core.hybrid.phases import Phase, PhaseMachine
@@ -102,3 +106,43 @@ def test_phase_state_round_trip() -> None:
     n = PhaseMachine()
     n.load_state_dict(m.state_dict())
     assert n == m and n.phase is Phase.PLAIN
+
+
+# --- compaction: a step filled from the micro-batches after it --------------------------------------
+
+
+def plan_with(keep_every: int, reads: int, grad_accum: int = 1) -> tuple[StepPlan, list[tuple[list[int], int]]]:
+    """A plan over 20 examples in micro-batches of 4 (unshuffled order read through ``Batches``), keeping the
+    examples whose index is a multiple of ``keep_every``; returns it and the (micro-batch, draw) keep was asked."""
+    batches = Batches(20, 4, seed=0)
+    examples = [Example(input_ids=[1, 2, 3], labels=[1, 2, 3]) for _ in range(20)]
+    asked: list[tuple[list[int], int]] = []
+
+    def keep(ids: list[int], draw: int) -> list[int]:
+        asked.append((list(ids), draw))
+        return [i for i in ids if i % keep_every == 0]
+
+    def collate(exs: list[Example]) -> dict[str, torch.Tensor]:
+        return {"labels": torch.tensor([e.labels for e in exs])}
+
+    return Lockstep().plan(batches, DataPosition(), examples, grad_accum, 4, collate, keep, reads), asked
+
+
+def test_compaction_fills_a_step_from_the_next_micro_batches() -> None:
+    order = Batches(20, 4, seed=0).order(0)
+    plan, asked = plan_with(keep_every=2, reads=4)  # about half kept: two micro-batches fill one
+    kept = [i for part in plan.rows for i in part]
+    read = [i for ids, _ in asked for i in ids]
+    assert len(kept) >= 4 and read == order[: 4 * len(asked)]  # read in order, until four were kept
+    assert [d for _, d in asked] == list(range(len(asked)))  # each read its own draw
+    assert sorted(kept + plan.skipped) == sorted(read) and plan.reads == len(asked)
+    assert plan.end == DataPosition(0, len(asked))
+
+
+def test_compaction_reads_at_most_reads_micro_batches_and_none_without_it() -> None:
+    plan, asked = plan_with(keep_every=1000, reads=3)  # only example 0 is ever kept: the cap ends the filling
+    assert plan.reads == len(asked) == 3 and plan.end == DataPosition(0, 3)
+    plan, asked = plan_with(keep_every=1000, reads=1)  # no compaction: one micro-batch, shrunk
+    assert plan.reads == len(asked) == 1 and plan.end == DataPosition(0, 1)
+    plan, asked = plan_with(keep_every=1, reads=5, grad_accum=2)  # nothing skipped: one read per micro-batch
+    assert plan.reads == 2 and [d for _, d in asked] == [0, 1]

@@ -147,6 +147,22 @@ class HybridConfig(_Strict):
         description="Bandit arms: expected share of each step's examples that get a forward and backward pass "
         "(above 0 and at most 1 each, at most 32 of them); the bandit picks by validation progress per second.",
     )
+    compact: bool = Field(
+        False,
+        description="Selective-Backprop with compaction: a step whose examples were partly skipped is filled with "
+        "the next kept examples (reading at most 2 / keep share micro-batches per configured one), so each step "
+        "trains a full batch and an epoch takes fewer steps; the learning-rate schedule follows the data read, and "
+        "the run ends once the job's planned epochs of data were read (or earlier, by the curve stop). Off: "
+        "skipped examples only shrink their step; the step count is the job's.",
+    )
+    learned_below: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Only examples whose predicted loss is below this share of the mean loss over the training set's "
+        "measured examples may be skipped (an absolute 'learned', e.g. 0.25); 0: off, the rank rule alone (it skips "
+        "its share of the lowest losses even where none is learned yet).",
+    )
     keep_floor: float = Field(
         0.05, ge=0, le=1, description="Least probability of any example to be trained in a step (learned or not)."
     )

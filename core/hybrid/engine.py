@@ -10,6 +10,13 @@ engine decides, through hooks (``TrainerView`` is everything it uses of the Trai
   ways; docs/BENCHMARKS.md). The kept examples' gradient is their mean loss per trained token, as a full step's
   is; the step count and the schedule are unchanged, so a step trains fewer examples: Selective-Backprop with the
   learning rate as tuned for full batches;
+- ``reads()``, with ``compact`` (off by default): Selective-Backprop as its paper measures it, compacted. A
+  micro-batch whose kept examples fall short is filled from the micro-batches after it (``Lockstep.plan``; each
+  read gets its own seeded draw), so every step trains a full batch of examples that still teach and an epoch
+  takes fewer steps. The learning rate then follows the data, not the step count: the schedule's position is the
+  micro-batches read over ``grad_accum`` (``progress()``; equal to the step while nothing is skipped), the curve's
+  decay is placed on it, and the run ends once the job's planned epochs of data were read, in fewer steps than
+  planned (or earlier, where the curve stop says so);
 - ``start_step()`` / ``trained(plan, step)``: each forward pass hands back its per-position losses
   (``core.loss.staged_loss_sum``'s ``per_token``), mapped to examples (``rows.py``) and recorded in the loss table
   at no extra pass;
@@ -37,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from core.data import collate
+from core.data import Batches, collate
 from core.distributed import StepPlan
 from core.encode import Example
 from core.example_losses import per_example
@@ -57,11 +64,14 @@ STATE_VERSION = 2
 FORGET_SMOOTHING = 0.5  # EMA weight of the previous forgetting rate at each correction
 REWARD_CLIP = 3.0  # bandit rewards are progress rates relative to full steps', clipped to +-this
 CURVE_POINTS = 24  # samples of the fitted curve in each CurveEvent (the dashboard's predicted line)
+COMPACT_READS = 2.0  # compaction reads at most this / keep_share micro-batches to fill one (``reads``)
 RECORD_LISTED = 20  # examples named in the summary's learned-early and never-learned lists
 
 
 class StepCounter(Protocol):
     step: int
+    epoch: int  # the data position: the next micro-batch is ``micro_batch`` of epoch ``epoch``
+    micro_batch: int
     first_val_loss: float | None
 
 
@@ -83,7 +93,9 @@ class TrainerView(Protocol):
     @property
     def train_set(self) -> list[Example]: ...
     @property
-    def state(self) -> StepCounter: ...  # read only: the Trainer advances its own step
+    def batches(self) -> Batches: ...  # the micro-batches per epoch (compaction's schedule follows the data)
+    @property
+    def state(self) -> StepCounter: ...  # read only: the Trainer advances its own step and data position
 
 
 @dataclass
@@ -102,6 +114,7 @@ class Counters:
     full_steps: int = 0  # steps with nothing skipped (their mean time is a plain step's)
     full_step_s: float = 0.0
     overhead_s: float = 0.0  # corrections, selection, curve fits, good-point copies
+    extra_reads: int = 0  # micro-batches read to fill steps (compact): the steps the epochs no longer take
 
 
 @dataclass
@@ -151,19 +164,39 @@ class HybridEngine:
         return str(self.machine.phase)
 
     def lr(self, step: int) -> float:
-        """The plain loop's warmup and cosine, cut short by a linear decay where the curve flattened."""
+        """The plain loop's warmup and cosine, cut short by a linear decay where the curve flattened; with
+        ``compact``, at ``step`` plus the steps' worth of data that filled steps read ahead (``progress()``)."""
         tcfg = self.trainer.cfg
+        at = step + self._lead()
         return cut_lr_at(
-            step, self.trainer.total_steps, tcfg.learning_rate, tcfg.warmup_ratio, tcfg.min_lr_ratio, self.decay
+            at, self.trainer.total_steps, tcfg.learning_rate, tcfg.warmup_ratio, tcfg.min_lr_ratio, self.decay
         )
 
-    def keep(self, indices: list[int]) -> list[int]:
-        """The examples of one micro-batch of the step about to run that get their passes (all but in predict)."""
+    def progress(self) -> int:
+        """Where the schedule is: the step; with ``compact``, the micro-batches read so far over ``grad_accum`` (the
+        step count a plain run would have reached on the same data; ahead of the step once steps were filled)."""
+        s = self.trainer.state
+        if not self.cfg.compact:
+            return s.step
+        return (s.epoch * self.trainer.batches.per_epoch + s.micro_batch) // max(self.trainer.cfg.grad_accum, 1)
+
+    def reads(self) -> int:
+        """The most micro-batches read to fill one configured micro-batch of the next step: 1 (no compaction, or
+        nothing skipped), else twice what the keep share needs on average, so a run of learned examples cannot
+        make one step read the epoch."""
+        if not (self.cfg.compact and self.machine.skipping):
+            return 1
+        return max(1, math.ceil(COMPACT_READS / max(self.keep_share, 1e-6)))
+
+    def keep(self, indices: list[int], draw: int = 0) -> list[int]:
+        """The examples of one micro-batch of the step about to run that get their passes (all but in predict);
+        ``draw``: which micro-batch the step reads it as (each has its own seeded draw)."""
         if not self.machine.skipping:
             return indices
         t0 = time.perf_counter()
-        rule = Rule(self.keep_share, self.cfg.keep_floor, self._max_stale(), self.forget_rate)
-        kept = select(indices, self.table, self.trainer.state.step + 1, self.trainer.cfg.seed, rule).kept
+        rule = Rule(self.keep_share, self.cfg.keep_floor, self._max_stale(), self.forget_rate, self.cfg.learned_below)
+        step = self.trainer.state.step + 1
+        kept = select(indices, self.table, step, self.trainer.cfg.seed, rule, draw=draw).kept
         self.counters.overhead_s += time.perf_counter() - t0
         return kept
 
@@ -193,6 +226,7 @@ class HybridEngine:
         self.table.mark_skipped(plan.skipped, step)
         c.examples_trained += len(ids)
         c.examples_skipped += len(plan.skipped)
+        c.extra_reads += max(0, plan.reads - self.trainer.cfg.grad_accum)
         self.interval.skipped += len(plan.skipped)
         c.tokens_trained += int(self.trained_tokens[ids].sum()) if ids else 0
         c.tokens_skipped += int(self.trained_tokens[plan.skipped].sum()) if plan.skipped else 0
@@ -223,11 +257,17 @@ class HybridEngine:
         if after == Phase.PREDICT and before != Phase.PREDICT and before != Phase.CORRECT:
             self._start_skipping()
         step = self.trainer.state.step  # the Trainer counted the step before this hook
-        if self.decay is not None and step >= sum(self.decay) and not self.stopped:
+        at = self.progress()
+        if self.decay is not None and at >= sum(self.decay) and not self.stopped:
             self.stopped = (
                 f"stopped early at step {step}: the validation curve flattened at step {self.decay[0]} "
                 f"(predicted loss {self.predicted_final or math.nan:.4f}), then the learning rate decayed over "
-                f"{self.decay[1]} steps"
+                f"{self.decay[1]} steps" + (f" of data (compact: {at} steps' worth read)" if at != step else "")
+            )
+        elif self.cfg.compact and at >= self.trainer.total_steps and not self.stopped:
+            self.stopped = (
+                f"stopped at step {step}: the job's planned epochs of data were read (compact: filled steps, "
+                f"{self.trainer.total_steps} planned)"
             )
 
     def stop_reason(self) -> str:
@@ -322,6 +362,7 @@ class HybridEngine:
             "skipped_share": round(c.examples_skipped / shown, 4) if shown else 0.0,
             "remeasured": c.remeasured,
             "scored": c.scored,
+            "extra_reads": c.extra_reads,
             "came_back": c.came_back,
             "rollbacks": c.rollbacks,
             "overhead_s": round(c.overhead_s, 3),
@@ -346,6 +387,10 @@ class HybridEngine:
         if self.trainer.device.type == "cuda":
             torch.cuda.synchronize(self.trainer.device)
         return time.time()
+
+    def _lead(self) -> int:
+        """Steps' worth of data the filled steps read beyond the step count (0 without ``compact``)."""
+        return max(0, self.progress() - self.trainer.state.step)
 
     def _max_stale(self) -> int:
         return max(1, math.ceil(self.cfg.max_stale_epochs * self.per_epoch))
@@ -399,8 +444,9 @@ class HybridEngine:
         flat = curves.measured_flat([v for _, v in self.evals], self.cfg.curve_min_points, self.cfg.stop_tolerance)
         first = self.trainer.state.first_val_loss
         learned = first is None or val < first * (1 - self.cfg.stop_tolerance)  # flat before any gain: not done
-        if flat and learned and plateau <= step and step + self._decay_length(step) < total:
-            self.decay = (step, self._decay_length(step))
+        at = step + self._lead()  # the schedule's position (compact: the data's)
+        if flat and learned and plateau <= step and at + self._decay_length(at) < total:
+            self.decay = (at, self._decay_length(at))
 
     def _decay_length(self, start: int) -> int:
         r = self.cfg.decay_ratio

@@ -10,8 +10,12 @@ table's losses at or below its predicted loss, so the hardest examples are alway
 (low loss) mostly skipped; ``beta = 1 / keep_share - 1`` makes the expected kept share ``keep_share`` when the
 losses are spread (a uniform ``F``). Examples never measured, or last measured more than ``max_stale`` steps ago, are
 always kept: a skipped example's loss is a prediction, and it is trusted only while recent; so is one whose
-re-measured loss rose (``force``, set by the correct phase) until it is trained. The draw is seeded by
-(seed, step), so a resumed run selects exactly what an uninterrupted one did.
+re-measured loss rose (``force``, set by the correct phase) until it is trained. With ``learned_below`` only
+examples whose predicted loss is below that share of the table's mean loss may be skipped at all: the rank rule
+alone skips its share of the lowest losses even where nothing is learned yet (a model trained from scratch). The
+mean, not the median: where most of a file was learned before (a continual job repeating an earlier file), the
+median is a learned example's loss. The draw is seeded by (seed, step, draw), so a resumed run selects exactly what
+an uninterrupted one did.
 
 The predicted loss of an example is its last measured loss grown by the measured forgetting rate for the steps
 since (``forget_rate``, per step, from the correct phase's re-measurements: ``calibrate``), so a predictor that
@@ -114,6 +118,7 @@ class Rule:
     floor: float  # least keep probability of any example (every learned one is still trained now and then)
     max_stale: int  # steps after which a measured loss is no longer trusted: the example is kept
     forget_rate: float = 0.0  # per-step growth of a skipped example's loss, measured (``calibrate``)
+    learned_below: float = 0.0  # only predicted losses below this share of the table's mean may be skipped (0: off)
 
 
 def keep_probability(predicted: np.ndarray, reference: np.ndarray, keep_share: float, floor: float) -> np.ndarray:
@@ -125,10 +130,13 @@ def keep_probability(predicted: np.ndarray, reference: np.ndarray, keep_share: f
     return np.maximum(floor, cdf**beta)
 
 
-def select(ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, at_least: int = 1) -> Selection:
-    """The examples of a step (``ids``) to train, and those predicted learned; at least ``at_least`` kept (the
-    highest predicted losses), so every step trains something and the optimizer's step count stays the schedule's.
-    A pure function of the table, the step and the seed."""
+def select(
+    ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, at_least: int = 1, draw: int = 0
+) -> Selection:
+    """The examples of a micro-batch (``ids``) to train, and those predicted learned; at least ``at_least`` kept
+    (the highest predicted losses), so every step trains something and the optimizer's step count stays the
+    schedule's. A pure function of the table, the step, the seed and ``draw`` (which micro-batch of the step read
+    it: each gets its own draw, else their examples at the same place would be kept or skipped together)."""
     if rule.keep_share >= 1.0 or not ids:
         return Selection(list(ids), [])
     pred_all = table.predicted(step, rule.forget_rate)
@@ -137,7 +145,10 @@ def select(ids: list[int], table: LossTable, step: int, seed: int, rule: Rule, a
     pred = pred_all[idx]
     p = keep_probability(np.nan_to_num(pred, nan=np.inf), reference, rule.keep_share, rule.floor)
     must = ~np.isfinite(pred) | (step - table.step[idx] > rule.max_stale) | table.force[idx]
-    u = np.random.Generator(np.random.PCG64([seed, step])).random(len(ids))
+    if rule.learned_below > 0 and len(reference):  # an absolute "learned": not merely the lowest of the rest
+        must |= ~(pred < rule.learned_below * float(reference.mean()))
+    key = [seed, step] if draw == 0 else [seed, step, draw]
+    u = np.random.Generator(np.random.PCG64(key)).random(len(ids))
     keep = must | (u < p)
     if keep.sum() < min(at_least, len(ids)):
         order = np.argsort(-np.nan_to_num(pred, nan=np.inf), kind="stable")
