@@ -66,5 +66,14 @@ def config(path: Path) -> dict[str, Any]:
 
 
 def run_files(run_dir: Path, run_id: str) -> list[Path]:
-    """The run's offline files, oldest first (a resumed run, or the report's, adds a folder)."""
-    return sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    """The run's offline files, oldest first (a resumed run, or the report's, adds a folder).
+
+    A folder is ``offline-run-<second>-<id>``; a second folder of the same run started within the same second
+    gets ``-1``, ``-2``... after the id (so the order is the second, then that counter, not the name)."""
+
+    def started(path: Path) -> tuple[str, int]:
+        second, _, rest = path.parent.name.removeprefix("offline-run-").partition("-")
+        counter = rest.removeprefix(run_id).removeprefix("-")
+        return second, int(counter or 0)
+
+    return sorted((run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"), key=started)
