@@ -45,9 +45,14 @@ def lineage_cell(lease: dict[str, Any] | None) -> str:
     return f"{lease['name']} ({', '.join(parts)})"
 
 
+def node_role(node: dict[str, Any] | None) -> list[str]:
+    """A host running a node of another host's multi-node run says which (``daemon/node_join.py``)."""
+    return [] if node is None else [f"node {node['node']} of job {node['job_id']} (run {node['run_id']})"]
+
+
 def fleet(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """The fleet's hosts: state, heartbeat age (alive, or stale past 3 beats), job, lineage lease, roles (leader,
-    retention), pid, version."""
+    retention, a node of another host's multi-node job), pid, version."""
     h = Home.resolve(home)
     view = fleet_view(settings_or_exit(h).db.url_for(h.db_url), time.time())
     if as_json:
@@ -67,7 +72,7 @@ def fleet(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
             f"{r['heartbeat_age_s']:.0f}s ago",
             "-" if r["job_id"] is None else str(r["job_id"]),
             lineage_cell(r["lineage"]),
-            ", ".join(role for role in ("leader", "retention") if r[role]) or "-",
+            ", ".join([*(role for role in ("leader", "retention") if r[role]), *node_role(r["node"])]) or "-",
             str(r["pid"]),
             r["version"],
             r["gpu"] or "-",

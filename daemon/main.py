@@ -29,6 +29,7 @@ from daemon.intake import InboxWatcher
 from daemon.job_checks import visible_gpus
 from daemon.jobs import JobRunner
 from daemon.lock import InstanceLock
+from daemon.node_join import NodeJoiner, stop_orphan
 from daemon.notifier import Notifier
 from daemon.notify_outbox import DAEMON_CRASHED, unclean_exit
 from daemon.orphans import LockWait
@@ -95,6 +96,7 @@ class Daemon:
         self.notifier: Notifier | None = None  # webhooks' thread (daemon/notifier.py); None without [notify]
         self.host: HostBeat | None = None  # our row in the fleet's hosts table (daemon/host_beat.py)
         self.fleet: FleetMember | None = None  # [fleet] enabled: our leases (daemon/fleet_member.py)
+        self.joiner: NodeJoiner | None = None  # a fleet's real workers: nodes of other hosts' multi-node jobs
         self.woken: set[int] = set()  # children whose exit ended the last wait (``wait``)
         self.job_name: tuple[int | None, str | None] = (None, None)  # the running job's id and name
         self.status_written: tuple[float, dict[str, Any] | None] = (0.0, None)  # when, and what but the heartbeat
@@ -162,6 +164,8 @@ class Daemon:
     def _children(self) -> list[subprocess.Popen[bytes]]:
         """The children whose exit the tick acts on, not yet reaped (their pids cannot have been reused)."""
         found = [self.worker.popen] if self.worker is not None else []
+        if self.joiner is not None and self.joiner.joined is not None:
+            found.append(self.joiner.joined.agent.popen)
         return [p for p in found if p.returncode is None]
 
     def _answer_fds(self) -> list[int]:
@@ -191,6 +195,9 @@ class Daemon:
             paused = self.fleet.start_controls()
             if paused is not None:  # the fleet's newest pause or resume for this host outranks the last run's
                 self.paused = paused
+            if self.worker_command is None:
+                stop_orphan(self.home, self.db, fleet.host, previous.joined if previous else None)
+                self.joiner = NodeJoiner(self.home, self.db, fleet.host, fleet.lease_seconds, fleet.heartbeat_seconds)
         self.admission = Admission(
             self.home, self.spool, self.db, self.settings.daemon, self.settings.training, gpus=self.gpus
         )
@@ -275,6 +282,7 @@ class Daemon:
         if self.fleet is None or self.fleet.leading:
             self.admit_ready(now)
         self.reap_worker(now)
+        self.reap_node(now)
         self.reap_gate(now)
         self.release_finished(now)
         if not self.stopping:
@@ -301,9 +309,11 @@ class Daemon:
             self.reports.stop()  # and an interrupted report is drawn again
         if self.warm is not None:
             self.warm.stop()
+        if self.joiner is not None:
+            self.joiner.request_stop(now)  # its ranks stop with the run's other nodes at one step boundary
         if self.worker is not None:
             self.worker.request_stop(now)
-        else:
+        elif not self.joined:
             self.finished = True
 
     def handle_controls(self, now: float) -> None:
@@ -435,7 +445,19 @@ class Daemon:
             self.lock_wait = LockWait(worker.job_id, worker.run_dir, now)
         self.gates.refresh()  # a completed job has requested its version's gate
         self.worker = None
-        if self.stopping:
+        if self.stopping and not self.joined:
+            self.finished = True
+
+    @property
+    def joined(self) -> bool:
+        """Whether this host runs a node of another host's multi-node job (``daemon/node_join.py``)."""
+        return self.joiner is not None and self.joiner.busy
+
+    def reap_node(self, now: float) -> None:
+        if self.joiner is None or not self.joiner.busy:
+            return
+        self.joiner.tick(now, self.settings.daemon.worker_stop_timeout)
+        if self.stopping and self.worker is None and not self.joiner.busy:
             self.finished = True
 
     def locked_out(self, now: float) -> bool:
@@ -504,7 +526,7 @@ class Daemon:
             self.fleet.release_job()
 
     def maybe_dispatch(self, now: float) -> None:
-        if self.worker is not None or self.paused or self.stopping or self.disk_full_needs is not None:
+        if self.worker is not None or self.joined or self.paused or self.stopping or self.disk_full_needs is not None:
             return
         if self.locked_out(now):
             return
@@ -531,6 +553,8 @@ class Daemon:
         in priority order across the fleet among the lineages no other host holds."""
         assert self.db is not None and self.fleet is not None
         if self.fleet.job is None:
+            if self.joiner is not None and self.joiner.try_join(now, self._can_run):
+                return  # a multi-node job another host claimed waits for its nodes: it was first in the order
             claim = self.fleet.claim(now, self._can_run)
             if claim is None:
                 return
@@ -569,7 +593,7 @@ class Daemon:
         job trains: there its imports would take CPU time from the training itself."""
         if self.warm is None or self.stopping:
             return
-        if self.worker is None or self.gpus > 0:
+        if (self.worker is None and not self.joined) or self.gpus > 0:
             self.warm.ensure(now)
 
     def state(self) -> DaemonState:
@@ -579,7 +603,7 @@ class Daemon:
             return DaemonState.STOPPING
         if self.disk_full_needs is not None:
             return DaemonState.DISK_FULL
-        if self.worker is not None:
+        if self.worker is not None or self.joined:
             return DaemonState.TRAINING
         return DaemonState.PAUSED if self.paused else DaemonState.IDLE
 
@@ -605,6 +629,7 @@ class Daemon:
             pending_controls=[r.describe() for r in control.pending(self.home.control)],
             message=self.message or (self.gates.describe() if hasattr(self, "gates") else ""),
             inbox_refused=self.housekeeping.refused_lines() if hasattr(self, "housekeeping") else [],
+            joined=self.joiner.joined.describe() if self.joiner is not None and self.joiner.joined else None,
         )
         reading = status.model_dump(mode="json", exclude={"heartbeat"})
         last_at, last = self.status_written
@@ -618,7 +643,8 @@ class Daemon:
         silent past the stale limit, stops: two daemons must not act under one name."""
         if self.host is None:
             return
-        job = self.worker.job_id if self.worker else None
+        joined = self.joiner.joined if self.joiner is not None else None
+        job = self.worker.job_id if self.worker else joined.agent.job_id if joined else None
         if not self.host.tick(now, self.state(), job, self.paused):
             assert self.db is not None
             self.message = f"fleet host {self.settings.fleet.host!r} was taken by another daemon: stopping"
@@ -635,6 +661,8 @@ class Daemon:
                 worker.kill()
                 rc = worker.wait(10) or -signal.SIGKILL
             self._finish_worker(worker, rc, stop_was_requested=True)  # the job is paused (or cancelled), not lost
+        if self.joiner is not None:  # only on an unexpected exception: its node stops with the run's others
+            self.joiner.stop(self.settings.daemon.worker_stop_timeout)
         if self.fleet is not None:
             self.fleet.stop()  # a job paused by this stop may be resumed by another host at once
         for helper in (getattr(self, "gates", None), getattr(self, "reports", None), self.warm, self.notifier):

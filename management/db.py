@@ -344,6 +344,10 @@ class ModelDB:
         with self.session() as s:
             return s.get(Job, job_id)
 
+    def run(self, run_id: int) -> Run | None:
+        with self.session() as s:
+            return s.get(Run, run_id)
+
     def jobs(self, states: list[JobState] | None = None) -> list[Job]:
         with self.session() as s:
             q = select(Job).order_by(Job.id)

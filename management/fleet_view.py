@@ -14,7 +14,7 @@ from typing import Any
 from management.db import ModelDB
 from management.fleet import describe
 from management.hosts import all_hosts
-from management.leases import LEADER, LINEAGE, RETENTION, Held, leases
+from management.leases import LEADER, LINEAGE, NODE, RETENTION, Held, leases
 
 
 def holder(held: list[Held], name: str, now: float) -> str | None:
@@ -37,10 +37,17 @@ def lineage_lease(lease: Held, now: float) -> dict[str, Any]:
     }
 
 
+def node_lease(lease: Held) -> dict[str, Any]:
+    """A ``node:<run>:<k>`` lease as shown: the host is node ``k`` of another host's multi-node run."""
+    run_id, _, node = lease.name[len(NODE) :].partition(":")
+    return {"job_id": lease.job_id, "run_id": int(run_id), "node": int(node)}
+
+
 def join(hosts: list[dict[str, Any]], held: list[Held], now: float) -> dict[str, Any]:
     """The hosts (``describe``'s dicts) with ``lineage`` (the lineage lease each holds: a live one first, else its
-    latest expired one; None), ``leader`` and ``retention`` (whether it holds those leases now), and the fleet's
-    ``leader`` and ``retention`` host names (None: nobody holds the lease)."""
+    latest expired one; None), ``node`` (the node of another host's multi-node run it runs, a live lease; None),
+    ``leader`` and ``retention`` (whether it holds those leases now), and the fleet's ``leader`` and
+    ``retention`` host names (None: nobody holds the lease)."""
     mine: dict[str, Held] = {}
     for lease in held:
         if not lease.name.startswith(LINEAGE) or not lease.holder:
@@ -48,11 +55,13 @@ def join(hosts: list[dict[str, Any]], held: list[Held], now: float) -> dict[str,
         other = mine.get(lease.holder)
         if other is None or lease.expires_at > other.expires_at:
             mine[lease.holder] = lease  # a host holds one live lineage lease at most: the latest expiry is it
+    nodes = {n.holder: n for n in held if n.name.startswith(NODE) and n.holder and n.expires_at > now}
     leader, retention = holder(held, LEADER, now), holder(held, RETENTION, now)
     rows = [
         {
             **h,
             "lineage": lineage_lease(mine[h["name"]], now) if h["name"] in mine else None,
+            "node": node_lease(nodes[h["name"]]) if h["name"] in nodes else None,
             "leader": h["name"] == leader,
             "retention": h["name"] == retention,
         }

@@ -43,6 +43,7 @@ from management.db import Job, Lease, ModelDB
 from trainbox.states import JobState, Priority
 
 LINEAGE = "lineage:"
+NODE = "node:"  # node:<run id>:<k>: host k of a multi-node run, taken once (``take_once``; daemon/node_join.py)
 LEADER = "leader"
 RETENTION = "retention"  # the one host whose retention process deletes (management/fleet_role.py)
 IN_PROGRESS = (JobState.RUNNING.value, JobState.PAUSED.value)
@@ -165,6 +166,25 @@ def acquire(db: ModelDB, name: str, host: str, ttl: float, now: float | None = N
         if not is_free(_held(row), host, now):
             return None
         return _take(row, host, ttl, now, None)
+
+
+def node_slot(run_id: int, node: int) -> str:
+    return f"{NODE}{run_id}:{node}"
+
+
+def take_once(db: ModelDB, name: str, host: str, ttl: float, job_id: int, now: float | None = None) -> Held | None:
+    """Take ``name`` if nobody ever took it (generation 0); None otherwise, even once released or expired.
+    A node slot of a multi-node run is such a lease: the run's rendezvous admits each node once, and a host
+    joining after a node left (or after a dead host's slot expired) would find the round closed, or start a
+    membership change in the agents still running; the run fails instead and its retry is a new run, with
+    new slots."""
+    now = time.time() if now is None else now
+    with db.session() as s:
+        _write_first(s)
+        row = _row(s, name, skip_locked=True)
+        if row is None or row.generation != 0:
+            return None
+        return _take(row, host, ttl, now, job_id)
 
 
 def renew(db: ModelDB, held: Held, ttl: float, now: float | None = None) -> Held | None:

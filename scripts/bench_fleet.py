@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import resource
@@ -188,15 +189,24 @@ def _wait(cond: object, timeout: float, what: str) -> None:
 
 
 def queue_time(
-    model: Path, daemons: int, jobs: int, lineages: int, steps: int, cpu_report: bool = False, warm: bool = False
+    model: Path,
+    daemons: int,
+    jobs: int,
+    lineages: int,
+    steps: int,
+    cpu_report: bool = False,
+    warm: bool = False,
+    core_each: bool = False,
 ) -> tuple[float, float, dict[str, float] | None]:
     """Seconds from dropping ``jobs`` files until all are done, and until every job's report is written too
     (reports run at the lowest CPU priority: where every core trains they are drawn in the gaps), with
     ``daemons`` fleet daemons; with ``cpu_report``, the CPU seconds per process kind until all are done
-    (``CpuMeter``)."""
+    (``CpuMeter``); with ``core_each``, daemon i and everything it starts confined to core i (a host of one
+    core: the CPU affinity is inherited by its workers, gates and reports)."""
     from tests.postgres import start_server
 
     server = start_server()
+    cores = os.cpu_count() or 1
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         try:
@@ -216,6 +226,7 @@ def queue_time(
                         stderr=subprocess.STDOUT,
                         cwd=ROOT,
                         start_new_session=True,
+                        preexec_fn=functools.partial(os.sched_setaffinity, 0, {i % cores}) if core_each else None,
                     )
                 )
             done = shared / "queue" / "done"
@@ -326,6 +337,12 @@ def main() -> None:
         help="daemon.warm_worker as the product's default has it (on); off otherwise, each job a cold worker",
     )
     ap.add_argument(
+        "--core-per-daemon",
+        action="store_true",
+        help="each daemon and all it starts on a core of its own (daemon i on core i), as one-core hosts would be; "
+        "PostgreSQL and this process are not confined",
+    )
+    ap.add_argument(
         "--cpu-report",
         action="store_true",
         help="also print CPU seconds per job by process kind for each side (CpuMeter); the sampling costs the "
@@ -343,7 +360,14 @@ def main() -> None:
             order = [1, args.daemons] if r % 2 == 0 else [args.daemons, 1]
             for n in order:
                 t, rep, used = queue_time(
-                    model, n, args.jobs, args.lineages, args.steps, args.cpu_report, args.warm_worker
+                    model,
+                    n,
+                    args.jobs,
+                    args.lineages,
+                    args.steps,
+                    args.cpu_report,
+                    args.warm_worker,
+                    args.core_per_daemon,
                 )
                 times[n].append(t)
                 reported[n].append(rep)
@@ -367,7 +391,10 @@ def main() -> None:
         f"tiny model; {args.rounds} rounds alternating the order; PostgreSQL from the distribution's binaries.",
         f"Command: `OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --rounds {args.rounds} "
         f"--jobs {args.jobs} --lineages {args.lineages} --steps {args.steps}"
-        f"{' --warm-worker' if args.warm_worker else ''} --write` (warm worker {'on' if args.warm_worker else 'off'})",
+        f"{' --warm-worker' if args.warm_worker else ''}"
+        f"{' --core-per-daemon' if args.core_per_daemon else ''} --write` "
+        f"(warm worker {'on' if args.warm_worker else 'off'}"
+        f"{'; each daemon and its children on a core of its own' if args.core_per_daemon else ''})",
         "",
         "| daemons | drop to all done (median) | per round | jobs/hour | speed-up | of linear | all reports written |",
         "| --- | --- | --- | --- | --- | --- | --- |",

@@ -70,6 +70,7 @@ LONGEST_FIRST = (
     "tests/test_e2e_daemon.py::test_three_formats",
     "tests/test_e2e_lora.py::",
     "tests/test_fleet_chaos.py::",  # three real daemons on PostgreSQL, hosts killed (issue 18)
+    "tests/test_fleet_multinode.py::",  # four runs of a two-node job across two daemons
     "tests/test_multinode.py::test_two_nodes",  # three launches of two torchrun agents
     "tests/test_ddp_worker.py::",
     "tests/test_ddp_daemon.py::",

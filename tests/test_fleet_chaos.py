@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from management.db import ModelDB
-from tests.e2e_helpers import DaemonProc, make_home, metrics, wait_for, write_jsonl
+from tests.e2e_helpers import DaemonProc, fleet_home, metrics, wait_for, write_jsonl
 from trainbox.home import Home
 from trainbox.processes import is_worker_pid
 from trainbox.status import DAEMON_STATUS, TRAINING_STATUS, DaemonStatus, TrainingStatus, read_status
@@ -31,27 +31,6 @@ STEPS = 8
 HOSTS = ("a", "b", "c")
 FILES = [("x", "x-cats"), ("y", "y-dogs"), ("main", "m-owls"), ("x", "x-cows"), ("y", "y-eels"), ("main", "m-fox")]
 SLOW = {"TRAINBOX_TEST_STEP_SLEEP": "0.15"}  # steps long enough for a kill to land mid-training
-
-
-def fleet_home(root: Path, shared: Path, embedded: Path, db_url: str, host: str) -> Home:
-    home = make_home(root, embedded, max_steps=STEPS)
-    text = home.config_file.read_text().replace("checkpoint_every = 10", "checkpoint_every = 1")
-    text = text.replace("eval_every = 10", "eval_every = 4")
-    text += f"""
-[db]
-url = "{db_url}"
-
-[storage]
-shared = "{shared}"
-
-[fleet]
-enabled = true
-host = "{host}"
-lease_seconds = 3
-heartbeat_seconds = 0.5
-"""
-    home.config_file.write_text(text)
-    return Home.resolve(root)
 
 
 def training_worker(home: Home) -> int | None:
@@ -72,7 +51,7 @@ def test_hosts_that_die_lose_nothing_and_train_nothing_twice(
 ) -> None:
     db_url = str(postgres_server.create_database())  # type: ignore[attr-defined]
     shared = tmp_path / "nfs"
-    homes = {h: fleet_home(tmp_path / f"host-{h}", shared, embedded, db_url, h) for h in HOSTS}
+    homes = {h: fleet_home(tmp_path / f"host-{h}", shared, embedded, db_url, h, STEPS) for h in HOSTS}
     storage = homes["a"]
     storage.ensure()
     for lineage in ("x", "y"):

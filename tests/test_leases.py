@@ -26,8 +26,10 @@ from management.leases import (
     fence,
     leases,
     lineage_lease,
+    node_slot,
     release,
     renew,
+    take_once,
 )
 from trainbox.states import JobState
 
@@ -82,6 +84,26 @@ def test_a_lease_is_taken_renewed_released_and_fenced(any_db_url: str) -> None:
         assert not release(db, first) and release(db, taken)
         again = acquire(db, "leader", "h1", ttl=10, now=121.0)  # released: free at once
         assert again is not None and again.generation == 3
+    finally:
+        db.close()
+
+
+def test_a_node_slot_is_taken_once_never_again_after_release_or_expiry(any_db_url: str) -> None:
+    """A multi-node run's node slot (``take_once``): one host gets it; neither its own host after a release
+    nor another after its expiry takes it again (the run's rendezvous admits each node once); another slot
+    of the same run, or the same slot of the run's retry, is free."""
+    db = ModelDB(any_db_url)
+    try:
+        first = take_once(db, node_slot(7, 1), "h2", ttl=10, job_id=3, now=100.0)
+        assert first is not None and (first.generation, first.job_id, first.holder) == (1, 3, "h2")
+        assert take_once(db, node_slot(7, 1), "h3", ttl=10, job_id=3, now=101.0) is None  # held
+        assert take_once(db, node_slot(7, 1), "h3", ttl=10, job_id=3, now=200.0) is None  # expired: still taken
+        assert release(db, first)
+        assert take_once(db, node_slot(7, 1), "h2", ttl=10, job_id=3, now=201.0) is None  # released: still taken
+        second = take_once(db, node_slot(7, 2), "h3", ttl=10, job_id=3, now=202.0)
+        retry = take_once(db, node_slot(8, 1), "h2", ttl=10, job_id=3, now=203.0)
+        assert second is not None and retry is not None
+        assert {lease.name for lease in leases(db) if lease.holder} == {"node:7:2", "node:8:1"}
     finally:
         db.close()
 

@@ -24,6 +24,15 @@ class _Status(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class JoinedNode(_Status):
+    """This fleet host's node in a multi-node run another host claimed (``daemon/node_join.py``)."""
+
+    job_id: int
+    run_id: int
+    node: int  # its node slot, 1 .. nnodes - 1 (the claiming host is node 0)
+    pid: int  # this host's torchrun agent
+
+
 class DaemonStatus(_Status):
     state: DaemonState = DaemonState.STARTING
     pid: int = 0
@@ -37,6 +46,7 @@ class DaemonStatus(_Status):
     pending_controls: list[str] = []
     message: str = ""
     inbox_refused: list[str] = []  # inbox entries never opened or moved (symlinks, FIFOs, folders), and why
+    joined: JoinedNode | None = None  # a node of another host's multi-node job this host runs
 
 
 class TrainingStatus(_Status):

@@ -333,7 +333,9 @@ async function refreshFleet() {
   // host's tooltip gives its home and pid (on its own machine), leaving the width to the lineage
   const html = hosts.map((h) => {
     const word = h.liveness === "alive" ? h.state : h.liveness;
-    const roles = ["leader", "retention"].filter((r) => h[r]).map((r) => `<span class="role">${r}</span>`).join(" ");
+    const named = ["leader", "retention"].filter((r) => h[r]);
+    if (h.node) named.push(`node ${h.node.node} of #${h.node.job_id}`); // a node of another host's multi-node job
+    const roles = named.map((r) => `<span class="role">${esc(r)}</span>`).join(" ");
     return `<tr data-host="${esc(h.name)}" data-liveness="${esc(h.liveness)}"><td class="name" title="${esc(h.home)}, pid ${h.pid}"><bdi>${esc(h.name)}</bdi> ${roles}</td>
       <td><span class="badge" data-state="${esc(word)}" title="last state: ${esc(h.state)}${h.paused ? " (paused)" : ""}">${esc(word)}</span></td>
       <td class="num">${duration(h.heartbeat_age_s)}</td><td class="num">${h.job_id ? "#" + h.job_id : "—"}</td>
