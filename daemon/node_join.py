@@ -31,7 +31,15 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from daemon.worker_process import QUIET_OFFLINE_ENV, WorkerProcess, job_launch, node_command, node_log, serves_run
+from daemon.worker_process import (
+    QUIET_OFFLINE_ENV,
+    Launch,
+    WorkerProcess,
+    job_launch,
+    node_command,
+    node_log,
+    serves_run,
+)
 from management.db import Job, ModelDB, Run
 from management.leases import Held, node_slot, release, renew, take_once
 from trainbox.home import Home
@@ -101,26 +109,25 @@ class NodeJoiner:
             for node in range(1, launch.nnodes):
                 slot = take_once(self.db, node_slot(run_id, node), self.host, self.ttl, job_id, now)
                 if slot is not None:
-                    self._start(run_id, node, slot, run_dir, launch.nnodes)
-                    return True
+                    self._start(run_id, node, slot, run_dir, launch)
+                    return self.joined is not None
         return False
 
-    def _start(self, run_id: int, node: int, slot: Held, run_dir: Path, nnodes: int) -> None:
-        argv = node_command(run_dir, job_launch(run_dir), claiming=False)
+    def _start(self, run_id: int, node: int, slot: Held, run_dir: Path, launch: Launch) -> None:
         logged = node_log(run_dir, claiming=False, host=self.host)
         try:
+            argv = node_command(run_dir, launch, claiming=False)
             popen = spawn_logged(argv, logged, label=f"worker node {node}", defaults=QUIET_OFFLINE_ENV)
         except OSError as e:
-            release(self.db, slot)
-            log.error("job %s: could not start this host's node of run %d: %s", slot.job_id, run_id, e)
+            release(self.db, slot)  # the run fails on its rendezvous timeout and is retried, with new slots
+            log.error("job %d: could not start this host's node of run %d: %s", launch.job_id, run_id, e)
             return
-        assert slot.job_id is not None
-        self.joined = Joined(run_id, node, slot, WorkerProcess(slot.job_id, run_dir, popen, time.time()))
+        self.joined = Joined(run_id, node, slot, WorkerProcess(launch.job_id, run_dir, popen, time.time()))
         self.last_renewal = time.time()
-        what = f"host {self.host} joined run {run_id} as node {node} of {nnodes}"
+        what = f"host {self.host} joined run {run_id} as node {node} of {launch.nnodes}"
         what += f" (agent pid {popen.pid}, log {logged.name})"
-        self.db.event("node_joined", what, slot.job_id, host=self.host, run_id=run_id, node=node)
-        log.info("job %s: %s", slot.job_id, what)
+        self.db.event("node_joined", what, launch.job_id, host=self.host, run_id=run_id, node=node)
+        log.info("job %d: %s", launch.job_id, what)
 
     def tick(self, now: float, stop_timeout: float) -> None:
         """Watch the agent: reap it (slot released), stop one whose run ended elsewhere or whose stop overran,

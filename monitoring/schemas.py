@@ -252,6 +252,15 @@ class LineageLeaseView(BaseModel):
     expired: bool = Field(description="its holder stopped renewing (dead or cut off): another host may resume the job")
 
 
+class NodeView(BaseModel):
+    """The ``node:<run>:<k>`` lease a host holds (daemon/node_join.py): it runs node k of another host's
+    multi-node run."""
+
+    job_id: int | None = Field(None, description="the multi-node job")
+    run_id: int = Field(description="the run (one worker start on the claiming host) it joined")
+    node: int = Field(description="its node, 1 .. nnodes - 1 (the claiming host is node 0)")
+
+
 class HostView(BaseModel):
     """One daemon of the fleet sharing this model DB (issue 18; management/fleet.py ``describe``)."""
 
@@ -260,7 +269,7 @@ class HostView(BaseModel):
     state: str = Field(description="its last reported state: starting, idle, training, paused, disk_full, stopping...")
     heartbeat_age_s: float
     heartbeat_seconds: float = Field(description="how often it promised to beat")
-    job_id: int | None = Field(None, description="the job its worker trains")
+    job_id: int | None = Field(None, description="the job its worker trains (or that it is a node of)")
     paused: bool
     pid: int
     version: str = Field(description="its trainbox version")
@@ -269,6 +278,7 @@ class HostView(BaseModel):
     started_at: float
     stopped_at: float | None = None
     lineage: LineageLeaseView | None = Field(None, description="the lineage lease it holds (live, else its last)")
+    node: NodeView | None = Field(None, description="the node of another host's multi-node run it runs")
     leader: bool = Field(False, description="it holds the fleet's leadership (admits files, repairs at start)")
     retention: bool = Field(False, description="its retention process is the fleet's one that deletes")
 

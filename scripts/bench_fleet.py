@@ -14,12 +14,16 @@ bounds a missed event) and ``warm_worker`` off, each job paying a cold worker st
 the default; without a GPU its standby starts only while no job trains). ``--cpu-report`` adds the CPU
 seconds per job by process kind (daemons, workers, gates, reports, PostgreSQL, this process): unlike wall
 time they do not depend on what else the machine runs, and they show what takes the cores from the workers.
+``--core-per-daemon`` confines daemon i and everything it starts (workers, gates, reports; the CPU affinity
+is inherited) to core i, as if each daemon were a host of one core: one daemon then cannot borrow the second
+core for its gate, reports and standby worker while it trains. PostgreSQL and this process stay unconfined.
 
 The claim cost: ``claim_job`` and ``release`` timed in this process against a database holding
 ``--claim-jobs`` queued jobs in ``--lineages`` lineages (the SQL a daemon runs per job, without the files).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --rounds 2 --write
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --rounds 1 --cpu-report
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_fleet.py --jobs 24 --rounds 4 --warm-worker --core-per-daemon
 """
 
 from __future__ import annotations

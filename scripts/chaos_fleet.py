@@ -30,9 +30,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from management.db import ModelDB  # noqa: E402
-from tests.e2e_helpers import DaemonProc, metrics, wait_for, write_jsonl  # noqa: E402
+from tests.e2e_helpers import DaemonProc, fleet_home, metrics, wait_for, write_jsonl  # noqa: E402
 from tests.postgres import start_server  # noqa: E402
-from tests.test_fleet_chaos import SLOW, STEPS, fleet_home, training_worker  # noqa: E402
+from tests.test_fleet_chaos import SLOW, STEPS, training_worker  # noqa: E402
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
         db_url = str(server.create_database())
         shared = root / "nfs"
         names = [chr(ord("a") + i) for i in range(args.hosts)]
-        homes = {h: fleet_home(root / f"host-{h}", shared, embedded, db_url, h) for h in names}
+        homes = {h: fleet_home(root / f"host-{h}", shared, embedded, db_url, h, STEPS) for h in names}
         storage = homes[names[0]]
         storage.ensure()
         lineages = ["main"] + [f"l{i}" for i in range(1, args.lineages)]

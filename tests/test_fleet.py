@@ -25,7 +25,7 @@ from daemon.lock import InstanceLock
 from management import hosts
 from management.db import Job, ModelDB
 from management.fleet import Claim, HostRecord, Liveness, describe, judge_claim, liveness, stale_after, summary
-from management.leases import LEADER, RETENTION, acquire, claim_job, release
+from management.leases import LEADER, RETENTION, acquire, claim_job, node_slot, release, take_once
 from safety.checkup import Level, check_fleet
 from tests.e2e_helpers import wait_for
 from tests.monitoring_helpers import ServerProc
@@ -220,6 +220,7 @@ def test_the_fleet_view_shows_each_hosts_lineage_lease_the_leader_and_retention(
         assert mine is not None and stale is not None and mine.lineage != stale.lineage
         assert acquire(db, LEADER, "alpha", ttl=60, now=now) is not None
         assert acquire(db, RETENTION, "beta", ttl=60, now=now) is not None
+        assert take_once(db, node_slot(9, 1), "gamma", ttl=60, job_id=mine.job_id, now=now) is not None
 
         home = Home(tmp_path / "home").ensure()
         home.config_file.write_text(f'[db]\nurl = "{any_db_url}"\n')
@@ -238,6 +239,8 @@ def test_the_fleet_view_shows_each_hosts_lineage_lease_the_leader_and_retention(
         assert (beta["name"], beta["job_id"], beta["expired"]) == (stale.lineage, stale.job_id, True)
         assert beta["expires_in_s"] < 0
         assert by["gamma"]["lineage"] is None
+        assert by["gamma"]["node"] == {"job_id": mine.job_id, "run_id": 9, "node": 1}  # a node of alpha's job
+        assert by["alpha"]["node"] is None and by["beta"]["node"] is None
         assert [(n, by[n]["leader"], by[n]["retention"]) for n in by] == [
             ("alpha", True, False),
             ("beta", False, True),
@@ -246,6 +249,7 @@ def test_the_fleet_view_shows_each_hosts_lineage_lease_the_leader_and_retention(
         table = _fleet_cli(home)
         assert f"{mine.lineage} (job {mine.job_id}, gen 1," in table and "expired" in table
         assert "leader: alpha; retention deletes on: beta" in table
+        assert f"node 1 of job {mine.job_id} (run 9)" in table
 
         # the API says the same, validated by its schema
         from fastapi.testclient import TestClient
@@ -260,6 +264,7 @@ def test_the_fleet_view_shows_each_hosts_lineage_lease_the_leader_and_retention(
             ("beta", stale.job_id),
             ("gamma", None),
         ]
+        assert [h["node"] for h in api["hosts"]] == [None, None, {"job_id": mine.job_id, "run_id": 9, "node": 1}]
 
         # the lease released (its job left the host): alpha holds no lineage any more
         release(db, mine.lease)
