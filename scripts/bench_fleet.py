@@ -60,16 +60,6 @@ checkpoint_every = 100
 batch_size = 8
 max_length = 64
 threads = 1
-
-[db]
-url = "{db_url}"
-
-[storage]
-shared = "{shared}"
-
-[fleet]
-enabled = true
-host = "{host}"
 """
 KINDS = ("daemon", "worker", "gate", "report", "other child", "postgres", "bench", "cpu sampler")
 
@@ -207,6 +197,7 @@ def queue_time(
     ``daemons`` fleet daemons; with ``cpu_report``, the CPU seconds per process kind until all are done
     (``CpuMeter``); with ``core_each``, daemon i and everything it starts confined to core i (a host of one
     core: the CPU affinity is inherited by its workers, gates and reports)."""
+    from tests.e2e_helpers import FLEET_TOML
     from tests.postgres import start_server
 
     server = start_server()
@@ -220,7 +211,8 @@ def queue_time(
                 home = Path(tmp) / f"host-{i}"
                 (home / "cache").mkdir(parents=True)
                 shutil.copytree(model, home / "cache" / "embedded-model")
-                config = CONFIG.format(steps=steps, db_url=db_url, shared=shared, host=f"h{i}", warm=str(warm).lower())
+                config = CONFIG.format(steps=steps, warm=str(warm).lower())
+                config += FLEET_TOML.format(db_url=db_url, shared=shared, host=f"h{i}")
                 (home / "trainbox.toml").write_text(config)
                 log = open(home / "daemon.log", "ab")  # noqa: SIM115 - closed with the process
                 procs.append(

@@ -55,15 +55,8 @@ def make_home(root: Path, embedded: Path, max_steps: int = 30, lr: float = 3e-3,
     return home
 
 
-def fleet_home(
-    root: Path, shared: Path, embedded: Path, db_url: str, host: str, max_steps: int, daemon: str = ""
-) -> Home:
-    """A fleet host's home: fast settings, a checkpoint every step, an evaluation every 4, one DB and one shared
-    folder, short leases (3 s) and beats; ``daemon``: lines added to its ``[daemon]`` table."""
-    home = make_home(root, embedded, max_steps=max_steps)
-    text = home.config_file.read_text().replace("checkpoint_every = 10", "checkpoint_every = 1")
-    text = text.replace("eval_every = 10", "eval_every = 4").replace("[daemon]\n", f"[daemon]\n{daemon}")
-    text += f"""
+# one host's part of a fleet (issue 18): the shared DB and folder, its name (scripts/bench_fleet.py uses it too)
+FLEET_TOML = """
 [db]
 url = "{db_url}"
 
@@ -73,9 +66,18 @@ shared = "{shared}"
 [fleet]
 enabled = true
 host = "{host}"
-lease_seconds = 3
-heartbeat_seconds = 0.5
 """
+
+
+def fleet_home(
+    root: Path, shared: Path, embedded: Path, db_url: str, host: str, max_steps: int, daemon: str = ""
+) -> Home:
+    """A fleet host's home: fast settings, a checkpoint every step, an evaluation every 4, one DB and one shared
+    folder, short leases (3 s) and beats; ``daemon``: lines added to its ``[daemon]`` table."""
+    home = make_home(root, embedded, max_steps=max_steps)
+    text = home.config_file.read_text().replace("checkpoint_every = 10", "checkpoint_every = 1")
+    text = text.replace("eval_every = 10", "eval_every = 4").replace("[daemon]\n", f"[daemon]\n{daemon}")
+    text += FLEET_TOML.format(db_url=db_url, shared=shared, host=host) + "lease_seconds = 3\nheartbeat_seconds = 0.5\n"
     home.config_file.write_text(text)
     return Home.resolve(root)
 
