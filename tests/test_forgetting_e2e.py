@@ -86,7 +86,17 @@ def test_a_file_that_wrecks_an_earlier_job_is_not_promoted_and_an_ordinary_one_i
         assert current_id(home) == 1, out
         cli(home, "requeue", str(db.version(2).job_id))  # type: ignore[union-attr]
         cli(home, "resume")
-        wait_for(lambda: len(db.gates()) == 5, 300, "the later file and the requeued one gated")
+        filed = (
+            "done",
+            "failed",
+            "rejected",
+            "cancelled",
+        )  # the gate's row comes first; the daemon files its job in a later tick
+        wait_for(
+            lambda: len(db.gates()) == 5 and all(j.state in filed for j in db.jobs()),
+            300,
+            "the later file and the requeued one gated and filed",
+        )
         again = [j for j in db.jobs() if j.name == "stories.jsonl"]
         assert len(again) == 2 and again[1].state == "done" and again[1].duplicate_of is None
     finally:
