@@ -1,4 +1,4 @@
-"""The worker's few writes to the model DB for one job: checkpoint rows and events.
+"""The worker's few writes to the model DB for one job: its run's start step, checkpoint rows and events.
 
 Best effort, like every report: an unavailable or locked DB is logged and the job goes on (its checkpoints
 hold the progress). Only rank 0 has one (core.reporting).
@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from core.errors import short_error
-from management.db import Checkpoint, ModelDB
+from management.db import Checkpoint, ModelDB, Run
 
 log = logging.getLogger("core.worker")
 
@@ -37,6 +37,18 @@ class JobDB:
             self.db.event(kind, message, job_id=self.job_id, **data)
         except Exception as e:  # boundary
             log.warning("could not record event %s: %s", kind, short_error(e))
+
+    def run_started(self, step: int) -> None:
+        """The step this run (re)starts at, on its row: the job's newest run, which the daemon committed before
+        it started this worker (daemon.jobs), so no run id has to travel with the spec."""
+        if self.db is None:
+            return
+        try:
+            with self.db.session() as s:
+                newest = select(func.max(Run.id)).where(Run.job_id == self.job_id).scalar_subquery()
+                s.execute(update(Run).where(Run.id == newest).values(start_step=step))
+        except Exception as e:  # boundary
+            log.warning("could not record the run's start step: %s", short_error(e))
 
     def checkpoint_saved(self, step: int, path: Path, meta: dict[str, Any]) -> None:
         if self.db is None:

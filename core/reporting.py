@@ -118,8 +118,9 @@ class Reporter:
 
     def resumed_at(self, step: int, total_steps: int, val_loss: float | None, resumed: bool) -> None:
         """Where training (re)starts: the metrics file cut back to the checkpoint's step (all of it on a fresh
-        start), so no step appears twice; the status says the same."""
+        start), so no step appears twice; the status and the run's row say the same."""
         truncate_to_step(self.metrics_path, step if resumed else -1)
+        self.db.run_started(step)
         self.status.update(force=True, step=step, total_steps=total_steps, val_loss=val_loss, message="")
 
     def start(self, log_every: int, start_step: int, on_micro_batch: Callable[[int], None] | None = None) -> None:

@@ -157,6 +157,7 @@ def test_pause_resume_continues_at_the_paused_step(tmp_path: Path, embedded: Pat
         wait_for(lambda: len(_queue_files(home, "done")) == 1, 120, "job done after resume")
         runs = db.runs(job.id)
         assert len(runs) == 2 and runs[1].end_step == 60
+        assert runs[0].start_step == 0 and runs[1].start_step == paused_step  # the run row says where it resumed
         steps = [m["step"] for m in metrics(home.run_dir(job.id)) if m["kind"] == "train"]
         assert steps == list(range(1, 61))  # continued at the paused step: nothing repeated or missing
         log = (home.run_dir(job.id) / "worker.log").read_text()
@@ -185,6 +186,7 @@ def test_stop_checkpoints_and_restart_resumes(tmp_path: Path, embedded: Path) ->
         job = db.jobs()[0]
         runs = db.runs(job.id)
         assert len(runs) == 2 and runs[0].end_step and runs[1].end_step == 40
+        assert runs[1].start_step == runs[0].end_step  # resumed at the stop's checkpoint
         steps = [m["step"] for m in metrics(home.run_dir(job.id)) if m["kind"] == "train"]
         assert steps == list(range(1, 41))
         db.close()
