@@ -104,7 +104,7 @@ def node_command(run_dir: Path, launch: Launch, *, claiming: bool) -> list[str]:
     and gets global rank 0 (core.multinode). Every other host runs the same command with ``claiming=False``
     for the same run folder, on the shared storage (the fleet starts it when a daemon joins the job). No
     agent restarts its ranks (``--max-restarts 0``): a failed node fails the run, and the daemon's retry
-    (``daemon.max_restarts``) resumes it from its last checkpoint."""
+    (``daemon.max_retries``) resumes it from its last checkpoint."""
     if launch.nnodes <= 1:
         return worker_command(run_dir, launch.nproc)
     launcher = [
