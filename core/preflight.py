@@ -51,7 +51,7 @@ def check_settings(cfg: TrainingConfig, shape: ModelShape, cuda: bool, bf16_supp
             Problem(
                 "nproc_hybrid",
                 f"engine 'hybrid' runs in one process only; this job asks for nproc = {cfg.nproc}: the hybrid "
-                "engine's jump decisions are not yet kept the same on every rank",
+                "engine's per-example loss table and skip decisions are not yet kept the same on every rank",
                 "set nproc = 1, or engine = 'plain' to train with several processes",
                 True,
                 {"engine": cfg.engine, "nproc": cfg.nproc},

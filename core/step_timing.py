@@ -5,8 +5,8 @@ The loop wraps its phases in ``LoopClock.span`` (or ``timed``) and, at a ``log_e
 seconds (10) have passed since the last one, and when it ends, emits ``LoopClock.event``: a ``TimingEvent``
 with the seconds each phase took since the previous one, the loop's own wall-clock over the same interval,
 and ``other`` (the rest: reporting each step to the metrics file, status file and trackers, health checks,
-hybrid jumps). The reporter writes it as a ``{"kind": "timing"}`` metrics line: at most one per ``every_s``,
-so a long job's metrics file grows by a few lines a minute, not one per step.
+the hybrid engine's re-measurements). The reporter writes it as a ``{"kind": "timing"}`` metrics line: at most
+one per ``every_s``, so a long job's metrics file grows by a few lines a minute, not one per step.
 
 Cheap and honest on both devices:
 - On the CPU every phase is synchronous, so ``time.perf_counter`` around it is the phase's time; nothing is
