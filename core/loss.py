@@ -106,21 +106,12 @@ def stage(batch: dict[str, torch.Tensor], device: torch.device, split: Head | No
     def put(t: torch.Tensor) -> torch.Tensor:
         return (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
-    inputs = {"use_cache": False, **{k: unbacked_rows(put(batch[k])) for k in MODEL_INPUTS if k in batch}}
+    inputs = {"use_cache": False, **{k: put(batch[k]) for k in MODEL_INPUTS if k in batch}}
     if split is None:
         return Staged(inputs, put(batch["labels"]), None, None)
     shifted = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)
     where = (shifted != IGNORE).nonzero().squeeze(1)
     return Staged(inputs, None, put(where), put(shifted[where]))
-
-
-def unbacked_rows(t: torch.Tensor) -> torch.Tensor:
-    """The row count marked as a size torch.compile must not specialise: dynamic shapes still specialise a size
-    of 1, so the first batch of one row (the hybrid engine's kept rows, a packed micro-batch of one row) would
-    compile the model again (a hybrid SmolLM2-135M LoRA run on the CPU compiled four frames where two would do,
-    each minutes; tests/test_core_compile.py counts the compiles). Without compile the mark is an unused attribute."""
-    torch._dynamo.decorators.mark_unbacked(t, 0)
-    return t
 
 
 def staged_loss_sum(

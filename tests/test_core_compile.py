@@ -82,23 +82,3 @@ def test_compiled_lora_with_checkpointing_trains_and_resumes_bitwise(embedded: P
     a: dict[str, Any] = straight.model.state_dict()
     b: dict[str, Any] = resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_a_batch_of_one_row_does_not_compile_the_model_again(embedded: Path) -> None:
-    """Dynamic shapes still specialise a size of 1: without ``loss.unbacked_rows`` the first one-row batch (the
-    hybrid engine's kept rows, a packed micro-batch of one row) is a second compile, minutes on a 135M model."""
-    from torch._dynamo.testing import CompileCounter
-
-    from core.loss import stage, staged_loss_sum
-
-    torch._dynamo.reset()
-    model = AutoModelForCausalLM.from_pretrained(embedded, dtype=torch.float32)
-    counter = CompileCounter()
-    model.compile(dynamic=True, backend=counter)
-    ids = torch.arange(1, 4 * 11 + 1).reshape(4, 11) % 97 + 1
-    for rows in (4, 3, 1, 2, 1):
-        batch = {"input_ids": ids[:rows], "attention_mask": torch.ones_like(ids[:rows]), "labels": ids[:rows]}
-        loss = staged_loss_sum(model, stage(batch, CPU, None))
-        loss.backward()
-        assert loss.isfinite()
-    assert counter.frame_count == 1, counter.frame_count
