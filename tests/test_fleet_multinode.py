@@ -88,6 +88,13 @@ def test_an_idle_host_joins_a_multi_node_job_and_again_after_its_node_dies(tmp_p
         daemons[host] = DaemonProc(homes[host], env=SLOW)
 
         wait_for(lambda: list(storage.done.glob("*.jsonl")), 240, "the job done after the kills")
+        # the joined agent exits once its rendezvous closes, a little after the claiming host filed the job:
+        # stopping its daemon before that would SIGTERM it (a flaky -15 on a loaded CI machine)
+        watch = ModelDB(db_url)
+        try:
+            wait_for(lambda: len(watch.events(None, "node_left")) >= 4, 120, "the last joined agent exited")
+        finally:
+            watch.close()
     finally:
         for d in daemons.values():
             assert d.stop() == 0, d.log_text()
